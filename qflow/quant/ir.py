@@ -1,0 +1,247 @@
+"""The quantized-checkpoint IR: a delta over a float base model.
+
+A checkpoint is a folder::
+
+    ir.json                    # version, base model, method, per-layer specs, shard index
+    shard-00000.safetensors    # tensors, written block by block (one shard per flush)
+
+For each quantized linear ``NAME`` (a module path such as
+``model.layers.0.self_attn.q_proj``) the shards hold
+
+* ``NAME.qweight``  int32 ``[out, ceil(in / (32 // bits))]`` (qflow.quant.packing)
+* ``NAME.scales``   ``[out, n_groups]`` in the spec's scale dtype (nf4/fp4: fp32 absmax)
+* ``NAME.zeros``    ``[out, n_groups]`` uint8 (integer zero) or fp16 (``zero_float``);
+  absent for symmetric and lookup formats (zero is implied)
+* ``NAME.g_idx``    int32 ``[in]`` only when act-order reorders groups
+* ``NAME.absmax_codes/absmax2/absmax_offset`` for nf4/fp4 with double quantization
+
+and ``float:PARAM`` entries for float tensors the method changed (AWQ folds
+scales into norms). Tensors are read lazily, one at a time, so a large
+checkpoint never sits in memory twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..kernels import dispatch
+from . import affine
+from .spec import QuantSpec
+
+IR_VERSION = 1
+IR_FILE = "ir.json"
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    name: str
+    spec: QuantSpec
+    out_features: int
+    in_features: int
+    shard: str
+    g_idx: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"spec": self.spec.model_dump(mode="json"), "out_features": self.out_features,
+                "in_features": self.in_features, "shard": self.shard, "g_idx": self.g_idx}
+
+    @classmethod
+    def from_json(cls, name: str, data: dict[str, Any]) -> "LayerRecord":
+        return cls(name=name, spec=QuantSpec(**data["spec"]), out_features=data["out_features"],
+                   in_features=data["in_features"], shard=data["shard"], g_idx=data.get("g_idx", False))
+
+    def bpw(self) -> float:
+        return self.spec.bpw(self.out_features, self.in_features, g_idx=self.g_idx)
+
+
+_SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def encode_layer(spec: QuantSpec, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 g_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The stored tensors (suffix -> tensor) of one quantized linear."""
+    tensors = {"qweight": dispatch.pack(codes.to(torch.uint8).contiguous(), spec.bits)}
+    if spec.format in ("nf4", "fp4"):
+        if spec.double_quant:
+            dq = affine.double_quantize(scale)
+            tensors |= {"absmax_codes": dq["codes"], "absmax2": dq["absmax2"], "absmax_offset": dq["offset"]}
+        else:
+            tensors["scales"] = scale.float().contiguous()
+    else:
+        tensors["scales"] = scale.to(_SCALE_DTYPES[spec.scale_dtype]).contiguous()
+        if spec.has_zero:
+            tensors["zeros"] = (zero.to(torch.float16) if spec.zero_float else zero.round().to(torch.uint8)).contiguous()
+    if g_idx is not None:
+        tensors["g_idx"] = g_idx.to(torch.int32).contiguous()
+    return tensors
+
+
+def decode_params(spec: QuantSpec, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) fp32 from a layer's stored tensors."""
+    if spec.format in ("nf4", "fp4") and spec.double_quant:
+        dq = {"codes": tensors["absmax_codes"], "absmax2": tensors["absmax2"],
+              "offset": tensors["absmax_offset"], "map": affine.dynamic_map_signed()}
+        scale = affine.double_dequantize(dq)
+    else:
+        scale = tensors["scales"].float()
+    if "zeros" in tensors:
+        zero = tensors["zeros"].float()
+    elif spec.format == "int":
+        zero = torch.full_like(scale, float(1 << (spec.bits - 1)))
+    else:
+        zero = torch.zeros_like(scale)
+    return scale, zero
+
+
+class CheckpointWriter:
+    """Streams a checkpoint to disk: ``add_*`` then ``flush()`` per block, ``close()`` at the end."""
+
+    def __init__(self, path: str | os.PathLike, *, base_model: str, method: str,
+                 meta: dict[str, Any] | None = None):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.base_model = base_model
+        self.method = method
+        self.meta = dict(meta or {})
+        self.layers: dict[str, LayerRecord] = {}
+        self.floats: dict[str, str] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_layers: list[tuple[str, QuantSpec, int, int, bool]] = []
+        self._pending_floats: list[str] = []
+        self._shards = sorted(p.name for p in self.path.glob("shard-*.safetensors"))
+
+    def add_quantized(self, name: str, spec: QuantSpec, codes: torch.Tensor, scale: torch.Tensor,
+                      zero: torch.Tensor, g_idx: torch.Tensor | None = None) -> None:
+        out, cols = codes.shape
+        for suffix, t in encode_layer(spec, codes, scale, zero, g_idx).items():
+            self._pending[f"{name}.{suffix}"] = t.detach().cpu()
+        self._pending_layers.append((name, spec, out, cols, g_idx is not None))
+
+    def add_float(self, param: str, tensor: torch.Tensor) -> None:
+        self._pending[f"float:{param}"] = tensor.detach().cpu().contiguous()
+        self._pending_floats.append(param)
+
+    def flush(self) -> str | None:
+        """Write pending tensors to a new shard; returns its file name (None if nothing pending)."""
+        if not self._pending:
+            return None
+        from safetensors.torch import save_file
+
+        shard = f"shard-{len(self._shards):05d}.safetensors"
+        tmp = self.path / (shard + ".tmp")
+        save_file(self._pending, str(tmp))
+        os.replace(tmp, self.path / shard)
+        self._shards.append(shard)
+        for name, spec, out, cols, has_g in self._pending_layers:
+            self.layers[name] = LayerRecord(name, spec, out, cols, shard, has_g)
+        for p in self._pending_floats:
+            self.floats[p] = shard
+        self._pending, self._pending_layers, self._pending_floats = {}, [], []
+        return shard
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able index of what has been flushed (used to resume a stage)."""
+        return {"layers": {n: r.to_json() for n, r in self.layers.items()}, "floats": dict(self.floats)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.layers = {n: LayerRecord.from_json(n, d) for n, d in state["layers"].items()}
+        self.floats = dict(state["floats"])
+        keep = set(r.shard for r in self.layers.values()) | set(self.floats.values())
+        for p in self.path.glob("shard-*.safetensors"):
+            if p.name not in keep:
+                p.unlink()
+        self._shards = sorted(keep)
+
+    def close(self) -> "Checkpoint":
+        self.flush()
+        index = {"version": IR_VERSION, "base_model": self.base_model, "method": self.method,
+                 "meta": self.meta, **self.state()}
+        tmp = self.path / (IR_FILE + ".tmp")
+        tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
+        os.replace(tmp, self.path / IR_FILE)
+        return Checkpoint(self.path)
+
+
+class Checkpoint:
+    """Read side of the IR; every tensor is loaded lazily on request."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        index_file = self.path / IR_FILE
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{index_file} is missing: not a qflow quantized checkpoint")
+        index = json.loads(index_file.read_text())
+        if index.get("version") != IR_VERSION:
+            raise ValueError(f"{index_file}: IR version {index.get('version')} != {IR_VERSION}")
+        self.base_model: str = index["base_model"]
+        self.method: str = index["method"]
+        self.meta: dict[str, Any] = index.get("meta", {})
+        self.layers = {n: LayerRecord.from_json(n, d) for n, d in index["layers"].items()}
+        self.floats: dict[str, str] = index["floats"]
+
+    def _read(self, shard: str, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path / shard), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def layer_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        rec = self.layers[name]
+        prefix = name + "."
+        with safe_open(str(self.path / rec.shard), framework="pt") as f:
+            return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix) and not k.startswith("float:")}
+
+    def float_tensor(self, param: str) -> torch.Tensor:
+        return self._read(self.floats[param], f"float:{param}")
+
+    def iter_floats(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for p in self.floats:
+            yield p, self.float_tensor(p)
+
+    def params(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes uint8 [out, in], scale fp32, zero fp32) of one layer."""
+        rec = self.layers[name]
+        t = self.layer_tensors(name)
+        codes = dispatch.unpack(t["qweight"], rec.spec.bits, rec.in_features)
+        scale, zero = decode_params(rec.spec, t)
+        return codes, scale, zero
+
+    def dequantized(self, name: str) -> torch.Tensor:
+        """fp32 ``[out, in]`` weight of one quantized layer (g_idx layouts keep column order)."""
+        rec = self.layers[name]
+        t = self.layer_tensors(name)
+        scale, zero = decode_params(rec.spec, t)
+        if "g_idx" in t:
+            codes = dispatch.unpack(t["qweight"], rec.spec.bits, rec.in_features)
+            g = t["g_idx"].long()
+            s = scale[:, g]
+            if rec.spec.format == "int":
+                return (codes.float() - zero[:, g]) * s
+            return affine.lut(rec.spec)[codes.long()] * s
+        return dispatch.dequantize_packed(t["qweight"], scale, zero, rec.spec, rec.in_features)
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+
+    def quantized_bytes(self) -> int:
+        """Bytes of codes, scales, zeros and g_idx of quantized layers (float deltas excluded)."""
+        total = 0
+        for name in self.layers:
+            total += sum(t.numel() * t.element_size() for t in self.layer_tensors(name).values())
+        return total
+
+    def n_quantized_weights(self) -> int:
+        return sum(r.out_features * r.in_features for r in self.layers.values())
+
+    def bpw_quantized(self) -> float:
+        """Nominal bits per weight over quantized layers (spec accounting, METHODS.md §1)."""
+        n = self.n_quantized_weights()
+        return sum(r.bpw() * r.out_features * r.in_features for r in self.layers.values()) / max(n, 1)
