@@ -59,6 +59,11 @@ class Stage:
     def run(self, ctx: Any, cfg: Any, **inputs: Artifact) -> dict[str, Artifact]:
         raise NotImplementedError(f"stage {self.name} does not implement run()")
 
+    @classmethod
+    def fingerprint_sources(cls, cfg: Any, cache_root: Any) -> dict[str, str]:
+        """Fingerprints of outside sources this stage reads (files, hub revisions): key ingredients."""
+        return {}
+
     def check(self, cfg: Any, inputs_meta: dict[str, Any]) -> list[str]:
         """Problems found before anything runs (override); each a one-line message."""
         return []

@@ -1,0 +1,342 @@
+"""qflow's command line. Thin: parse, call the engine, print.
+
+    qflow run RECIPE [OVERRIDES...] [--dry-run] [--only ID] [--from ID] [--force ID] [--json]
+    qflow run -m RECIPE params.bits=3,4 ...        # sweep (Hydra multirun)
+    qflow explain RECIPE [OVERRIDES...]
+    qflow ls stages | qflow show stage NAME | qflow schema [-o FILE]
+    qflow cache ls | gc --keep N | verify [--fix]
+    qflow ui
+
+Heavy libraries (torch, mlflow) are imported only by the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import QflowError
+
+
+def _runs_root(args) -> Path:
+    return Path(args.runs_dir or os.environ.get("QFLOW_RUNS_DIR") or "runs")
+
+
+def _setup_logging(verbose: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _offline_defaults() -> None:
+    # qflow never reaches a hub unless the user opts in explicitly
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+# ---- run / explain --------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    from .engine.runner import RunOptions, execute, load_plan
+
+    opts = RunOptions(runs_root=_runs_root(args), dry_run=args.dry_run, only=args.only, from_=args.from_,
+                      force=args.force or [], track=not args.no_track, quiet=args.quiet,
+                      libraries=args.lib or [])
+    if args.multirun:
+        from .engine.sweep import run_sweep
+
+        return run_sweep(args.recipe, args.overrides, opts, as_json=args.json, jobs=args.jobs)
+    plan = load_plan(args.recipe, args.overrides, opts)
+    result = execute(plan, opts, args.overrides)
+    if args.json:
+        print(json.dumps(result.to_json(), default=str))
+    else:
+        print_summary(result, dry_run=args.dry_run)
+    return 0 if result.status == "ok" else 1
+
+
+def print_summary(result, dry_run: bool = False, stream=None) -> None:
+    stream = stream or sys.stdout
+    rows = [("stage", "uses", "status", "seconds", "key")]
+    for sid, r in result.stages.items():
+        rows.append((sid, r.uses, r.status, "" if dry_run else f"{r.seconds:.1f}", (r.key or "")[:12]))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for i, row in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=stream)
+        if i == 0:
+            print("  ".join("-" * w for w in widths), file=stream)
+    for sid, r in result.stages.items():
+        if r.error:
+            print(f"\n{sid} {r.status}: {r.error}", file=stream)
+    if result.metrics:
+        print("\nmetrics:", file=stream)
+        for k, v in result.metrics.items():
+            print(f"  {k:<32} {_fmt(v)}", file=stream)
+    for g in result.gates:
+        mark = "PASS" if g["passed"] else "FAIL"
+        print(f"gate {mark} {g['stage']}/{g['metric']}: {g.get('reason') or _fmt(g['value'])}", file=stream)
+    if not dry_run:
+        print(f"\nrun folder: {result.run_dir}", file=stream)
+        if result.mlflow_run_id:
+            print(f"mlflow run: {result.mlflow_run_id} (qflow ui to browse)", file=stream)
+        print(f"status: {result.status}", file=stream)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def cmd_explain(args) -> int:
+    from .engine.cache import CacheStore
+    from .engine.runner import RunOptions, closest_entry, compute_keys, environment, load_plan, resolve_device
+
+    opts = RunOptions(runs_root=_runs_root(args), libraries=args.lib or [])
+    plan = load_plan(args.recipe, args.overrides, opts)
+    store = CacheStore(opts.runs_root / "cache")
+    keys = compute_keys(plan, store, environment(resolve_device(plan.recipe.device)))
+    report = {}
+    for sid, (key, ingredients) in keys.items():
+        if store.get(key) is not None:
+            report[sid] = {"key": key, "status": "hit"}
+            print(f"{sid:<14} hit   {key[:12]}")
+            continue
+        entry, lines = closest_entry(store, ingredients)
+        if entry is None:
+            report[sid] = {"key": key, "status": "miss", "reason": "no cached entry of this stage"}
+            print(f"{sid:<14} miss  {key[:12]}  (no cached entry of stage {ingredients['stage']})")
+        else:
+            report[sid] = {"key": key, "status": "miss", "closest": entry.key, "differs": lines}
+            print(f"{sid:<14} miss  {key[:12]}  closest {entry.key[:12]} differs in:")
+            for line in lines:
+                print(f"{'':<22}{line}")
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+# ---- stages / schema ---------------------------------------------------------------
+
+def cmd_ls(args) -> int:
+    from .registry import discover
+
+    reg = discover()
+    if args.json:
+        print(json.dumps({"stages": {n: {"module": reg.origins[n], "version": c.version,
+                                         "summary": c.doc().splitlines()[0] if c.doc() else ""}
+                                     for n, c in sorted(reg.stages.items())},
+                          "broken": reg.broken}))
+        return 0
+    width = max((len(n) for n in reg.stages), default=10)
+    for name, cls in sorted(reg.stages.items()):
+        summary = cls.doc().splitlines()[0] if cls.doc() else ""
+        print(f"{name:<{width}}  v{cls.version}  {summary}")
+    for module, err in reg.broken.items():
+        print(f"BROKEN {module}: {err}")
+    return 1 if reg.broken else 0
+
+
+def cmd_show(args) -> int:
+    from .errors import did_you_mean
+    from .registry import discover
+
+    reg = discover()
+    cls = reg.stages.get(args.name)
+    if cls is None:
+        raise QflowError(f"unknown stage '{args.name}'", where="qflow show stage", fix=did_you_mean(args.name, reg.stages))
+    print(f"{cls.name}  (version {cls.version}, module {reg.origins[cls.name]})\n")
+    print(cls.doc() or "(no description)")
+    print("\ninputs:  " + (", ".join(f"{k}: {v.__name__}" for k, v in cls.inputs.items()) or "none"))
+    print("outputs: " + (", ".join(f"{k}: {v.__name__}" for k, v in cls.outputs.items()) or "none"))
+    print("\nconfig schema:")
+    print(json.dumps(cls.Config.model_json_schema(), indent=2))
+    return 0
+
+
+def recipe_schema() -> dict:
+    from .recipe.schema import Recipe
+    from .registry import discover
+
+    schema = Recipe.model_json_schema()
+    variants = []
+    for name, cls in sorted(discover().stages.items()):
+        cfg_schema = cls.Config.model_json_schema()
+        defs = cfg_schema.pop("$defs", {})
+        schema.setdefault("$defs", {}).update(defs)
+        variants.append({
+            "type": "object",
+            "properties": {"uses": {"const": name}, "needs": {"type": "array", "items": {"type": "string"}},
+                           "with": cfg_schema, "gates": {"type": "object", "additionalProperties": {"$ref": "#/$defs/Gate"}},
+                           "inputs": {"type": "object", "additionalProperties": {"type": "string"}}},
+            "required": ["uses"], "additionalProperties": False,
+            "description": (cls.doc().splitlines()[0] if cls.doc() else name),
+        })
+    schema["properties"]["stages"] = {"type": "object", "additionalProperties": {"oneOf": variants}}
+    schema["properties"]["defaults"] = {"type": "array"}
+    schema["properties"]["hydra"] = {"type": "object"}
+    schema["title"] = "qflow recipe"
+    return schema
+
+
+def cmd_schema(args) -> int:
+    text = json.dumps(recipe_schema(), indent=2)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+# ---- cache -----------------------------------------------------------------------
+
+def cmd_cache(args) -> int:
+    from .engine.cache import CacheStore
+
+    root = _runs_root(args)
+    store = CacheStore(root / "cache")
+    if args.cache_cmd == "ls":
+        rows = []
+        for e in store.entries():
+            ingr = e.manifest.get("ingredients", {})
+            rows.append({"key": e.key, "stage": ingr.get("stage") or f"memo:{e.manifest.get('memo')}",
+                         "stage_id": e.manifest.get("stage_id", ""), "bytes": store.size_bytes(e),
+                         "committed_at": e.manifest.get("committed_at")})
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            for r in rows:
+                print(f"{r['key'][:12]}  {r['stage']:<24} {r['stage_id']:<12} {r['bytes'] / 1e6:10.1f} MB")
+            print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB")
+        return 0
+    if args.cache_cmd == "gc":
+        return _gc(root, store, args.keep, args.dry_run)
+    if args.cache_cmd == "verify":
+        bad = 0
+        n = 0
+        for e in store.entries():
+            n += 1
+            problems = store.verify(e)
+            if problems:
+                bad += 1
+                print(f"CORRUPT {e.key[:12]}: {'; '.join(problems)}")
+                if args.fix:
+                    store.remove(e.key)
+                    print(f"  removed {e.key[:12]}")
+        print(f"verified {n} entries: {n - bad} ok, {bad} corrupt")
+        return 1 if bad and not args.fix else 0
+    return 2
+
+
+def _gc(root: Path, store, keep: int, dry_run: bool) -> int:
+    runs = sorted((root / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    live: set[str] = set()
+    for summary in runs[:keep]:
+        data = json.loads(summary.read_text())
+        live |= {k for k in data.get("keys", {}).values() if k}
+        live |= set(data.get("memo_keys", []))
+    freed = 0
+    removed = 0
+    for e in list(store.entries()):
+        if e.key not in live:
+            freed += store.size_bytes(e)
+            removed += 1
+            if not dry_run:
+                store.remove(e.key)
+    verb = "would remove" if dry_run else "removed"
+    print(f"{verb} {removed} entries ({freed / 1e6:.1f} MB); kept those used by the last {keep} runs")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from .tracking import serve_ui
+
+    return serve_ui(_runs_root(args), port=args.port)
+
+
+# ---- parser -------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qflow", description="Declarative, cached, tracked model quantization.")
+    p.add_argument("--runs-dir", help="output root (default: $QFLOW_RUNS_DIR or ./runs)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run a recipe (or a sweep with -m)")
+    r.add_argument("recipe")
+    r.add_argument("overrides", nargs="*", help="Hydra overrides: key=value, +key=value, ~key")
+    r.add_argument("-m", "--multirun", action="store_true", help="sweep over comma lists / range() / choice()")
+    r.add_argument("-j", "--jobs", type=int, default=1, help="parallel sweep points (local)")
+    r.add_argument("--dry-run", action="store_true", help="print the plan, its keys and cache status")
+    r.add_argument("--only", metavar="ID", help="run only this stage (upstream from the cache)")
+    r.add_argument("--from", dest="from_", metavar="ID", help="recompute this stage and everything after it")
+    r.add_argument("--force", metavar="ID", action="append", help="recompute this stage even if cached")
+    r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    r.add_argument("--no-track", action="store_true", help="do not write to MLflow")
+    r.add_argument("--lib", action="append", help="recipe library: folder, pkg://module or git+URL[@ref]")
+    r.add_argument("-q", "--quiet", action="store_true")
+    r.set_defaults(fn=cmd_run)
+
+    e = sub.add_parser("explain", help="per stage: cache hit or miss, and what changed")
+    e.add_argument("recipe")
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--lib", action="append")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_explain)
+
+    ls = sub.add_parser("ls", help="list registered stages")
+    ls.add_argument("what", choices=["stages"])
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(fn=cmd_ls)
+
+    sh = sub.add_parser("show", help="describe one stage")
+    sh.add_argument("what", choices=["stage"])
+    sh.add_argument("name")
+    sh.set_defaults(fn=cmd_show)
+
+    sc = sub.add_parser("schema", help="JSON Schema of recipes (for editors)")
+    sc.add_argument("-o", "--output")
+    sc.set_defaults(fn=cmd_schema)
+
+    c = sub.add_parser("cache", help="inspect and maintain the cache")
+    csub = c.add_subparsers(dest="cache_cmd", required=True)
+    cl = csub.add_parser("ls")
+    cl.add_argument("--json", action="store_true")
+    cg = csub.add_parser("gc")
+    cg.add_argument("--keep", type=int, default=10, help="keep entries used by the last N runs")
+    cg.add_argument("--dry-run", action="store_true")
+    cv = csub.add_parser("verify", help="re-hash every entry")
+    cv.add_argument("--fix", action="store_true", help="remove corrupt entries")
+    c.set_defaults(fn=cmd_cache)
+
+    u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
+    u.add_argument("--port", type=int, default=5000)
+    u.set_defaults(fn=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _offline_defaults()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except QflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished stages are cached, a re-run resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

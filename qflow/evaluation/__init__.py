@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, distribution metrics vs float, per-layer error, size, speed."""

@@ -1,0 +1,41 @@
+"""``model.load``: resolve a model source to a local float Hugging Face folder."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from qflow.artifacts import ModelRef
+from qflow.registry import Stage, StageConfig, register
+
+
+@register("model.load")
+class ModelLoad(Stage):
+    """Resolve the recipe's model (added implicitly from the recipe's ``model:`` section).
+
+        model: {source: "zoo:smollm2-135m"}          # or hf:org/name@rev, gguf:PATH, ./folder
+
+    GGUF sources are dequantized to float once; the folder is reused by every run.
+    """
+
+    version = 1
+
+    class Config(StageConfig):
+        source: str
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    inputs = {}
+    outputs = {"model": ModelRef}
+
+    @classmethod
+    def fingerprint_sources(cls, cfg, cache_root):
+        from qflow.models.sources import fingerprint_model_source
+
+        return {"model": fingerprint_model_source(cfg.source, cache_root)}
+
+    def run(self, ctx, cfg):
+        from qflow.models.sources import resolve_model
+
+        resolved = resolve_model(cfg.source, ctx.runs_root / "cache")
+        ctx.log.info("model %s -> %s", cfg.source, resolved.path)
+        return {"model": ModelRef(resolved.path, external=True, source=cfg.source,
+                                  fingerprint=resolved.fingerprint, dtype=cfg.dtype)}
