@@ -74,7 +74,9 @@ class Stage:
 
     @classmethod
     def doc(cls) -> str:
-        return (cls.__doc__ or "").strip()
+        import inspect
+
+        return inspect.cleandoc(cls.__doc__ or "")
 
 
 @dataclass

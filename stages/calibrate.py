@@ -38,7 +38,7 @@ class Calibrate(Stage):
 
     @classmethod
     def fingerprint_sources(cls, cfg, cache_root):
-        from qflow.data.sources import text_fingerprint_source
+        from qflow.data.tokens import text_fingerprint_source
 
         return {"data": text_fingerprint_source(cfg.data.source, cache_root)}
 
@@ -49,7 +49,7 @@ class Calibrate(Stage):
         import torch
         from safetensors.torch import save_file
 
-        from qflow.data.windows import token_windows, windows_fingerprint
+        from qflow.data.tokens import token_windows, windows_fingerprint
         from qflow.errors import StageError
         from qflow.models.loading import load_model
 

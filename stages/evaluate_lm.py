@@ -42,7 +42,7 @@ class EvaluateLM(Stage):
 
     @classmethod
     def fingerprint_sources(cls, cfg, cache_root):
-        from qflow.data.sources import text_fingerprint_source
+        from qflow.data.tokens import text_fingerprint_source
 
         return {"data": text_fingerprint_source(cfg.data.source, cache_root)}
 
@@ -52,7 +52,7 @@ class EvaluateLM(Stage):
         import torch
 
         from qflow.artifacts import QuantizedCheckpoint
-        from qflow.data.windows import token_windows, windows_fingerprint
+        from qflow.data.tokens import token_windows, windows_fingerprint
         from qflow.evaluation.lm import FloatReference, compare_to_reference, float_reference, summarize
         from qflow.models.loading import load_model
 
