@@ -1,0 +1,419 @@
+"""AWQ, exactly as llm-awq (METHODS.md §4), driven block by block.
+
+Per decoder block (``awq_block``):
+
+1. one pass of the *FP, unmodified* block caches the input of every linear, the
+   outputs of the non-linear loss modules (``self_attn``, ``mlp``) and the block
+   output, which becomes the next block's input (AWQ does not propagate
+   quantization error);
+2. scale search at each adapter site on the original weights:
+   ``s = clamp(x_mean^a, 1e-4)`` (AutoAWQ ``duo_scaling``: divided by
+   ``w_mean^(1-a) + 1e-4``), normalized by ``sqrt(max·min)``, for
+   ``a = r/n_grid, r = 0..n_grid-1``; loss = fp32 MSE of the loss module's output
+   with the scaled linears temporarily replaced by ``Q(W·s)/s``; first strict
+   minimum wins;
+3. fold every best ``s`` (norm ``γ/s``, or the previous linear's last ``len(s)``
+   rows and bias), scale the linears' columns, divide the cached inputs by ``s``;
+4. clip search on every linear but q/k (10 shrink factors 1.00…0.55 on ≈512
+   sampled tokens, per (row, group), symmetric clamp) and apply it;
+5. quantize: ``then="rtn"`` (the reference: ASYM-A, or SYM-R with
+   ``zero_point=False``), or ``then="gptq"``: GPTQ rounding of the scaled and
+   clipped weights (see below).
+
+Exact speed-ups (same objective, different arithmetic):
+
+* when the loss module is the scaled linear itself (sites 2 and 4), the loss
+  ``mean((x ΔWᵀ)²)`` is computed as ``Σ (ΔW G) ∘ ΔW / (n·out)`` with the input
+  Gram matrix ``G = XᵀX`` (fp64), once per site instead of one forward per ratio;
+* the reference outputs of ``self_attn``/``mlp`` come from the block pass of step 1.
+
+Knob that changes results (off by default): ``n_search_tokens`` evaluates the
+loss of the non-linear loss modules (sites 1 and 3) on evenly spaced whole
+calibration sequences holding about that many tokens. ``x_mean`` and the linear
+sites still use every token. The AWQ paper reports that the scale search is
+robust to small calibration sets (it needs far fewer samples than GPTQ), which is
+what makes this an acceptable speed/quality trade on CPUs; llm-awq itself uses all
+cached tokens.
+
+``then="gptq"`` (composition, one stage): steps 1-4 run as above, then the block's
+linears are GPTQ-quantized (true-sequential sub-steps, Hessians from the scaled
+inputs, same ASYM-A/SYM-R quantizer) and the *quantized* block's outputs feed the
+next block, as in GPTQ; the AWQ search of each block therefore sees the
+quantized prefix's activations (``y_ref`` is the FP block applied to them).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import StageError
+from ...kernels import dispatch
+from ...models.adapters import ArchAdapter, ScaleSite
+from ..spec import QuantSpec
+from .blockwise import Block, run_blockwise, write_records
+
+
+@dataclass(frozen=True)
+class AWQOptions:
+    """AWQ settings (llm-awq defaults; ``duo_scaling`` is AutoAWQ's variant)."""
+
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    n_grid: int = 20
+    max_shrink: float = 0.5
+    n_sample_token: int = 512
+    duo_scaling: bool = False
+    apply_clip: bool = True
+    n_search_tokens: int | None = None
+    then: str = "rtn"                         # "rtn" | "gptq"
+    gptq: dict[str, Any] = field(default_factory=dict)   # GPTQOptions fields for then="gptq"
+    scale_dtype: str = "float16"
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.bits, group_size=self.group_size,
+                         scheme="asym_a" if self.zero_point else "sym_r", scale_dtype=self.scale_dtype)
+
+
+# ---------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------
+
+def act_mean(x: torch.Tensor, chunk_rows: int = 8192) -> torch.Tensor:
+    """``mean_t |x[t, j]|`` over all leading dims, fp32 (summed in fp64 by chunks)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    acc = torch.zeros(x2.shape[1], dtype=torch.float64)
+    for r0 in range(0, x2.shape[0], chunk_rows):
+        acc += x2[r0:r0 + chunk_rows].float().abs().sum(0, dtype=torch.float64)
+    return (acc / max(x2.shape[0], 1)).float()
+
+
+def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """AutoAWQ ``w_mean``: mean over rows of ``|W| / (max|W| in its group + 1e-6)``."""
+    w = torch.cat([t.float() for t in weights], dim=0)
+    shape = w.shape
+    g = group_size if group_size > 0 else shape[1]
+    wg = w.reshape(-1, g).abs()
+    wg = wg / (wg.amax(dim=1, keepdim=True) + 1e-6)
+    return wg.reshape(shape).mean(0)
+
+
+def gram(x: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
+    """``XᵀX`` (fp64) of ``x [..., in]``, fp32 matmuls per chunk accumulated in fp64."""
+    x2 = x.reshape(-1, x.shape[-1])
+    g = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64)
+    for r0 in range(0, x2.shape[0], chunk_rows):
+        xc = x2[r0:r0 + chunk_rows].float()
+        g += (xc.t() @ xc).double()
+    return g
+
+
+def candidate_scales(x_mean: torch.Tensor, ratio: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """One grid point's per-channel scales (llm-awq, or AutoAWQ duo scaling with ``w_mean``)."""
+    if w_mean is None:
+        s = x_mean.pow(ratio).clamp(min=1e-4)
+    else:
+        s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+# ---------------------------------------------------------------------------
+# scale search (step 2)
+# ---------------------------------------------------------------------------
+
+@dataclass
+class ScaleSearch:
+    site: str
+    scales: torch.Tensor
+    best_ratio: float
+    losses: list[float]
+
+
+def _module_out(module: nn.Module, x: torch.Tensor, kwargs: dict[str, Any] | None) -> torch.Tensor:
+    out = module(x, **kwargs) if kwargs is not None else module(x)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def search_scale(loss_module: nn.Module, linears: list[nn.Linear], x: torch.Tensor, spec: QuantSpec, *,
+                 n_grid: int = 20, duo_scaling: bool = False, kwargs: dict[str, Any] | None = None,
+                 y_ref: torch.Tensor | None = None, x_mean: torch.Tensor | None = None,
+                 x_gram: torch.Tensor | None = None, batch_size: int = 8,
+                 where: str = "awq") -> ScaleSearch:
+    """Grid search of the AWQ scale for ``linears`` (all reading ``x``) against ``loss_module``.
+
+    ``x``: ``[n_seq, seq_len, in]`` (sequences are needed when ``kwargs`` is given,
+    i.e. for attention). ``y_ref``: the loss module's FP output on ``x`` (computed
+    here when omitted). ``x_mean`` defaults to ``act_mean(x)``. When ``loss_module``
+    is the single scaled linear, the loss uses the Gram matrix ``x_gram`` (computed
+    from ``x`` when omitted) instead of forwards. Weights are restored on return.
+    """
+    originals = [lin.weight.data.clone() for lin in linears]
+    if x_mean is None:
+        x_mean = act_mean(x)
+    x_mean = x_mean.float()
+    w_mean = weight_mean(originals, spec.group_size) if duo_scaling else None
+    linear_loss = len(linears) == 1 and loss_module is linears[0]
+    if linear_loss:
+        n_rows = x.reshape(-1, x.shape[-1]).shape[0]
+        if x_gram is None:
+            x_gram = gram(x)
+    elif y_ref is None:
+        y_ref = torch.cat([_module_out(loss_module, x[b:b + batch_size], kwargs)
+                           for b in range(0, x.shape[0], batch_size)])
+    losses: list[float] = []
+    best_loss, best_ratio, best_scales = math.inf, -1.0, None
+    try:
+        for r in range(n_grid):
+            ratio = r / n_grid
+            s = candidate_scales(x_mean, ratio, w_mean)
+            if linear_loss:
+                w = originals[0].float()
+                dw = (dispatch.fake_quant(w * s, spec) / s - w).double()
+                loss = float(((dw @ x_gram) * dw).sum() / (n_rows * w.shape[0]))
+            else:
+                for lin, w in zip(linears, originals):
+                    lin.weight.data = (dispatch.fake_quant(w * s, spec) / s).to(w.dtype)
+                total = 0.0
+                for b in range(0, x.shape[0], batch_size):
+                    y = _module_out(loss_module, x[b:b + batch_size], kwargs)
+                    total += float((y_ref[b:b + batch_size].float() - y.float()).pow(2).sum(dtype=torch.float64))
+                loss = total / y_ref.numel()
+            losses.append(loss)
+            if loss < best_loss:  # first strict minimum; NaN never wins
+                best_loss, best_ratio, best_scales = loss, ratio, s
+    finally:
+        for lin, w in zip(linears, originals):
+            lin.weight.data = w
+    if best_scales is None:
+        raise StageError(f"AWQ scale search found no finite loss (losses {losses})", where=where,
+                         fix="check the calibration activations and the float weights for inf/NaN")
+    if not bool(torch.isfinite(best_scales).all()):
+        raise StageError("AWQ produced non-finite scales", where=where)
+    return ScaleSearch(where, best_scales.detach(), best_ratio, losses)
+
+
+# ---------------------------------------------------------------------------
+# folding (step 3)
+# ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
+    """Apply ``s`` exactly: ``prev`` output ``/ s`` (norm γ, β; or a linear's last rows and bias), linears ``W·s``."""
+    s = s.float()
+    if isinstance(prev, nn.Linear):
+        n = s.numel()
+        w = prev.weight.data
+        w[-n:] = (w[-n:].float() / s.view(-1, 1)).to(w.dtype)
+        if prev.bias is not None:
+            prev.bias.data[-n:] = (prev.bias.data[-n:].float() / s).to(prev.bias.dtype)
+    else:
+        weight = getattr(prev, "weight", None)
+        if weight is None or weight.dim() != 1 or weight.numel() != s.numel():
+            raise StageError(f"cannot fold AWQ scales into {type(prev).__name__} (no matching 1-D weight)",
+                             where="awq fold", fix="add the norm type to the architecture adapter")
+        weight.data = (weight.data.float() / s).to(weight.dtype)
+        bias = getattr(prev, "bias", None)
+        if bias is not None:
+            bias.data = (bias.data.float() / s).to(bias.dtype)
+    for lin in linears:
+        lin.weight.data = (lin.weight.data.float() * s.view(1, -1)).to(lin.weight.dtype)
+
+
+# ---------------------------------------------------------------------------
+# clip search (step 4)
+# ---------------------------------------------------------------------------
+
+@dataclass
+class ClipSearch:
+    max_val: torch.Tensor          # [out, n_groups] best clamp threshold
+    factors: list[float]           # the shrink factors evaluated
+    err_unclipped: torch.Tensor    # [out, n_groups] error at factor 1.0
+    err_best: torch.Tensor         # [out, n_groups]
+
+
+def sample_tokens(x: torch.Tensor, n_sample_token: int) -> torch.Tensor:
+    """``x`` rows ``[::max(1, n_tok // n_sample_token)]`` (AutoAWQ's guard on llm-awq's step)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2[0::max(1, x2.shape[0] // n_sample_token)]
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, *, n_grid: int = 20,
+                max_shrink: float = 0.5, n_sample_token: int = 512) -> ClipSearch:
+    """Per (row, group) clamp threshold minimizing the group's partial-output MSE (llm-awq ``auto_clip_layer``).
+
+    Output rows are processed in batches of 256 (64 when ``out % 256``) to bound memory;
+    rows are independent so the batching does not change the result.
+    """
+    w = w.float()
+    out, cols = w.shape
+    g = spec.group_size if spec.group_size > 0 else cols
+    if cols % g:
+        raise StageError(f"clip search needs in_features {cols} divisible by group_size {g}", where="awq clip")
+    ng = cols // g
+    xs = sample_tokens(x, n_sample_token).float()                       # [T, in]
+    xg = xs.reshape(xs.shape[0], ng, g).permute(1, 0, 2).contiguous()   # [ng, T, G]
+    n_steps = int(max_shrink * n_grid)
+    factors = [1 - i / n_grid for i in range(n_steps)]
+    rows = 256 if out % 256 == 0 else 64
+    best_all, e0_all, eb_all = [], [], []
+    for r0 in range(0, out, rows):
+        wb = w[r0:r0 + rows]                                            # [ob, in]
+        ob = wb.shape[0]
+        wg = wb.reshape(ob, ng, g)
+        m0 = wg.abs().amax(dim=-1)                                      # [ob, ng]
+        y0 = torch.bmm(xg, wg.permute(1, 2, 0))                         # [ng, T, ob]
+        best = m0.clone()
+        min_err = torch.full_like(m0, 1e9)
+        err0 = None
+        for i in range(n_steps):
+            m = m0 * (1 - i / n_grid)
+            cur = torch.maximum(torch.minimum(wg, m.unsqueeze(-1)), -m.unsqueeze(-1))
+            q = dispatch.fake_quant(cur.reshape(ob, cols), spec).reshape(ob, ng, g)
+            y = torch.bmm(xg, q.permute(1, 2, 0))
+            err = (y - y0).pow(2).mean(dim=1).t()                       # [ob, ng]
+            if i == 0:
+                err0 = err.clone()
+            better = err < min_err
+            min_err = torch.where(better, err, min_err)
+            best = torch.where(better, m, best)
+        best_all.append(best)
+        e0_all.append(err0)
+        eb_all.append(min_err)
+    return ClipSearch(torch.cat(best_all), factors, torch.cat(e0_all), torch.cat(eb_all))
+
+
+@torch.no_grad()
+def apply_clip(lin: nn.Linear, max_val: torch.Tensor, group_size: int) -> None:
+    w = lin.weight.data
+    out, cols = w.shape
+    g = group_size if group_size > 0 else cols
+    wg = w.float().reshape(out, cols // g, g)
+    m = max_val.unsqueeze(-1)
+    lin.weight.data = torch.maximum(torch.minimum(wg, m), -m).reshape(out, cols).to(w.dtype)
+
+
+# ---------------------------------------------------------------------------
+# one block, then the model
+# ---------------------------------------------------------------------------
+
+def _search_rows(n_seq: int, seq_len: int, n_search_tokens: int | None) -> torch.Tensor | None:
+    if n_search_tokens is None or n_search_tokens >= n_seq * seq_len:
+        return None
+    k = max(1, min(n_seq, math.ceil(n_search_tokens / seq_len)))
+    return torch.linspace(0, n_seq - 1, k).round().long().unique()
+
+
+def _prev_float_params(prev_name: str, prev: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Float tensors changed by a fold that the quantized linears do not carry."""
+    if isinstance(prev, nn.Linear):
+        return [(f"{prev_name}.bias", prev.bias.data)] if prev.bias is not None else []
+    out = [(f"{prev_name}.weight", prev.weight.data)]
+    if getattr(prev, "bias", None) is not None:
+        out.append((f"{prev_name}.bias", prev.bias.data))
+    return out
+
+
+def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True) -> None:
+    """Steps 1-5 of METHODS.md §4 on one block; writes its quantized linears and folded floats."""
+    from .gptq_model import GPTQOptions, gptq_block
+
+    adapter: ArchAdapter = block.adapter
+    mod = block.module
+    spec = opts.spec()
+    names = adapter.linear_names(mod)
+    for name in names:
+        problem = spec.check_shape(*block.linear(name).weight.shape)
+        if problem:
+            raise StageError(f"{block.full_name(name)}: {problem}", where="quantize.awq.group_size")
+    sites: list[ScaleSite] = adapter.awq_sites(mod)
+    nonlinear = [s.loss_module for s in sites if not isinstance(mod.get_submodule(s.loss_module), nn.Linear)]
+    t0 = time.perf_counter()
+    acts = block.run(capture=names, outputs=propagate_fp and not block.is_last, module_outputs=nonlinear)
+    if propagate_fp:
+        block.next_inputs = acts.outputs
+    feats = acts.inputs                                 # canonical linear -> [N, T, in]
+    n_seq, seq_len = block.inputs.shape[:2]
+    rows = _search_rows(n_seq, seq_len, opts.n_search_tokens)
+
+    # step 2: search every site on the original weights
+    searches: list[tuple[ScaleSite, ScaleSearch]] = []
+    for site in sites:
+        x = feats[adapter.canonical_input(site.input_of)]
+        loss_mod = mod.get_submodule(site.loss_module)
+        linears = [block.linear(n) for n in site.linears]
+        where = f"{block.name}.{site.loss_module} (AWQ site {site.name})"
+        if isinstance(loss_mod, nn.Linear):
+            res = search_scale(loss_mod, linears, x, spec, n_grid=opts.n_grid, duo_scaling=opts.duo_scaling,
+                               batch_size=block.batch_size, where=where)
+        else:
+            y_ref = acts.module_outputs[site.loss_module]
+            xs, ys = (x, y_ref) if rows is None else (x[rows], y_ref[rows])
+            res = search_scale(loss_mod, linears, xs, spec, n_grid=opts.n_grid, duo_scaling=opts.duo_scaling,
+                               kwargs=block.kwargs if site.loss_kwargs else None, y_ref=ys,
+                               x_mean=act_mean(x), batch_size=block.batch_size, where=where)
+        searches.append((site, res))
+        block.record(layer=f"{block.name}.{site.loss_module}", site=site.name, best_ratio=res.best_ratio,
+                     loss_ratio0=res.losses[0], loss_best=min(res.losses))
+    acts.module_outputs.clear()
+    t_search = time.perf_counter() - t0
+
+    # step 3: fold, then scale the cached inputs
+    for site, res in searches:
+        prev = mod.get_submodule(site.prev)
+        fold_scale(prev, [block.linear(n) for n in site.linears], res.scales)
+        key = adapter.canonical_input(site.input_of)
+        feats[key] = feats[key] / res.scales.to(feats[key].dtype)
+        for pname, tensor in _prev_float_params(f"{block.name}.{site.prev}", prev):
+            block.writer.add_float(pname, tensor.clone())
+
+    # step 4: clip
+    if opts.apply_clip:
+        for name in names:
+            if adapter.clip_skipped(name):
+                continue
+            lin = block.linear(name)
+            clip = search_clip(lin.weight.data, feats[adapter.canonical_input(name)], spec, n_grid=opts.n_grid,
+                               max_shrink=opts.max_shrink, n_sample_token=opts.n_sample_token)
+            apply_clip(lin, clip.max_val, spec.effective_group(lin.in_features))
+            block.record(layer=block.full_name(name), clip_err_unclipped=float(clip.err_unclipped.sum()),
+                         clip_err=float(clip.err_best.sum()))
+    feats.clear()
+    del acts
+
+    # step 5: quantize
+    if opts.then == "gptq":
+        gopts = GPTQOptions(**{**opts.gptq, "bits": opts.bits, "group_size": opts.group_size})
+        gptq_block(block, gopts, spec=spec)
+    else:
+        for name in names:
+            lin = block.linear(name)
+            w = lin.weight.data.float()
+            scale, zero = dispatch.compute_params(w, spec)
+            codes = dispatch.quantize(w, scale, zero, spec)
+            block.writer.add_quantized(block.full_name(name), spec, codes, scale, zero)
+            if not propagate_fp:  # keep the quantized weight for the next block's inputs
+                lin.weight.data = dispatch.dequantize(codes, scale, zero, spec).to(lin.weight.dtype)
+    block.record(layer=block.name, search_seconds=t_search, block_seconds=time.perf_counter() - t0)
+
+
+def quantize_model_awq(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.Tensor, opts: AWQOptions, *,
+                       base_model: str, meta: dict[str, Any] | None = None, batch_size: int = 8):
+    """Run AWQ over every block of ``model`` and write the IR (see ``run_blockwise``)."""
+    if opts.then not in ("rtn", "gptq"):
+        raise StageError(f"then must be 'rtn' or 'gptq', got {opts.then!r}", where="quantize.awq.then")
+    propagate_fp = opts.then == "rtn"
+    signature = {"options": {**opts.__dict__, "gptq": dict(opts.gptq)}}
+    result = run_blockwise(ctx, model, adapter, ids, lambda b: awq_block(b, opts, propagate_fp=propagate_fp),
+                           method="awq" if opts.then == "rtn" else "awq+gptq", base_model=base_model, meta=meta,
+                           signature=signature, propagate="fp" if propagate_fp else "quant",
+                           batch_size=batch_size, desc="awq")
+    write_records(ctx, result.records, "awq_layers.json")
+    return result
