@@ -44,7 +44,7 @@ class EvaluateLM(Stage):
     def fingerprint_sources(cls, cfg, cache_root):
         from qflow.data.tokens import text_fingerprint_source
 
-        return {"data": text_fingerprint_source(cfg.data.source, cache_root)}
+        return {"data": text_fingerprint_source(cfg.data.source, cache_root, cfg.data.field)}
 
     def run(self, ctx, cfg, model):
         import json

@@ -12,10 +12,10 @@ from pathlib import Path
 from ..errors import StageError
 
 
-def text_fingerprint_source(source: str, cache_root: Path | None = None) -> str:
+def text_fingerprint_source(source: str, cache_root: Path | None = None, field: str = "text") -> str:
     from .sources import text_fingerprint_source as fp
 
-    return fp(source, cache_root) if cache_root is not None else fp(source)
+    return fp(source, field=field, cache_dir=cache_root)
 
 
 def windows_fingerprint(ids) -> str:
@@ -29,7 +29,7 @@ def token_windows(spec, tokenizer, n_windows: int | None, cache_root: Path, *, w
     from .sources import load_text
     from .windows import make_windows
 
-    text = load_text(spec.source, field=spec.field)
+    text = load_text(spec.source, field=spec.field, cache_dir=cache_root)
     ids = make_windows(text, tokenizer, spec.seq_len, None, add_special_tokens=spec.add_special_tokens)
     available = int(ids.shape[0])
     if n_windows is not None:

@@ -222,8 +222,8 @@ def _run_stage(st: PlannedStage, key: str, ingredients: dict[str, Any], inputs: 
             _check_outputs(st, outputs, tmp / "outputs")
             for slot, art in outputs.items():
                 Artifact.save(art, tmp / "outputs" / slot)
-            result.metrics = dict(ctx.metrics)
             result.peak_rss_bytes = ctx.info.get("peak_rss_bytes", rss.peak)
+            result.metrics = {**ctx.metrics, "peak_rss_mb": result.peak_rss_bytes / 2**20}
             result.memo_keys = memo_keys
             manifest = {"ingredients": ingredients, "stage_id": st.id, "metrics": result.metrics,
                         "seconds": time.perf_counter() - t0, "peak_rss_bytes": result.peak_rss_bytes,
@@ -417,8 +417,6 @@ def _finish_tracking(tracker, opts: RunOptions, result: RunResult, run_dir: Path
     for sid, r in result.stages.items():
         tags[f"qflow.stage.{sid}.key"] = r.key or ""
         tags[f"qflow.stage.{sid}.status"] = r.status
-        if r.peak_rss_bytes:
-            result.metrics.setdefault(f"{sid}/peak_rss_mb", r.peak_rss_bytes / 2**20)
     for g in result.gates:
         tags[f"qflow.gate.{g['stage']}.{g['metric']}"] = "passed" if g["passed"] else f"failed: {g.get('reason')}"
     if any(not g["passed"] for g in result.gates):
