@@ -225,3 +225,68 @@ def get_adapter(model: "nn.Module") -> ArchAdapter:
     if adapter.n_blocks() == 0:
         raise StageError("the model has zero decoder blocks", where="adapter")
     return adapter
+
+
+# ---- cheap checks from config.json (no torch, no model build) -------------
+
+def config_linear_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """``{relative linear name: (out, in)}`` of one decoder block, from a Llama-layout config.json."""
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    inter = int(config["intermediate_size"])
+    return {"self_attn.q_proj": (heads * head_dim, hidden), "self_attn.k_proj": (kv * head_dim, hidden),
+            "self_attn.v_proj": (kv * head_dim, hidden), "self_attn.o_proj": (hidden, heads * head_dim),
+            "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+
+
+def model_config_from_inputs(inputs_meta: dict[str, Any], slot: str = "model") -> dict[str, Any] | None:
+    """The ``config.json`` of the model feeding ``slot`` (an artifact, a dict with a path, or a path), or None."""
+    import json
+    from pathlib import Path
+
+    ref = (inputs_meta or {}).get(slot)
+    if ref is None:
+        return None
+    folder = None
+    if hasattr(ref, "model_dir"):
+        folder = ref.model_dir
+    elif isinstance(ref, dict):
+        meta = ref.get("meta", ref)
+        folder = meta.get("model_dir") or meta.get("base_model") or ref.get("path")
+    elif isinstance(ref, (str, Path)):
+        folder = ref
+    if folder is None:
+        return None
+    path = Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_group_size(config: dict[str, Any] | None, group_size: int, *, pad_last_group: bool = False,
+                     where: str = "group_size") -> list[str]:
+    """Problems quantizing this architecture's linears with ``group_size`` (empty when fine or unknown)."""
+    if not config:
+        return []
+    problems = []
+    model_type = config.get("model_type")
+    if model_type not in _ADAPTERS:
+        problems.append(f"model_type {model_type!r} has no architecture adapter; known: {', '.join(known_model_types())}")
+        return problems
+    if group_size <= 0 or pad_last_group:
+        return problems
+    try:
+        shapes = config_linear_shapes(config)
+    except (KeyError, TypeError, ValueError):
+        return problems
+    bad = sorted({cols for _, cols in shapes.values() if cols % group_size})
+    if bad:
+        widths = sorted({cols for _, cols in shapes.values()})
+        ok = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
+        hint = f"use {where} in {ok}" if ok else f"use {where}: -1 (per channel)"
+        problems.append(f"{where} {group_size} does not divide the input width(s) {bad} of "
+                        f"{model_type} linears; {hint}")
+    return problems

@@ -56,7 +56,7 @@ from ...errors import StageError
 from ...kernels import dispatch
 from ...models.adapters import ArchAdapter, ScaleSite
 from ..spec import QuantSpec
-from .blockwise import Block, run_blockwise, write_records
+from .blockwise import Activations, Block, run_blockwise, write_records
 
 
 @dataclass(frozen=True)
@@ -321,32 +321,22 @@ def _prev_float_params(prev_name: str, prev: nn.Module) -> list[tuple[str, torch
     return out
 
 
-def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True) -> None:
-    """Steps 1-5 of METHODS.md §4 on one block; writes its quantized linears and folded floats."""
-    from .gptq_model import GPTQOptions, gptq_block
+def _nonlinear_loss_modules(block: Block) -> list[str]:
+    return [s.loss_module for s in block.adapter.awq_sites(block.module)
+            if not isinstance(block.module.get_submodule(s.loss_module), nn.Linear)]
 
-    adapter: ArchAdapter = block.adapter
-    mod = block.module
-    spec = opts.spec()
-    names = adapter.linear_names(mod)
-    for name in names:
-        problem = spec.check_shape(*block.linear(name).weight.shape)
-        if problem:
-            raise StageError(f"{block.full_name(name)}: {problem}", where="quantize.awq.group_size")
-    sites: list[ScaleSite] = adapter.awq_sites(mod)
-    nonlinear = [s.loss_module for s in sites if not isinstance(mod.get_submodule(s.loss_module), nn.Linear)]
-    t0 = time.perf_counter()
-    acts = block.run(capture=names, outputs=propagate_fp and not block.is_last, module_outputs=nonlinear)
-    if propagate_fp:
-        block.next_inputs = acts.outputs
-    feats = acts.inputs                                 # canonical linear -> [N, T, in]
+
+def search_block_scales(block: Block, opts: AWQOptions, acts: Activations) -> list[tuple[ScaleSite, ScaleSearch]]:
+    """Step 2 on every site of ``block`` with the original weights (restored after each site).
+
+    ``acts`` comes from ``block.run(capture=<all linears>, module_outputs=<non-linear loss modules>)``.
+    """
+    adapter, mod, spec = block.adapter, block.module, opts.spec()
     n_seq, seq_len = block.inputs.shape[:2]
     rows = _search_rows(n_seq, seq_len, opts.n_search_tokens)
-
-    # step 2: search every site on the original weights
     searches: list[tuple[ScaleSite, ScaleSearch]] = []
-    for site in sites:
-        x = feats[adapter.canonical_input(site.input_of)]
+    for site in adapter.awq_sites(mod):
+        x = acts.inputs[adapter.canonical_input(site.input_of)]
         loss_mod = mod.get_submodule(site.loss_module)
         linears = [block.linear(n) for n in site.linears]
         where = f"{block.name}.{site.loss_module} (AWQ site {site.name})"
@@ -360,34 +350,71 @@ def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True) -> N
                                kwargs=block.kwargs if site.loss_kwargs else None, y_ref=ys,
                                x_mean=act_mean(x), batch_size=block.batch_size, where=where)
         searches.append((site, res))
-        block.record(layer=f"{block.name}.{site.loss_module}", site=site.name, best_ratio=res.best_ratio,
-                     loss_ratio0=res.losses[0], loss_best=min(res.losses))
-    acts.module_outputs.clear()
-    t_search = time.perf_counter() - t0
+    return searches
 
-    # step 3: fold, then scale the cached inputs
+
+def fold_block_scales(block: Block, searches: list[tuple[ScaleSite, ScaleSearch]],
+                      feats: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """Step 3: fold every site's scales and divide the cached inputs; returns the changed float tensors."""
+    adapter, mod = block.adapter, block.module
+    changed: dict[str, torch.Tensor] = {}
     for site, res in searches:
         prev = mod.get_submodule(site.prev)
         fold_scale(prev, [block.linear(n) for n in site.linears], res.scales)
         key = adapter.canonical_input(site.input_of)
-        feats[key] = feats[key] / res.scales.to(feats[key].dtype)
+        if key in feats:
+            feats[key] = feats[key] / res.scales.to(feats[key].dtype)
         for pname, tensor in _prev_float_params(f"{block.name}.{site.prev}", prev):
-            block.writer.add_float(pname, tensor.clone())
+            changed[pname] = tensor
+    return [(k, v.detach().clone()) for k, v in changed.items()]
 
-    # step 4: clip
+
+def clip_block(block: Block, opts: AWQOptions, feats: dict[str, torch.Tensor]) -> list[tuple[str, ClipSearch]]:
+    """Step 4: clip search and clamp for every linear but q/k, on the scaled weights and inputs."""
+    spec, out = opts.spec(), []
+    for name in block.adapter.linear_names(block.module):
+        if block.adapter.clip_skipped(name):
+            continue
+        lin = block.linear(name)
+        clip = search_clip(lin.weight.data, feats[block.adapter.canonical_input(name)], spec, n_grid=opts.n_grid,
+                           max_shrink=opts.max_shrink, n_sample_token=opts.n_sample_token)
+        apply_clip(lin, clip.max_val, spec.effective_group(lin.in_features))
+        out.append((name, clip))
+    return out
+
+
+def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True) -> None:
+    """Steps 1-5 of METHODS.md §4 on one block; writes its quantized linears and folded floats."""
+    from .gptq_model import GPTQOptions, gptq_block
+
+    spec = opts.spec()
+    names = block.adapter.linear_names(block.module)
+    for name in names:
+        problem = spec.check_shape(*block.linear(name).weight.shape)
+        if problem:
+            raise StageError(f"{block.full_name(name)}: {problem}", where="quantize.awq.group_size",
+                             fix="choose a group size that divides every layer width")
+    t0 = time.perf_counter()
+    # step 1: one pass of the FP block
+    acts = block.run(capture=names, outputs=propagate_fp and not block.is_last,
+                     module_outputs=_nonlinear_loss_modules(block))
+    if propagate_fp:
+        block.next_inputs = acts.outputs
+    searches = search_block_scales(block, opts, acts)
+    for site, res in searches:
+        block.record(layer=f"{block.name}.{site.loss_module}", site=site.name, best_ratio=res.best_ratio,
+                     loss_ratio0=res.losses[0], loss_best=min(res.losses))
+    acts.module_outputs.clear()
+    t_search = time.perf_counter() - t0
+    feats = acts.inputs
+    for pname, tensor in fold_block_scales(block, searches, feats):
+        block.writer.add_float(pname, tensor)
     if opts.apply_clip:
-        for name in names:
-            if adapter.clip_skipped(name):
-                continue
-            lin = block.linear(name)
-            clip = search_clip(lin.weight.data, feats[adapter.canonical_input(name)], spec, n_grid=opts.n_grid,
-                               max_shrink=opts.max_shrink, n_sample_token=opts.n_sample_token)
-            apply_clip(lin, clip.max_val, spec.effective_group(lin.in_features))
+        for name, clip in clip_block(block, opts, feats):
             block.record(layer=block.full_name(name), clip_err_unclipped=float(clip.err_unclipped.sum()),
                          clip_err=float(clip.err_best.sum()))
     feats.clear()
     del acts
-
     # step 5: quantize
     if opts.then == "gptq":
         gopts = GPTQOptions(**{**opts.gptq, "bits": opts.bits, "group_size": opts.group_size})

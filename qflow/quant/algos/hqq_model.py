@@ -1,0 +1,127 @@
+"""HQQ over a whole model (METHODS.md §7): calibration-free, one linear at a time.
+
+Weights are streamed from the float folder's safetensors files (no model is
+built), each decoder linear is quantized with
+:func:`qflow.quant.algos.hqq.hqq_quantize` (ASYM-H, float zero), and the
+checkpoint is flushed per decoder block. Like the block-wise driver, the IR is
+written under ``ctx.scratch/ir`` with a resume state after every block, so a
+killed run continues where it stopped and gives the same bytes.
+
+Example::
+
+    opts = HQQOptions(bits=4, group_size=64)
+    quantize_model_hqq(ctx, model_dir, opts, names=linear_names(model_dir))
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...errors import StageError
+from ..ir import CheckpointWriter
+from ..spec import QuantSpec
+from .blockwise import (CRASH_ENV, STATE_FILE, BlockwiseResult, SimulatedCrash, _atomic_save, _move_tree,
+                        _signature_hash, peak_rss_bytes, write_records)
+
+
+@dataclass(frozen=True)
+class HQQOptions:
+    """HQQ settings (mobiusml/hqq defaults: 4 bit, G=64, p=0.7, β=10, κ=1.01, 20 iterations, early stop)."""
+
+    bits: int = 4
+    group_size: int = 64
+    lp_norm: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+    iters: int = 20
+    early_stop: bool = True
+    zero_float: bool = True
+    scale_dtype: str = "float16"
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.bits, group_size=self.group_size, scheme="asym_h", zero_float=self.zero_float,
+                         scale_dtype=self.scale_dtype)
+
+
+def _blocks(names: list[str]) -> list[list[str]]:
+    from ..weights import block_index
+
+    out: list[list[str]] = []
+    current: object = object()
+    for name in names:
+        b = block_index(name)
+        if b != current or not out:
+            out.append([])
+            current = b
+        out[-1].append(name)
+    return out
+
+
+def quantize_model_hqq(ctx: Any, model_dir: str | Path, opts: HQQOptions, names: list[str], *,
+                       meta: dict[str, Any] | None = None) -> BlockwiseResult:
+    """HQQ-quantize the linears ``names`` of the float folder ``model_dir`` and write the IR."""
+    from ..weights import iter_linear_weights
+    from .hqq import hqq_quantize
+
+    if not names:
+        raise StageError("no linear layers to quantize", where="quantize.hqq.targets", fix="adjust targets")
+    t_start = time.perf_counter()
+    spec = opts.spec()
+    scratch = Path(ctx.scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    ir_dir, state_path = scratch / "ir", scratch / STATE_FILE
+    sig = _signature_hash({"method": "hqq", "options": asdict(opts), "names": names})
+    state = torch.load(state_path, weights_only=False) if state_path.is_file() else None
+    if state is not None and state.get("signature") != sig:
+        state = None
+    if state is None:
+        shutil.rmtree(ir_dir, ignore_errors=True)
+        state_path.unlink(missing_ok=True)
+    writer = CheckpointWriter(ir_dir, base_model=str(model_dir), method="hqq", meta=meta)
+    groups = _blocks(names)
+    start, records = 0, []
+    if state is not None:
+        writer.restore(state["writer"])
+        start, records = int(state["next_block"]), list(state["records"])
+        ctx.log.info("resuming hqq at block %d/%d", start, len(groups))
+    crash = os.environ.get(CRASH_ENV)
+    with ctx.progress(len(groups), "hqq blocks") as bar:
+        if start:
+            bar.update(start, note="resumed")
+        for i in range(start, len(groups)):
+            for name, w in iter_linear_weights(Path(model_dir), groups[i]):
+                if not bool(torch.isfinite(w).all()):
+                    raise StageError(f"{name} has non-finite weights", where=str(model_dir), fix="check the source model")
+                problem = spec.check_shape(*w.shape)
+                if problem:
+                    raise StageError(f"{name}: {problem}", where="quantize.hqq.group_size",
+                                     fix="choose a group size that divides every layer width")
+                res = hqq_quantize(w, spec, lp_norm=opts.lp_norm, beta=opts.beta, kappa=opts.kappa,
+                                   iters=opts.iters, early_stop=opts.early_stop)
+                writer.add_quantized(name, spec, res.codes, res.scale, res.zero)
+                records.append({"layer": name, "err_minmax": res.errors[0] if res.errors else None,
+                                "err_final": res.final_error, "iterations": len(res.errors)})
+            writer.flush()
+            _atomic_save({"signature": sig, "next_block": i + 1, "writer": writer.state(), "records": records},
+                         state_path)
+            bar.update(1)
+            if crash not in (None, "") and i == int(crash):
+                raise SimulatedCrash(f"{CRASH_ENV}={crash}: simulated crash after block {i}")
+    writer.close()
+    out_dir = Path(ctx.output("model"))
+    _move_tree(ir_dir, out_dir)
+    state_path.unlink(missing_ok=True)
+    seconds = time.perf_counter() - t_start
+    rss = peak_rss_bytes()
+    ctx.info["peak_rss_bytes"] = rss
+    ctx.log_metric("peak_rss_mb", rss / 2**20)
+    ctx.log_metric("quantize_seconds", seconds)
+    write_records(ctx, records, "hqq_layers.json")
+    return BlockwiseResult(out_dir, records, seconds, start, rss)

@@ -1,0 +1,130 @@
+"""``quantize.awq``: activation-aware weight quantization (llm-awq, METHODS.md §4)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from qflow.artifacts import CalibSet, ModelRef, QuantizedCheckpoint
+from qflow.registry import Stage, StageConfig, register
+
+_GPTQ_FIELDS = ("gptq_true_sequential", "gptq_act_order", "gptq_static_groups", "gptq_percdamp", "gptq_block_size")
+
+
+class AWQConfig(StageConfig):
+    """AWQ knobs (llm-awq defaults).
+
+        quantize:
+          uses: quantize.awq
+          needs: [calibrate]
+          with: {bits: 4, group_size: 64, zero_point: true, n_search_tokens: 8192}
+
+    ``zero_point: false`` quantizes SYM-R instead of ASYM-A. ``duo_scaling: true``
+    is AutoAWQ's scale formula. ``n_search_tokens`` (default: all tokens, as
+    llm-awq) limits the attention/MLP loss of the scale search to evenly spaced
+    whole sequences holding about that many tokens (a large speed-up on CPUs).
+    ``then: gptq`` rounds the scaled and clipped weights with GPTQ instead of RTN
+    (``gptq_*`` knobs), propagating the quantized blocks' outputs.
+    """
+
+    bits: int = Field(4, description="weight bits (2, 3, 4, 5, 6, 8)")
+    group_size: int = Field(128, description="columns per group; -1 = per output channel")
+    zero_point: bool = Field(True, description="ASYM-A with zero point (true) or SYM-R (false)")
+    n_grid: int = Field(20, ge=1, description="scale-search grid: ratios r/n_grid, r = 0..n_grid-1")
+    max_shrink: float = Field(0.5, gt=0, le=1, description="clip search shrinks max|W| down to 1 - max_shrink")
+    n_sample_token: int = Field(512, ge=1, description="tokens sampled for the clip search")
+    duo_scaling: bool = Field(False, description="AutoAWQ's x_mean^a / w_mean^(1-a) scales")
+    apply_clip: bool = Field(True, description="run the clip search")
+    n_search_tokens: int | None = Field(None, ge=1, description="tokens for the attention/MLP scale-search loss (None = all)")
+    then: Literal["rtn", "gptq"] = Field("rtn", description="rounding after scaling+clipping")
+    gptq_true_sequential: bool = True
+    gptq_act_order: bool = True
+    gptq_static_groups: bool = True
+    gptq_percdamp: float = Field(0.01, ge=0)
+    gptq_block_size: int = Field(128, ge=1)
+    scale_dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+    batch_size: int = Field(8, ge=1, description="calibration sequences per forward (memory bound)")
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.group_size == 0 or self.group_size < -1:
+            raise ValueError(f"group_size must be > 0 or -1 (per channel), got {self.group_size}")
+        if int(self.max_shrink * self.n_grid) < 1:
+            raise ValueError(f"max_shrink * n_grid = {self.max_shrink * self.n_grid} evaluates no clip factor; "
+                             "raise max_shrink or n_grid")
+        if self.then == "rtn":
+            stray = sorted(f for f in _GPTQ_FIELDS if f in self.model_fields_set)
+            if stray:
+                raise ValueError(f"{', '.join(stray)} only apply with then: gptq")
+        from qflow.quant.spec import QuantSpec  # torch-free: validation stays fast
+
+        QuantSpec(bits=self.bits, group_size=self.group_size, scheme="asym_a" if self.zero_point else "sym_r",
+                  scale_dtype=self.scale_dtype)
+        return self
+
+    def options(self):
+        from qflow.quant.algos.awq import AWQOptions
+
+        gptq = {"true_sequential": self.gptq_true_sequential, "act_order": self.gptq_act_order,
+                "static_groups": self.gptq_static_groups, "percdamp": self.gptq_percdamp,
+                "block_size": self.gptq_block_size}
+        return AWQOptions(bits=self.bits, group_size=self.group_size, zero_point=self.zero_point, n_grid=self.n_grid,
+                          max_shrink=self.max_shrink, n_sample_token=self.n_sample_token,
+                          duo_scaling=self.duo_scaling, apply_clip=self.apply_clip,
+                          n_search_tokens=self.n_search_tokens, then=self.then,
+                          gptq=gptq if self.then == "gptq" else {}, scale_dtype=self.scale_dtype)
+
+
+@register("quantize.awq")
+class AWQ(Stage):
+    """AWQ: per-channel activation-aware scales + clipping, then ASYM-A rounding (or GPTQ).
+
+        quantize:
+          uses: quantize.awq
+          needs: [calibrate]
+          with: {bits: 4, group_size: 64}
+
+    Block by block (one block's activations in memory); resumable after a crash.
+    Folded norm weights are stored as float deltas in the checkpoint.
+    """
+
+    version = 1
+    Config = AWQConfig
+    inputs = {"model": ModelRef, "calib": CalibSet}
+    outputs = {"model": QuantizedCheckpoint}
+
+    def check(self, cfg, inputs_meta):
+        from qflow.models.adapters import check_group_size, model_config_from_inputs
+
+        return check_group_size(model_config_from_inputs(inputs_meta), cfg.group_size, where="group_size")
+
+    def run(self, ctx, cfg, model, calib):
+        import json
+
+        import torch
+
+        from qflow.errors import StageError
+        from qflow.models.adapters import get_adapter
+        from qflow.models.loading import load_model
+        from qflow.quant.algos.awq import quantize_model_awq
+
+        net, _ = load_model(model.model_dir, dtype="float32")
+        adapter = get_adapter(net)
+        ids_path = calib.path / "ids.pt"
+        if not ids_path.is_file():
+            raise StageError(f"{ids_path} is missing", where=f"stages.{ctx.stage_id}.needs",
+                             fix="feed quantize.awq from a calibrate stage")
+        ids = torch.load(ids_path)
+        info_path = calib.path / "info.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        meta = {"config": cfg.model_dump(mode="json"), "calib_fingerprint": info.get("fingerprint"),
+                "calib_source": info.get("source"), "calib_shape": list(ids.shape)}
+        result = quantize_model_awq(ctx, net, adapter, ids, cfg.options(), base_model=str(model.model_dir),
+                                    meta=meta, batch_size=cfg.batch_size)
+        ratios = [r["best_ratio"] for r in result.records if "best_ratio" in r]
+        if ratios:
+            ctx.log_metric("mean_best_ratio", sum(ratios) / len(ratios))
+        method = "awq" if cfg.then == "rtn" else "awq+gptq"
+        return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.model_dir), method=method,
+                                             source=model.meta.get("source"))}

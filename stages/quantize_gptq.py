@@ -1,0 +1,105 @@
+"""``quantize.gptq``: second-order error-compensating quantization (IST-DASLab/gptq, METHODS.md §5)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from qflow.artifacts import CalibSet, ModelRef, QuantizedCheckpoint
+from qflow.registry import Stage, StageConfig, register
+
+
+class GPTQConfig(StageConfig):
+    """GPTQ knobs; defaults are qflow's (b=4, G=128, sym, true-sequential, act-order + static groups).
+
+        quantize:
+          uses: quantize.gptq
+          needs: [calibrate]
+          with: {bits: 4, group_size: 64, symmetric: false}
+
+    ``symmetric: true`` is GPTQ's SYM-F (z = 2^(b-1)); ``false`` is ASYM-Z.
+    ``act_order`` without ``static_groups`` stores a per-column ``g_idx``.
+    """
+
+    bits: int = Field(4, description="weight bits (2, 3, 4, 5, 6, 8)")
+    group_size: int = Field(128, description="columns per group; -1 = per output channel")
+    symmetric: bool = True
+    true_sequential: bool = Field(True, description="sub-steps [k,v,q] -> [o] -> [up,gate] -> [down]")
+    act_order: bool = Field(True, description="quantize columns by decreasing Hessian diagonal")
+    static_groups: bool = Field(True, description="group params from the original W (needs groups)")
+    percdamp: float = Field(0.01, ge=0, description="damping as a fraction of mean(diag H)")
+    block_size: int = Field(128, ge=1, description="lazy-batch width in columns")
+    scale_dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+    batch_size: int = Field(8, ge=1, description="calibration sequences per forward (memory bound)")
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.group_size == 0 or self.group_size < -1:
+            raise ValueError(f"group_size must be > 0 or -1 (per channel), got {self.group_size}")
+        if self.static_groups and self.group_size == -1 and "static_groups" in self.model_fields_set:
+            raise ValueError("static_groups needs group_size > 0")
+        from qflow.quant.spec import QuantSpec  # torch-free: validation stays fast
+
+        QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, scale_dtype=self.scale_dtype)
+        return self
+
+    def options(self):
+        from qflow.quant.algos.gptq_model import GPTQOptions
+
+        return GPTQOptions(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+                           true_sequential=self.true_sequential, act_order=self.act_order,
+                           static_groups=self.static_groups and self.group_size > 0, percdamp=self.percdamp,
+                           block_size=self.block_size, scale_dtype=self.scale_dtype)
+
+
+@register("quantize.gptq")
+class GPTQ(Stage):
+    """GPTQ with sequential calibration: each block sees the quantized blocks before it.
+
+        quantize:
+          uses: quantize.gptq
+          needs: [calibrate]
+          with: {bits: 4, group_size: 64, symmetric: false}
+
+    Block by block (one block's activations and Hessians in memory); resumable after a crash.
+    """
+
+    version = 1
+    Config = GPTQConfig
+    inputs = {"model": ModelRef, "calib": CalibSet}
+    outputs = {"model": QuantizedCheckpoint}
+
+    def check(self, cfg, inputs_meta):
+        from qflow.models.adapters import check_group_size, model_config_from_inputs
+
+        return check_group_size(model_config_from_inputs(inputs_meta), cfg.group_size, where="group_size")
+
+    def run(self, ctx, cfg, model, calib):
+        import json
+
+        import torch
+
+        from qflow.errors import StageError
+        from qflow.models.adapters import get_adapter
+        from qflow.models.loading import load_model
+        from qflow.quant.algos.gptq_model import quantize_model_gptq
+
+        net, _ = load_model(model.model_dir, dtype="float32")
+        adapter = get_adapter(net)
+        ids_path = calib.path / "ids.pt"
+        if not ids_path.is_file():
+            raise StageError(f"{ids_path} is missing", where=f"stages.{ctx.stage_id}.needs",
+                             fix="feed quantize.gptq from a calibrate stage")
+        ids = torch.load(ids_path)
+        info_path = calib.path / "info.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        meta = {"config": cfg.model_dump(mode="json"), "calib_fingerprint": info.get("fingerprint"),
+                "calib_source": info.get("source"), "calib_shape": list(ids.shape)}
+        result = quantize_model_gptq(ctx, net, adapter, ids, cfg.options(), base_model=str(model.model_dir),
+                                     meta=meta, batch_size=cfg.batch_size)
+        losses = [r["gptq_loss"] for r in result.records if "gptq_loss" in r]
+        if losses:
+            ctx.log_metric("gptq_loss_total", float(sum(losses)))
+        return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.model_dir), method="gptq",
+                                             source=model.meta.get("source"))}

@@ -1,0 +1,92 @@
+"""``quantize.hqq``: Half-Quadratic Quantization, calibration-free (METHODS.md §7)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from qflow.artifacts import ModelRef, QuantizedCheckpoint
+from qflow.registry import Stage, StageConfig, register
+
+
+class HQQConfig(StageConfig):
+    """HQQ knobs (mobiusml/hqq defaults).
+
+        quantize:
+          uses: quantize.hqq
+          with: {bits: 4, group_size: 64}
+
+    Only the zero point is optimized (ASYM-H, stored as fp16). ``zero_float: false``
+    rounds it to an integer for formats that need one (loses part of the gain).
+    """
+
+    bits: int = Field(4, description="weight bits (2, 3, 4, 8)")
+    group_size: int = Field(64, description="columns per group; -1 = per output channel")
+    lp_norm: float = Field(0.7, gt=0, le=1, description="p of the l_p reconstruction loss")
+    beta: float = Field(10.0, gt=0)
+    kappa: float = Field(1.01, ge=1)
+    iters: int = Field(20, ge=1)
+    early_stop: bool = True
+    zero_float: bool = True
+    scale_dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+    targets: str = Field(r"\.layers\.\d+\.", description="regex on weight names: which linears")
+    exclude: list[str] = Field(default_factory=list, description="regexes of module names left float")
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.group_size == 0 or self.group_size < -1:
+            raise ValueError(f"group_size must be > 0 or -1 (per channel), got {self.group_size}")
+        if not self.early_stop and self.iters > 1000:
+            raise ValueError("iters > 1000 without early_stop is almost certainly a typo")
+        from qflow.quant.spec import QuantSpec  # torch-free: validation stays fast
+
+        QuantSpec(bits=self.bits, group_size=self.group_size, scheme="asym_h", zero_float=self.zero_float,
+                  scale_dtype=self.scale_dtype)
+        return self
+
+    def options(self):
+        from qflow.quant.algos.hqq_model import HQQOptions
+
+        return HQQOptions(bits=self.bits, group_size=self.group_size, lp_norm=self.lp_norm, beta=self.beta,
+                          kappa=self.kappa, iters=self.iters, early_stop=self.early_stop,
+                          zero_float=self.zero_float, scale_dtype=self.scale_dtype)
+
+
+@register("quantize.hqq")
+class HQQ(Stage):
+    """HQQ: data-free zero-point optimization under an l_p (p<1) loss, one linear at a time.
+
+        quantize:
+          uses: quantize.hqq
+          with: {bits: 4, group_size: 64}
+
+    Needs no calibration set; streams weights from the float folder; resumable.
+    """
+
+    version = 1
+    Config = HQQConfig
+    inputs = {"model": ModelRef}
+    outputs = {"model": QuantizedCheckpoint}
+
+    def check(self, cfg, inputs_meta):
+        from qflow.models.adapters import check_group_size, model_config_from_inputs
+
+        return check_group_size(model_config_from_inputs(inputs_meta), cfg.group_size, where="group_size")
+
+    def run(self, ctx, cfg, model):
+        from qflow.errors import StageError
+        from qflow.quant.algos.hqq_model import quantize_model_hqq
+        from qflow.quant.weights import linear_names
+
+        names = linear_names(model.model_dir, cfg.targets, cfg.exclude)
+        if not names:
+            raise StageError(f"no linear weights match targets {cfg.targets!r} in {model.model_dir}",
+                             where=f"stages.{ctx.stage_id}.with.targets", fix="adjust the targets regex")
+        result = quantize_model_hqq(ctx, model.model_dir, cfg.options(), names,
+                                    meta={"config": cfg.model_dump(mode="json")})
+        errs = [(r["err_minmax"], r["err_final"]) for r in result.records if r.get("err_minmax")]
+        if errs:
+            ctx.log_metric("err_reduction", 1 - sum(f for _, f in errs) / sum(m for m, _ in errs))
+        return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.model_dir), method="hqq",
+                                             source=model.meta.get("source"))}

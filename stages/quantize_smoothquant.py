@@ -1,0 +1,112 @@
+"""``quantize.smoothquant``: W8A8 with outlier smoothing (mit-han-lab/smoothquant, METHODS.md §6)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from qflow.artifacts import CalibSet, ModelRef, QuantizedCheckpoint
+from qflow.registry import Stage, StageConfig, register
+
+
+class SmoothQuantConfig(StageConfig):
+    """SmoothQuant knobs.
+
+        quantize:
+          uses: quantize.smoothquant
+          needs: [calibrate]
+          with: {alpha: 0.5}
+
+    Repo README alphas: Llama-2-7B/13B 0.85, Llama-3 0.85, Mistral 0.8; ``smooth_lm`` default 0.5.
+    Weights int8 SYM-R per output channel; activations int8 SYM-R per token, dynamic
+    (fake-quantized by QLinear at evaluation). ``smooth: false`` gives plain W8A8.
+    """
+
+    alpha: float = Field(0.5, ge=0, le=1, description="migration strength")
+    weight_bits: int = Field(8, description="weight bits (8; 4 for experiments)")
+    act_bits: Literal[4, 8] = 8
+    weight_granularity: Literal["channel", "tensor"] = "channel"
+    act_granularity: Literal["token", "tensor"] = "token"
+    smooth: bool = Field(True, description="false: quantize W8A8 without smoothing (baseline)")
+    scale_dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+    batch_size: int = Field(8, ge=1, description="sequences per forward when statistics must be recomputed")
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if not self.smooth and "alpha" in self.model_fields_set:
+            raise ValueError("alpha has no effect with smooth: false")
+        from qflow.quant.spec import QuantSpec  # torch-free: validation stays fast
+
+        QuantSpec(bits=self.weight_bits, group_size=-1 if self.weight_granularity == "channel" else 0,
+                  scheme="sym_r", act_bits=self.act_bits, act_granularity=self.act_granularity,
+                  scale_dtype=self.scale_dtype)
+        return self
+
+    def options(self):
+        from qflow.quant.algos.smoothquant_model import SmoothQuantOptions
+
+        return SmoothQuantOptions(alpha=self.alpha, weight_bits=self.weight_bits, act_bits=self.act_bits,
+                                  weight_granularity=self.weight_granularity, act_granularity=self.act_granularity,
+                                  smooth=self.smooth, scale_dtype=self.scale_dtype)
+
+
+@register("quantize.smoothquant")
+class SmoothQuant(Stage):
+    """SmoothQuant: fold per-channel scales into the norms, then W8A8 on every decoder linear.
+
+        quantize:
+          uses: quantize.smoothquant
+          needs: [calibrate]
+          with: {alpha: 0.5}
+
+    Uses the calibration set's ``max_abs`` statistics (recomputed from ``ids.pt`` when absent).
+    """
+
+    version = 1
+    Config = SmoothQuantConfig
+    inputs = {"model": ModelRef, "calib": CalibSet}
+    outputs = {"model": QuantizedCheckpoint}
+
+    def check(self, cfg, inputs_meta):
+        from qflow.models.adapters import check_group_size, model_config_from_inputs
+
+        return check_group_size(model_config_from_inputs(inputs_meta), -1)
+
+    def run(self, ctx, cfg, model, calib):
+        import json
+
+        import torch
+
+        from qflow.errors import StageError
+        from qflow.models.adapters import get_adapter
+        from qflow.models.loading import load_model
+        from qflow.quant.algos.smoothquant_model import collect_act_max, quantize_model_smoothquant
+
+        net, _ = load_model(model.model_dir, dtype="float32")
+        adapter = get_adapter(net)
+        names = [f"{adapter.block_name(i)}.{site.linears[0]}" for i, b in enumerate(adapter.blocks())
+                 for site in adapter.smooth_sites(b)]
+        act_max = {}
+        stats_path = calib.path / "stats.safetensors"
+        if stats_path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(stats_path), framework="pt") as f:
+                keys = set(f.keys())
+                act_max = {n: f.get_tensor(f"{n}.max_abs") for n in names if f"{n}.max_abs" in keys}
+        if len(act_max) < len(names):
+            ids_path = calib.path / "ids.pt"
+            if not ids_path.is_file():
+                raise StageError(f"{calib.path} has neither max_abs statistics nor ids.pt",
+                                 where=f"stages.{ctx.stage_id}.needs", fix="feed it from a calibrate stage")
+            ctx.log.info("calibration statistics incomplete; recomputing max|x| from ids.pt")
+            act_max = collect_act_max(net, adapter, torch.load(ids_path), batch_size=cfg.batch_size, names=names)
+        info_path = calib.path / "info.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        meta = {"config": cfg.model_dump(mode="json"), "calib_fingerprint": info.get("fingerprint"),
+                "calib_source": info.get("source")}
+        quantize_model_smoothquant(ctx, net, adapter, act_max, cfg.options(), base_model=str(model.model_dir),
+                                   meta=meta)
+        return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.model_dir),
+                                             method="smoothquant", source=model.meta.get("source"))}
