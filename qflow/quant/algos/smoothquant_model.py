@@ -90,7 +90,7 @@ def collect_act_max(model: nn.Module, adapter: ArchAdapter, ids: torch.Tensor, *
 def smooth_block(block: nn.Module, prefix: str, adapter: ArchAdapter, act_max: dict[str, torch.Tensor],
                  alpha: float) -> list[tuple[str, torch.Tensor]]:
     """Fold SmoothQuant scales into one block in place; returns the changed norm tensors (name, value)."""
-    from .smoothquant import smooth_scales
+    from .smoothquant import fold_into_norm, scale_linear_inputs, smooth_scales
 
     changed = []
     for site in adapter.smooth_sites(block):
@@ -100,18 +100,20 @@ def smooth_block(block: nn.Module, prefix: str, adapter: ArchAdapter, act_max: d
             raise StageError(f"no activation statistics for {first}", where="smoothquant",
                              fix="calibrate with stats: true (or let quantize.smoothquant recompute them)")
         linears = [block.get_submodule(n) for n in site.linears]
-        s = smooth_scales(xmax.float(), [lin.weight.data.float() for lin in linears], alpha).float()
+        s = smooth_scales(xmax.float(), [lin.weight.data for lin in linears], alpha)
         if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
             raise StageError(f"non-finite or non-positive smoothing scales at {prefix}.{site.norm}",
                              where="smoothquant", fix="check the activation statistics")
         norm = block.get_submodule(site.norm)
-        norm.weight.data = (norm.weight.data.float() / s).to(norm.weight.dtype)
-        changed.append((f"{prefix}.{site.norm}.weight", norm.weight.data.clone()))
-        if getattr(norm, "bias", None) is not None:
-            norm.bias.data = (norm.bias.data.float() / s).to(norm.bias.dtype)
-            changed.append((f"{prefix}.{site.norm}.bias", norm.bias.data.clone()))
+        bias = getattr(norm, "bias", None)
+        new_w, new_b = fold_into_norm(norm.weight.data, bias.data if bias is not None else None, s)
+        norm.weight.data = new_w
+        changed.append((f"{prefix}.{site.norm}.weight", new_w.clone()))
+        if bias is not None:
+            bias.data = new_b
+            changed.append((f"{prefix}.{site.norm}.bias", new_b.clone()))
         for lin in linears:
-            lin.weight.data = (lin.weight.data.float() * s.view(1, -1)).to(lin.weight.dtype)
+            lin.weight.data = scale_linear_inputs(lin.weight.data, s)
     return changed
 
 
