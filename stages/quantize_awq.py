@@ -44,6 +44,8 @@ class AWQConfig(StageConfig):
     gptq_percdamp: float = Field(0.01, ge=0)
     gptq_block_size: int = Field(128, ge=1)
     scale_dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="attention kernel of the float model while quantizing (sdpa: ~3x faster on CPU)")
     batch_size: int = Field(8, ge=1, description="calibration sequences per forward (memory bound)")
 
     @model_validator(mode="after")
@@ -109,7 +111,7 @@ class AWQ(Stage):
         from qflow.models.loading import load_model
         from qflow.quant.algos.awq import quantize_model_awq
 
-        net, _ = load_model(model.model_dir, dtype="float32")
+        net, _ = load_model(model.model_dir, dtype="float32", attn_implementation=cfg.attn_implementation)
         adapter = get_adapter(net)
         ids_path = calib.path / "ids.pt"
         if not ids_path.is_file():

@@ -31,6 +31,8 @@ class GPTQConfig(StageConfig):
     percdamp: float = Field(0.01, ge=0, description="damping as a fraction of mean(diag H)")
     block_size: int = Field(128, ge=1, description="lazy-batch width in columns")
     scale_dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="attention kernel of the float model while quantizing (sdpa: ~3x faster on CPU)")
     batch_size: int = Field(8, ge=1, description="calibration sequences per forward (memory bound)")
 
     @model_validator(mode="after")
@@ -85,7 +87,7 @@ class GPTQ(Stage):
         from qflow.models.loading import load_model
         from qflow.quant.algos.gptq_model import quantize_model_gptq
 
-        net, _ = load_model(model.model_dir, dtype="float32")
+        net, _ = load_model(model.model_dir, dtype="float32", attn_implementation=cfg.attn_implementation)
         adapter = get_adapter(net)
         ids_path = calib.path / "ids.pt"
         if not ids_path.is_file():

@@ -188,3 +188,27 @@ def test_only_one_block_of_activations_is_alive(tmp_path):
                   batch_size=3)
     assert [s[0] for s in seen] == [0, 1, 2]
     assert all(s[2] == tuple(ref_h.shape) for s in seen)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_residual_halves_reproduce_the_block_exactly(attn):
+    model = tiny_llama(layers=1, attn=attn)
+    adapter = get_adapter(model)
+    ids = calib_ids(3, 32)
+    with torch.no_grad():
+        h = capture_block0_inputs(model, adapter, ids, batch_size=3)
+        kw = capture_block_kwargs(model, adapter, ids)[0]
+        block = adapter.blocks()[0]
+        full = block(h, **kw)
+        full = full[0] if isinstance(full, tuple) else full
+        split = adapter.mlp_half(block, adapter.attention_half(block, h, kw))
+    assert torch.equal(full, split)
+
+
+def test_gptq_split_pass_gives_the_same_checkpoint(tmp_path, monkeypatch):
+    from qflow.models.adapters import ArchAdapter
+
+    _, split = _run("gptq", tmp_path / "split")
+    monkeypatch.setattr(ArchAdapter, "splits_residual", False)
+    _, whole = _run("gptq", tmp_path / "whole")
+    assert same_tree(split.checkpoint_dir, whole.checkpoint_dir)

@@ -167,6 +167,9 @@ class ArchAdapter:
         return any(marker in leaf for marker in self.clip_skip_markers)
 
     # ---- residual halves (lets GPTQ reuse the attention half) ------------
+    # True when block(h) == mlp_half(attention_half(h)) op for op (tests check bit-equality)
+    splits_residual: ClassVar[bool] = True
+
     def attention_half(self, block: "nn.Module", hidden: Any, kwargs: dict[str, Any]) -> Any:
         """``h + self_attn(input_norm(h))`` (the residual stream entering the MLP half)."""
         normed = block.get_submodule(self.input_norm)(hidden)

@@ -24,7 +24,8 @@ Exact speed-ups (same objective, different arithmetic):
 
 * when the loss module is the scaled linear itself (sites 2 and 4), the loss
   ``mean((x ΔWᵀ)²)`` is computed as ``Σ (ΔW G) ∘ ΔW / (n·out)`` with the input
-  Gram matrix ``G = XᵀX`` (fp64), once per site instead of one forward per ratio;
+  Gram matrix ``G = XᵀX`` (accumulated in fp64), once per site instead of one
+  forward per ratio; it avoids the cancellation in ``y_ref − y`` too;
 * the reference outputs of ``self_attn``/``mlp`` come from the block pass of step 1.
 
 Knob that changes results (off by default): ``n_search_tokens`` evaluates the
@@ -164,6 +165,7 @@ def search_scale(loss_module: nn.Module, linears: list[nn.Linear], x: torch.Tens
         n_rows = x.reshape(-1, x.shape[-1]).shape[0]
         if x_gram is None:
             x_gram = gram(x)
+        x_gram = x_gram.float()  # accumulated in fp64; fp32 products per ratio are plenty
     elif y_ref is None:
         y_ref = torch.cat([_module_out(loss_module, x[b:b + batch_size], kwargs)
                            for b in range(0, x.shape[0], batch_size)])
@@ -175,8 +177,8 @@ def search_scale(loss_module: nn.Module, linears: list[nn.Linear], x: torch.Tens
             s = candidate_scales(x_mean, ratio, w_mean)
             if linear_loss:
                 w = originals[0].float()
-                dw = (dispatch.fake_quant(w * s, spec) / s - w).double()
-                loss = float(((dw @ x_gram) * dw).sum() / (n_rows * w.shape[0]))
+                dw = dispatch.fake_quant(w * s, spec) / s - w
+                loss = float(((dw @ x_gram) * dw).sum(dtype=torch.float64) / (n_rows * w.shape[0]))
             else:
                 for lin, w in zip(linears, originals):
                     lin.weight.data = (dispatch.fake_quant(w * s, spec) / s).to(w.dtype)

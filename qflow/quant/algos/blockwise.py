@@ -212,15 +212,12 @@ class Block:
     def full_name(self, rel: str) -> str:
         return f"{self.name}.{rel}"
 
-    def batches(self) -> Iterable[tuple[int, int]]:
-        n = self.inputs.shape[0]
-        for b0 in range(0, n, self.batch_size):
-            yield b0, min(n, b0 + self.batch_size)
-
     @torch.no_grad()
     def run(self, capture: Iterable[str] = (), *, outputs: bool = False,
             on_input: Callable[[str, torch.Tensor], None] | None = None,
-            stream: Iterable[str] = (), module_outputs: Iterable[str] = ()) -> Activations:
+            stream: Iterable[str] = (), module_outputs: Iterable[str] = (),
+            inputs: torch.Tensor | None = None,
+            forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Activations:
         """One mini-batched pass of the block over its inputs.
 
         ``capture``: linears whose inputs are kept (``[N, T, in]``, shared inputs once);
@@ -228,10 +225,14 @@ class Block:
         (Hessians) without being kept; ``module_outputs``: sub-modules whose outputs are
         kept (first element of a tuple); ``outputs``: keep the block outputs. The pass
         stops early once nothing later in the block is needed. Non-finite inputs or
-        outputs raise a StageError naming the block and linear.
+        outputs raise a StageError naming the block and linear. ``inputs``/``forward``
+        run a part of the block instead (e.g. the adapter's ``mlp_half`` on the
+        residual stream after attention).
         """
-        if self.inputs is None:
+        data = self.inputs if inputs is None else inputs
+        if data is None:
             raise StageError("this method has no calibration inputs", where=self.name)
+        call = forward or (lambda x: _first(self.module(x, **self.kwargs)))
         canon = self.adapter.canonical_input
         keep = list(dict.fromkeys(canon(n) for n in capture))
         streamed = list(dict.fromkeys(canon(n) for n in stream))
@@ -253,7 +254,7 @@ class Block:
                 if rel in keep:
                     buf = acts.inputs.get(rel)
                     if buf is None:
-                        buf = torch.empty((self.inputs.shape[0], *x.shape[1:]), dtype=x.dtype)
+                        buf = torch.empty((data.shape[0], *x.shape[1:]), dtype=x.dtype)
                         acts.inputs[rel] = buf
                     buf[b0:b1] = x
                 if rel in streamed and on_input is not None:
@@ -269,7 +270,7 @@ class Block:
                 b0, b1 = span
                 buf = acts.module_outputs.get(rel)
                 if buf is None:
-                    buf = torch.empty((self.inputs.shape[0], *y.shape[1:]), dtype=y.dtype)
+                    buf = torch.empty((data.shape[0], *y.shape[1:]), dtype=y.dtype)
                     acts.module_outputs[rel] = buf
                 buf[b0:b1] = y
             return hook
@@ -279,11 +280,12 @@ class Block:
         for rel in mod_outs:
             handles.append(self.module.get_submodule(rel).register_forward_hook(make_out(rel)))
         try:
-            for b0, b1 in self.batches():
+            for b0 in range(0, data.shape[0], self.batch_size):
+                b1 = min(data.shape[0], b0 + self.batch_size)
                 span = (b0, b1)
                 seen.clear()
                 try:
-                    out = _first(self.module(self.inputs[b0:b1], **self.kwargs))
+                    out = call(data[b0:b1])
                 except _StopForward:
                     continue
                 if outputs:
@@ -291,7 +293,7 @@ class Block:
                         raise StageError("non-finite block outputs", where=self.name,
                                          fix="check the calibration data and the float model")
                     if acts.outputs is None:
-                        acts.outputs = torch.empty((self.inputs.shape[0], *out.shape[1:]), dtype=out.dtype)
+                        acts.outputs = torch.empty((data.shape[0], *out.shape[1:]), dtype=out.dtype)
                     acts.outputs[b0:b1] = out
         finally:
             for h in handles:

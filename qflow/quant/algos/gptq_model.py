@@ -9,7 +9,10 @@ Without it, one pass over the FP block collects every Hessian. The *quantized*
 block's outputs are the next block's inputs (``propagate="quant"``).
 
 A pass stops as soon as the sub-step's inputs are captured (the ``[k,v,q]`` pass
-only runs the input norm), which is exact and saves most of the block compute.
+only runs the input norm), and once every attention linear is quantized the
+attention half of the block runs once: the ``[up,gate]``, ``[down]`` and output
+passes run only the MLP half on that residual stream (the adapter's
+``attention_half``/``mlp_half``, op for op the block's own forward). Both are exact.
 
 Example::
 
@@ -67,6 +70,13 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
         if problem:
             raise StageError(f"{block.full_name(name)}: {problem}", where="quantize.gptq.group_size",
                              fix="choose a group size that divides every layer width")
+    attn = set(adapter.attn_linears)
+    done: set[str] = set()
+    mid: torch.Tensor | None = None      # residual stream after the (quantized) attention half
+
+    def mlp_half(h: torch.Tensor) -> torch.Tensor:
+        return adapter.mlp_half(block.module, h)
+
     for group in groups:
         t0 = time.perf_counter()
         accs: dict[str, HessianAccumulator] = {}
@@ -78,7 +88,13 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
         def on_input(rel: str, x: torch.Tensor) -> None:
             accs[rel].add(x.float())
 
-        block.run(stream=group, on_input=on_input)
+        if mid is None and adapter.splits_residual and attn <= done and not (attn & set(group)):
+            # the attention half is final: run it once, then only the MLP half per sub-step
+            mid = block.run(outputs=True, forward=lambda h: adapter.attention_half(block.module, h, block.kwargs)).outputs
+        if mid is not None:
+            block.run(stream=group, on_input=on_input, inputs=mid, forward=mlp_half)
+        else:
+            block.run(stream=group, on_input=on_input)
         t_h = time.perf_counter() - t0
         for name in group:
             t1 = time.perf_counter()
@@ -95,7 +111,10 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
             block.writer.add_quantized(block.full_name(name), spec, res.codes, res.scale, res.zero, res.g_idx)
             block.record(layer=block.full_name(name), gptq_loss=res.loss, damp=res.damp,
                          hessian_seconds=t_h, quantize_seconds=time.perf_counter() - t1)
+        done.update(group)
         accs.clear()
+    if mid is not None and not block.is_last:
+        block.next_inputs = block.run(outputs=True, inputs=mid, forward=mlp_half).outputs
 
 
 def quantize_model_gptq(ctx: Any, model: torch.nn.Module, adapter: ArchAdapter, ids: torch.Tensor,
