@@ -256,6 +256,24 @@ def _gc(root: Path, store, keep: int, dry_run: bool) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .engine.sweep import sweep_status
+
+    rows = sweep_status(_runs_root(args), args.sweep)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print("no sweep points found")
+        return 0
+    print(f"sweep {rows[0]['sweep']}")
+    for r in rows:
+        print(f"  [{r['job']}] {r['status']:<8} {' '.join(r['overrides'])}")
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "running", "failed", "died")}
+    print("  " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    return 0
+
+
 def cmd_ui(args) -> int:
     from .tracking import serve_ui
 
@@ -316,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     cv = csub.add_parser("verify", help="re-hash every entry")
     cv.add_argument("--fix", action="store_true", help="remove corrupt entries")
     c.set_defaults(fn=cmd_cache)
+
+    sw = sub.add_parser("sweep", help="sweep bookkeeping")
+    swsub = sw.add_subparsers(dest="sweep_cmd", required=True)
+    sws = swsub.add_parser("status", help="points done, running, failed (latest sweep by default)")
+    sws.add_argument("sweep", nargs="?", help="sweep folder or name under runs/sweeps")
+    sws.add_argument("--json", action="store_true")
+    sw.set_defaults(fn=cmd_sweep)
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     u.add_argument("--port", type=int, default=5000)

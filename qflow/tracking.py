@@ -35,6 +35,14 @@ def _mlflow(runs_root: Path):
     return mlflow
 
 
+def prepare_store(runs_root: Path) -> None:
+    """Create (and migrate) the default SQLite store under ``runs_root`` if it does not exist."""
+    _mlflow(Path(runs_root))
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().search_experiments(max_results=1)
+
+
 class Tracker:
     """Writes one MLflow run; ``Tracker.null()`` writes nothing (``--no-track``)."""
 

@@ -58,10 +58,23 @@ def tiny_model_dir(tmp_path_factory, bundled_tokenizer_dir) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), bundled_tokenizer_dir)
 
 
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """A migrated, empty MLflow SQLite store (creating one costs ~9 s; copying it, nothing)."""
+    from qflow.tracking import prepare_store
+
+    folder = tmp_path_factory.mktemp("mlflow-template")
+    prepare_store(folder)
+    return folder / "mlflow.db"
+
+
 @pytest.fixture()
-def runs_dir(tmp_path) -> Path:
+def runs_dir(tmp_path, mlflow_template) -> Path:
+    import shutil
+
     path = tmp_path / "runs"
     path.mkdir()
+    shutil.copy(mlflow_template, path / "mlflow.db")
     return path
 
 

@@ -89,6 +89,7 @@ class Recipe(BaseModel):
     model: ModelSection | None = None
     data: dict[str, Any] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict)
+    eval: dict[str, Any] = Field(default_factory=dict)    # shared evaluation-protocol knobs (interpolated)
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     stages: dict[str, StageSpec]

@@ -1,0 +1,350 @@
+"""Sweeps through Hydra's multirun: its override grammar, sweepers and launchers.
+
+``qflow run -m RECIPE params.bits=3,4 params.group_size=32,64`` runs Hydra's
+multirun with the recipe as the primary config and :func:`_task` as the task
+function. Each point executes the plan with tracking off and writes
+``<sweep_dir>/<job>/point.json``; the parent process then writes MLflow (a
+parent run and one nested run per point), since only one process may write
+to a SQLite store. Points share the content-addressed cache, so upstream
+stages with equal keys run once (the others wait on the key's lock, then hit).
+
+Launchers: the default runs points one after another; ``-j N`` uses the joblib
+launcher (N worker processes, capped by the memory estimate); any
+``hydra/launcher=...`` override (``ray``, ``submitit_slurm``) is passed through.
+Sweepers: ``hydra/sweeper=optuna`` with the recipe's ``sweep.objective``.
+
+A recipe may declare its sweep::
+
+    sweep:
+      params: {params.bits: "3,4", params.group_size: "32,64"}   # Hydra sweep syntax
+      objective: evaluate/kl_mean          # what optuna minimizes (or maximizes)
+      direction: minimize
+      constraints: ["evaluate/bpw_quantized<=4.6"]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ..errors import RecipeError
+
+_CONSTRAINT = re.compile(r"^\s*([\w./-]+)\s*(<=|>=|<|>|==)\s*([-+0-9.eE]+)\s*$")
+
+
+def parse_constraint(text: str) -> tuple[str, str, float]:
+    m = _CONSTRAINT.match(text)
+    if not m:
+        raise RecipeError(f"cannot parse sweep constraint {text!r}", where="sweep.constraints",
+                          fix="write METRIC<=VALUE, e.g. evaluate/bpw_quantized<=3.5")
+    return m.group(1), m.group(2), float(m.group(3))
+
+
+def constraint_ok(metrics: dict[str, float], constraint: str) -> bool:
+    name, op, bound = parse_constraint(constraint)
+    if name not in metrics:
+        return False
+    v = metrics[name]
+    return {"<=": v <= bound, ">=": v >= bound, "<": v < bound, ">": v > bound, "==": v == bound}[op]
+
+
+class SweepTask:
+    """The Hydra task function: one point = one plan execution (picklable for launchers)."""
+
+    def __init__(self, recipe: str, opts_dict: dict[str, Any], sweep_dir: str, sweep_cfg: dict[str, Any]):
+        self.recipe = recipe
+        self.opts_dict = opts_dict
+        self.sweep_dir = sweep_dir
+        self.sweep_cfg = sweep_cfg
+
+    def __call__(self, cfg) -> float | None:
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+
+        from .runner import RunOptions, execute, plan_from_config
+
+        hc = HydraConfig.get()
+        job = str(hc.job.num)
+        overrides = list(hc.overrides.task)
+        point_dir = Path(self.sweep_dir) / job
+        point_dir.mkdir(parents=True, exist_ok=True)
+        (point_dir / "status.json").write_text(json.dumps({"status": "running", "overrides": overrides,
+                                                           "pid": os.getpid(), "started": time.time()}))
+        opts = RunOptions(**{**self.opts_dict, "runs_root": Path(self.opts_dict["runs_root"]),
+                             "track": False, "quiet": True, "run_name": f"{Path(self.sweep_dir).name}-{job}"})
+        try:
+            plan = plan_from_config(OmegaConf.to_container(cfg, resolve=True), self.recipe)
+            result = execute(plan, opts, overrides)
+            point = {**result.to_json(), "overrides": overrides, "job": int(job), "name": result.name}
+        except Exception as exc:  # a bad point is reported, the sweep goes on
+            point = {"run_dir": "", "mlflow_run_id": None, "status": "failed", "stages": {}, "metrics": {},
+                     "gates": [], "overrides": overrides, "job": int(job), "error": str(exc)}
+        (point_dir / "point.json").write_text(json.dumps(point, default=str))
+        (point_dir / "status.json").write_text(json.dumps({"status": "done" if point["status"] == "ok" else "failed",
+                                                           "overrides": overrides, "finished": time.time()}))
+        return self._objective(point)
+
+    def _objective(self, point: dict[str, Any]) -> float | None:
+        objective = self.sweep_cfg.get("objective")
+        if not objective:
+            return None
+        maximize = self.sweep_cfg.get("direction", "minimize") == "maximize"
+        worst = float("-inf") if maximize else float("inf")
+        metrics = point.get("metrics", {})
+        if point.get("status") != "ok" or objective not in metrics:
+            return worst
+        if not all(constraint_ok(metrics, c) for c in self.sweep_cfg.get("constraints", [])):
+            return worst
+        return float(metrics[objective])
+
+
+def _declared_sweep(recipe: Path) -> dict[str, Any]:
+    import yaml
+
+    data = yaml.safe_load(recipe.read_text()) or {}
+    sweep = data.get("sweep") or {}
+    if not isinstance(sweep, dict):
+        raise RecipeError("sweep must be a mapping", where=f"{recipe}: sweep", fix="see `qflow run -m` in the README")
+    return sweep
+
+
+def _memory_cap(jobs: int, plan_estimate_bytes: int | None) -> int:
+    if jobs <= 1 or not plan_estimate_bytes:
+        return jobs
+    import psutil
+
+    avail = psutil.virtual_memory().available
+    return max(1, min(jobs, int(avail * 0.8 // plan_estimate_bytes)))
+
+
+def estimate_point_bytes(recipe: str, overrides: list[str], opts) -> int | None:
+    """Peak-memory estimate of one point: the largest stage estimate of the first point's plan."""
+    from .runner import load_plan
+
+    first = [o.split(",")[0] if "=" in o and "," in o and "(" not in o else o for o in overrides]
+    try:
+        plan = load_plan(recipe, first, opts)
+    except Exception:
+        return None
+    estimates = [st.cls().estimate_peak_bytes(st.config) for st in plan.stages.values()]
+    known = [e for e in estimates if e]
+    return max(known) if known else 2 * 2**30
+
+
+def run_sweep(recipe: str, overrides: list[str], opts, *, as_json: bool = False, jobs: int = 1) -> int:
+    import hydra
+
+    path = Path(recipe)
+    if not path.is_file():
+        raise RecipeError("recipe file not found", where=recipe, fix="check the path")
+    sweep_cfg = _declared_sweep(path)
+    overrides = list(overrides)
+    declared = sweep_cfg.get("params") or {}
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    overrides += [f"{k}={v}" for k, v in declared.items() if k not in given]
+    sweep_cfg = {k: v for k, v in sweep_cfg.items() if k != "params"}
+    for c in sweep_cfg.get("constraints", []):
+        parse_constraint(c)
+
+    runs_root = Path(opts.runs_root).resolve()
+    name = path.stem
+    sweep_dir = runs_root / "sweeps" / f"{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}-{name}"
+    sweep_dir.mkdir(parents=True)
+    has_launcher = any(o.startswith("hydra/launcher=") for o in overrides)
+    effective_jobs = _memory_cap(jobs, estimate_point_bytes(recipe, overrides, opts) if jobs > 1 else None)
+    argv = ["qflow", "--multirun", *overrides,
+            f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}",
+            "hydra.job.chdir=False", "hydra/job_logging=none", "hydra/hydra_logging=none",
+            "hydra.output_subdir=null"]
+    if effective_jobs > 1 and not has_launcher:
+        argv += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={effective_jobs}"]
+    if any(o.startswith("hydra/sweeper=optuna") for o in overrides) and sweep_cfg.get("objective"):
+        argv.append(f"hydra.sweeper.direction={sweep_cfg.get('direction', 'minimize')}")
+    opts_dict = {k: v for k, v in vars(opts).items() if k != "out_stream"}
+    opts_dict["runs_root"] = str(runs_root)
+    opts_dict["parent_run_id"] = None
+    task = SweepTask(str(path), opts_dict, str(sweep_dir), sweep_cfg)
+    (sweep_dir / "sweep.json").write_text(json.dumps({"recipe": str(path), "overrides": overrides,
+                                                      "jobs": effective_jobs, "sweep": sweep_cfg,
+                                                      "started": time.time()}, indent=1))
+    _say(opts, f"sweep {sweep_dir.name}: {' '.join(overrides)}  (jobs {effective_jobs})")
+    old_argv = sys.argv
+    sys.argv = argv
+    try:
+        hydra.main(config_path=str(path.parent.resolve()), config_name=path.stem, version_base=None)(task)()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise RecipeError(f"the sweep could not start (Hydra exited with {exc.code}); see the message above",
+                              where=recipe, fix="check the sweep overrides (key=a,b  key=range(1,4)  key=choice(a,b))") from None
+    finally:
+        sys.argv = old_argv
+    return _finish(sweep_dir, path, overrides, sweep_cfg, opts, as_json)
+
+
+def load_points(sweep_dir: Path) -> list[dict[str, Any]]:
+    points = []
+    for p in sorted(sweep_dir.glob("*/point.json"), key=lambda p: int(p.parent.name)):
+        points.append(json.loads(p.read_text()))
+    return points
+
+
+def _finish(sweep_dir: Path, recipe: Path, overrides: list[str], sweep_cfg: dict[str, Any], opts, as_json: bool) -> int:
+    from ..tracking import Tracker
+
+    points = load_points(sweep_dir)
+    parent_id = None
+    if opts.track:
+        tracker = Tracker(opts.runs_root, recipe.stem)
+        parent_id = _safe(tracker.start, f"sweep-{sweep_dir.name}",
+                          {"qflow.sweep": "parent", "qflow.recipe": str(recipe), "qflow.sweep_dir": str(sweep_dir)})
+        _safe(tracker.log_params, {"sweep.overrides": " ".join(overrides), **{f"sweep.{k}": v for k, v in sweep_cfg.items()}})
+        for pt in points:
+            _log_point(opts, recipe, pt, parent_id)
+        table = sweep_dir / "summary.csv"
+        _write_table(points, table)
+        _safe(tracker.log_artifact, table)
+        _safe(tracker.log_artifact, sweep_dir / "sweep.json")
+        best = best_point(points, sweep_cfg)
+        if best is not None:
+            _safe(tracker.set_tags, {"qflow.sweep.best_job": best["job"], "qflow.sweep.best_overrides": " ".join(best["overrides"])})
+        report = _pareto_report(points, sweep_dir)
+        if report:
+            _safe(tracker.log_artifacts, report, "pareto")
+        _safe(tracker.end, "FINISHED" if all(p["status"] == "ok" for p in points) else "FAILED")
+    else:
+        _write_table(points, sweep_dir / "summary.csv")
+    out = {"sweep_dir": str(sweep_dir), "mlflow_parent_run_id": parent_id, "points": points}
+    best = best_point(points, sweep_cfg)
+    if best is not None:
+        out["best"] = {"job": best["job"], "overrides": best["overrides"], "objective": sweep_cfg.get("objective"),
+                       "value": best["metrics"].get(sweep_cfg.get("objective"))}
+    (sweep_dir / "result.json").write_text(json.dumps(out, indent=1, default=str))
+    if as_json:
+        print(json.dumps(out, default=str))
+    else:
+        _print_points(points, out.get("best"), sweep_dir, parent_id)
+    return 0 if points and all(p["status"] == "ok" for p in points) else 1
+
+
+def best_point(points: list[dict[str, Any]], sweep_cfg: dict[str, Any]) -> dict[str, Any] | None:
+    objective = sweep_cfg.get("objective")
+    if not objective:
+        return None
+    ok = [p for p in points if p["status"] == "ok" and objective in p["metrics"]
+          and all(constraint_ok(p["metrics"], c) for c in sweep_cfg.get("constraints", []))]
+    if not ok:
+        return None
+    sign = -1 if sweep_cfg.get("direction", "minimize") == "maximize" else 1
+    return min(ok, key=lambda p: sign * p["metrics"][objective])
+
+
+def _log_point(opts, recipe: Path, pt: dict[str, Any], parent_id: str | None) -> None:
+    from ..tracking import Tracker
+
+    tracker = Tracker(opts.runs_root, recipe.stem)
+    run_id = _safe(tracker.start, f"point-{pt['job']}", {"qflow.sweep": "point", "qflow.recipe": str(recipe),
+                                                         "qflow.overrides": " ".join(pt["overrides"])}, parent_id)
+    if not run_id:
+        return
+    pt["mlflow_run_id"] = run_id
+    resolved = Path(pt["run_dir"]) / "recipe.resolved.yaml" if pt.get("run_dir") else None
+    if resolved and resolved.is_file():
+        import yaml
+
+        from .cache import flatten
+
+        _safe(tracker.log_params, flatten(yaml.safe_load(resolved.read_text())))
+        _safe(tracker.log_artifact, resolved)
+    _safe(tracker.log_metrics, pt.get("metrics", {}))
+    tags = {"qflow.status": pt["status"]}
+    for sid, st in pt.get("stages", {}).items():
+        tags[f"qflow.stage.{sid}.key"] = st.get("key") or ""
+        tags[f"qflow.stage.{sid}.status"] = st.get("status")
+    _safe(tracker.set_tags, tags)
+    if pt.get("run_dir"):
+        _safe(tracker.log_artifacts, Path(pt["run_dir"]) / "artifacts", "artifacts")
+    _safe(tracker.end, "FINISHED" if pt["status"] == "ok" else "FAILED")
+
+
+def _write_table(points: list[dict[str, Any]], path: Path) -> None:
+    import csv
+
+    metric_names = sorted({m for p in points for m in p.get("metrics", {})})
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["job", "status", "overrides", *metric_names])
+        for p in points:
+            w.writerow([p["job"], p["status"], " ".join(p["overrides"]), *[p["metrics"].get(m, "") for m in metric_names]])
+
+
+def _pareto_report(points: list[dict[str, Any]], sweep_dir: Path) -> Path | None:
+    try:
+        from ..evaluation.report import pareto_report_for_points
+    except ImportError:
+        return None
+    return pareto_report_for_points(points, sweep_dir / "pareto")
+
+
+def _print_points(points, best, sweep_dir, parent_id) -> None:
+    for p in points:
+        stages = " ".join(f"{sid}:{s['status']}" for sid, s in p.get("stages", {}).items())
+        m = p.get("metrics", {})
+        headline = " ".join(f"{k.split('/')[-1]}={m[k]:.4g}" for k in sorted(m)
+                            if k.endswith(("/ppl", "/kl_mean", "/bpw_quantized")))
+        print(f"[{p['job']}] {p['status']:<6} {' '.join(p['overrides']):<40} {headline}  ({stages})")
+        if p.get("error"):
+            print(f"    error: {p['error']}")
+    if best:
+        print(f"best: job {best['job']} {' '.join(best['overrides'])} {best['objective']}={best['value']}")
+    print(f"sweep folder: {sweep_dir}")
+    if parent_id:
+        print(f"mlflow parent run: {parent_id}")
+
+
+def _safe(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        print(f"warning: MLflow tracking failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+
+
+def _say(opts, text: str) -> None:
+    if not opts.quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def sweep_status(runs_root: Path, sweep: str | None = None) -> list[dict[str, Any]]:
+    """Points of a sweep (the latest when ``sweep`` is None): done, running, failed."""
+    root = Path(runs_root) / "sweeps"
+    if sweep:
+        sweep_dir = Path(sweep) if Path(sweep).is_dir() else root / sweep
+    else:
+        dirs = sorted(root.glob("*"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+        if not dirs:
+            return []
+        sweep_dir = dirs[-1]
+    rows = []
+    for status_file in sorted(sweep_dir.glob("*/status.json"), key=lambda p: int(p.parent.name)):
+        st = json.loads(status_file.read_text())
+        state = st["status"]
+        if state == "running" and "pid" in st and not _alive(st["pid"]):
+            state = "died"
+        rows.append({"sweep": sweep_dir.name, "job": int(status_file.parent.name), "status": state,
+                     "overrides": st.get("overrides", [])})
+    return rows
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
