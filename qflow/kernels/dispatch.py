@@ -2,23 +2,42 @@
 
 Every function takes/returns torch tensors; shapes follow qflow.quant.affine
 (weights ``[out, in]``, params ``[out, n_groups]``) and qflow.quant.packing.
-The backend chosen for each operation is logged once.
+All three backends give bit-identical results. The backend of a call:
 
-NOTE: this first version routes everything to the torch reference; the numba
-(qflow/kernels/cpu.py) and CUDA (native/) paths plug in here.
+* ``QFLOW_KERNEL_BACKEND=torch|numba`` forces one (tests, benchmarks);
+  a forced numba runs GPU tensors on the CPU and moves the result back;
+* otherwise CUDA when the tensor lives on a GPU and ``qflow.kernels.cuda``
+  reports ``available()``; numba for CPU tensors when it imports; the torch
+  reference (``qflow.quant.affine`` / ``packing``) last.
+
+The choice is logged once per operation and backend.
+
+Example::
+
+    backend_for("dequantize_packed", packed)   # "numba" for a CPU tensor
+    w_hat = dequantize_packed(packed, scale, zero, spec, in_features)
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
+from types import ModuleType
 
 import torch
 
+from ..errors import QflowError
 from ..quant import affine, packing
 from ..quant.spec import QuantSpec
 
 log = logging.getLogger("qflow.kernels")
 _announced: set[tuple[str, str]] = set()
+
+OPS = ("compute_params", "quantize", "dequantize", "fake_quant", "pack", "unpack", "dequantize_packed")
+BACKEND_ENV = "QFLOW_KERNEL_BACKEND"
+_FORCEABLE = ("torch", "numba")
+_modules: dict[str, ModuleType | None] = {}
 
 
 def _announce(op: str, backend: str) -> None:
@@ -27,37 +46,144 @@ def _announce(op: str, backend: str) -> None:
         log.info("kernel %s -> %s", op, backend)
 
 
+def _numba_kernels() -> ModuleType | None:
+    """``qflow.kernels.cpu``, or None (reported once) when numba cannot be imported."""
+    if "numba" not in _modules:
+        try:
+            from . import cpu
+        except ImportError as err:  # numba missing or broken: the torch reference still works
+            log.warning("numba kernels unavailable (%s); CPU tensors use the torch reference", err)
+            cpu = None
+        _modules["numba"] = cpu
+    return _modules["numba"]
+
+
+def _cuda_kernels() -> ModuleType | None:
+    """``qflow.kernels.cuda`` when it imports and its library is usable, else None."""
+    if "cuda" not in _modules:
+        cuda = None
+        try:
+            cuda = importlib.import_module(f"{__package__}.cuda")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__package__}.cuda":  # the binding exists but a dependency of it is missing
+                log.warning("CUDA kernels unavailable (%s); GPU tensors use the torch reference", err)
+        except ImportError as err:
+            log.warning("CUDA kernels unavailable (%s); GPU tensors use the torch reference", err)
+        _modules["cuda"] = cuda if cuda is not None and cuda.available() else None
+    return _modules["cuda"]
+
+
+def backend_for(op: str, tensor: torch.Tensor) -> str:
+    """Name of the backend (``"cuda"``, ``"numba"`` or ``"torch"``) that ``op`` would use on ``tensor``.
+
+    Example::
+
+        backend_for("quantize", torch.randn(4, 64))   # "numba" where numba imports
+    """
+    if op not in OPS:
+        raise ValueError(f"unknown kernel op {op!r}; expected one of {', '.join(OPS)}")
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced:
+        if forced not in _FORCEABLE:
+            raise QflowError(f"{BACKEND_ENV}={forced!r} is not a kernel backend", where="environment",
+                             fix=f"set {BACKEND_ENV} to one of {', '.join(_FORCEABLE)}, or unset it")
+        if forced == "numba" and _numba_kernels() is None:
+            raise QflowError(f"{BACKEND_ENV}=numba but numba cannot be imported", where="environment",
+                             fix=f"install numba (requirements.txt) or unset {BACKEND_ENV}")
+        return forced
+    if tensor.device.type == "cuda" and _cuda_kernels() is not None:
+        return "cuda"
+    if tensor.device.type == "cpu" and _numba_kernels() is not None:
+        return "numba"
+    return "torch"
+
+
+def _pick(op: str, tensor: torch.Tensor) -> str:
+    backend = backend_for(op, tensor)
+    _announce(op, backend)
+    return backend
+
+
+def _np(t: torch.Tensor, dtype: torch.dtype):
+    """numpy view (a copy only where dtype, device or layout need one) of a tensor."""
+    return t.detach().to(device="cpu", dtype=dtype).contiguous().numpy()
+
+
+def _back(a, like: torch.Tensor) -> torch.Tensor:
+    """numpy result -> tensor on ``like``'s device (a forced numba may run GPU tensors)."""
+    t = torch.from_numpy(a)
+    return t if like.device.type == "cpu" else t.to(like.device)
+
+
+def _zero_np(zero: torch.Tensor | None, spec: QuantSpec):
+    return None if zero is None or spec.format != "int" else _np(zero, torch.float32)
+
+
 def compute_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    _announce("compute_params", "torch")
+    backend = _pick("compute_params", w)
+    if backend == "cuda":
+        return _cuda_kernels().compute_params(w, spec)
+    if backend == "numba":
+        scale, zero = _numba_kernels().compute_params(_np(w, torch.float32), spec)
+        return _back(scale, w), _back(zero, w)
     return affine.compute_params(w, spec)
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    _announce("quantize", "torch")
+    backend = _pick("quantize", w)
+    if backend == "cuda":
+        return _cuda_kernels().quantize(w, scale, zero, spec)
+    if backend == "numba":
+        codes = _numba_kernels().quantize(_np(w, torch.float32), _np(scale, torch.float32), _zero_np(zero, spec), spec)
+        return _back(codes, w)
     return affine.quantize(w, scale, zero, spec)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    _announce("dequantize", "torch")
+    backend = _pick("dequantize", codes)
+    if backend == "cuda":
+        return _cuda_kernels().dequantize(codes, scale, zero, spec)
+    if backend == "numba":
+        w_hat = _numba_kernels().dequantize(_np(codes, torch.uint8), _np(scale, torch.float32),
+                                            _zero_np(zero, spec), spec)
+        return _back(w_hat, codes)
     return affine.dequantize(codes, scale, zero, spec)
 
 
 def fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    _announce("fake_quant", "torch")
+    backend = _pick("fake_quant", w)
+    if backend == "cuda":
+        return _cuda_kernels().fake_quant(w, spec)
+    if backend == "numba":
+        return _back(_numba_kernels().fake_quant(_np(w, torch.float32), spec), w)
     return affine.fake_quant(w, spec)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    _announce("pack", "torch")
+    backend = _pick("pack", codes)
+    if backend == "cuda":
+        return _cuda_kernels().pack(codes, bits)
+    if backend == "numba":
+        return _back(_numba_kernels().pack(_np(codes, torch.uint8), bits), codes)
     return packing.pack_reference(codes, bits)
 
 
 def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    _announce("unpack", "torch")
+    backend = _pick("unpack", packed)
+    if backend == "cuda":
+        return _cuda_kernels().unpack(packed, bits, in_features)
+    if backend == "numba":
+        return _back(_numba_kernels().unpack(_np(packed, torch.int32), bits, in_features), packed)
     return packing.unpack_reference(packed, bits, in_features)
 
 
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                       spec: QuantSpec, in_features: int) -> torch.Tensor:
-    _announce("dequantize_packed", "torch")
+    backend = _pick("dequantize_packed", packed)
+    if backend == "cuda":
+        return _cuda_kernels().dequantize_packed(packed, scale, zero, spec, in_features)
+    if backend == "numba":
+        w_hat = _numba_kernels().dequantize_packed(_np(packed, torch.int32), _np(scale, torch.float32),
+                                                   _zero_np(zero, spec), spec, in_features)
+        return _back(w_hat, packed)
     return affine.dequantize(packing.unpack_reference(packed, spec.bits, in_features), scale, zero, spec)

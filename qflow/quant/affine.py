@@ -100,6 +100,11 @@ def compute_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
     return scale, zero
 
 
+def has_float_zero(spec: QuantSpec) -> bool:
+    """Whether ``compute_params`` gives a fractional (fp16) zero: ``zero_float`` with asym_a/asym_h."""
+    return spec.zero_float and spec.scheme in ("asym_a", "asym_h")
+
+
 def _expand(p: torch.Tensor, spec: QuantSpec, shape: tuple[int, int]) -> torch.Tensor:
     """Per-group params ``[out, n_groups]`` broadcast to per-element ``[out, in]``."""
     out, cols = shape
@@ -118,7 +123,10 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Qua
         x = w / s
         return torch.argmin((x.unsqueeze(-1) - table).abs(), dim=-1).to(torch.uint8)
     z = _expand(zero, spec, tuple(w.shape))
-    q = torch.clamp(torch.round(w / s) + z, 0.0, float(spec.qmax))
+    if has_float_zero(spec):  # HQQ rounds w/s + z (METHODS §7); a fractional code would be truncated
+        q = torch.clamp(torch.round(w / s + z), 0.0, float(spec.qmax))
+    else:
+        q = torch.clamp(torch.round(w / s) + z, 0.0, float(spec.qmax))
     return q.to(torch.uint8)
 
 

@@ -1,0 +1,515 @@
+"""numba CPU kernels for quantize, dequantize, fake quant, pack and unpack, bit-exact with the torch reference.
+
+numpy in, numpy out: weights ``[out, in]`` float32, parameters
+``[out, n_groups]`` float32 (``[1, 1]`` per tensor), codes uint8, packed words
+int32 in qflow's internal layout (METHODS.md §2.1). Codes, scales, zeros and
+reconstructions equal ``qflow.quant.affine`` / ``qflow.quant.packing`` bit for
+bit for finite inputs (a zero point may differ only in the sign of 0.0, which
+no reconstruction sees). To stay exact the kernels repeat the reference's fp32
+steps in its order: ``w / scale`` (a true division, never a reciprocal),
+round half to even, ``(float(code) - zero) * scale``; no fastmath, so LLVM may
+not reassociate, contract to FMA or flush subnormals.
+
+Example::
+
+    scale, zero = compute_params(w, spec)
+    packed = pack(quantize(w, scale, zero, spec), spec.bits)
+    w_hat = dequantize_packed(packed, scale, zero, spec, w.shape[1])
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from . import configure_numba
+
+configure_numba()  # before the first numba import: it reads NUMBA_CACHE_DIR once
+
+from numba import njit, prange, uint64  # noqa: E402
+
+from ..quant.affine import FP4_TABLE, NF4_TABLE, has_float_zero  # noqa: E402
+from ..quant.spec import QuantSpec  # noqa: E402
+
+if not np.little_endian:  # the byte views of packed words below assume little-endian words
+    raise ImportError("qflow.kernels.cpu needs a little-endian CPU")
+
+_JIT = dict(parallel=True, cache=True, fastmath=False)
+_F0 = np.float32(0.0)
+_F1 = np.float32(1.0)
+_F2 = np.float32(2.0)
+_AWQ_MIN = np.float32(1e-5)  # the reference's range/amax clamp, as the fp32 value torch compares with
+_TINY = np.float32(2.0 ** -24)  # affine._TINY: replaces a non-finite or zero rounded scale
+_SCHEME = {"asym_z": 0, "asym_a": 1, "asym_h": 1, "sym_f": 2, "sym_r": 3}
+_ABSMAX = 4  # nf4 / fp4
+_TABLES = {"nf4": np.array(NF4_TABLE, np.float32), "fp4": np.array(FP4_TABLE, np.float32)}
+_NO_TABLE = np.zeros(16, np.float32)
+
+
+def lut_table(spec: QuantSpec) -> np.ndarray:
+    """The 16 fp32 code values of an nf4/fp4 spec, e.g. ``lut_table(QuantSpec(format="nf4", group_size=64))[0] == -1``."""
+    return _TABLES[spec.format]
+
+
+# ---- group parameters --------------------------------------------------------
+
+@njit(**_JIT)
+def _group_range(w, group, lo, hi):
+    """Per-group min and max (NaN if the group holds a NaN, like torch.amin/amax)."""
+    rows, cols = w.shape
+    for r in prange(rows):
+        row = w[r]
+        for g in range(lo.shape[1]):
+            start = g * group
+            mn = row[start]
+            mx = mn
+            nan = False
+            for c in range(uint64(start + 1), uint64(min(start + group, cols))):
+                v = row[c]
+                nan |= v != v
+                if v < mn:
+                    mn = v
+                if v > mx:
+                    mx = v
+            if nan or mn != mn:
+                mn = np.float32(np.nan)
+                mx = mn
+            lo[r, g] = mn
+            hi[r, g] = mx
+
+
+@njit
+def _fmax(a, b):
+    """torch.maximum for two floats: NaN wins."""
+    return a if (a > b or a != a) else b
+
+
+@njit(cache=True)
+def _raw_params(lo, hi, scheme, qmax, half):
+    """(unrounded scale, range low end) per group (1-D); the low end is what the zero rule reads."""
+    scale = np.empty_like(lo)
+    low = np.empty_like(lo)
+    for i in range(lo.shape[0]):
+        mn = lo[i]
+        mx = hi[i]
+        if scheme == 0:  # asym_z: range extended to include 0; GPTQ's guard for an all-zero group
+            if mn > _F0:
+                mn = _F0
+            if mx < _F0:
+                mx = _F0
+            if mn == _F0 and mx == _F0:
+                mn = -_F1
+                mx = _F1
+            s = (mx - mn) / qmax
+        elif scheme == 1:  # asym_a / asym_h
+            d = mx - mn
+            if d < _AWQ_MIN:
+                d = _AWQ_MIN
+            s = d / qmax
+        else:
+            amax = _fmax(abs(mn), abs(mx))
+            if scheme == 2:  # sym_f
+                if amax == _F0:
+                    amax = _F1
+                s = _F2 * amax / qmax
+            elif scheme == 3:  # sym_r
+                if amax < _AWQ_MIN:
+                    amax = _AWQ_MIN
+                s = amax / (half - _F1)
+            else:  # absmax of nf4/fp4
+                s = amax if amax > _F0 else _F1
+        scale[i] = s
+        low[i] = mn
+    return scale, low
+
+
+@njit(cache=True)
+def _zero_points(low, scale, scheme, zero_float, qmax, half):
+    """Zero point per group (1-D) from the rounded scale (zero_float: before its fp16 rounding)."""
+    zero = np.empty_like(low)
+    for i in range(low.shape[0]):
+        mn = low[i]
+        s = scale[i]
+        if scheme == 0:
+            z = np.rint(-mn / s)
+        elif scheme == 1:
+            if zero_float:
+                zero[i] = -mn / s
+                continue
+            z = -np.rint(mn / s)
+        elif scheme == 4:
+            zero[i] = _F0
+            continue
+        else:
+            zero[i] = half
+            continue
+        if z < _F0:  # torch.clamp keeps its input on ties (keeps -0.0), so test that way round
+            z = _F0
+        if z > qmax:
+            z = qmax
+        zero[i] = z
+    return zero
+
+
+def _round_to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+    """fp32 -> ``dtype`` -> fp32 with round-to-nearest-even, as torch's ``.to(dtype).float()``."""
+    if dtype == "float32":
+        return x
+    if dtype == "float16":
+        with np.errstate(over="ignore"):  # overflow -> inf is the reference behaviour (then guarded)
+            return x.astype(np.float16).astype(np.float32)
+    bits = x.view(np.uint32)  # bfloat16: keep the high half, rounded to nearest even
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return np.where(np.isnan(x), x, rounded.view(np.float32))
+
+
+def _geometry(spec: QuantSpec, cols: int) -> tuple[int, int]:
+    """(group length, groups per row) the kernels walk; per tensor = one group per row."""
+    group = spec.group_size if spec.group_size > 0 else max(cols, 1)
+    return group, -(-cols // group)
+
+
+def _as_2d(x: np.ndarray, dtype) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=dtype)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D [out, in] array, got shape {x.shape}")
+    return x
+
+
+def compute_params(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero) fp32 ``[out, n_groups]`` (``[1, 1]`` per tensor), as ``affine.compute_params``.
+
+    Example::
+
+        scale, zero = compute_params(np.random.randn(8, 128).astype(np.float32), QuantSpec(group_size=64))
+    """
+    w = _as_2d(w, np.float32)
+    rows, cols = w.shape
+    group, n_groups = _geometry(spec, cols)
+    lo = np.empty((rows, n_groups), np.float32)
+    hi = np.empty((rows, n_groups), np.float32)
+    _group_range(w, group, lo, hi)
+    if spec.group_size == 0:
+        lo, hi = lo.min(keepdims=True).reshape(1, 1), hi.max(keepdims=True).reshape(1, 1)
+    shape = lo.shape
+    lo, hi = lo.reshape(-1), hi.reshape(-1)
+    if spec.format in _TABLES:
+        scale, _ = _raw_params(lo, hi, _ABSMAX, _F1, _F1)  # absmax stays fp32, as in the reference
+        return scale.reshape(shape), np.zeros(shape, np.float32)
+    scheme = _SCHEME[spec.scheme]
+    qmax, half = np.float32(spec.qmax), np.float32(1 << (spec.bits - 1))
+    raw, low = _raw_params(lo, hi, scheme, qmax, half)
+    scale = _round_to_dtype(raw, spec.scale_dtype)
+    scale = np.where(np.isfinite(scale) & (scale > 0), scale, _TINY).astype(np.float32)
+    zero_float = has_float_zero(spec)
+    zero = _zero_points(low, scale, scheme, zero_float, qmax, half)
+    if zero_float:
+        zero = _round_to_dtype(zero, "float16")
+    return scale.reshape(shape), zero.reshape(shape)
+
+
+# ---- quantize / dequantize / fake quant on codes ----------------------------
+
+_QUANTIZE, _DEQUANTIZE, _FAKE_QUANT = range(3)
+
+
+@functools.cache
+def _elementwise_kernel(op: int, lut: bool):
+    """One njit kernel per (op, lut); constants are closure values so LLVM sees them."""
+
+    @njit(**_JIT)
+    def kernel(src, scale, zero, table, group, qmax, float_zero, dst):
+        rows, cols = src.shape
+        for r in prange(rows):
+            row_in = src[r]
+            row_out = dst[r]
+            for g in range(scale.shape[1]):
+                s = scale[r, g]
+                z = zero[r, g]
+                # an integer zero is added after rounding, a float (HQQ) zero before it
+                z_before = z if float_zero else _F0
+                z_after = _F0 if float_zero else z
+                start = g * group
+                for c in range(uint64(start), uint64(min(start + group, cols))):
+                    if op == _DEQUANTIZE:
+                        if lut:
+                            row_out[c] = table[row_in[c] & 15] * s
+                        else:
+                            row_out[c] = (np.float32(row_in[c]) - z) * s
+                        continue
+                    x = row_in[c] / s
+                    if lut:  # nearest table entry; strict < keeps the lowest index on ties (torch.argmin)
+                        best = abs(x - table[0])
+                        idx = 0
+                        for k in range(1, 16):
+                            d = abs(x - table[k])
+                            if d < best:
+                                best = d
+                                idx = k
+                        if op == _QUANTIZE:
+                            row_out[c] = idx
+                        else:
+                            row_out[c] = table[idx] * s
+                        continue
+                    q = np.rint(x + z_before) + z_after
+                    if q < _F0:
+                        q = _F0
+                    if q > qmax:
+                        q = qmax
+                    code = np.uint8(q)
+                    if op == _QUANTIZE:
+                        row_out[c] = code
+                    else:  # through the uint8 code, so a -0.0 becomes the +0.0 dequantize sees
+                        row_out[c] = (np.float32(code) - z) * s
+
+    return kernel
+
+
+def _params_2d(p: np.ndarray, rows: int, n_groups: int, spec: QuantSpec, name: str) -> np.ndarray:
+    p = np.asarray(p, dtype=np.float32)
+    if spec.group_size == 0:
+        if p.size != 1:
+            raise ValueError(f"per-tensor {name} must hold one value, got shape {p.shape}")
+        return np.full((rows, 1), p.reshape(()), np.float32)
+    if p.shape != (rows, n_groups):
+        raise ValueError(f"{name} shape {p.shape} != (out, n_groups) = {(rows, n_groups)}")
+    return np.ascontiguousarray(p)
+
+
+def _run_elementwise(op: int, src: np.ndarray, scale, zero, spec: QuantSpec, out_dtype, out) -> np.ndarray:
+    rows, cols = src.shape
+    group, n_groups = _geometry(spec, cols)
+    lut = spec.format in _TABLES
+    s = _params_2d(scale, rows, n_groups, spec, "scale")
+    z = s if lut else _params_2d(zero, rows, n_groups, spec, "zero")
+    dst = np.empty((rows, cols), out_dtype) if out is None else out
+    if dst.shape != (rows, cols) or dst.dtype != out_dtype or not dst.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {np.dtype(out_dtype).name} array of shape {(rows, cols)}")
+    table = _TABLES[spec.format] if lut else _NO_TABLE
+    _elementwise_kernel(op, lut)(src, s, z, table, group, np.float32(spec.qmax), has_float_zero(spec), dst)
+    return dst
+
+
+def quantize(w: np.ndarray, scale, zero, spec: QuantSpec, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 codes ``[out, in]``, as ``affine.quantize`` (nf4/fp4: nearest table entry of ``w / scale``).
+
+    Example::
+
+        codes = quantize(w, *compute_params(w, spec), spec)
+    """
+    return _run_elementwise(_QUANTIZE, _as_2d(w, np.float32), scale, zero, spec, np.uint8, out)
+
+
+def dequantize(codes: np.ndarray, scale, zero, spec: QuantSpec, out: np.ndarray | None = None) -> np.ndarray:
+    """fp32 ``(code - zero) * scale`` (nf4/fp4: ``TABLE[code] * scale``), as ``affine.dequantize``.
+
+    Example::
+
+        w_hat = dequantize(codes, scale, zero, spec)
+    """
+    return _run_elementwise(_DEQUANTIZE, _as_2d(codes, np.uint8), scale, zero, spec, np.float32, out)
+
+
+def fake_quant(w: np.ndarray, spec: QuantSpec, out: np.ndarray | None = None) -> np.ndarray:
+    """``dequantize(quantize(w))`` in one pass over ``w``, parameters from ``w`` itself.
+
+    Example::
+
+        w_hat = fake_quant(w, QuantSpec(bits=4, group_size=128))
+    """
+    w = _as_2d(w, np.float32)
+    scale, zero = compute_params(w, spec)
+    return _run_elementwise(_FAKE_QUANT, w, scale, zero, spec, np.float32, out)
+
+
+# ---- packing (METHODS.md §2.1) ------------------------------------------------
+# 2/4/8-bit codes never straddle a byte, so those kernels walk the packed row
+# as bytes (a little-endian word is its 4 bytes in order); the short unit gives
+# LLVM an interleave it vectorizes. 3/5/6-bit walk whole int32 words.
+
+def _unit(bits: int) -> tuple[type, int]:
+    """(numpy dtype of one packed unit, codes per unit)."""
+    if bits in (2, 4, 8):
+        return np.uint8, 8 // bits
+    if bits in (3, 5, 6):
+        return np.uint32, 32 // bits
+    raise ValueError(f"cannot pack {bits}-bit codes; bits must be one of 2, 3, 4, 5, 6, 8")
+
+
+def _units_view(packed: np.ndarray, bits: int) -> np.ndarray:
+    dtype, _ = _unit(bits)
+    return np.ascontiguousarray(packed, dtype=np.int32).view(dtype)
+
+
+@functools.cache
+def _pack_kernel(bits: int):
+    _, per = _unit(bits)
+    mask = (1 << bits) - 1
+
+    @njit(**_JIT)
+    def kernel(codes, units):
+        rows, cols = codes.shape
+        full = cols // per
+        for r in prange(rows):
+            src = codes[r]
+            dst = units[r]
+            for u in range(uint64(full)):
+                base = uint64(per) * u
+                acc = 0
+                for i in range(per):
+                    acc |= (np.int64(src[base + uint64(i)]) & mask) << (bits * i)
+                dst[u] = acc
+            for u in range(full, units.shape[1]):  # partial last unit, then padding units: zero-filled
+                acc = 0
+                for i in range(per):
+                    c = u * per + i
+                    if c < cols:
+                        acc |= (np.int64(src[c]) & mask) << (bits * i)
+                dst[u] = acc
+
+    return kernel
+
+
+@functools.cache
+def _unpack_kernel(bits: int):
+    _, per = _unit(bits)
+    mask = (1 << bits) - 1
+
+    @njit(**_JIT)
+    def kernel(units, codes):
+        rows, cols = codes.shape
+        full = cols // per
+        for r in prange(rows):
+            src = units[r]
+            dst = codes[r]
+            for u in range(uint64(full)):
+                v = src[u]
+                base = uint64(per) * u
+                for i in range(per):
+                    dst[base + uint64(i)] = (v >> (bits * i)) & mask
+            for c in range(full * per, cols):
+                dst[c] = (src[full] >> (bits * (c - full * per))) & mask
+
+    return kernel
+
+
+@functools.cache
+def _dequantize_packed_kernel(bits: int, lut: bool):
+    _, per = _unit(bits)
+    mask = (1 << bits) - 1
+    # LLVM turns a 10-way interleaved store (3-bit) into scatters, slower than scalar code;
+    # decoding a word into a small buffer first keeps the stores contiguous
+    via_buffer = per == 10
+
+    @njit(**_JIT)
+    def kernel(units, scale, zero, table, group, dst_all):
+        rows, cols = dst_all.shape
+        n_groups = scale.shape[1]
+        full = cols // per
+        aligned = group % per == 0 or n_groups == 1
+        for r in prange(rows):
+            src = units[r]
+            dst = dst_all[r]
+            if aligned:  # every unit lies in one group: decode and scale in one pass
+                for g in range(n_groups):
+                    s = scale[r, g]
+                    z = zero[r, g]
+                    start = g * group
+                    for u in range(uint64(start // per), uint64(min(start + group, cols) // per)):
+                        v = src[u]
+                        base = uint64(per) * u
+                        for i in range(per):
+                            code = (v >> (bits * i)) & mask
+                            dst[base + uint64(i)] = table[code] * s if lut else (np.float32(code) - z) * s
+                s = scale[r, n_groups - 1]
+                z = zero[r, n_groups - 1]
+                for c in range(full * per, cols):
+                    code = (src[full] >> (bits * (c - full * per))) & mask
+                    dst[c] = table[code] * s if lut else (np.float32(code) - z) * s
+                continue
+            # groups cut through units: decode the row to float codes, then scale it in cache
+            buffer = np.empty(per, np.float32)
+            for u in range(uint64(full)):
+                v = src[u]
+                base = uint64(per) * u
+                if via_buffer:
+                    for i in range(per):
+                        buffer[i] = np.float32((v >> (bits * i)) & mask)
+                    dst[base:base + uint64(per)] = buffer
+                else:
+                    for i in range(per):
+                        dst[base + uint64(i)] = np.float32((v >> (bits * i)) & mask)
+            for c in range(full * per, cols):
+                dst[c] = np.float32((src[full] >> (bits * (c - full * per))) & mask)
+            for g in range(n_groups):
+                s = scale[r, g]
+                z = zero[r, g]
+                start = g * group
+                for c in range(uint64(start), uint64(min(start + group, cols))):
+                    dst[c] = table[np.int64(dst[c])] * s if lut else (dst[c] - z) * s
+
+    return kernel
+
+
+def _check_packed(packed: np.ndarray, bits: int, in_features: int) -> None:
+    words = -(-in_features // (32 // bits))
+    if packed.ndim != 2 or packed.shape[1] < words:
+        raise ValueError(f"packed shape {packed.shape} holds fewer than {in_features} {bits}-bit codes per row "
+                         f"(needs {words} int32 words)")
+
+
+def pack(codes: np.ndarray, bits: int, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 ``[out, in]`` -> int32 ``[out, ceil(in / (32 // bits))]``, as ``packing.pack_reference``.
+
+    Example::
+
+        pack(np.arange(1, 9, dtype=np.uint8)[None], 4)   # [[0x87654321]] as int32
+    """
+    codes = _as_2d(codes, np.uint8)
+    _unit(bits)
+    words = -(-codes.shape[1] // (32 // bits))
+    packed = np.empty((codes.shape[0], words), np.int32) if out is None else out
+    if packed.shape != (codes.shape[0], words) or packed.dtype != np.int32 or not packed.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous int32 array of shape {(codes.shape[0], words)}")
+    _pack_kernel(bits)(codes, packed.view(_unit(bits)[0]))
+    return packed
+
+
+def unpack(packed: np.ndarray, bits: int, in_features: int, out: np.ndarray | None = None) -> np.ndarray:
+    """int32 ``[out, words]`` -> uint8 ``[out, in_features]``, as ``packing.unpack_reference``.
+
+    Example::
+
+        unpack(pack(codes, 3), 3, codes.shape[1])   # == codes (values < 8)
+    """
+    units = _units_view(packed, bits)
+    _check_packed(packed, bits, in_features)
+    codes = np.empty((packed.shape[0], in_features), np.uint8) if out is None else out
+    if codes.shape != (packed.shape[0], in_features) or codes.dtype != np.uint8 or not codes.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous uint8 array of shape {(packed.shape[0], in_features)}")
+    _unpack_kernel(bits)(units, codes)
+    return codes
+
+
+def dequantize_packed(packed: np.ndarray, scale, zero, spec: QuantSpec, in_features: int,
+                      out: np.ndarray | None = None) -> np.ndarray:
+    """fp32 ``[out, in_features]`` straight from packed words: unpack and dequantize fused (the hot path).
+
+    Example::
+
+        w_hat = dequantize_packed(packed, scale, zero, spec, in_features)
+    """
+    units = _units_view(packed, spec.bits)
+    _check_packed(packed, spec.bits, in_features)
+    rows = packed.shape[0]
+    group, n_groups = _geometry(spec, in_features)
+    lut = spec.format in _TABLES
+    s = _params_2d(scale, rows, n_groups, spec, "scale")
+    z = s if lut else _params_2d(zero, rows, n_groups, spec, "zero")
+    dst = np.empty((rows, in_features), np.float32) if out is None else out
+    if dst.shape != (rows, in_features) or dst.dtype != np.float32 or not dst.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {(rows, in_features)}")
+    table = _TABLES[spec.format] if lut else _NO_TABLE
+    _dequantize_packed_kernel(spec.bits, lut)(units, s, z, table, group, dst)
+    return dst
