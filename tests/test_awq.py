@@ -139,8 +139,10 @@ def test_clip_search_evaluates_ten_factors_and_never_increases_loss(monkeypatch)
         return real(t, s)
 
     monkeypatch.setattr(dispatch, "fake_quant", spy)
-    clip = search_clip(w, x, spec)
+    clip = search_clip(w, x, spec, row_batch=256)  # llm-awq's batching: 2 batches of 256 rows
     monkeypatch.setattr(dispatch, "fake_quant", real)
+    whole = search_clip(w, x, spec)  # one batch: the same thresholds
+    assert torch.equal(whole.max_val, clip.max_val)
     factors = [1 - i / 20 for i in range(10)]
     assert clip.factors == pytest.approx(factors)
     assert len(seen) == 20  # 2 row batches x 10 factors

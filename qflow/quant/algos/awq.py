@@ -31,10 +31,10 @@ Exact speed-ups (same objective, different arithmetic):
 Knob that changes results (off by default): ``n_search_tokens`` evaluates the
 loss of the non-linear loss modules (sites 1 and 3) on evenly spaced whole
 calibration sequences holding about that many tokens. ``x_mean`` and the linear
-sites still use every token. The AWQ paper reports that the scale search is
-robust to small calibration sets (it needs far fewer samples than GPTQ), which is
-what makes this an acceptable speed/quality trade on CPUs; llm-awq itself uses all
-cached tokens.
+sites still use every token. The AWQ paper (§5, data efficiency) reports that 16
+calibration sequences of 512 tokens (8192 tokens) already match larger sets,
+which makes ``n_search_tokens: 8192`` an acceptable speed/quality trade on CPUs
+(the search is ~90% of AWQ's cost); llm-awq itself uses all cached tokens.
 
 ``then="gptq"`` (composition, one stage): steps 1-4 run as above, then the block's
 linears are GPTQ-quantized (true-sequential sub-steps, Hessians from the scaled
@@ -248,11 +248,15 @@ def sample_tokens(x: torch.Tensor, n_sample_token: int) -> torch.Tensor:
 
 @torch.no_grad()
 def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, *, n_grid: int = 20,
-                max_shrink: float = 0.5, n_sample_token: int = 512) -> ClipSearch:
+                max_shrink: float = 0.5, n_sample_token: int = 512, row_batch: int | None = None,
+                max_elements: int = 1 << 24) -> ClipSearch:
     """Per (row, group) clamp threshold minimizing the group's partial-output MSE (llm-awq ``auto_clip_layer``).
 
-    Output rows are processed in batches of 256 (64 when ``out % 256``) to bound memory;
-    rows are independent so the batching does not change the result.
+    Rows are independent, so how they are batched does not change the result. llm-awq
+    uses 256 (64 when ``out % 256``) to bound the ``[rows, T, n_groups, G]`` product it
+    materializes; the per-group partial outputs here come from one batched matmul
+    (``[n_groups, T, rows]``), so by default rows are batched to keep that under
+    ``max_elements`` (``row_batch`` forces a size, e.g. llm-awq's).
     """
     w = w.float()
     out, cols = w.shape
@@ -264,7 +268,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, *, n_grid: in
     xg = xs.reshape(xs.shape[0], ng, g).permute(1, 0, 2).contiguous()   # [ng, T, G]
     n_steps = int(max_shrink * n_grid)
     factors = [1 - i / n_grid for i in range(n_steps)]
-    rows = 256 if out % 256 == 0 else 64
+    rows = row_batch or max(1, min(out, max_elements // max(1, xs.shape[0] * ng)))
     best_all, e0_all, eb_all = [], [], []
     for r0 in range(0, out, rows):
         wb = w[r0:r0 + rows]                                            # [ob, in]
