@@ -274,6 +274,18 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .evaluation.report import cli_report
+
+    return cli_report(args, _runs_root(args))
+
+
+def cmd_inspect(args) -> int:
+    from .export.inspect import cli_inspect
+
+    return cli_inspect(args)
+
+
 def cmd_ui(args) -> int:
     from .tracking import serve_ui
 
@@ -341,6 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
     sws.add_argument("sweep", nargs="?", help="sweep folder or name under runs/sweeps")
     sws.add_argument("--json", action="store_true")
     sw.set_defaults(fn=cmd_sweep)
+
+    rp = sub.add_parser("report", help="Pareto report across the runs of an experiment, a sweep or run ids")
+    rp.add_argument("target", help="experiment name, sweep folder/name, or MLflow run id(s) separated by commas")
+    rp.add_argument("--objectives", default="bpw_quantized:min,kl_mean:min",
+                    help="metric:min|max pairs (metric names without the stage prefix match any stage)")
+    rp.add_argument("--constraint", action="append", default=[], help="hard constraint, e.g. evaluate/bpw_quantized<=4.5")
+    rp.add_argument("-o", "--output", help="output folder (default: <runs>/reports/<target>)")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(fn=cmd_report)
+
+    ins = sub.add_parser("inspect", help="identify a quantized model file/folder from its headers")
+    ins.add_argument("path")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(fn=cmd_inspect)
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
