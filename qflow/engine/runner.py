@@ -56,6 +56,7 @@ class StageResult:
     error: str | None = None
     peak_rss_bytes: int | None = None
     memo_keys: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)     # stage-provided MLflow tags (ctx.info["tags"])
 
 
 @dataclass
@@ -202,6 +203,7 @@ def _run_stage(st: PlannedStage, key: str, ingredients: dict[str, Any], inputs: 
         if entry is not None and not force:
             result.status = "cached"
             result.metrics = dict(entry.manifest.get("metrics", {}))
+            result.tags = dict((entry.manifest.get("info") or {}).get("tags") or {})
             return result, _load_outputs(entry, st)
         tmp = store.new_tmp(key)
         scratch = store.scratch_path(key)
@@ -225,6 +227,7 @@ def _run_stage(st: PlannedStage, key: str, ingredients: dict[str, Any], inputs: 
             result.peak_rss_bytes = ctx.info.get("peak_rss_bytes", rss.peak)
             result.metrics = {**ctx.metrics, "peak_rss_mb": result.peak_rss_bytes / 2**20}
             result.memo_keys = memo_keys
+            result.tags = {str(k): str(v) for k, v in (ctx.info.get("tags") or {}).items()}
             manifest = {"ingredients": ingredients, "stage_id": st.id, "metrics": result.metrics,
                         "seconds": time.perf_counter() - t0, "peak_rss_bytes": result.peak_rss_bytes,
                         "memo_keys": memo_keys, "info": _jsonable(ctx.info)}
@@ -341,7 +344,8 @@ def execute(plan: Plan, opts: RunOptions, overrides: list[str] | None = None) ->
                 else:
                     results[sid] = StageResult(sid, st.uses, "skipped", key)
                 continue
-            results[sid] = StageResult(sid, st.uses, "cached", key, metrics=dict(entry.manifest.get("metrics", {})))
+            results[sid] = StageResult(sid, st.uses, "cached", key, metrics=dict(entry.manifest.get("metrics", {})),
+                                       tags=dict((entry.manifest.get("info") or {}).get("tags") or {}))
             outputs[sid] = _load_outputs(entry, st)
             _collect(sid, results[sid], st, metrics, gates)
             continue
@@ -417,6 +421,7 @@ def _finish_tracking(tracker, opts: RunOptions, result: RunResult, run_dir: Path
     for sid, r in result.stages.items():
         tags[f"qflow.stage.{sid}.key"] = r.key or ""
         tags[f"qflow.stage.{sid}.status"] = r.status
+        tags.update(r.tags)
     for g in result.gates:
         tags[f"qflow.gate.{g['stage']}.{g['metric']}"] = "passed" if g["passed"] else f"failed: {g.get('reason')}"
     if any(not g["passed"] for g in result.gates):
