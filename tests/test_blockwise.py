@@ -212,3 +212,34 @@ def test_gptq_split_pass_gives_the_same_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(ArchAdapter, "splits_residual", False)
     _, whole = _run("gptq", tmp_path / "whole")
     assert same_tree(split.checkpoint_dir, whole.checkpoint_dir)
+
+
+def test_hqq_resume_after_crash_is_bit_identical(tmp_path, monkeypatch):
+    from qflow.quant.algos.hqq_model import HQQOptions, quantize_model_hqq
+    from qflow.quant.weights import linear_names
+
+    folder = tmp_path / "model"
+    tiny_llama(layers=3).save_pretrained(folder)
+    names = linear_names(folder)
+    opts = HQQOptions(bits=3, group_size=32)
+    clean = quantize_model_hqq(make_ctx(tmp_path / "clean"), folder, opts, names)
+    scratch = tmp_path / "scratch"
+    monkeypatch.setenv(CRASH_ENV, "0")
+    with pytest.raises(SimulatedCrash):
+        quantize_model_hqq(make_ctx(tmp_path / "c1", scratch=scratch), folder, opts, names)
+    monkeypatch.delenv(CRASH_ENV)
+    resumed = quantize_model_hqq(make_ctx(tmp_path / "c2", scratch=scratch), folder, opts, names)
+    assert resumed.resumed_from == 1
+    assert same_tree(clean.checkpoint_dir, resumed.checkpoint_dir)
+
+
+def test_missing_shards_restart_from_scratch(tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"
+    monkeypatch.setenv(CRASH_ENV, "1")
+    with pytest.raises(SimulatedCrash):
+        _run("gptq", tmp_path / "a", scratch=scratch)
+    monkeypatch.delenv(CRASH_ENV)
+    for shard in (scratch / "ir").glob("shard-*"):
+        shard.unlink()
+    _, res = _run("gptq", tmp_path / "b", scratch=scratch)
+    assert res.resumed_from == 0 and len(Checkpoint(res.checkpoint_dir).layers) == 21

@@ -17,7 +17,7 @@ Only one decoder block and its calibration activations are alive at a time:
    continues after the last finished block and produces bit-identical output.
 
 The IR is written under ``ctx.scratch/ir`` while the stage runs (scratch survives
-a crash; the output folder need not) and moved into ``ctx.output("model")`` at the end.
+a crash; the output folder need not) and linked into ``ctx.output("model")`` at the end.
 
 Example::
 
@@ -332,13 +332,23 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _move_tree(src: Path, dest: Path) -> None:
+def _publish_tree(src: Path, dest: Path) -> None:
+    """Hard-link (or copy) every file of ``src`` into ``dest``; ``src`` stays whole until the engine
+    drops the scratch folder, so a crash here leaves a resumable state behind."""
     dest.mkdir(parents=True, exist_ok=True)
     for p in sorted(src.iterdir()):
         target = dest / p.name
         if target.exists():
             target.unlink()
-        shutil.move(str(p), str(target))
+        try:
+            os.link(p, target)
+        except OSError:
+            shutil.copy2(p, target)
+
+
+def _shards_present(ir_dir: Path, writer_state: dict[str, Any]) -> bool:
+    shards = {r["shard"] for r in writer_state["layers"].values()} | set(writer_state["floats"].values())
+    return all((ir_dir / s).is_file() for s in shards)
 
 
 def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.Tensor | None,
@@ -373,6 +383,9 @@ def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.T
         state = torch.load(state_path, weights_only=False)
         if state.get("signature") != sig:
             ctx.log.warning("resume state in %s belongs to other settings; starting over", scratch)
+            state = None
+        elif not _shards_present(ir_dir, state["writer"]):
+            ctx.log.warning("resume state in %s lists checkpoint shards that are gone; starting over", scratch)
             state = None
     if state is None:
         if ir_dir.exists():
@@ -431,8 +444,9 @@ def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.T
             progress.close()
         writer.close()
     out_dir = Path(ctx.output("model"))
-    _move_tree(ir_dir, out_dir)
+    _publish_tree(ir_dir, out_dir)
     state_path.unlink(missing_ok=True)
+    shutil.rmtree(ir_dir, ignore_errors=True)
     seconds = time.perf_counter() - t_start
     rss = peak_rss_bytes()
     ctx.info["peak_rss_bytes"] = rss

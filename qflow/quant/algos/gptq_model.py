@@ -121,6 +121,10 @@ def quantize_model_gptq(ctx: Any, model: torch.nn.Module, adapter: ArchAdapter, 
                         opts: GPTQOptions, *, base_model: str, meta: dict[str, Any] | None = None,
                         batch_size: int = 8):
     """Run GPTQ over every block and write the IR (see ``run_blockwise``)."""
+    widest = max(lin.in_features for lin in adapter.linears(adapter.blocks()[0]).values())
+    if ids.numel() < widest:
+        ctx.log.warning("GPTQ: %d calibration tokens < %d input features: the Hessians are rank-deficient "
+                        "and only damping keeps them invertible; calibrate with more tokens", ids.numel(), widest)
     result = run_blockwise(ctx, model, adapter, ids, lambda b: gptq_block(b, opts), method="gptq",
                            base_model=base_model, meta=meta, signature={"options": asdict(opts)},
                            propagate="quant", batch_size=batch_size, desc="gptq")

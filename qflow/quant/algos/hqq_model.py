@@ -27,8 +27,8 @@ import torch
 from ...errors import StageError
 from ..ir import CheckpointWriter
 from ..spec import QuantSpec
-from .blockwise import (CRASH_ENV, STATE_FILE, BlockwiseResult, SimulatedCrash, _atomic_save, _move_tree,
-                        _signature_hash, peak_rss_bytes, write_records)
+from .blockwise import (CRASH_ENV, STATE_FILE, BlockwiseResult, SimulatedCrash, _atomic_save, _publish_tree,
+                        _shards_present, _signature_hash, peak_rss_bytes, write_records)
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def quantize_model_hqq(ctx: Any, model_dir: str | Path, opts: HQQOptions, names:
     ir_dir, state_path = scratch / "ir", scratch / STATE_FILE
     sig = _signature_hash({"method": "hqq", "options": asdict(opts), "names": names})
     state = torch.load(state_path, weights_only=False) if state_path.is_file() else None
-    if state is not None and state.get("signature") != sig:
+    if state is not None and (state.get("signature") != sig or not _shards_present(ir_dir, state["writer"])):
         state = None
     if state is None:
         shutil.rmtree(ir_dir, ignore_errors=True)
@@ -116,8 +116,9 @@ def quantize_model_hqq(ctx: Any, model_dir: str | Path, opts: HQQOptions, names:
                 raise SimulatedCrash(f"{CRASH_ENV}={crash}: simulated crash after block {i}")
     writer.close()
     out_dir = Path(ctx.output("model"))
-    _move_tree(ir_dir, out_dir)
+    _publish_tree(ir_dir, out_dir)
     state_path.unlink(missing_ok=True)
+    shutil.rmtree(ir_dir, ignore_errors=True)
     seconds = time.perf_counter() - t_start
     rss = peak_rss_bytes()
     ctx.info["peak_rss_bytes"] = rss
