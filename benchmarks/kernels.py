@@ -1,13 +1,16 @@
 """CPU kernel throughput: numba vs torch eager vs plain numpy, as ratios to memory-copy bandwidth.
 
-Everything is measured in this one process: first the bandwidth of a 64 MiB
-copy (bytes read + bytes written, the STREAM convention), then quantize (params + codes; GB/s of fp32 input), dequantize from
-packed words (GB/s of fp32 output) and pack (GB/s of uint8 codes in) on a
-4096x4096 weight, at 1 thread and at all cores; each figure is divided by the
-copy bandwidth at the same thread count. Median of several runs after a
-warm-up run (numba's JIT compile is excluded). numba kernels write into
-preallocated outputs, like the copy; torch and numpy allocate as they would
-in use. The last line is ``dequant_int4_g64_vs_copy=<ratio>`` (1 thread).
+Everything is measured in this one process on a 4096x4096 fp32 weight, at 1
+thread and at all cores: quantize (params + codes; GB/s of fp32 input),
+dequantize from packed words (GB/s of fp32 output) and pack (GB/s of uint8
+codes in), each divided by the bandwidth of a 64 MiB copy at the same thread
+count (bytes read + written, the STREAM convention; the faster of numpy's and
+a numba-parallel copy), remeasured before each row so that load drift on a
+shared machine cancels. numba: median of 15 runs after a warm-up run (JIT
+compile excluded); torch and numpy (0.1-1 s a call): median of 2 runs. numba
+kernels write into preallocated outputs, like the copy; torch and numpy
+allocate as they would in use. The last line is
+``dequant_int4_g64_vs_copy=<ratio>`` (numba, 1 thread).
 
 Example::
 
@@ -111,27 +114,27 @@ def copy_bandwidth() -> tuple[float, float]:
     return 2 * src.nbytes / numpy_seconds / GB, 2 * src.nbytes / numba_seconds / GB
 
 
-def measure(threads: int, w: np.ndarray) -> tuple[float, dict]:
-    """Print one table at ``threads`` threads; returns (copy GB/s, {(op, bits, group, sym, impl): GB/s})."""
+def measure(threads: int, w: np.ndarray) -> dict:
+    """Print one table at ``threads`` threads; returns {(op, bits, group, sym, impl): ratio to copy}."""
     numba.set_num_threads(threads)
     torch.set_num_threads(threads)
-    numpy_copy, numba_copy = copy_bandwidth()
-    copy = max(numpy_copy, numba_copy)  # the faster copy: the conservative denominator
-    print(f"\n## {threads} thread(s): copy 64 MiB (read + write) numpy {numpy_copy:.1f} GB/s, numba parallel "
-          f"{numba_copy:.1f} GB/s -> copy bandwidth {copy:.1f} GB/s")
-    print(f"{'op':<11}{'bits':>5}{'group':>6}{'scheme':>7}" + "".join(f"{impl:>22}" for impl in ("numba", "torch", "numpy")))
+    print(f"\n## {threads} thread(s); copy = the faster of numpy and numba-parallel copy, remeasured before each row")
+    print(f"{'op':<11}{'bits':>5}{'group':>6}{'scheme':>7}{'copy':>11}"
+          + "".join(f"{impl:>22}" for impl in ("numba", "torch", "numpy")))
     tw = torch.from_numpy(w)
-    results: dict = {}
+    ratios: dict = {}
 
     def row(op: str, bits: int, group: int, sym: bool, nbytes: int, runs: dict) -> None:
+        copy = max(copy_bandwidth())  # next to the row it divides, so load drift on a shared machine cancels
         cells = []
         for impl, fn in runs.items():
             fast = impl == "numba"  # torch/numpy take ~0.1-1 s a call: fewer runs keep the benchmark short
-            gbps = nbytes / median_seconds(fn, 9 if fast else 3, warmup=fast) / GB
-            results[(op, bits, group, sym, impl)] = gbps
+            gbps = nbytes / median_seconds(fn, 15 if fast else 2, warmup=fast) / GB
+            ratios[(op, bits, group, sym, impl)] = gbps / copy
             cells.append(f"{gbps:8.2f} GB/s ({gbps / copy:5.3f}x)")
         scheme = "-" if op == "pack" else ("sym" if sym else "asym")
-        print(f"{op:<11}{bits:>5}{group if op != 'pack' else '-':>6}{scheme:>7}" + "".join(f"{c:>22}" for c in cells))
+        print(f"{op:<11}{bits:>5}{group if op != 'pack' else '-':>6}{scheme:>7}{copy:>6.1f} GB/s"
+              + "".join(f"{c:>22}" for c in cells))
 
     for bits in (4, 3):
         spec = QuantSpec(bits=bits, group_size=64)
@@ -168,7 +171,7 @@ def measure(threads: int, w: np.ndarray) -> tuple[float, dict]:
                     "torch": lambda: affine.dequantize(packing.unpack_reference(tpacked, bits, COLS), tscale, tzero,
                                                        spec),
                     "numpy": lambda: numpy_dequantize_packed(packed, scale, zero, spec, COLS)})
-    return copy, results
+    return ratios
 
 
 def main() -> None:
@@ -177,7 +180,7 @@ def main() -> None:
           f"torch {torch.__version__}, numpy {np.__version__}")
     w = np.random.default_rng(0).standard_normal((ROWS, COLS), dtype=np.float32)
     print(f"numba kernels compiled or loaded from cache in {warmup():.1f} s (not timed below)")
-    copy_1, one = measure(1, w)
+    one = measure(1, w)
     if cores > 1:
         measure(cores, w)
     numba.set_num_threads(1)
@@ -185,12 +188,13 @@ def main() -> None:
     spec = QuantSpec(bits=4, group_size=64)
     scale, zero = cpu.compute_params(w, spec)
     packed = cpu.pack(cpu.quantize(w, scale, zero, spec), 4)
-    allocating = w.nbytes / median_seconds(lambda: cpu.dequantize_packed(packed, scale, zero, spec, COLS), 9) / GB
+    copy = max(copy_bandwidth())
+    allocating = w.nbytes / median_seconds(lambda: cpu.dequantize_packed(packed, scale, zero, spec, COLS), 15) / GB
     print(f"\nnumba int4 g64 dequantize incl. allocating its output (as the dispatcher does), 1 thread: "
-          f"{allocating:.2f} GB/s ({allocating / copy_1:.3f}x copy)")
+          f"{allocating:.2f} GB/s ({allocating / copy:.3f}x copy at {copy:.1f} GB/s)")
     speedup = one[("quantize", 4, 64, False, "numba")] / one[("quantize", 4, 64, False, "torch")]
     print(f"quantize_speedup_vs_torch={speedup:.2f}")
-    print(f"dequant_int4_g64_vs_copy={one[('dequantize', 4, 64, False, 'numba')] / copy_1:.3f}")
+    print(f"dequant_int4_g64_vs_copy={one[('dequantize', 4, 64, False, 'numba')]:.3f}")
 
 
 if __name__ == "__main__":

@@ -398,8 +398,8 @@ def _unpack_kernel(bits: int):
 def _dequantize_packed_kernel(bits: int, lut: bool):
     _, per = _unit(bits)
     mask = (1 << bits) - 1
-    # LLVM turns a 10-way interleaved store (3-bit) into scatters, slower than scalar code;
-    # decoding a word into a small buffer first keeps the stores contiguous
+    # LLVM turns a 10-way interleaved store (3-bit) into scatters, 3x slower than scalar code;
+    # decoding a word into a small buffer first (which may alias dst) keeps it scalar
     via_buffer = per == 10
 
     @njit(**_JIT)
@@ -407,7 +407,7 @@ def _dequantize_packed_kernel(bits: int, lut: bool):
         rows, cols = dst_all.shape
         n_groups = scale.shape[1]
         full = cols // per
-        aligned = group % per == 0 or n_groups == 1
+        aligned = (group % per == 0 or n_groups == 1) and not via_buffer
         for r in prange(rows):
             src = units[r]
             dst = dst_all[r]
@@ -436,7 +436,8 @@ def _dequantize_packed_kernel(bits: int, lut: bool):
                 if via_buffer:
                     for i in range(per):
                         buffer[i] = np.float32((v >> (bits * i)) & mask)
-                    dst[base:base + uint64(per)] = buffer
+                    for i in range(per):
+                        dst[base + uint64(i)] = buffer[i]
                 else:
                     for i in range(per):
                         dst[base + uint64(i)] = np.float32((v >> (bits * i)) & mask)
