@@ -406,10 +406,12 @@ class ExportInfo:
     dims: dict
     linear_kinds: dict[str, int] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    variants: dict[int, Path] = field(default_factory=dict)   # accuracy level -> graph file (same data file)
 
     def to_json(self) -> dict:
         return {"model": self.model_path.name, "data": self.data_path.name, "mode": self.mode, "dims": self.dims,
-                "linear_kinds": self.linear_kinds, "settings": self.settings}
+                "linear_kinds": self.linear_kinds, "settings": self.settings,
+                "accuracy_variants": {str(k): v.name for k, v in self.variants.items()}}
 
 
 LINEARS = {"attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -583,3 +585,61 @@ def build_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ckpt
     os.replace(tmp, model_path)
     return ExportInfo(model_path=model_path, data_path=data_path, mode=mode, dims=asdict(dims), linear_kinds=kinds,
                       settings=asdict(settings))
+
+
+def write_accuracy_variant(model_path: str | os.PathLike, new_path: str | os.PathLike, accuracy_level: int) -> Path:
+    """Copy of a written graph whose MatMulNBits nodes use ``accuracy_level``; it shares the same data file.
+
+    The two graphs differ only in that attribute, so both sit beside one ``.data`` file.
+    """
+    import onnx
+    from onnx import helper
+
+    model_path, new_path = Path(model_path), Path(new_path)
+    if new_path.parent.resolve() != model_path.parent.resolve():
+        raise ValueError("an accuracy variant must sit beside the model (it shares its external data file)")
+    model = onnx.load(str(model_path), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN:
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept + [helper.make_attribute("accuracy_level", int(accuracy_level))])
+    settings = next((p for p in model.metadata_props if p.key == "qflow.settings"), None)
+    if settings is not None:
+        data = json.loads(settings.value)
+        data["accuracy_level"] = int(accuracy_level)
+        settings.value = json.dumps(data)
+    tmp = new_path.with_suffix(".onnx.tmp")
+    onnx.save_model(model, str(tmp))
+    os.replace(tmp, new_path)
+    return new_path
+
+
+def has_nbits(model_path: str | os.PathLike) -> bool:
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    return any(n.op_type == "MatMulNBits" for n in model.graph.node)
+
+
+def export_quantized(model_dir: str | os.PathLike, out_dir: str | os.PathLike, ckpt: Any, *, accuracy_level: int = 4,
+                     other_level: int | None = 0, settings: ExportSettings | None = None,
+                     max_positions: int | None = None) -> ExportInfo:
+    """The quantized graph at ``accuracy_level`` (``model.onnx``) and, when it has MatMulNBits
+    nodes, the same graph at ``other_level`` (``model_acc{other}.onnx``, same data file).
+
+    ``info.variants`` maps accuracy level -> graph file; a graph without MatMulNBits
+    (W8A8) maps every requested level to ``model.onnx``.
+    """
+    base = settings or ExportSettings()
+    s = ExportSettings(**{**asdict(base), "accuracy_level": int(accuracy_level)})
+    info = build_onnx(model_dir, out_dir, ckpt=ckpt, mode="quantized", settings=s, max_positions=max_positions)
+    paths = {int(accuracy_level): info.model_path}
+    if other_level is not None and int(other_level) != int(accuracy_level):
+        if info.linear_kinds.get("nbits"):
+            paths[int(other_level)] = write_accuracy_variant(
+                info.model_path, info.model_path.with_name(f"model_acc{int(other_level)}.onnx"), int(other_level))
+        else:
+            paths[int(other_level)] = info.model_path
+    info.variants = paths
+    return info

@@ -1,0 +1,210 @@
+"""``export.onnx``: an onnxruntime decoder (KV cache) carrying qflow's quantized weights."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from qflow.artifacts import ExportedModel, ModelRef
+from qflow.registry import Stage, StageConfig, register
+from qflow.specs import DataSpec
+
+_COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+
+
+class ExportOnnxConfig(StageConfig):
+    """``export.onnx`` knobs.
+
+        export:
+          uses: export.onnx
+          needs: [quantize]
+          with: {accuracy_level: 4, repeats: 3}
+    """
+
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        4, description="MatMulNBits accuracy_level of model.onnx (0: fp32 activations, exact int weights; "
+                       "4: int8 activations, fastest on CPU). The other of {0, 4} is written as model_acc{N}.onnx")
+    fuse_qkv: bool = Field(True, description="one packed q|k|v projection feeding GroupQueryAttention")
+    fuse_gate_up: bool = Field(True, description="one packed gate|up projection")
+    max_positions: int | None = Field(None, ge=16, description="rotary cache length (default: the model's "
+                                                                "max_position_embeddings)")
+    # round trip against qflow's own quantized model
+    data: DataSpec = DataSpec(source="zoo:lee-news", seq_len=512)
+    n_windows: int = Field(2, ge=1, description="evaluation windows for the logits round trip")
+    kv_tokens: int = Field(8, ge=0, description="tokens decoded one by one in the KV-cache check")
+    # timing: quantized vs float32 export of the same graph
+    benchmark: bool = True
+    prompt_len: int = Field(512, ge=1)
+    gen_tokens: int = Field(64, ge=1)
+    warmup: int = Field(1, ge=0, description="discarded repeats (each = prefill + gen_tokens decode steps)")
+    repeats: int = Field(3, ge=1, description="timed repeats; decode medians use every timed step")
+    threads_multi: int = Field(0, ge=0, description="intra-op threads of the multi-threaded run (0: all cores)")
+    multi_threaded: bool = True
+    keep_float: bool = Field(False, description="keep the float32 export in the output (fp32/)")
+
+
+@register("export.onnx")
+class ExportOnnx(Stage):
+    """ONNX decoder for onnxruntime with qflow's own quantized weights (METHODS.md §2.6).
+
+        export:
+          uses: export.onnx
+          needs: [quantize]
+          with: {accuracy_level: 4}
+
+    Writes ``model.onnx`` + ``model.onnx.data`` (one external-data file), a second
+    graph at the other accuracy level sharing that data file, the tokenizer and
+    config, and ``export.json``. Each quantized linear becomes a
+    ``com.microsoft.MatMulNBits`` (codes, scales, zero points converted exactly from
+    the IR; block_size = group size, a power of two >= 16); SmoothQuant W8A8 layers
+    become per-token int8 ``MatMulInteger``. Attention is
+    ``com.microsoft.GroupQueryAttention`` with an explicit KV cache
+    (``past_key_values.N.key/value`` -> ``present.N.key/value``).
+
+    Metrics: ``roundtrip_kl`` / ``roundtrip_top1_agree`` / ``roundtrip_max_abs_diff``
+    against qflow's quantized model at accuracy level 0 (and ``*_acc4``),
+    ``roundtrip_kv_max_abs_diff``; ``prefill_speedup_vs_fp32`` /
+    ``decode_speedup_vs_fp32`` single-threaded at the faster accuracy level (``*_mt``:
+    multi-threaded) and absolute milliseconds.
+    """
+
+    version = 1
+    Config = ExportOnnxConfig
+    inputs = {"model": ModelRef}
+    outputs = {"export": ExportedModel}
+    requires_packages = ("onnx", "onnxruntime")
+
+    @classmethod
+    def fingerprint_sources(cls, cfg, cache_root):
+        from qflow.data.tokens import text_fingerprint_source
+
+        return {"data": text_fingerprint_source(cfg.data.source, cache_root, cfg.data.field)}
+
+    def run(self, ctx, cfg, model):
+        import json
+        import shutil
+
+        from qflow.artifacts import QuantizedCheckpoint
+        from qflow.data.tokens import token_windows, windows_fingerprint
+        from qflow.errors import StageError
+        from qflow.export.onnx_bench import OnnxDecoder, make_session
+        from qflow.export.onnx_check import machine, reference_logits, roundtrip, speed_compare
+        from qflow.export.onnx_graph import ExportSettings, OnnxExportError, build_onnx, export_quantized
+
+        out = ctx.output("export")
+        settings = ExportSettings(accuracy_level=cfg.accuracy_level, fuse_qkv=cfg.fuse_qkv,
+                                  fuse_gate_up=cfg.fuse_gate_up)
+        ckpt = None
+        if isinstance(model, QuantizedCheckpoint):
+            from qflow.quant.ir import Checkpoint
+
+            ckpt = Checkpoint(model.ir_dir)
+        base_dir = model.model_dir
+        where = f"stages.{ctx.stage_id}"
+        other = 0 if cfg.accuracy_level != 0 else 4
+        try:
+            ctx.log.info("writing the ONNX graph (%s)", "quantized" if ckpt else "float")
+            if ckpt is not None:
+                info = export_quantized(base_dir, out, ckpt, accuracy_level=cfg.accuracy_level, other_level=other,
+                                        settings=settings, max_positions=cfg.max_positions)
+            else:
+                info = build_onnx(base_dir, out, mode="float", settings=settings, max_positions=cfg.max_positions)
+                info.variants = {0: info.model_path, 4: info.model_path}
+        except OnnxExportError as err:
+            raise StageError(err.what, where=where, fix=err.fix) from err
+        for name in _COPY_FILES:
+            if (base_dir / name).is_file():
+                shutil.copy2(base_dir / name, out / name)
+
+        metrics: dict[str, float] = {"onnx_bytes": sum(p.stat().st_size for p in out.iterdir() if p.is_file()),
+                                     "onnx_data_bytes": info.data_path.stat().st_size}
+        for kind, n in info.linear_kinds.items():
+            metrics[f"n_linear_{kind}"] = n
+
+        # ---- round trip against qflow's own model --------------------------------
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+        ids = token_windows(cfg.data, tok, cfg.n_windows, ctx.runs_root / "cache", where=f"{where}.with")
+        levels = sorted(set(info.variants))
+        with ctx.progress(len(ids) * (1 + len(levels)), "round trip") as bar:
+            ref = reference_logits(ckpt, ids, model_dir=base_dir, progress=bar.update)
+            rts: dict[int, dict] = {}
+            by_path: dict[str, int] = {}
+            for level in levels:
+                path = str(info.variants[level])
+                if path in by_path:
+                    rts[level] = rts[by_path[path]]
+                    continue
+                by_path[path] = level
+                dec = OnnxDecoder(make_session(path, threads=0))
+                rts[level] = roundtrip(dec, ids, ref, kv_tokens=cfg.kv_tokens if level == 0 else 0,
+                                       progress=bar.update)
+                del dec
+        del ref
+        for level, rt in rts.items():
+            sfx = "" if level == 0 else f"_acc{level}"
+            metrics[f"roundtrip_kl{sfx}"] = rt["kl"]
+            metrics[f"roundtrip_kl_max{sfx}"] = rt["kl_max"]
+            metrics[f"roundtrip_top1_agree{sfx}"] = rt["top1_agree"]
+            metrics[f"roundtrip_max_abs_diff{sfx}"] = rt["max_abs_diff"]
+            if "kv_max_abs_diff" in rt:
+                metrics["roundtrip_kv_max_abs_diff"] = rt["kv_max_abs_diff"]
+        protocol = {"source": cfg.data.source, "seq_len": cfg.data.seq_len, "n_windows": int(ids.shape[0]),
+                    "windows_sha256": windows_fingerprint(ids),
+                    "reference": "qflow load_quantized_model fp32 (eager attention)" if ckpt else "float model"}
+
+        # ---- speed: quantized vs float32 export of the same graph -----------------
+        timing: dict = {}
+        if cfg.benchmark:
+            fp_dir = (out / "fp32") if cfg.keep_float else (ctx.scratch / "fp32")
+            if fp_dir.exists():
+                shutil.rmtree(fp_dir)
+            ctx.log.info("writing the float32 export for the speed comparison")
+            fp_info = build_onnx(base_dir, fp_dir, ckpt=ckpt, mode="float", settings=settings,
+                                 max_positions=cfg.max_positions)
+            models = {"fp32": fp_info.model_path}
+            has_nbits = bool(info.linear_kinds.get("nbits"))
+            if has_nbits:
+                models |= {f"acc{lv}": p for lv, p in sorted(info.variants.items())}
+            else:
+                models["quant"] = info.model_path
+            runs = [("st", 1)] + ([("mt", cfg.threads_multi or None)] if cfg.multi_threaded else [])
+            total = len(runs) * (cfg.warmup + cfg.repeats) * len(models)
+            with ctx.progress(total, "timing") as bar:
+                for label, threads in runs:
+                    timing[label] = speed_compare(models, threads=threads, prompt_len=cfg.prompt_len,
+                                                  gen_tokens=cfg.gen_tokens, warmup=cfg.warmup,
+                                                  repeats=cfg.repeats, seed=ctx.seed, progress=bar.update)
+            quant_names = [n for n in models if n != "fp32"]
+            best = min(quant_names, key=lambda n: timing["st"][n]["decode_ms"])
+            for label, res in timing.items():
+                sfx = "" if label == "st" else "_mt"
+                for name, s in res.items():
+                    metrics[f"prefill_ms_{name}{sfx}"] = s["prefill_ms"]
+                    metrics[f"decode_ms_{name}{sfx}"] = s["decode_ms"]
+                    metrics[f"decode_p90_ms_{name}{sfx}"] = s["decode_p90_ms"]
+                    metrics[f"prefill_p90_ms_{name}{sfx}"] = s["prefill_p90_ms"]
+                    if name != "fp32":
+                        metrics[f"prefill_speedup_vs_fp32_{name}{sfx}"] = s["prefill_speedup"]
+                        metrics[f"decode_speedup_vs_fp32_{name}{sfx}"] = s["decode_speedup"]
+                metrics[f"prefill_speedup_vs_fp32{sfx}"] = res[best]["prefill_speedup"]
+                metrics[f"decode_speedup_vs_fp32{sfx}"] = res[best]["decode_speedup"]
+            if best.startswith("acc"):
+                metrics["faster_accuracy_level"] = int(best[3:])
+            if not cfg.keep_float:
+                shutil.rmtree(fp_dir, ignore_errors=True)
+            timing["protocol"] = {"prompt_len": cfg.prompt_len, "gen_tokens": cfg.gen_tokens, "warmup": cfg.warmup,
+                                  "repeats": cfg.repeats, "faster": best, "threads_multi": cfg.threads_multi or "all",
+                                  "kv_cache": "shared buffer (IOBinding)", **machine()}
+
+        ctx.log_metrics(metrics)
+        report = {"export": info.to_json(), "metrics": metrics, "roundtrip_protocol": protocol, "timing": timing,
+                  "source_checkpoint": str(model.path), "method": getattr(ckpt, "method", None)}
+        (out / "export.json").write_text(json.dumps(report, indent=1, default=str))
+        return {"export": ExportedModel(out, format="onnx", model_file=info.model_path.name,
+                                        data_file=info.data_path.name, accuracy_level=cfg.accuracy_level,
+                                        variants={str(k): v.name for k, v in info.variants.items()},
+                                        method=getattr(ckpt, "method", None))}
