@@ -1,0 +1,53 @@
+"""Round-trip checks: logits of a reloaded export against qflow's own quantized model.
+
+    ref = reference_model(Checkpoint(ir_dir))               # qflow's model (dequant, fp32)
+    metrics = compare_logits(ref, exported_model, ids)      # roundtrip_kl / top1_agree / max_abs_diff
+
+KL is the full-vocabulary ``KL(p_qflow || p_export)`` per position in fp64,
+averaged over every position of every window; top-1 agreement compares argmaxes;
+``max_abs_diff`` is the largest absolute logit difference. Windows run one at a
+time so memory holds two ``[L, vocab]`` logit tensors, not the whole set.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+def reference_model(ckpt, dtype: str = "float32"):
+    """qflow's quantized model of ``ckpt``: dequantized weights, or QLinear when activations are quantized."""
+    from qflow.models.loading import _torch_dtype
+    from qflow.quant.apply import load_quantized_model
+
+    act = any(r.spec.act_bits for r in ckpt.layers.values())
+    model, tok = load_quantized_model(ckpt, dtype=_torch_dtype(dtype), mode="qlinear" if act else "dequant")
+    model.eval()
+    return model, tok
+
+
+def compare_logits(reference, candidate, ids, progress: Callable[[int], None] | None = None) -> dict[str, float]:
+    import torch
+
+    kl_sum, n_pos, agree, max_abs = 0.0, 0, 0, 0.0
+    with torch.no_grad():
+        for i in range(ids.shape[0]):
+            window = ids[i:i + 1]
+            a = reference(input_ids=window, use_cache=False).logits[0].double()
+            b = candidate(input_ids=window, use_cache=False).logits[0].double()
+            la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+            kl = (la.exp() * (la - lb)).sum(-1).clamp(min=0)
+            kl_sum += float(kl.sum())
+            n_pos += kl.numel()
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            max_abs = max(max_abs, float((a - b).abs().max()))
+            if progress:
+                progress(1)
+    return {"roundtrip_kl": kl_sum / max(n_pos, 1), "roundtrip_top1_agree": agree / max(n_pos, 1),
+            "roundtrip_max_abs_diff": max_abs}
+
+
+def eval_windows(data: Any, tokenizer, n_windows: int, cache_root):
+    """``[n, seq_len]`` ids from a DataSpec (the recipe's evaluation text)."""
+    from qflow.data.tokens import token_windows
+
+    return token_windows(data, tokenizer, n_windows, cache_root, where="verify")

@@ -1,0 +1,144 @@
+"""``export.safetensors``: the IR as a Hugging Face folder (compressed-tensors, AutoAWQ GEMM or GPTQ)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from qflow.artifacts import ExportedModel, QuantizedCheckpoint
+from qflow.registry import Stage, StageConfig, register
+from qflow.specs import DataSpec
+
+DEFAULT_VERIFY_DATA = DataSpec(source="zoo:lee-news", seq_len=128)
+
+
+class ExportSafetensorsConfig(StageConfig):
+    layout: Literal["compressed-tensors", "awq-gemm", "gptq"] = "compressed-tensors"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"     # auto: the base model's dtype
+    on_unsupported: Literal["error", "float"] = "error"
+    on_inexact: Literal["round", "error", "float"] = "round"
+    gptq_format: Literal["auto", "gptq", "gptq_v2"] = "auto"
+    path: str | None = None                   # also place the folder here (atomically)
+    verify_data: DataSpec = DEFAULT_VERIFY_DATA
+    verify_windows: int = Field(2, ge=0)      # 0: skip the logits round trip
+    reader: Literal["auto", "qflow", "compressed-tensors"] = "auto"
+
+
+@register("export.safetensors")
+class ExportSafetensors(Stage):
+    """Write the quantized checkpoint as a loadable Hugging Face folder (METHODS.md §2.3-2.5).
+
+        export:
+          uses: export.safetensors
+          needs: [quantize]
+          with: {layout: compressed-tensors, dtype: float16, path: ./out/llama-awq}
+
+    ``compressed-tensors`` (default) writes ``pack-quantized`` -- what vLLM and
+    transformers load; ``awq-gemm`` and ``gptq`` write AutoAWQ GEMM / GPTQ v1
+    (``gptq_v2`` when zero points of 0 must be kept). qflow's integer codes are
+    written as they are; every layer is reported ``exact`` (the layout decodes to
+    the IR's weight bit for bit), ``rounded`` (HQQ's fractional zeros rounded,
+    scales not representable in the layout's dtype, GPTQ v1 zeros of 0 clamped:
+    the SQNR vs the IR is reported) or ``float`` (``on_unsupported: float``: nf4/fp4
+    or shapes the layout lacks, written dequantized). config.json carries
+    ``quantization_config`` and a ``qflow`` section (version, recipe key, per-layer
+    specs); the safetensors metadata holds the same.
+
+    Round trip: the folder is reloaded (by the compressed-tensors library when it
+    is installed and the layout is compressed-tensors, else by qflow's own
+    reader) and its logits compared with qflow's quantized model on
+    ``verify_windows`` windows: ``roundtrip_kl``, ``roundtrip_top1_agree``,
+    ``roundtrip_max_abs_diff`` (0 when every layer maps exactly and dtype is the
+    model's).
+    """
+
+    version = 1
+    Config = ExportSafetensorsConfig
+    inputs = {"model": QuantizedCheckpoint}
+    outputs = {"export": ExportedModel}
+
+    @classmethod
+    def fingerprint_sources(cls, cfg, cache_root):
+        if not cfg.verify_windows:
+            return {}
+        from qflow.data.tokens import text_fingerprint_source
+
+        return {"verify_data": text_fingerprint_source(cfg.verify_data.source, cache_root, cfg.verify_data.field)}
+
+    def run(self, ctx, cfg, model):
+        import json
+        import math
+
+        from qflow.errors import StageError
+        from qflow.export.safetensors_ct import ExportError, export_hf_folder
+        from qflow.quant.ir import Checkpoint
+
+        ckpt = Checkpoint(model.ir_dir)
+        out = ctx.output("export")
+        with ctx.progress(len(ckpt.layers), f"export {cfg.layout}") as bar:
+            try:
+                report = export_hf_folder(ckpt, out, layout=cfg.layout, dtype=cfg.dtype,
+                                          on_unsupported=cfg.on_unsupported, on_inexact=cfg.on_inexact,
+                                          gptq_format=cfg.gptq_format,
+                                          qflow_meta={"recipe_key": ctx.key, "stage": ctx.stage_id},
+                                          progress=bar.update)
+            except ExportError as err:
+                raise StageError(str(err), where=f"stages.{ctx.stage_id}.with") from err
+        ctx.log.info("%s export: %d layers exact, %d rounded, %d float (dtype %s)", cfg.layout, report["n_exact"],
+                     report["n_rounded"], report["n_float"], report["dtype"])
+        for note in report["notes"][:20]:
+            ctx.log.warning("%s", note)
+        size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+        metrics = {"n_exact_layers": report["n_exact"], "n_rounded_layers": report["n_rounded"],
+                   "n_float_layers": report["n_float"], "size_bytes": size}
+        if math.isfinite(report["min_sqnr_db"]):
+            metrics["min_layer_sqnr_db"] = report["min_sqnr_db"]
+        ctx.log_metrics(metrics)
+
+        reader = "skipped"
+        if cfg.verify_windows:
+            reader = self._roundtrip(ctx, cfg, ckpt, out)
+        report_file = ctx.scratch / "export_report.json"
+        report_file.parent.mkdir(parents=True, exist_ok=True)
+        report_file.write_text(json.dumps({k: v for k, v in report.items()}, indent=1, default=str))
+        ctx.log_artifact(report_file)
+        placed = None
+        if cfg.path:
+            from qflow.export.atomic import place
+
+            placed = str(place(out, cfg.path))
+            ctx.log.info("export placed at %s", placed)
+        ctx.info["tags"] = {"export_layout": cfg.layout, "export_reader": reader.split(" (")[0]}
+        return {"export": ExportedModel(out, format="safetensors", layout=cfg.layout, dtype=report["dtype"],
+                                        recipe_key=ctx.key, reader=reader, placed=placed,
+                                        mapping={"exact": report["n_exact"], "rounded": report["n_rounded"],
+                                                 "float": report["n_float"]})}
+
+    def _roundtrip(self, ctx, cfg, ckpt, out) -> str:
+        from qflow.export import readers
+        from qflow.export.verify import compare_logits, eval_windows, reference_model
+
+        ref, tok = reference_model(ckpt)
+        ids = eval_windows(cfg.verify_data, tok, cfg.verify_windows, ctx.runs_root / "cache")
+        use_ct = cfg.reader == "compressed-tensors" or (
+            cfg.reader == "auto" and cfg.layout == "compressed-tensors" and readers.compressed_tensors_available())
+        if use_ct:
+            if not readers.compressed_tensors_available():
+                from qflow.errors import StageError
+
+                raise StageError("reader: compressed-tensors needs the compressed-tensors package",
+                                 where=f"stages.{ctx.stage_id}.with.reader",
+                                 fix="pip install compressed-tensors, or use reader: qflow")
+            exported, _, how = readers.load_with_compressed_tensors(out)
+        else:
+            exported, _ = readers.load_exported_model(out)
+            how = "qflow reader"
+        ctx.log.info("round trip: reloaded with %s", how)
+        with ctx.progress(ids.shape[0], "round trip") as bar:
+            metrics = compare_logits(ref, exported, ids, progress=bar.update)
+        ctx.log_metrics(metrics)
+        ctx.log.info("round trip on %d windows of %d tokens: KL %.3g, top-1 %.4f, max |dlogit| %.3g",
+                     ids.shape[0], ids.shape[1], metrics["roundtrip_kl"], metrics["roundtrip_top1_agree"],
+                     metrics["roundtrip_max_abs_diff"])
+        return how
