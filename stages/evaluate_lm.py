@@ -1,4 +1,4 @@
-"""``evaluate.lm``: perplexity and agreement with the float model on fixed windows."""
+"""``evaluate.lm``: quality vs the float model, per-layer error, size and speed, with a pinned protocol."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from qflow.artifacts import EvalReport, ModelRef
+from qflow.artifacts import CalibSet, EvalReport, ModelRef
 from qflow.registry import Stage, StageConfig, register
 from qflow.specs import DataSpec
 
@@ -17,27 +17,47 @@ class EvaluateConfig(StageConfig):
     batch_size: int = Field(4, ge=1)
     topk: int = Field(128, ge=0)                  # float top-k kept for KL (0 disables KL)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    bootstrap_resamples: int = Field(1000, ge=100)
+    # per-layer report: calibration windows when the stage is wired to a CalibSet, else eval windows
+    layer_report: bool = True
+    layer_windows: int = Field(2, ge=1)
+    layer_tokens: int = Field(512, ge=8)          # tokens per window for the per-layer pass
+    # speed: quantized (QLinear, dequantize every forward) vs float, side by side in this run
+    speed: bool = True
+    speed_prefill_tokens: int = Field(512, ge=1)
+    speed_decode_tokens: int = Field(32, ge=0)
+    speed_repeats: int = Field(3, ge=1)
+    speed_warmup: int = Field(1, ge=0)
 
 
 @register("evaluate.lm")
 class EvaluateLM(Stage):
-    """Perplexity of the model and of its float base, KL, top-1/top-5 agreement (METHODS.md §11).
+    """Perplexity and KL vs the float model with bootstrap CIs, per-layer SQNR, size, speed (METHODS.md §11).
 
         evaluate:
           uses: evaluate.lm
-          needs: [quantize]
-          with: {data: {source: "zoo:lee-news", seq_len: 512}, n_windows: 32}
+          needs: [quantize]                   # add calibrate to run the per-layer pass on calibration text
+          with: {data: {source: "zoo:lee-news", seq_len: 512}, n_windows: 32, speed: true}
           gates: {ppl_ratio: {max: 1.10}, top1_agree: {min: 0.8}}
 
     Protocol: the text tokenized once without special tokens, non-overlapping
     windows of ``seq_len`` in order (remainder dropped), the first ``n_windows``;
-    PPL = exp(mean NLL over every scored token). The float model's results are
-    cached once per (model, windows) and reused by every evaluation.
+    PPL = exp(mean NLL over every scored token). The protocol and its hash go into
+    ``metrics.json`` and the MLflow tag ``qflow.protocol_hash``. The float model's
+    results are cached once per (model, windows) and reused by every evaluation.
+
+    Metrics: ppl, ppl_fp, ppl_ratio, ppl_diff (+ ``_ci_low/_ci_high``: paired bootstrap
+    over windows), kl_mean (+ CI), kl_median, kl_p99, kl_max, top1_agree, top5_overlap;
+    size_bytes, model_bytes, bpw_quantized (nominal), bpw_quantized_measured, bpw_model,
+    compression_vs_fp16/fp32; prefill_tps, decode_tps (+ ``_fp``, ``_ratio``) when
+    ``speed`` is on. Artifacts: metrics.json, layers.csv/json, layer_sqnr.png,
+    kl_hist.png, report.html (also written to the run folder).
     """
 
-    version = 1
+    version = 2
     Config = EvaluateConfig
-    inputs = {"model": ModelRef}
+    inputs = {"model": ModelRef, "calib": CalibSet}
+    optional_inputs = frozenset({"calib"})
     outputs = {"report": EvalReport}
 
     @classmethod
@@ -46,23 +66,30 @@ class EvaluateLM(Stage):
 
         return {"data": text_fingerprint_source(cfg.data.source, cache_root, cfg.data.field)}
 
-    def run(self, ctx, cfg, model):
+    def run(self, ctx, cfg, model, calib=None):
         import json
 
         import torch
 
         from qflow.artifacts import QuantizedCheckpoint
-        from qflow.data.tokens import token_windows, windows_fingerprint
-        from qflow.evaluation.lm import FloatReference, compare_to_reference, float_reference, summarize
+        from qflow.data.tokens import text_fingerprint_source, token_windows, windows_fingerprint
+        from qflow.evaluation import stats
+        from qflow.evaluation.lm import FloatReference, compare_to_reference, float_reference, summarize, window_means
+        from qflow.evaluation.protocol import TAG, eval_protocol
+        from qflow.evaluation.size import size_metrics
         from qflow.models.loading import load_model
 
         base_dir = model.model_dir
-        fp_model, tok = load_model(base_dir, dtype=cfg.dtype)
-        ids = token_windows(cfg.data, tok, cfg.n_windows, ctx.runs_root / "cache", where=f"stages.{ctx.stage_id}.with")
+        fp_model, tok = load_model(base_dir, dtype=cfg.dtype, device=ctx.device)
+        cache_root = ctx.runs_root / "cache"
+        ids = token_windows(cfg.data, tok, cfg.n_windows, cache_root, where=f"stages.{ctx.stage_id}.with")
         fingerprint = windows_fingerprint(ids)
-        protocol = {"source": cfg.data.source, "seq_len": cfg.data.seq_len, "n_windows": int(ids.shape[0]),
-                    "stride": cfg.data.seq_len, "bos": "none", "windows_sha256": fingerprint,
-                    "tokenizer": type(tok).__name__, "dtype": cfg.dtype, "mode": "non-overlapping"}
+        protocol = eval_protocol(source=cfg.data.source,
+                                 text_fingerprint=text_fingerprint_source(cfg.data.source, cache_root, cfg.data.field),
+                                 seq_len=cfg.data.seq_len, n_windows=int(ids.shape[0]), windows_sha256=fingerprint,
+                                 add_special_tokens=cfg.data.add_special_tokens, tokenizer=tok, kl_topk=cfg.topk,
+                                 dtype=cfg.dtype)
+        ctx.info["protocol"] = protocol
 
         def compute_fp(folder):
             with ctx.progress(ids.shape[0], "float reference") as bar:
@@ -70,28 +97,126 @@ class EvaluateLM(Stage):
 
         base_id = model.meta.get("base_fingerprint") or model.meta.get("fingerprint") or str(base_dir)
         ref_dir = ctx.memo("fp_reference", {"base": base_id, "base_dir": str(base_dir), "windows": fingerprint,
-                                            "topk": cfg.topk, "batch_size": cfg.batch_size, "dtype": cfg.dtype},
+                                            "topk": cfg.topk, "batch_size": cfg.batch_size, "dtype": cfg.dtype,
+                                            "order": "ranked-topk-v2",
+                                            **({"device": ctx.device} if ctx.device != "cpu" else {})},
                            compute_fp)
         ref = FloatReference.load(ref_dir)
 
+        ckpt = None
+        q_model = fp_model
         if isinstance(model, QuantizedCheckpoint):
             from qflow.quant.apply import apply_checkpoint
             from qflow.quant.ir import Checkpoint
 
             ckpt = Checkpoint(model.ir_dir)
             act = any(r.spec.act_bits for r in ckpt.layers.values())
-            q_model = apply_checkpoint(fp_model, ckpt, mode="qlinear" if act else "dequant")
-        else:
-            q_model = fp_model
+            q_model, _ = load_model(base_dir, dtype=cfg.dtype, device=ctx.device)
+            q_model = apply_checkpoint(q_model, ckpt, mode="qlinear" if act else "dequant")
         with ctx.progress(ids.shape[0], "evaluate") as bar:
             comparison = compare_to_reference(q_model, ids, ref, batch_size=cfg.batch_size, topk=cfg.topk,
                                               progress=bar.update)
         metrics = summarize(comparison)
+        n_win = int(ids.shape[0])
+        rng = ctx.rng("bootstrap")
+        low, high = stats.ppl_diff_ci(window_means(comparison.nll, n_win).numpy(),
+                                      window_means(comparison.nll_fp, n_win).numpy(), rng,
+                                      n_resamples=cfg.bootstrap_resamples)
+        metrics |= {"ppl_diff_ci_low": low, "ppl_diff_ci_high": high}
+        if comparison.kl is not None:
+            low, high = stats.mean_ci(window_means(comparison.kl, n_win).numpy(), rng,
+                                      n_resamples=cfg.bootstrap_resamples)
+            metrics |= {"kl_mean_ci_low": low, "kl_mean_ci_high": high}
+
+        size, size_info = size_metrics(base_dir, ckpt)
+        metrics |= size
+
+        rows, layer_source = [], ""
+        if ckpt is not None and cfg.layer_report and ckpt.layers:
+            rows, layer_source = self._layer_report(ctx, cfg, fp_model, q_model, ckpt, ids, calib)
+
+        speed_info = None
+        if cfg.speed:
+            speed, speed_info = self._speed(ctx, cfg, fp_model, q_model, ckpt, ids)
+            metrics |= speed
+            ctx.info["tags"] = {"qflow.speed.path": speed_info["path"]}
+
         for k, v in metrics.items():
             if v != v or v in (float("inf"), float("-inf")):
                 ctx.log.warning("metric %s is %s", k, v)
         ctx.log_metrics(metrics)
+        ctx.info["tags"] = {**ctx.info.get("tags", {}), TAG: protocol["hash"]}
+
         out = ctx.output("report")
-        (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "protocol": protocol}, indent=1))
+        doc = {"metrics": metrics, "protocol": protocol, "protocol_hash": protocol["hash"], "size": size_info,
+               "speed": speed_info, "layers": {"inputs": layer_source, "n_layers": len(rows)}}
+        (out / "metrics.json").write_text(json.dumps(doc, indent=1, default=str))
         torch.save({"kl": comparison.kl, "nll": comparison.nll, "nll_fp": comparison.nll_fp}, out / "per_token.pt")
-        return {"report": EvalReport(out, protocol=protocol)}
+        self._report(ctx, out, model, metrics, protocol, rows, layer_source, comparison, speed_info, size_info)
+        return {"report": EvalReport(out, protocol=protocol, protocol_hash=protocol["hash"])}
+
+    # ---- parts ------------------------------------------------------------------
+
+    @staticmethod
+    def _layer_report(ctx, cfg, fp_model, q_model, ckpt, ids, calib):
+        import torch
+
+        from qflow.evaluation.layers import layer_report, summary_metrics, write_tables
+
+        if calib is not None and (calib.path / "ids.pt").is_file():
+            source_ids = torch.load(calib.path / "ids.pt", weights_only=True)
+            source = "calibration windows"
+        else:
+            source_ids, source = ids, "evaluation windows"
+        sample = source_ids[:cfg.layer_windows, :cfg.layer_tokens]
+        source = f"{source} ({sample.shape[0]} x {sample.shape[1]} tokens)"
+        with ctx.progress(int(sample.shape[0]), f"per-layer error ({len(ckpt.layers)} layers)") as bar:
+            rows = layer_report(fp_model, q_model, ckpt, sample, progress=bar.update)
+        ctx.log_metrics(summary_metrics(rows))
+        for path in write_tables(rows, ctx.output("report"), source=source):
+            ctx.log_artifact(path)
+        return rows, source
+
+    @staticmethod
+    def _speed(ctx, cfg, fp_model, q_model, ckpt, ids):
+        from qflow.evaluation.speed import kernel_path, measure_speed, prompt_ids
+        from qflow.quant.qlinear import QLinear
+
+        if ckpt is not None:
+            # the dispatcher's kernels on every forward: QLinear, no cached dequantized weight
+            from qflow.quant.apply import apply_checkpoint
+
+            if any(isinstance(m, QLinear) for m in q_model.modules()):
+                for m in q_model.modules():
+                    if isinstance(m, QLinear):
+                        m.cache_weight, m._weight = False, None
+            else:
+                q_model = apply_checkpoint(q_model, ckpt, mode="qlinear", cache_weight=False)
+        path = kernel_path(q_model) if ckpt is not None else {"backend": "none", "path": "float model only"}
+        prompt = prompt_ids(ids, cfg.speed_prefill_tokens).to(next(fp_model.parameters()).device)
+        desc = f"speed [{path['path']}; kernels: {path['backend']}]"
+        with ctx.progress(cfg.speed_warmup + cfg.speed_repeats, desc) as bar:
+            metrics, info = measure_speed(fp_model, q_model if ckpt is not None else None, prompt,
+                                          decode_tokens=cfg.speed_decode_tokens, repeats=cfg.speed_repeats,
+                                          warmup=cfg.speed_warmup, progress=bar.update)
+        info |= {**path, "device": ctx.device, "dtype": cfg.dtype}
+        return metrics, info
+
+    @staticmethod
+    def _report(ctx, out, model, metrics, protocol, rows, layer_source, comparison, speed_info, size_info):
+        import shutil
+
+        from qflow.evaluation.run_report import write_run_report
+
+        method = model.meta.get("method") or type(model).__name__
+        files = write_run_report(out, title=f"{ctx.stage_id}: {ctx.uses} ({method})", metrics=metrics,
+                                 protocol=protocol, layer_rows=rows, layer_source=layer_source,
+                                 kl=comparison.kl.numpy() if comparison.kl is not None else None,
+                                 speed=speed_info, size=size_info)
+        for path in [out / "metrics.json", *files.values()]:
+            ctx.log_artifact(path)
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        target = ctx.run_dir / "report.html"
+        if target.exists():  # a second evaluate stage in the same run
+            target = ctx.run_dir / f"report-{ctx.stage_id}.html"
+        shutil.copy2(files["html"], target)

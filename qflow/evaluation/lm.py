@@ -37,8 +37,24 @@ class FloatReference:
 
 
 def _forward_logp(model, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=batch, use_cache=False).logits
-    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    """Log-probs (fp32, on the CPU) of every next token of ``batch``, run on the model's device."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch.to(device), use_cache=False).logits
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+
+
+def ranked_topk(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (values, indices) sorted by value descending, ties by lowest token id (METHODS.md §11).
+
+    ``torch.topk`` leaves the order of equal values unspecified; a tiny or
+    saturated model has exact ties, and the float model compared with itself
+    must agree on every token.
+    """
+    v, j = logp.topk(k, dim=-1)
+    j, perm = j.sort(dim=-1)
+    v = v.gather(-1, perm)
+    v, perm = v.sort(dim=-1, descending=True, stable=True)
+    return v, j.gather(-1, perm)
 
 
 def float_reference(model, ids: torch.Tensor, *, batch_size: int, topk: int,
@@ -50,7 +66,7 @@ def float_reference(model, ids: torch.Tensor, *, batch_size: int, topk: int,
             logp = _forward_logp(model, batch)
             nll.append(-logp.gather(-1, batch[:, 1:, None]).squeeze(-1).double())
             k = max(topk, 5)
-            v, j = logp.topk(k, dim=-1)
+            v, j = ranked_topk(logp, k)
             idx.append(j.to(torch.int32))
             vals.append(v)
             if progress:
@@ -77,7 +93,8 @@ def compare_to_reference(model, ids: torch.Tensor, ref: FloatReference, *, batch
             nll.append(-logp.gather(-1, batch[:, 1:, None]).squeeze(-1).double())
             ref_idx = ref.topk_idx[i:i + batch_size].long()
             ref_logp = ref.topk_logp[i:i + batch_size]
-            q_top5 = logp.topk(5, dim=-1).indices
+            # the same k and tie rule as the reference, so that equal models agree exactly
+            q_top5 = ranked_topk(logp, ref_idx.shape[-1])[1][..., :5]
             top1.append(q_top5[..., 0] == ref_idx[..., 0])
             overlap = (q_top5.unsqueeze(-1) == ref_idx[..., :5].unsqueeze(-2)).any(-1).float().mean(-1)
             top5.append(overlap)
@@ -110,10 +127,15 @@ def nearest_rank(values: torch.Tensor, q: float) -> float:
     return float(s[max(0, math.ceil(q * n) - 1)])
 
 
+def window_means(values: torch.Tensor, n_windows: int) -> torch.Tensor:
+    """Per-window means of a per-token series (``[n_windows * (L-1)]`` -> ``[n_windows]``, float64)."""
+    return values.double().reshape(n_windows, -1).mean(1)
+
+
 def summarize(c: Comparison) -> dict[str, float]:
     ppl = math.exp(float(c.nll.mean()))
     ppl_fp = math.exp(float(c.nll_fp.mean()))
-    out = {"ppl": ppl, "ppl_fp": ppl_fp, "ppl_ratio": ppl / ppl_fp,
+    out = {"ppl": ppl, "ppl_fp": ppl_fp, "ppl_ratio": ppl / ppl_fp, "ppl_diff": ppl - ppl_fp,
            "top1_agree": float(c.top1.float().mean()), "top5_overlap": float(c.top5.mean()),
            "n_tokens": float(c.nll.numel()),
            "dlogp_mean": float((c.nll_fp - c.nll).mean())}

@@ -1,0 +1,279 @@
+"""Per-layer error of a quantized model (METHODS.md §11 "Per-layer error").
+
+For every quantized linear: weight SQNR (dB), and output SQNR plus cosine
+similarity (flattened, and mean per token) in two modes:
+
+* **isolated**: the quantized layer fed the float model's input at that site;
+* **accumulated**: the quantized model's own output at the site (its input
+  comes from the quantized model so far), against the float model's output.
+
+Both models run the same few windows (``[n, L]`` ids, one window at a time);
+forward hooks accumulate sums, so memory holds one window's float outputs, not
+every activation. SQNR of identical layers is ``inf`` (written ``"inf"``).
+
+Folded scales: methods that fold per-channel scales into neighbouring tensors
+(AWQ, SmoothQuant: the checkpoint then carries float deltas) quantize
+``diag(r)·W·diag(c)`` rather than ``W``. For such checkpoints a diagonal fit
+``Ŵ ≈ diag(r)·W·diag(c)`` (alternating least squares, geometric mean of r
+pinned to 1) maps the quantized layer back to the float layer's coordinates:
+weight SQNR uses ``Ŵ / (r cᵀ)``, isolated mode feeds ``x / c`` and divides the
+output by ``r``, accumulated mode divides by ``r``. Rows marked
+``fold_corrected`` used it; for other checkpoints r = c = 1.
+
+Example::
+
+    rows = layer_report(fp_model, q_model, ckpt, ids[:2, :256])
+    write_tables(rows, out_dir)      # layers.csv, layers.json
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .stats import fmt_db, sqnr_from_sums
+
+WORST_N = 10
+
+
+@dataclass
+class _Sums:
+    """Running sums for SQNR and cosine of ŷ against y."""
+
+    yy: float = 0.0
+    ee: float = 0.0
+    yh: float = 0.0
+    hh: float = 0.0
+    cos_token_sum: float = 0.0
+    n_tokens: int = 0
+
+    def add(self, y: torch.Tensor, y_hat: torch.Tensor) -> None:
+        y = y.detach().double().reshape(-1, y.shape[-1])
+        h = y_hat.detach().double().reshape(-1, y_hat.shape[-1])
+        self.yy += float(y.pow(2).sum())
+        self.ee += float((y - h).pow(2).sum())
+        self.yh += float((y * h).sum())
+        self.hh += float(h.pow(2).sum())
+        ny, nh = y.norm(dim=-1), h.norm(dim=-1)
+        both_zero = (ny == 0) & (nh == 0)
+        cos = torch.where(both_zero, torch.ones_like(ny), (y * h).sum(-1) / (ny * nh).clamp(min=1e-300))
+        self.cos_token_sum += float(cos.sum())
+        self.n_tokens += y.shape[0]
+
+    def sqnr(self) -> float:
+        return sqnr_from_sums(self.yy, self.ee)
+
+    def cos(self) -> float:
+        if self.yy == 0 and self.hh == 0:
+            return 1.0
+        return self.yh / math.sqrt(max(self.yy * self.hh, 1e-300))
+
+    def cos_token(self) -> float:
+        return self.cos_token_sum / self.n_tokens if self.n_tokens else math.nan
+
+
+@dataclass
+class _Site:
+    name: str
+    order: int
+    record: Any
+    row_scale: torch.Tensor | None = None     # r (None: 1)
+    col_scale: torch.Tensor | None = None     # c (None: 1)
+    weight_sqnr: float = math.nan
+    iso: _Sums = field(default_factory=_Sums)
+    acc: _Sums = field(default_factory=_Sums)
+
+
+def fit_fold(w: torch.Tensor, w_hat: torch.Tensor, iters: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diagonal scales ``(r, c)`` with ``w_hat ≈ diag(r) · w · diag(c)`` (alternating least squares)."""
+    w, w_hat = w.double(), w_hat.double()
+    r = torch.ones(w.shape[0], dtype=torch.float64)
+    c = torch.ones(w.shape[1], dtype=torch.float64)
+    for _ in range(iters):
+        rw = r[:, None] * w
+        c = (w_hat * rw).sum(0) / rw.pow(2).sum(0).clamp(min=1e-30)
+        wc = w * c[None, :]
+        r = (w_hat * wc).sum(1) / wc.pow(2).sum(1).clamp(min=1e-30)
+    # (r·a, c/a) fits equally well: pin the geometric mean of |r| to 1
+    a = torch.exp(torch.log(r.abs().clamp(min=1e-30)).mean())
+    return (r / a).float(), (c * a).float()
+
+
+def _ordered_sites(fp_model: nn.Module, ckpt) -> list[_Site]:
+    order = {name: i for i, (name, _) in enumerate(fp_model.named_modules())}
+    missing = [n for n in ckpt.layers if n not in order]
+    if missing:
+        raise KeyError(f"checkpoint layers not in the float model: {missing[:3]}")
+    return sorted((_Site(n, order[n], rec) for n, rec in ckpt.layers.items()), key=lambda s: s.order)
+
+
+class _Stop(Exception):
+    """Raised by the hook of a group's last site: the rest of the forward is not needed."""
+
+
+def _groups(sites: list[_Site], n_tokens: int, bytes_per_value: int, budget_bytes: int) -> list[list[_Site]]:
+    """Consecutive sites whose stored float outputs for one window fit ``budget_bytes``."""
+    groups: list[list[_Site]] = [[]]
+    used = 0
+    for s in sites:
+        need = s.record.out_features * n_tokens * bytes_per_value
+        if groups[-1] and used + need > budget_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(s)
+        used += need
+    return groups
+
+
+def layer_report(fp_model: nn.Module, q_model: nn.Module, ckpt, ids: torch.Tensor, *,
+                 budget_bytes: int = 512 * 2**20,
+                 progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """Rows (network order) of per-layer errors of ``q_model`` (``ckpt`` applied) against ``fp_model``.
+
+    The float outputs of one window are held until the quantized model reaches the
+    same site; when they would exceed ``budget_bytes`` the sites are split into groups,
+    one forward pair per group (each stopped after its group's last site).
+    """
+    sites = _ordered_sites(fp_model, ckpt)
+    fold = bool(ckpt.floats)
+    by_name = {s.name: s for s in sites}
+    with torch.no_grad():
+        for s in sites:
+            w = fp_model.get_submodule(s.name).weight.detach().float().cpu()
+            w_hat = ckpt.dequantized(s.name).float()
+            if fold:
+                s.row_scale, s.col_scale = fit_fold(w, w_hat)
+                w_hat = w_hat / (s.row_scale[:, None] * s.col_scale[None, :])
+            s.weight_sqnr = sqnr_from_sums(float(w.double().pow(2).sum()),
+                                           float((w.double() - w_hat.double()).pow(2).sum()))
+
+    fp_out: dict[str, torch.Tensor] = {}
+
+    def fp_hook(site: _Site, last: bool):
+        q_mod = q_model.get_submodule(site.name)
+
+        def hook(mod, args, out):
+            x = args[0]
+            fp_out[site.name] = out.detach()
+            if site.col_scale is not None:
+                x = x / site.col_scale.to(x.device, x.dtype)
+            y_iso = q_mod.forward(x)    # .forward: the quantized model's own hooks must not fire
+            if site.row_scale is not None:
+                y_iso = y_iso / site.row_scale.to(y_iso.device, y_iso.dtype)
+            site.iso.add(out, y_iso)
+            if last:
+                raise _Stop
+        return hook
+
+    def q_hook(site: _Site, last: bool):
+        def hook(mod, args, out):
+            y_hat = out.detach()
+            if site.row_scale is not None:
+                y_hat = y_hat / site.row_scale.to(y_hat.device, y_hat.dtype)
+            site.acc.add(fp_out.pop(site.name), y_hat)
+            if last:
+                raise _Stop
+        return hook
+
+    device = next(fp_model.parameters()).device
+    value_bytes = next(fp_model.parameters()).element_size()
+    groups = _groups(sites, int(ids.shape[-1]), value_bytes, budget_bytes)
+    with torch.no_grad():
+        for g_i, group in enumerate(groups):
+            handles = []
+            for k, s in enumerate(group):
+                last = k == len(group) - 1
+                handles.append(fp_model.get_submodule(s.name).register_forward_hook(fp_hook(s, last)))
+                handles.append(q_model.get_submodule(s.name).register_forward_hook(q_hook(s, last)))
+            try:
+                for window in ids:
+                    batch = window[None].to(device)
+                    for model in (fp_model, q_model):
+                        try:
+                            model(input_ids=batch, use_cache=False)
+                        except _Stop:
+                            pass
+                    fp_out.clear()
+                    if progress and g_i == len(groups) - 1:
+                        progress(1)
+            finally:
+                for h in handles:
+                    h.remove()
+    return _rows(sites, fold)
+
+
+def _rows(sites: list[_Site], fold: bool) -> list[dict[str, Any]]:
+    rows = []
+    for i, s in enumerate(sites):
+        spec = s.record.spec
+        rows.append({
+            "index": i, "layer": s.name, "format": spec.format, "bits": spec.bits, "group_size": spec.group_size,
+            "act_bits": spec.act_bits or 0, "shape": [s.record.out_features, s.record.in_features],
+            "weight_sqnr_db": s.weight_sqnr,
+            "isolated_sqnr_db": s.iso.sqnr(), "isolated_cos": s.iso.cos(), "isolated_cos_token": s.iso.cos_token(),
+            "accumulated_sqnr_db": s.acc.sqnr(), "accumulated_cos": s.acc.cos(),
+            "accumulated_cos_token": s.acc.cos_token(),
+            "n_tokens": s.iso.n_tokens, "fold_corrected": fold,
+        })
+    ranked = sorted(rows, key=lambda r: (r["isolated_sqnr_db"], r["index"]))
+    worst = {r["index"]: k + 1 for k, r in enumerate(ranked[:WORST_N])}
+    for r in rows:
+        r["worst_rank"] = worst.get(r["index"], 0)
+    return rows
+
+
+def worst_layers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``WORST_N`` rows with the lowest isolated output SQNR, worst first."""
+    return sorted((r for r in rows if r["worst_rank"]), key=lambda r: r["worst_rank"])
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
+        return fmt_db(v) if math.isinf(v) else "nan"
+    return v
+
+
+COLUMNS = ("index", "layer", "format", "bits", "group_size", "act_bits", "weight_sqnr_db", "isolated_sqnr_db",
+           "isolated_cos", "isolated_cos_token", "accumulated_sqnr_db", "accumulated_cos", "accumulated_cos_token",
+           "n_tokens", "fold_corrected", "worst_rank")
+
+
+def write_tables(rows: list[dict[str, Any]], folder: Path, *, source: str = "") -> tuple[Path, Path]:
+    """``layers.csv`` and ``layers.json`` (SQNR of identical layers written as ``"inf"``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = folder / "layers.csv", folder / "layers.json"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for r in rows:
+            w.writerow([_fmt_cell(r[c]) for c in COLUMNS])
+    doc = {"inputs": source, "modes": {"isolated": "quantized layer fed the float model's input",
+                                       "accumulated": "quantized model's own activations vs the float model"},
+           "worst": [r["layer"] for r in worst_layers(rows)],
+           "layers": [{k: _jsonable(v) for k, v in r.items()} for r in rows]}
+    json_path.write_text(json.dumps(doc, indent=1))
+    return csv_path, json_path
+
+
+def _fmt_cell(v: Any) -> Any:
+    if isinstance(v, float):
+        if math.isinf(v):
+            return fmt_db(v)
+        return f"{v:.6g}"
+    return v
+
+
+def summary_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Scalar roll-ups for tracking: the minimum over layers (left out when infinite: exact layers)."""
+    if not rows:
+        return {}
+    out = {f"layer_{mode}_sqnr_min_db": min(r[f"{mode}_sqnr_db"] for r in rows)
+           for mode in ("weight", "isolated", "accumulated")}
+    return {k: v for k, v in out.items() if math.isfinite(v)}

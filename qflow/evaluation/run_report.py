@@ -1,0 +1,72 @@
+"""The per-run evaluation report: headline table, protocol, size, speed, per-layer chart, KL histogram.
+
+Example::
+
+    files = write_run_report(out, title="evaluate (quantize.rtn)", metrics=m, protocol=p,
+                             layer_rows=rows, kl=kl, speed=speed_info, size=size_info)
+    files["html"]   # out / "report.html"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import html as H
+from .layers import worst_layers
+from .plots import kl_histogram, sqnr_chart
+
+HEADLINE = (
+    ("ppl", "perplexity"), ("ppl_fp", "perplexity, float"), ("ppl_ratio", "perplexity ratio"),
+    ("ppl_diff", "perplexity difference"), ("ppl_diff_ci_low", "  95% CI low"), ("ppl_diff_ci_high", "  95% CI high"),
+    ("kl_mean", "KL mean (nats)"), ("kl_mean_ci_low", "  95% CI low"), ("kl_mean_ci_high", "  95% CI high"),
+    ("kl_median", "KL median"), ("kl_p99", "KL p99"), ("kl_max", "KL max"),
+    ("top1_agree", "top-1 agreement"), ("top5_overlap", "top-5 overlap"),
+    ("bpw_quantized", "bits/weight, quantized layers (nominal)"),
+    ("bpw_quantized_measured", "bits/weight, quantized layers (measured bytes)"),
+    ("bpw_model", "bits/weight, whole model"), ("size_bytes", "checkpoint bytes on disk"),
+    ("model_bytes", "standalone model bytes"), ("compression_vs_fp16", "compression vs float16"),
+    ("compression_vs_fp32", "compression vs float32"),
+    ("prefill_tps", "prefill tokens/s"), ("prefill_tps_fp", "prefill tokens/s, float"),
+    ("prefill_tps_ratio", "prefill speed ratio"), ("decode_tps", "decode tokens/s"),
+    ("decode_tps_fp", "decode tokens/s, float"), ("decode_tps_ratio", "decode speed ratio"),
+)
+
+
+def write_run_report(folder: Path, *, title: str, metrics: dict[str, float], protocol: dict[str, Any],
+                     layer_rows: list[dict[str, Any]], layer_source: str, kl, speed: dict[str, Any] | None,
+                     size: dict[str, Any]) -> dict[str, Path]:
+    """Write the PNGs and ``report.html`` into ``folder``; returns their paths by kind."""
+    files: dict[str, Path] = {}
+    parts = []
+    rows = [(label.strip() if not label.startswith("  ") else "\u2003" + label.strip(), name, metrics[name])
+            for name, label in HEADLINE if name in metrics]
+    parts.append(H.section("Headline metrics", H.table(("metric", "name", "value"), rows),
+                           H.note("CIs: paired bootstrap over windows (1000 resamples, seeded).")))
+    parts.append(H.section("Protocol", H.table(("field", "value"), [(k, v) for k, v in protocol.items()]),
+                           H.note("Numbers are comparable only between runs with the same protocol hash.")))
+    if size:
+        parts.append(H.section("Size", H.table(("field", "value"), [(k, v) for k, v in size.items()])))
+    if speed:
+        path = speed.get("path", "")
+        speed_rows = [(k, v) for k, v in speed.items() if k != "seconds"]
+        parts.append(H.section("Speed", H.note(path), H.table(("field", "value"), speed_rows)))
+    else:
+        parts.append(H.section("Speed", H.note("not measured (speed: false)")))
+    if layer_rows:
+        files["layer_sqnr"] = sqnr_chart(layer_rows, folder / "layer_sqnr.png")
+        worst = worst_layers(layer_rows)
+        parts.append(H.section(
+            "Per-layer error",
+            H.note(f"Output SQNR per quantized linear, network order, colored by bits; bars: isolated "
+                   f"(float input), dots: accumulated (quantized model's own activations). Inputs: {layer_source}."),
+            H.image(files["layer_sqnr"], "per-layer SQNR"),
+            H.note("Worst 10 layers by isolated output SQNR:"),
+            H.table(("rank", "layer", "bits", "weight SQNR dB", "isolated SQNR dB", "isolated cos",
+                     "accumulated SQNR dB", "accumulated cos"),
+                    [(r["worst_rank"], r["layer"], r["bits"], r["weight_sqnr_db"], r["isolated_sqnr_db"],
+                      r["isolated_cos"], r["accumulated_sqnr_db"], r["accumulated_cos"]) for r in worst])))
+    files["kl_hist"] = kl_histogram(kl, folder / "kl_hist.png", metrics)
+    parts.append(H.section("KL divergence per token", H.image(files["kl_hist"], "KL histogram")))
+    files["html"] = H.write_page(folder / "report.html", title, parts)
+    return files

@@ -1,0 +1,80 @@
+"""Size and bits per weight of a model or a quantized checkpoint (METHODS.md §11 "Size / bpw").
+
+* ``size_bytes``: bytes on disk of what the run produced — the quantized
+  checkpoint's IR folder (packed codes, scales, zeros, g_idx, changed float
+  tensors, index); for a float model, its ``*.safetensors`` files.
+* ``model_bytes``: a standalone quantized model — quantized layers at their
+  measured stored bytes plus every other tensor of the base model (embeddings,
+  norms, head; tied tensors once) at the base model's **stored dtype**, read
+  from the safetensors headers (``float_dtypes`` says which).
+* ``bpw_quantized``: nominal spec accounting over quantized layers
+  (``Checkpoint.bpw_quantized``: bits + scale/zero bits per group [+ g_idx]);
+  ``bpw_quantized_measured`` = 8 · stored bytes of those layers / their weights.
+* ``bpw_model`` = 8 · model_bytes / all parameters; ``compression_vs_fp16`` /
+  ``_fp32`` = (2 or 4 bytes · all parameters) / model_bytes.
+
+Example::
+
+    metrics, info = size_metrics(base_dir, Checkpoint(ir_dir))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def safetensors_index(model_dir: Path) -> dict[str, dict[str, Any]]:
+    """``{tensor name: {"dtype", "numel", "nbytes"}}`` over every ``*.safetensors`` file (headers only)."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            out[name] = {"dtype": info["dtype"], "numel": math.prod(info["shape"]), "nbytes": end - start}
+    return out
+
+
+def size_metrics(model_dir: Path, ckpt=None) -> tuple[dict[str, float], dict[str, Any]]:
+    """(metrics, info) for the float model in ``model_dir``, or for ``ckpt`` applied over it."""
+    index = safetensors_index(model_dir)
+    if not index:
+        return {}, {"size": f"no *.safetensors files in {model_dir}: size not measured"}
+    n_params = sum(t["numel"] for t in index.values())
+    float_dtypes: dict[str, int] = {}
+    model_bytes = 0
+    quantized = {f"{name}.weight" for name in (ckpt.layers if ckpt is not None else {})}
+    for name, t in index.items():
+        if name in quantized:
+            continue
+        model_bytes += t["nbytes"]
+        float_dtypes[t["dtype"]] = float_dtypes.get(t["dtype"], 0) + t["numel"]
+    metrics: dict[str, float] = {"n_params": float(n_params)}
+    info: dict[str, Any] = {"float_dtypes": float_dtypes,
+                            "float_tensors": "counted at the base model's stored dtype (safetensors headers)"}
+    if ckpt is not None:
+        missing = sorted(quantized - set(index))
+        if missing:
+            info["size_warning"] = f"{len(missing)} quantized weights not found in the base files (e.g. {missing[0]})"
+        q_bytes = ckpt.quantized_bytes()
+        n_q = ckpt.n_quantized_weights()
+        model_bytes += q_bytes
+        metrics |= {"size_bytes": float(ckpt.size_bytes()), "quantized_bytes": float(q_bytes),
+                    "n_quantized_weights": float(n_q), "bpw_quantized": ckpt.bpw_quantized(),
+                    "bpw_quantized_measured": 8.0 * q_bytes / max(n_q, 1)}
+    else:
+        metrics["size_bytes"] = float(sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors")))
+    metrics |= {"model_bytes": float(model_bytes), "bpw_model": 8.0 * model_bytes / n_params,
+                "compression_vs_fp16": 2.0 * n_params / model_bytes,
+                "compression_vs_fp32": 4.0 * n_params / model_bytes}
+    return metrics, info

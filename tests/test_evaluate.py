@@ -1,0 +1,208 @@
+"""evaluate.lm: protocol hash, bootstrap CIs, per-layer SQNR, size, speed, report; lm_eval's clear error."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qflow.artifacts import CalibSet, ModelRef, QuantizedCheckpoint
+from qflow.engine.context import StageContext
+from qflow.errors import StageError
+from qflow.evaluation import stats
+from qflow.evaluation.layers import fit_fold
+from qflow.registry import get
+
+from .conftest import SESSION_CACHE
+
+
+def make_ctx(tmp_path: Path, stage_id: str, uses: str, runs_root: Path = SESSION_CACHE.parent) -> StageContext:
+    base = tmp_path / stage_id
+    return StageContext(stage_id=stage_id, uses=uses, key=None, out_dir=base / "out", scratch=base / "scratch",
+                        run_dir=tmp_path / "run", runs_root=runs_root, quiet=True)
+
+
+def run_stage(tmp_path: Path, uses: str, config: dict, stage_id: str | None = None, **inputs):
+    cls = get(uses)
+    ctx = make_ctx(tmp_path, stage_id or uses.replace(".", "_"), uses)
+    outputs = cls().run(ctx, cls.Config.model_validate(config), **inputs)
+    return ctx, outputs
+
+
+EVAL = {"data": {"source": "zoo:lee-news", "seq_len": 64}, "n_windows": 3, "topk": 16, "layer_windows": 2,
+        "layer_tokens": 32, "speed_prefill_tokens": 32, "speed_decode_tokens": 3, "speed_repeats": 1,
+        "speed_warmup": 1, "bootstrap_resamples": 200}
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, tiny_model_dir):
+    """A 3-bit RTN checkpoint of the tiny model (quantize.rtn run in process)."""
+    tmp = tmp_path_factory.mktemp("rtn")
+    _, out = run_stage(tmp, "quantize.rtn", {"bits": 3, "group_size": 32}, model=ModelRef(tiny_model_dir))
+    return out["model"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_ckpt):
+    tmp = tmp_path_factory.mktemp("eval")
+    ctx, out = run_stage(tmp, "evaluate.lm", EVAL, stage_id="evaluate", model=tiny_ckpt)
+    return tmp, ctx, out["report"]
+
+
+# ---- small numeric pieces -------------------------------------------------------------------
+
+def test_sqnr_reference_values():
+    assert stats.sqnr_db(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.1])) == pytest.approx(26.9897, abs=1e-4)
+    x = torch.randn(50, 7)
+    assert stats.sqnr_db(x, x.clone()) == math.inf
+    assert stats.fmt_db(math.inf) == "inf"
+    assert stats.cosine(x, 3 * x) == pytest.approx(1.0)
+
+
+def test_paired_bootstrap_ci_brackets_the_estimate_and_is_seeded():
+    rng = np.random.default_rng(0)
+    fp = rng.normal(3.0, 0.2, size=40)
+    q = fp + rng.normal(0.05, 0.01, size=40)
+    ci = stats.ppl_diff_ci(q, fp, np.random.default_rng(1))
+    point = np.exp(q.mean()) - np.exp(fp.mean())
+    assert ci[0] < point < ci[1] and ci[0] > 0            # paired: the shared window noise cancels
+    assert ci == stats.ppl_diff_ci(q, fp, np.random.default_rng(1))
+    assert stats.ppl_diff_ci(fp, fp, np.random.default_rng(2)) == (0.0, 0.0)
+    low, high = stats.mean_ci(np.full(5, 0.25), np.random.default_rng(3))
+    assert low == pytest.approx(0.25) and high == pytest.approx(0.25)
+
+
+def test_fit_fold_recovers_diagonal_scales():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 32, generator=g)
+    r = torch.rand(48, generator=g) + 0.5
+    c = torch.rand(32, generator=g) + 0.5
+    r_fit, c_fit = fit_fold(w, r[:, None] * w * c[None, :])
+    assert torch.allclose(r_fit[:, None] * c_fit[None, :], r[:, None] * c[None, :], rtol=1e-4)
+
+
+# ---- the stage ---------------------------------------------------------------------------------
+
+def test_float_model_has_zero_kl_and_full_agreement(tmp_path, tiny_model_dir):
+    cfg = {**EVAL, "speed": False}
+    ctx, out = run_stage(tmp_path, "evaluate.lm", cfg, stage_id="evaluate", model=ModelRef(tiny_model_dir))
+    m = ctx.metrics
+    assert m["kl_mean"] == 0 and m["kl_max"] == 0 and m["kl_p99"] == 0
+    assert m["top1_agree"] == 1 and m["top5_overlap"] == 1
+    assert m["ppl"] == pytest.approx(m["ppl_fp"]) and m["ppl_ratio"] == pytest.approx(1.0)
+    assert m["ppl_diff_ci_low"] == 0 and m["ppl_diff_ci_high"] == 0
+    assert m["bpw_model"] == pytest.approx(32.0)          # the tiny model is stored in float32
+    assert not any(k.startswith(("prefill", "decode")) for k in m)   # speed: false -> nothing emitted
+    assert "bpw_quantized" not in m
+    assert (out["report"].path / "report.html").is_file()
+
+
+def test_quantized_metrics_protocol_and_artifacts(evaluated):
+    tmp, ctx, report = evaluated
+    m = ctx.metrics
+    for name in ("ppl", "ppl_fp", "ppl_ratio", "kl_mean", "kl_median", "kl_p99", "kl_max", "top1_agree",
+                 "top5_overlap", "bpw_quantized", "bpw_model", "size_bytes", "prefill_tps_ratio", "decode_tps_ratio",
+                 "ppl_diff_ci_low", "ppl_diff_ci_high", "kl_mean_ci_low", "kl_mean_ci_high",
+                 "bpw_quantized_measured", "compression_vs_fp16", "compression_vs_fp32", "prefill_tps", "decode_tps",
+                 "prefill_tps_fp", "decode_tps_fp"):
+        assert name in m and math.isfinite(m[name]), name
+    assert m["kl_mean"] > 0 and m["kl_mean_ci_low"] <= m["kl_mean"] <= m["kl_mean_ci_high"]
+    assert m["ppl_diff_ci_low"] <= m["ppl_diff"] <= m["ppl_diff_ci_high"]
+    # 3-bit g32, fp16 scale + 3-bit zero (spec accounting): 3 + 19/32; stored: uint8 zeros, int32 packing
+    assert m["bpw_quantized"] == pytest.approx(3 + 19 / 32)
+    assert m["bpw_quantized_measured"] >= 3 + 24 / 32
+    assert m["bpw_quantized"] < m["bpw_model"] < 32 and m["compression_vs_fp32"] == pytest.approx(32 / m["bpw_model"])
+    doc = json.loads((report.path / "metrics.json").read_text())
+    proto = doc["protocol"]
+    assert doc["protocol_hash"] == proto["hash"] == ctx.info["tags"]["qflow.protocol_hash"]
+    assert proto["seq_len"] == proto["stride"] == 64 and proto["n_windows"] == 3 and proto["bos"] == "none"
+    assert proto["text_fingerprint"] and proto["tokenizer_vocab_sha256"]
+    assert doc["speed"]["backend"] in ("numba", "torch") and "dequantize-then-matmul" in doc["speed"]["path"]
+    logged = {p.name for p in ctx.artifacts}
+    assert {"metrics.json", "layers.csv", "layers.json", "layer_sqnr.png", "kl_hist.png", "report.html"} <= logged
+    assert (tmp / "run" / "report.html").is_file()
+
+
+def test_per_layer_table(evaluated, tiny_ckpt):
+    _, ctx, report = evaluated
+    doc = json.loads((report.path / "layers.json").read_text())
+    rows = doc["layers"]
+    from qflow.quant.ir import Checkpoint
+
+    assert [r["layer"] for r in rows] == sorted(Checkpoint(tiny_ckpt.path).layers,
+                                               key=lambda n: (int(n.split(".")[2]), [r["layer"] for r in rows].index(n)))
+    assert len(rows) == 14 and rows[0]["layer"].endswith("layers.0.self_attn.q_proj")
+    for r in rows:
+        assert 0 < r["weight_sqnr_db"] < 40 and 0 < r["isolated_sqnr_db"] < 40
+        assert 0.5 < r["isolated_cos"] <= 1 and 0.5 < r["accumulated_cos"] <= 1
+        assert r["n_tokens"] == 2 * 32
+    assert rows[0]["accumulated_sqnr_db"] == pytest.approx(rows[0]["isolated_sqnr_db"])  # first layer: same input
+    assert len(doc["worst"]) == 10 and sorted(r["worst_rank"] for r in rows if r["worst_rank"]) == list(range(1, 11))
+    header = (report.path / "layers.csv").read_text().splitlines()[0]
+    assert "isolated_sqnr_db" in header and "accumulated_sqnr_db" in header
+
+
+def test_identical_layers_report_inf(tmp_path, tiny_model_dir):
+    """8-bit codes of weights that are already on the 8-bit grid reproduce them exactly: SQNR inf."""
+    from qflow.evaluation.layers import layer_report, write_tables
+    from qflow.models.loading import load_model
+    from qflow.quant.apply import apply_checkpoint
+    from qflow.quant.ir import Checkpoint, CheckpointWriter
+    from qflow.quant.spec import QuantSpec
+
+    fp, _ = load_model(tiny_model_dir)
+    spec = QuantSpec(bits=8, group_size=32, scale_dtype="float32")
+    name = "model.layers.0.mlp.down_proj"
+    out_f, in_f = fp.get_submodule(name).weight.shape
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 256, (out_f, in_f), generator=g, dtype=torch.uint8)
+    scale = torch.full((out_f, in_f // 32), 0.001)
+    zero = torch.full((out_f, in_f // 32), 128.0)
+    writer = CheckpointWriter(tmp_path / "ckpt", base_model=str(tiny_model_dir), method="test")
+    writer.add_quantized(name, spec, codes, scale, zero)
+    ckpt = writer.close()
+    with torch.no_grad():  # make the float model hold exactly the dequantized weight
+        fp.get_submodule(name).weight.copy_(ckpt.dequantized(name))
+    q, _ = load_model(tiny_model_dir)
+    q.get_submodule(name).weight.data.copy_(fp.get_submodule(name).weight)
+    q = apply_checkpoint(q, Checkpoint(ckpt.path), mode="dequant")
+    ids = torch.randint(0, 1000, (1, 16), generator=g)
+    rows = layer_report(fp, q, ckpt, ids)
+    assert rows[0]["weight_sqnr_db"] == math.inf and rows[0]["isolated_sqnr_db"] == math.inf
+    csv_path, json_path = write_tables(rows, tmp_path / "t")
+    assert json.loads(json_path.read_text())["layers"][0]["isolated_sqnr_db"] == "inf"
+    assert ",inf," in csv_path.read_text()
+
+
+def test_layer_report_on_calibration_windows(tmp_path, tiny_ckpt, tiny_model_dir):
+    calib_dir = tmp_path / "calib"
+    calib_dir.mkdir()
+    torch.save(torch.randint(0, 1000, (3, 40), generator=torch.Generator().manual_seed(0)), calib_dir / "ids.pt")
+    cfg = {**EVAL, "speed": False, "layer_windows": 1}
+    ctx, out = run_stage(tmp_path, "evaluate.lm", cfg, stage_id="evaluate", model=tiny_ckpt,
+                         calib=CalibSet(calib_dir))
+    doc = json.loads((out["report"].path / "layers.json").read_text())
+    assert doc["inputs"].startswith("calibration windows (1 x 32")
+    assert all(r["n_tokens"] == 32 for r in doc["layers"])
+
+
+# ---- lm-eval -----------------------------------------------------------------------------------
+
+def test_lm_eval_stage_reports_missing_package(monkeypatch, tmp_path, tiny_model_dir):
+    import importlib.util
+
+    from stages import evaluate_lm_eval
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    cls = get("evaluate.lm_eval")
+    assert cls is evaluate_lm_eval.EvaluateLMEval
+    cfg = cls.Config.model_validate({"tasks": ["hellaswag"]})
+    problems = cls().check(cfg, {})
+    assert problems and "pip install lm-eval" in problems[0]
+    with pytest.raises(StageError, match="pip install lm-eval"):
+        cls().run(make_ctx(tmp_path, "lm_eval", "evaluate.lm_eval"), cfg, model=ModelRef(tiny_model_dir))
