@@ -109,28 +109,34 @@ def kl_histogram(kl: np.ndarray | None, path: Path, stats: dict[str, float]) -> 
     return _save(fig, path)
 
 
-def pareto_scatter(xs: Sequence[float], ys: Sequence[float], labels: Sequence[str], front: Sequence[int],
+def pareto_scatter(xs: Sequence[float], ys: Sequence[float], labels: Sequence[str], highlight: Sequence[int],
                    groups: Sequence[str], path: Path, *, xlabel: str, ylabel: str,
                    x_dir: str = "min", y_dir: str = "min", title: str = "") -> Path:
-    """Scatter of points with the 2-D Pareto front of (x, y) drawn as a step line; one marker per group."""
+    """Scatter with the 2-D Pareto front of (x, y) of each group drawn as a step line.
+
+    ``highlight`` (e.g. the members of the N-D Pareto set) are drawn in red, the rest in grey;
+    each group (evaluation protocol) gets its own marker and its own front.
+    """
+    from .pareto import pareto_front
+
     fig = _figure(7.5, 5.0)
     ax = fig.add_subplot(1, 1, 1)
-    front_set = set(front)
+    marked = set(highlight)
     uniq = list(dict.fromkeys(groups))
     for g_i, g in enumerate(uniq):
         idx = [i for i, gg in enumerate(groups) if gg == g]
         marker = PROTOCOL_MARKERS[g_i % len(PROTOCOL_MARKERS)]
         ax.scatter([xs[i] for i in idx], [ys[i] for i in idx], marker=marker, s=36,
-                   c=["#d62728" if i in front_set else "#7f7f7f" for i in idx],
+                   c=["#d62728" if i in marked else "#7f7f7f" for i in idx],
                    label=(f"protocol {g}" if len(uniq) > 1 else None), zorder=3)
+        front = pareto_front([{"x": xs[i], "y": ys[i]} for i in idx], {"x": x_dir, "y": y_dir})
+        pts = sorted((xs[idx[k]], ys[idx[k]]) for k in front)
+        if len(pts) > 1:
+            ax.step([p[0] for p in pts], [p[1] for p in pts], where="post" if x_dir == "min" else "pre",
+                    color="#d62728", linewidth=1.1, alpha=0.8, zorder=2,
+                    label="2-D front" if g_i == 0 else None)
     for i, label in enumerate(labels):
         ax.annotate(label, (xs[i], ys[i]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    if front:
-        pts = sorted((xs[i], ys[i]) for i in front)
-        if x_dir == "max":
-            pts = pts[::-1]
-        ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="#d62728", linewidth=1.2,
-                label="Pareto front", zorder=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
