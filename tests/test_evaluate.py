@@ -178,6 +178,37 @@ def test_identical_layers_report_inf(tmp_path, tiny_model_dir):
     assert ",inf," in csv_path.read_text()
 
 
+def test_folded_scales_are_mapped_back_before_comparing(tmp_path, tiny_model_dir):
+    """An AWQ-like checkpoint (norm / s, q/k/v columns * s, then W8) compares as W8, not as a rescaled layer."""
+    from qflow.evaluation.layers import layer_report
+    from qflow.kernels import dispatch
+    from qflow.models.loading import load_model
+    from qflow.quant.apply import apply_checkpoint
+    from qflow.quant.ir import CheckpointWriter
+    from qflow.quant.spec import QuantSpec
+
+    fp, _ = load_model(tiny_model_dir)
+    g = torch.Generator().manual_seed(2)
+    s = torch.rand(64, generator=g) * 1.5 + 0.5
+    spec = QuantSpec(bits=8, group_size=32)
+    writer = CheckpointWriter(tmp_path / "ckpt", base_model=str(tiny_model_dir), method="awq-like")
+    norm = "model.layers.0.input_layernorm.weight"
+    writer.add_float(norm, fp.get_parameter(norm).detach() / s)
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{proj}"
+        w = fp.get_submodule(name).weight.detach() * s[None, :]
+        scale, zero = dispatch.compute_params(w, spec)
+        writer.add_quantized(name, spec, dispatch.quantize(w, scale, zero, spec), scale, zero)
+    ckpt = writer.close()
+    q, _ = load_model(tiny_model_dir)
+    q = apply_checkpoint(q, ckpt, mode="dequant")
+    rows = layer_report(fp, q, ckpt, torch.randint(0, 1000, (2, 24), generator=g))
+    assert [r["layer"].rsplit(".", 1)[1] for r in rows] == ["q_proj", "k_proj", "v_proj"]
+    for r in rows:
+        assert r["fold_corrected"]
+        assert r["weight_sqnr_db"] > 35 and r["isolated_sqnr_db"] > 35 and r["accumulated_sqnr_db"] > 35, r
+
+
 def test_layer_report_on_calibration_windows(tmp_path, tiny_ckpt, tiny_model_dir):
     calib_dir = tmp_path / "calib"
     calib_dir.mkdir()

@@ -103,8 +103,13 @@ def _short(key: str) -> str:
 
 def label_points(points: list[Point], max_items: int = 4) -> None:
     """Label each point by the parameters whose values differ between points (else by its name)."""
-    keys = sorted({k for p in points for k in p.params})
-    differing = [k for k in keys if len({p.params.get(k) for p in points}) > 1]
+    keys = sorted({k for p in points for k in p.params}, key=lambda k: (len(k), k))
+    differing, seen = [], set()
+    for k in keys:
+        column = tuple(p.params.get(k) for p in points)
+        if len(set(column)) > 1 and column not in seen:   # params.bits and stages.q.with.bits: say it once
+            seen.add(column)
+            differing.append(k)
     shorts = [_short(k) for k in differing]
     names = [s if shorts.count(s) == 1 else k for s, k in zip(shorts, differing)]
     for p in points:
@@ -269,8 +274,12 @@ def pareto_report_for_points(points: list[dict[str, Any]], folder: Path,
                              objectives: dict[str, str] | None = None,
                              constraints: Iterable[str] = ()) -> Path | None:
     """The sweep hook: a Pareto report of a sweep's points in ``folder`` (None when nothing to compare)."""
-    report = build_report(points_from_sweep(points), Path(folder), objectives, constraints,
-                          title=f"Pareto report: sweep {Path(folder).parent.name}")
+    try:
+        report = build_report(points_from_sweep(points), Path(folder), objectives, constraints,
+                              title=f"Pareto report: sweep {Path(folder).parent.name}")
+    except Exception as exc:  # the sweep's results stand without the report: say why it is missing
+        print(f"warning: no Pareto report for this sweep ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
     return report.folder if report else None
 
 

@@ -10,7 +10,8 @@ there; the numbers say what this build does, not what a fused kernel could.
 One repeat = a prefill of ``prefill_tokens`` (batch 1, KV cache built) then
 ``decode_tokens`` greedy steps with the KV cache, timed separately. Float and
 quantized repeats alternate so that load on a shared machine hits both alike;
-``warmup`` repeats (numba JIT, allocator) are not timed. Reported: median
+``warmup`` short untimed repeats (64-token prefill, 4 decode steps) come first:
+they compile the numba kernels and allocate every code path at a fraction of the cost. Reported: median
 tokens/s, p90 seconds (nearest rank), and quantized/float ratios.
 
 Example::
@@ -28,6 +29,8 @@ from typing import Any, Callable
 
 import torch
 
+WARMUP_PREFILL = 64     # tokens of a warm-up prefill
+WARMUP_DECODE = 4       # decode steps of a warm-up
 CPU_PATH_NOTE = "CPU: dequantize-then-matmul (no fused int4 GEMM kernel on CPU)"
 
 
@@ -80,12 +83,16 @@ def measure_speed(fp_model, q_model, prompt: torch.Tensor, *, decode_tokens: int
     models = {"fp": fp_model} if q_model is None else {"fp": fp_model, "q": q_model}
     times: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in models}
     with torch.inference_mode():
-        for i in range(warmup + repeats):
+        for _ in range(warmup):  # short: enough to compile (numba JIT) and allocate every code path
+            for model in models.values():
+                _one_repeat(model, prompt[:, :WARMUP_PREFILL], min(decode_tokens, WARMUP_DECODE))
+            if progress:
+                progress(1)
+        for _ in range(repeats):
             for key, model in models.items():
                 prefill, decode = _one_repeat(model, prompt, decode_tokens)
-                if i >= warmup:
-                    times[key]["prefill"].append(prefill)
-                    times[key]["decode"].append(decode)
+                times[key]["prefill"].append(prefill)
+                times[key]["decode"].append(decode)
             if progress:
                 progress(1)
     n_prefill = int(prompt.shape[1])
