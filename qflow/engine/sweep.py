@@ -72,7 +72,8 @@ class SweepTask:
 
         hc = HydraConfig.get()
         job = str(hc.job.num)
-        overrides = list(hc.overrides.task)
+        # launcher/sweeper choices are not part of a point's identity
+        overrides = [o for o in hc.overrides.task if not o.lstrip("+~").startswith(("hydra", "lib/launcher"))]
         point_dir = Path(self.sweep_dir) / job
         point_dir.mkdir(parents=True, exist_ok=True)
         (point_dir / "status.json").write_text(json.dumps({"status": "running", "overrides": overrides,
@@ -163,6 +164,11 @@ def run_sweep(recipe: str, overrides: list[str], opts, *, as_json: bool = False,
             f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}",
             "hydra.job.chdir=False", "hydra/job_logging=none", "hydra/hydra_logging=none",
             "hydra.output_subdir=null"]
+    from ..recipe.compose import _yaml_preflight, search_path
+
+    sp = search_path(list(opts.libraries or []), runs_root / "cache", _yaml_preflight(path))
+    if sp:
+        argv.append("hydra.searchpath=[" + ",".join(sp) + "]")
     if effective_jobs > 1 and not has_launcher:
         argv += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={effective_jobs}"]
     if any(o.startswith("hydra/sweeper=optuna") for o in overrides) and sweep_cfg.get("objective"):
