@@ -183,15 +183,15 @@ def _map_checked(ckpt, name: str, layout: str, dtype: str, on_unsupported: str, 
     return m, q
 
 
-def plan_layers(ckpt, layout: str, dtype: str = "float32", gptq_format: str = "auto") -> dict[str, dict[str, Any]]:
-    """How each IR layer maps onto ``layout``, without writing: {name: {status, notes, sqnr_db}}.
-
-    ``status`` is exact, rounded or unsupported.
+def plan_layers(ckpt, layout: str, dtype: str = "float32", gptq_format: str = "auto",
+                names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """How each IR layer (or each of ``names``) maps onto ``layout``, without writing:
+    {name: {status, notes, sqnr_db}}; ``status`` is exact, rounded or unsupported.
     """
     if layout == "gptq" and gptq_format == "auto":
         gptq_format = _gptq_auto_format(ckpt)
     out = {}
-    for name in ckpt.layers:
+    for name in names or ckpt.layers:
         try:
             m, q = _map_checked(ckpt, name, layout, dtype, "error", "round", gptq_format)
             out[name] = {"status": m.status, "notes": m.notes, "sqnr_db": q}
