@@ -140,7 +140,9 @@ def _group_info(method: str, t: dict[str, dict[str, Any]], qcfg: dict[str, Any],
         bits = qcfg.get("bits") or (round(qw[0] * 32 / cols) if cols else None)
         cols = cols or (qw[0] * 32 // bits if bits else None)
         out.update(bits=bits, shape=[qw[1], cols])
-        if cols:
+        if qcfg.get("group_size"):
+            out["group_size"] = qcfg["group_size"]
+        elif cols:
             out["group_size"] = -1 if sc[0] == 1 else cols // sc[0]
         if "sym" in qcfg:
             out["symmetric"] = bool(qcfg["sym"])
