@@ -52,7 +52,8 @@ def cmd_run(args) -> int:
     if args.multirun:
         from .engine.sweep import run_sweep
 
-        return run_sweep(args.recipe, args.overrides, opts, as_json=args.json, jobs=args.jobs)
+        return run_sweep(args.recipe, args.overrides, opts, as_json=args.json, jobs=args.jobs,
+                         objective=args.objective, constraints=args.constraint)
     plan = load_plan(args.recipe, args.overrides, opts)
     result = execute(plan, opts, args.overrides)
     if args.json:
@@ -305,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="Hydra overrides: key=value, +key=value, ~key")
     r.add_argument("-m", "--multirun", action="store_true", help="sweep over comma lists / range() / choice()")
     r.add_argument("-j", "--jobs", type=int, default=1, help="parallel sweep points (local)")
+    r.add_argument("--objective", help="sweep objective METRIC[:min|max], e.g. evaluate/kl_mean:min (Optuna)")
+    r.add_argument("--constraint", action="append", help="sweep constraint, e.g. evaluate/bpw_quantized<=3.5")
     r.add_argument("--dry-run", action="store_true", help="print the plan, its keys and cache status")
     r.add_argument("--only", metavar="ID", help="run only this stage (upstream from the cache)")
     r.add_argument("--from", dest="from_", metavar="ID", help="recompute this stage and everything after it")

@@ -20,6 +20,8 @@ A recipe may declare its sweep::
       objective: evaluate/kl_mean          # what optuna minimizes (or maximizes)
       direction: minimize
       constraints: ["evaluate/bpw_quantized<=4.6"]
+      sweeper: optuna                      # optional: hydra-optuna-sweeper (TPE) instead of the grid
+      n_trials: 6
 """
 
 from __future__ import annotations
@@ -139,7 +141,8 @@ def estimate_point_bytes(recipe: str, overrides: list[str], opts) -> int | None:
     return max(known) if known else 2 * 2**30
 
 
-def run_sweep(recipe: str, overrides: list[str], opts, *, as_json: bool = False, jobs: int = 1) -> int:
+def run_sweep(recipe: str, overrides: list[str], opts, *, as_json: bool = False, jobs: int = 1,
+              objective: str | None = None, constraints: list[str] | None = None) -> int:
     import hydra
 
     path = Path(recipe)
@@ -150,9 +153,27 @@ def run_sweep(recipe: str, overrides: list[str], opts, *, as_json: bool = False,
     declared = sweep_cfg.get("params") or {}
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
     overrides += [f"{k}={v}" for k, v in declared.items() if k not in given]
-    sweep_cfg = {k: v for k, v in sweep_cfg.items() if k != "params"}
+    sweeper = sweep_cfg.get("sweeper")
+    if sweeper and not any(o.startswith("hydra/sweeper=") for o in overrides):
+        overrides.append(f"hydra/sweeper={sweeper}")
+    if sweep_cfg.get("n_trials") and not any(o.startswith("hydra.sweeper.n_trials=") for o in overrides):
+        overrides.append(f"hydra.sweeper.n_trials={int(sweep_cfg['n_trials'])}")
+    sweep_cfg = {k: v for k, v in sweep_cfg.items() if k not in ("params", "sweeper", "n_trials")}
+    if objective:
+        name, _, direction = objective.partition(":")
+        sweep_cfg["objective"] = name
+        sweep_cfg["direction"] = {"max": "maximize", "min": "minimize", "": sweep_cfg.get("direction", "minimize"),
+                                  "maximize": "maximize", "minimize": "minimize"}.get(direction, direction)
+    if constraints:
+        sweep_cfg["constraints"] = list(sweep_cfg.get("constraints", [])) + list(constraints)
     for c in sweep_cfg.get("constraints", []):
         parse_constraint(c)
+    if sweep_cfg.get("direction", "minimize") not in ("minimize", "maximize"):
+        raise RecipeError(f"unknown sweep direction {sweep_cfg['direction']!r}", where=f"{recipe}: sweep.direction",
+                          fix="use minimize or maximize (or --objective METRIC:min|max)")
+    if any(o.startswith("hydra/sweeper=optuna") for o in overrides) and not sweep_cfg.get("objective"):
+        raise RecipeError("an Optuna sweep needs an objective", where=f"{recipe}: sweep.objective",
+                          fix="pass --objective evaluate/kl_mean (or declare sweep.objective in the recipe)")
 
     runs_root = Path(opts.runs_root).resolve()
     name = path.stem
