@@ -46,6 +46,9 @@ def load_model(
     >>> model, tokenizer = load_model("runs/cache/models/gguf-...", dtype=torch.float32)
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # qflow draws its own progress; keep stderr readable
 
     path = Path(path)
     if not (path / "config.json").is_file():
