@@ -38,10 +38,12 @@ class ExportOnnxConfig(StageConfig):
     benchmark: bool = True
     prompt_len: int = Field(512, ge=1)
     gen_tokens: int = Field(64, ge=1)
-    warmup: int = Field(1, ge=0, description="discarded repeats (each = prefill + gen_tokens decode steps)")
+    warmup: int = Field(1, ge=0, description="untimed runs per model first (prefill + 8 decode steps each)")
     repeats: int = Field(3, ge=1, description="timed repeats; decode medians use every timed step")
     threads_multi: int = Field(0, ge=0, description="intra-op threads of the multi-threaded run (0: all cores)")
     multi_threaded: bool = True
+    spinning_multi: bool = Field(False, description="let onnxruntime's worker threads spin in the multi-threaded "
+                                                    "run (faster on idle cores, slower on a shared machine)")
     keep_float: bool = Field(False, description="keep the float32 export in the output (fp32/)")
 
 
@@ -177,7 +179,9 @@ class ExportOnnx(Stage):
                 for label, threads in runs:
                     timing[label] = speed_compare(models, threads=threads, prompt_len=cfg.prompt_len,
                                                   gen_tokens=cfg.gen_tokens, warmup=cfg.warmup,
-                                                  repeats=cfg.repeats, seed=ctx.seed, progress=bar.update)
+                                                  repeats=cfg.repeats, seed=ctx.seed,
+                                                  spinning=True if threads == 1 else cfg.spinning_multi,
+                                                  progress=bar.update)
             quant_names = [n for n in models if n != "fp32"]
             best = min(quant_names, key=lambda n: timing["st"][n]["decode_ms"])
             for label, res in timing.items():

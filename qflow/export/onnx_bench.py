@@ -191,24 +191,34 @@ class Timing:
                 "n_prefill": len(self.prefill_s), "n_decode": len(self.decode_s)}
 
 
+WARMUP_DECODE_STEPS = 8
+
+
 def time_side_by_side(decoders: dict[str, OnnxDecoder], prompt: np.ndarray, n_new: int, *, warmup: int = 1,
                       repeats: int = 3, progress: Callable[[], None] | None = None) -> dict[str, Timing]:
     """Prefill ``prompt`` then greedily decode ``n_new`` tokens with each decoder, interleaved.
 
-    Each repeat runs every decoder once (order rotated per repeat); the first
-    ``warmup`` repeats are discarded. Per-token decode latency uses every timed step.
+    ``warmup`` untimed runs per decoder first (a prefill and up to 8 decode steps
+    each: first-run allocations, weight prepacking, caches); then ``repeats`` timed
+    rounds, each running every decoder once (order rotated per round, so slow drifts
+    of background load hit all decoders alike). Per-token decode latency uses every
+    timed step.
     """
     names = list(decoders)
     out = {n: Timing() for n in names}
-    for r in range(warmup + repeats):
+    for _ in range(warmup):
+        for name in names:
+            decoders[name].greedy(prompt, min(n_new, WARMUP_DECODE_STEPS))
+            if progress:
+                progress()
+    for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             _, prefill, steps = decoders[name].greedy(prompt, n_new)
-            if r >= warmup:
-                t = out[name]
-                t.prefill_s.append(prefill)
-                t.decode_s.extend(steps)
-                t.decode_run_s.append(float(np.mean(steps)) if steps else float("nan"))
+            t = out[name]
+            t.prefill_s.append(prefill)
+            t.decode_s.extend(steps)
+            t.decode_run_s.append(float(np.mean(steps)) if steps else float("nan"))
             if progress:
                 progress()
     return out

@@ -105,14 +105,18 @@ def machine() -> dict[str, Any]:
 
 def speed_compare(models: dict[str, str | Path], *, baseline: str = "fp32", threads: int | None = 1,
                   prompt_len: int = 512, gen_tokens: int = 64, warmup: int = 1, repeats: int = 3,
-                  vocab: int | None = None, seed: int = 0, progress: Callable[[], None] | None = None
-                  ) -> dict[str, dict[str, float]]:
+                  vocab: int | None = None, seed: int = 0, spinning: bool | None = None,
+                  progress: Callable[[], None] | None = None) -> dict[str, dict[str, float]]:
     """Prefill/decode latency of each model (name -> path) and its speedup over ``baseline``.
 
     All sessions live in one process with the same thread count and are timed
     interleaved; speedups are ratios of medians (``prefill_speedup``, ``decode_speedup``).
+    Multi-threaded sessions default to no spinning: on a shared machine (other
+    processes on the cores) spinning workers were measured 1.7x slower at decode.
     """
-    decoders = {name: OnnxDecoder(make_session(path, threads)) for name, path in models.items()}
+    if spinning is None:  # busy-waiting workers only pay off on otherwise idle cores
+        spinning = threads == 1
+    decoders = {name: OnnxDecoder(make_session(path, threads, spinning=spinning)) for name, path in models.items()}
     try:
         first = next(iter(decoders.values()))
         v = vocab or first.session.get_outputs()[0].shape[-1]

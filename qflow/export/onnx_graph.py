@@ -3,8 +3,9 @@
 The graph is the one onnxruntime's own LLM builder emits for CPU, fused where
 onnxruntime has fused kernels:
 
-* token embedding ``Gather``; RMSNorm as ``SimplifiedLayerNormalization`` (first
-  norm) and ``com.microsoft.SkipSimplifiedLayerNormalization`` (residual add + norm);
+* token embedding ``Gather``; RMSNorm as plain ops for the first norm (onnxruntime
+  fuses them into ``SimplifiedLayerNormalization``; the graph stays checker-clean) and
+  ``com.microsoft.SkipSimplifiedLayerNormalization`` (residual add + norm) after that;
 * attention = one packed QKV projection + ``com.microsoft.GroupQueryAttention``
   (rotary inside, GQA heads, BNSH KV cache ``past_key_values.N.key/value`` in,
   ``present.N.key/value`` out) + ``o_proj``;
@@ -192,6 +193,15 @@ class LinearWeights:
     perm: np.ndarray | None = None        # act-order: input columns gathered before the matmul
 
 
+def unpack_internal(qweight: np.ndarray, bits: int, in_features: int) -> np.ndarray:
+    """qflow's internal int32 packing (METHODS.md §2.1, ``32 // bits`` codes per word from the LSB) -> uint8 codes."""
+    per = 32 // bits
+    words = np.ascontiguousarray(qweight).view(np.uint32)
+    shifts = (np.arange(per, dtype=np.uint32) * bits)
+    codes = (words[..., None] >> shifts) & np.uint32((1 << bits) - 1)
+    return codes.reshape(words.shape[0], -1)[:, :in_features].astype(np.uint8)
+
+
 def _static_group_perm(g_idx: np.ndarray, group: int, name: str) -> np.ndarray | None:
     """Column order that makes act-order groups contiguous, or None when g_idx is already i // group."""
     g_idx = np.asarray(g_idx, dtype=np.int64)
@@ -208,11 +218,14 @@ def _static_group_perm(g_idx: np.ndarray, group: int, name: str) -> np.ndarray |
 
 def quantized_linear(ckpt: Any, name: str) -> LinearWeights:
     """A checkpoint layer as MatMulNBits (weight-only) or W8A8 (activation bits) weights."""
+    from qflow.quant.ir import decode_params
+
     rec = ckpt.layers[name]
     spec = rec.spec
-    codes, scale, zero = (t.numpy() for t in ckpt.params(name))
     t = ckpt.layer_tensors(name)
     n, k = rec.out_features, rec.in_features
+    codes = unpack_internal(t["qweight"].numpy(), spec.bits, k)
+    scale, zero = (x.numpy() for x in decode_params(spec, t))
     if spec.format != "int":
         raise OnnxExportError(f"{name}: format {spec.format} is a lookup table; MatMulNBits holds integer codes only",
                               fix="quantize with format: int for ONNX export")
@@ -526,8 +539,13 @@ def build_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ckpt
             nonlocal residual, pending
             gamma = g.init(weight_key, src.get(weight_key))
             if pending is None:
-                return g.one("SimplifiedLayerNormalization", [residual, gamma], axis=-1, epsilon=dims.rms_eps,
-                             stash_type=1, name=name)
+                # plain ONNX ops (checker-clean); onnxruntime fuses them into SimplifiedLayerNormalization
+                sq = g.one("Pow", [residual, g.const("two", np.array(2.0, np.float32))], name=f"{name}/Pow")
+                var = g.one("ReduceMean", [sq, g.const("axes", np.array([-1], np.int64))], keepdims=1,
+                            name=f"{name}/ReduceMean")
+                var = g.one("Add", [var, g.const("eps", np.array(dims.rms_eps, np.float32))], name=f"{name}/Add")
+                normed = g.one("Div", [residual, g.one("Sqrt", [var], name=f"{name}/Sqrt")], name=f"{name}/Div")
+                return g.one("Mul", [normed, gamma], name=f"{name}/Mul")
             out, _, _, summed = g.node("SkipSimplifiedLayerNormalization", [pending, residual, gamma],
                                        [f"{name}/out", "", "", f"{name}/residual"], domain=MS_DOMAIN,
                                        epsilon=dims.rms_eps, name=name)
