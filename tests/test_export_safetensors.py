@@ -327,12 +327,36 @@ def test_compressed_tensors_library_reads_export(irs, tmp_path, ir):
         assert kl < 1e-12 and max_abs == 0
 
 
+@pytest.mark.skipif(not HAS_CT, reason="compressed-tensors not installed")
+@pytest.mark.parametrize("ir", ["asym4", "sym4", "asym3"])
+def test_compressed_tensors_compressor_writes_the_same_tensors(irs, ir):
+    """The library's own compressor, fed the IR's float weight, scale and zero point, packs to our bytes."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    layer = mapping.load_ir_layer(irs[ir], "model.layers.1.self_attn.o_proj")
+    ours = mapping.to_compressed_tensors(layer, "float32")
+    scheme = QuantizationScheme(targets=["Linear"], weights=ours.scheme["weights"])
+    half = 1 << (layer.spec.bits - 1)
+    state = {"weight": torch.from_numpy(layer.dequantized()), "weight_scale": torch.from_numpy(layer.scale),
+             "weight_zero_point": torch.from_numpy((np.rint(layer.zero) - half).astype(np.int8))}
+    theirs = BaseCompressor.get_value_from_registry("pack-quantized").compress(state, scheme)
+    assert set(theirs) == set(ours.tensors)
+    for k, v in ours.tensors.items():
+        assert np.array_equal(theirs[k].numpy(), v), k
+
+
 def test_fp16_export_is_close(irs, tmp_path):
     out = tmp_path / "fp16"
     rep = export_hf_folder(irs["awq4"], out, dtype="float16")
     assert rep["dtype"] == "float16" and rep["n_exact"] == len(irs["awq4"].layers)  # fp16 scales are exact
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["dtype"] == "float16"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as h:
+        assert h.get_tensor("model.layers.0.mlp.up_proj.weight_scale").dtype == torch.float16
+        assert h.get_tensor("model.embed_tokens.weight").dtype == torch.float16
     model, _ = load_exported_model(out)
     kl, _ = logits_kl(irs["awq4"], model)
     assert 0 < kl < 1e-4

@@ -246,10 +246,8 @@ def export_hf_folder(ckpt, out_dir: str | Path, *, layout: str = "compressed-ten
                     m, q = _map_checked(ckpt, module, layout, dtype, on_unsupported, on_inexact, gptq_format)
                     for suffix, arr in m.tensors.items():
                         store = None
-                        if suffix == "weight" and m.status == "float":
-                            store = dtype
-                        elif suffix == "weight_scale" and dtype == "bfloat16":
-                            store = "bfloat16"
+                        if (suffix == "weight" and m.status == "float") or suffix == "weight_scale":
+                            store = dtype  # compressed-tensors scales live in the model dtype
                         writer.add(f"{module}.{suffix}", _torch(arr, store))
                     schemes[module] = m.scheme if m.status != "float" else None
                     notes += m.notes
