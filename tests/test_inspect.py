@@ -197,3 +197,15 @@ def test_cli_inspect_json_and_text(tmp_path, capsys):
     assert json.loads(done.stdout)["method"] == "awq-gemm"
     missing = run_cli("inspect", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_identifies_qflow_onnx_export(irs, tmp_path):
+    onnx_graph = pytest.importorskip("qflow.export.onnx_graph")
+    if not hasattr(onnx_graph, "build_onnx"):
+        pytest.skip("ONNX exporter not available")
+    ckpt = irs["asym4"]
+    onnx_graph.build_onnx(ckpt.base_model, tmp_path / "onnx", ckpt=ckpt)
+    info = inspect_path(tmp_path / "onnx")
+    assert info["format"] == "onnx" and info["method"] == "matmulnbits"
+    assert info["bits"] == 4 and info["group_size"] == 32 and info["symmetric"] is False
+    assert info["qflow"]["method"] == "rtn" and info["n_quantized"] >= 4
