@@ -141,6 +141,8 @@ def test_export_files_and_graph(rtn_export):
     ops = [n.op_type for n in graph.node]
     assert ops.count("MatMulNBits") == 2 * 4                  # packed qkv, o, packed gate|up, down per layer
     assert ops.count("GroupQueryAttention") == 2 and ops.count("SkipSimplifiedLayerNormalization") == 4
+    head = next(n for n in graph.node if n.output[0] == "logits")
+    assert head.op_type == "FusedMatMul" and head.input[1] == "model.embed_tokens.weight"   # tied: one copy
     nb = next(n for n in graph.node if n.op_type == "MatMulNBits")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nb.attribute}
     assert attrs["block_size"] == 32 and attrs["bits"] == 4 and attrs["accuracy_level"] == 0
@@ -200,7 +202,7 @@ def test_float_export_same_graph(tiny_model_dir, rtn_ckpt, rtn_reference, eval_i
 
 
 def test_unfused_and_act_order(tiny_model_dir, eval_ids, tmp_path):
-    """Separate q/k/v, gate/up nodes; act-order g_idx turned into static groups (column Gather)."""
+    """Separate q/k/v, gate/up nodes, MatMul head; act-order g_idx turned into static groups (column Gather)."""
     import onnx
 
     from qflow.export.onnx_check import reference_logits, roundtrip
@@ -209,9 +211,12 @@ def test_unfused_and_act_order(tiny_model_dir, eval_ids, tmp_path):
 
     ckpt = _write_ckpt(tmp_path / "ck", tiny_model_dir, QuantSpec(bits=4, group_size=16, symmetric=True), g_idx_seed=3)
     info = build_onnx(tiny_model_dir, tmp_path / "onnx", ckpt=ckpt,
-                      settings=ExportSettings(fuse_qkv=False, fuse_gate_up=False))
-    ops = [n.op_type for n in onnx.load(str(info.model_path), load_external_data=False).graph.node]
-    assert ops.count("MatMulNBits") == 14
+                      settings=ExportSettings(fuse_qkv=False, fuse_gate_up=False, lm_head="matmul"))
+    graph = onnx.load(str(info.model_path), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulNBits") == 14 and "FusedMatMul" not in ops
+    perms = [n for n in graph.node if n.op_type == "Gather" and n.name.endswith("/perm")]
+    assert len(perms) == 14
     ref = reference_logits(ckpt, eval_ids[:1])
     res = roundtrip(_decoder(info.model_path), eval_ids[:1], ref, kv_tokens=0)
     assert res["max_abs_diff"] < 1e-3 and res["top1_agree"] == 1.0
