@@ -8,7 +8,6 @@ import itertools
 import json
 import os
 import select
-import shutil
 import subprocess
 import time
 from pathlib import Path
