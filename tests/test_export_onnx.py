@@ -179,8 +179,8 @@ def test_kv_cache_numpy_and_shared_buffer(rtn_export, eval_ids):
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-4, rtol=0)
     dec.start(row.shape[1] + 4)
-    shared = [dec.step(row[:, :20]), dec.step(row[:, 20:21]), dec.step(row[:, 21:22])]
-    np.testing.assert_allclose(np.concatenate(shared, axis=1), full[:, :22], atol=1e-4, rtol=0)
+    shared = [dec.step(row[:, :20]), dec.step(row[:, 20:21]), dec.step(row[:, 21:22]), dec.step(row[:, 22:30])]
+    np.testing.assert_allclose(np.concatenate(shared, axis=1), full[:, :30], atol=1e-4, rtol=0)  # chunk too
     tokens, prefill_s, steps_s = dec.greedy(row[:, :8], 4)
     assert len(tokens) == 5 and len(steps_s) == 4 and prefill_s > 0
     assert tokens[0] == int(full[0, 7].argmax())

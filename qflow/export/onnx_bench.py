@@ -58,6 +58,7 @@ class OnnxDecoder:
         self.head_dim = int(dims["head_dim"])
         self.max_positions = int(dims["max_positions"])
         self._kv: list[Any] = []
+        self._bind: Any = None
         self._max_len = 0
         self.length = 0
 
@@ -89,6 +90,16 @@ class OnnxDecoder:
             shape = (1, self.n_kv_heads, max_len, self.head_dim)
             self._kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in range(2 * self.n_layers)]
             self._max_len = max_len
+            # one binding for the whole generation: the cache buffers stay bound, each step rebinds
+            # only input_ids / attention_mask / logits (saves ~0.6 ms of Python per token)
+            bind = self.session.io_binding()
+            bind.bind_output("logits")  # first: get_outputs()[0]; rebinding keeps the slot
+            for i in range(self.n_layers):
+                for j, kv in enumerate(("key", "value")):
+                    buf = self._kv[2 * i + j]
+                    bind.bind_ortvalue_input(f"past_key_values.{i}.{kv}", buf)
+                    bind.bind_ortvalue_output(f"present.{i}.{kv}", buf)
+            self._bind = bind
         self.length = 0
 
     def step(self, ids: np.ndarray) -> np.ndarray:
@@ -97,15 +108,10 @@ class OnnxDecoder:
         total = self.length + ids.shape[1]
         if total > self._max_len:
             raise ValueError(f"cache full: {total} > {self._max_len} positions; call start() with a larger max_len")
-        bind = self.session.io_binding()
+        bind = self._bind
         bind.bind_cpu_input("input_ids", ids)
         bind.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
-        bind.bind_output("logits")
-        for i in range(self.n_layers):
-            for j, kv in enumerate(("key", "value")):
-                buf = self._kv[2 * i + j]
-                bind.bind_ortvalue_input(f"past_key_values.{i}.{kv}", buf)
-                bind.bind_ortvalue_output(f"present.{i}.{kv}", buf)
+        bind.bind_output("logits")  # unallocated again: its shape changes with the step length
         self.session.run_with_iobinding(bind)
         self.length = total
         return bind.get_outputs()[0].numpy()
