@@ -130,7 +130,8 @@ class ExportOnnx(Stage):
 
         tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
         ids = token_windows(cfg.data, tok, cfg.n_windows, ctx.runs_root / "cache", where=f"{where}.with")
-        levels = sorted(set(info.variants))
+        has_nbits = bool(info.linear_kinds.get("nbits"))
+        levels = sorted(set(info.variants)) if has_nbits else [0]   # accuracy_level only acts on MatMulNBits
         with ctx.progress(len(ids) * (1 + len(levels)), "round trip") as bar:
             ref = reference_logits(ckpt, ids, model_dir=base_dir, progress=bar.update)
             rts: dict[int, dict] = {}
@@ -160,7 +161,9 @@ class ExportOnnx(Stage):
 
         # ---- speed: quantized vs float32 export of the same graph -----------------
         timing: dict = {}
-        if cfg.benchmark:
+        if cfg.benchmark and ckpt is None:
+            ctx.log.info("float model: no quantized graph to time against the float32 export")
+        if cfg.benchmark and ckpt is not None:
             fp_dir = (out / "fp32") if cfg.keep_float else (ctx.scratch / "fp32")
             if fp_dir.exists():
                 shutil.rmtree(fp_dir)
@@ -168,11 +171,10 @@ class ExportOnnx(Stage):
             fp_info = build_onnx(base_dir, fp_dir, ckpt=ckpt, mode="float", settings=settings,
                                  max_positions=cfg.max_positions)
             models = {"fp32": fp_info.model_path}
-            has_nbits = bool(info.linear_kinds.get("nbits"))
             if has_nbits:
                 models |= {f"acc{lv}": p for lv, p in sorted(info.variants.items())}
             else:
-                models["quant"] = info.model_path
+                models["w8a8" if info.linear_kinds.get("w8a8") else "quant"] = info.model_path
             runs = [("st", 1)] + ([("mt", cfg.threads_multi or None)] if cfg.multi_threaded else [])
             total = len(runs) * (cfg.warmup + cfg.repeats) * len(models)
             with ctx.progress(total, "timing") as bar:
