@@ -63,16 +63,34 @@ def test_unpack_internal_matches_qflow_packing():
 # ---------------------------------------------------------------------------
 # tiny checkpoints
 # ---------------------------------------------------------------------------
-def _write_ckpt(folder: Path, model_dir: Path, spec, *, g_idx_seed: int | None = None):
+def _write_ckpt(folder: Path, model_dir: Path, spec, *, g_idx_seed: int | None = None, fold: bool = False):
+    """A checkpoint of every decoder linear; ``fold``: AWQ-like per-channel scales folded into the norms."""
     import torch
 
     from qflow.kernels import dispatch
     from qflow.quant.ir import CheckpointWriter
-    from qflow.quant.weights import iter_linear_weights, linear_names
+    from qflow.quant.weights import iter_linear_weights, linear_names, weight_files
 
     writer = CheckpointWriter(folder, base_model=str(model_dir), method="test")
     gen = torch.Generator().manual_seed(g_idx_seed or 0)
+    fold_scales: dict[str, torch.Tensor] = {}
+    if fold:
+        from safetensors import safe_open
+
+        files = weight_files(model_dir)
+        for key in files:
+            if key.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
+                with safe_open(str(files[key]), framework="pt") as h:
+                    gamma = h.get_tensor(key).float()
+                scale = torch.rand(gamma.shape[0], generator=gen) * 1.5 + 0.5
+                fold_scales[key[: -len(".weight")]] = scale
+                writer.add_float(key, gamma / scale)
     for name, w in iter_linear_weights(model_dir, linear_names(model_dir)):
+        if fold:
+            layer = name.rsplit(".", 2)[0]
+            norm = ".input_layernorm" if ".self_attn." in name else ".post_attention_layernorm"
+            if name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+                w = w * fold_scales[layer + norm]
         g_idx = None
         if g_idx_seed is not None:  # act-order: groups over a random column permutation (GPTQ static groups)
             perm = torch.randperm(w.shape[1], generator=gen)
@@ -220,6 +238,19 @@ def test_unfused_and_act_order(tiny_model_dir, eval_ids, tmp_path):
     ref = reference_logits(ckpt, eval_ids[:1])
     res = roundtrip(_decoder(info.model_path), eval_ids[:1], ref, kv_tokens=0)
     assert res["max_abs_diff"] < 1e-3 and res["top1_agree"] == 1.0
+
+
+def test_awq_like_checkpoint_float_deltas(tiny_model_dir, eval_ids, tmp_path):
+    """ASYM-A codes (AWQ's scheme) + norms changed by the checkpoint (AWQ folds its scales into them)."""
+    from qflow.export.onnx_check import reference_logits, roundtrip
+    from qflow.export.onnx_graph import build_onnx
+    from qflow.quant.spec import QuantSpec
+
+    ckpt = _write_ckpt(tmp_path / "ck", tiny_model_dir, QuantSpec(bits=4, group_size=32, scheme="asym_a"), fold=True)
+    assert any(k.endswith("input_layernorm.weight") for k in ckpt.floats)
+    info = build_onnx(tiny_model_dir, tmp_path / "onnx", ckpt=ckpt)
+    res = roundtrip(_decoder(info.model_path), eval_ids[:1], reference_logits(ckpt, eval_ids[:1]), kv_tokens=0)
+    assert res["kl"] < 1e-6 and res["top1_agree"] == 1.0 and res["max_abs_diff"] < 1e-3
 
 
 # ---------------------------------------------------------------------------
