@@ -49,9 +49,11 @@ class ExportGGUF(Stage):
 
     Round trip: the file is read back with ``gguf.GGUFReader`` and every tensor
     dequantized (exactly-mapped and F32 tensors must be bit-identical, else the
-    stage fails), then converted to a transformers model with qflow's own GGUF
-    loader and its logits compared with qflow's quantized model; llama.cpp's
-    logits too when ``llama_cpp`` is importable.
+    stage fails; ``roundtrip_max_abs_diff`` is the largest weight difference vs
+    the IR), then converted to a transformers model with qflow's own GGUF loader
+    and its logits compared with qflow's quantized model (``roundtrip_kl``,
+    ``roundtrip_top1_agree``, ``roundtrip_logits_max_abs_diff``); llama.cpp's
+    logits too (``llama_cpp_*``) when ``llama_cpp`` is importable.
     """
 
     version = 1
@@ -146,9 +148,12 @@ class ExportGGUF(Stage):
                                 "base model's")
             with ctx.progress(ids.shape[0], "round trip") as bar:
                 metrics = compare_logits(ref, loaded, ids, progress=bar.update)
+            # roundtrip_max_abs_diff is the tensor read-back's; the logits get their own name here
+            metrics["roundtrip_logits_max_abs_diff"] = metrics.pop("roundtrip_max_abs_diff")
             ctx.log_metrics(metrics)
             ctx.log.info("round trip via qflow's GGUF loader: KL %.3g, top-1 %.4f, max |dlogit| %.3g",
-                         metrics["roundtrip_kl"], metrics["roundtrip_top1_agree"], metrics["roundtrip_max_abs_diff"])
+                         metrics["roundtrip_kl"], metrics["roundtrip_top1_agree"],
+                         metrics["roundtrip_logits_max_abs_diff"])
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         if not cfg.llama_cpp:

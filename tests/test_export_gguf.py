@@ -211,6 +211,7 @@ def test_stage_roundtrip_and_llama_cpp_skip(small_irs, tmp_path, caplog):
     m = ctx.metrics
     assert m["n_exact_tensors"] == len(ckpt.layers) and m["n_requantized_tensors"] == 0
     assert m["roundtrip_max_abs_diff"] == 0 and m["roundtrip_kl"] == 0 and m["roundtrip_top1_agree"] == 1
+    assert m["roundtrip_logits_max_abs_diff"] == 0
     assert (tmp_path / "placed" / "tiny.gguf").read_bytes() == (exp.path / "model.gguf").read_bytes()
     import importlib.util
 

@@ -320,11 +320,13 @@ def test_compressed_tensors_library_reads_export(irs, tmp_path, ir):
     state = ct_library_state_dict(out)
     for name in irs[ir].layers:
         assert torch.equal(state[name + ".weight"], irs[ir].dequantized(name)), name
+    model, _, how = load_with_compressed_tensors(out)
     if ir == "sym4":
-        model, _, how = load_with_compressed_tensors(out)
         assert how == "transformers+compressed-tensors"
         kl, max_abs = logits_kl(irs[ir], model)
         assert kl < 1e-12 and max_abs == 0
+    else:  # transformers + compressed-tensors 0.20 cannot load packed asymmetric zero points (upstream)
+        assert how.startswith(("transformers", "compressed-tensors compressors"))
 
 
 @pytest.mark.skipif(not HAS_CT, reason="compressed-tensors not installed")

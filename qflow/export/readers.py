@@ -298,11 +298,16 @@ def load_with_compressed_tensors(folder: str | Path, dtype: str = "float32"):
 
     folder = Path(folder)
     torch_dtype = _torch_dtype(dtype)
-    try:
-        import contextlib
-        import io
+    import contextlib
+    import io
 
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    try:
+        hf_logging.set_verbosity_error()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            hf_logging.set_verbosity(hf_logging.CRITICAL)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True,
                                                          attn_implementation=DEFAULT_ATTN_IMPLEMENTATION)
         how = "transformers+compressed-tensors"
@@ -310,12 +315,30 @@ def load_with_compressed_tensors(folder: str | Path, dtype: str = "float32"):
         model = _float_model(folder, torch_dtype)
         state = ct_library_state_dict(folder)
         _load_decoded(model, state, folder, torch_dtype)
-        how = f"compressed-tensors compressors (transformers could not load it: {str(err).splitlines()[0][:160]})"
+        qcfg = quantization_config(folder) or {}
+        asym = any(not (g.get("weights") or {}).get("symmetric", True) for g in qcfg.get("config_groups", {}).values())
+        if asym and "mismatch" in str(err):
+            why = ("transformers with compressed-tensors " + _ct_version() + " sizes asymmetric zero points "
+                   "unpacked and rejects the packed [out*b/32, n_groups] tensors its own compressor writes")
+        else:
+            why = f"transformers could not load it: {str(err).splitlines()[0][:160]}"
+        how = f"compressed-tensors compressors ({why})"
+    finally:
+        hf_logging.set_verbosity(verbosity)
     act = activation_quantized_modules(folder)
     if act and not how.startswith("transformers"):
         _hook_activations(model, act)
     model.eval()
     return model, AutoTokenizer.from_pretrained(folder, local_files_only=True), how
+
+
+def _ct_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("compressed-tensors")
+    except PackageNotFoundError:
+        return "?"
 
 
 def _float_model(folder: Path, torch_dtype):
