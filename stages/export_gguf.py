@@ -143,7 +143,8 @@ class ExportGGUF(Stage):
             convert_gguf(target, folder, source=f"gguf:{target}")
             loaded, gguf_tok = load_model(folder, dtype="float32")
             text = "The quick brown fox jumps over the lazy dog.\n\nQuantization: 4-bit, g128."
-            if gguf_tok(text, add_special_tokens=False)["input_ids"] != tok(text, add_special_tokens=False)["input_ids"]:
+            ids_gguf = gguf_tok(text, add_special_tokens=False)["input_ids"]
+            if ids_gguf != tok(text, add_special_tokens=False)["input_ids"]:
                 ctx.log.warning("the GGUF's tokenizer (as transformers reads it) splits text differently from the "
                                 "base model's")
             with ctx.progress(ids.shape[0], "round trip") as bar:

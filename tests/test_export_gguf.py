@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from qflow.export import gguf_writer as gw
 from qflow.export import mapping

@@ -302,7 +302,8 @@ def base_gguf_file(base: Path) -> Path | None:
 
 def _add_llama_metadata(w, cfg: dict[str, Any], name: str) -> None:
     if cfg.get("model_type") != "llama":
-        raise GGUFExportError(f"export.gguf writes Llama-architecture models; the base model is {cfg.get('model_type')!r}")
+        raise GGUFExportError("export.gguf writes Llama-architecture models; "
+                              f"the base model is {cfg.get('model_type')!r}")
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     head_dim = int(cfg.get("head_dim") or hidden // heads)

@@ -77,7 +77,8 @@ def _read_small(path: Path, start: int, info: dict[str, Any], limit: int = 1 << 
     a, b = info["data_offsets"]
     if b - a > limit:
         return None
-    dtype = {"I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "F32": "<f4", "F16": "<f2"}.get(info["dtype"])
+    dtype = {"I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "F32": "<f4",
+             "F16": "<f2"}.get(info["dtype"])
     if dtype is None:
         return None
     with open(path, "rb") as fh:

@@ -132,7 +132,8 @@ def cast_scale(scale: np.ndarray, dtype: str) -> tuple[np.ndarray, bool]:
         rounded = torch.from_numpy(np.ascontiguousarray(scale, np.float32)).to(torch.bfloat16).float().numpy()
     else:
         rounded = scale.astype(_NP_DTYPES[dtype]).astype(np.float32)
-    ok = bool(np.array_equal(rounded, scale.astype(np.float32)) and np.all(np.isfinite(rounded)) and np.all(rounded > 0))
+    ok = bool(np.array_equal(rounded, scale.astype(np.float32)) and np.all(np.isfinite(rounded))
+              and np.all(rounded > 0))
     return rounded, ok
 
 
