@@ -116,7 +116,7 @@ stages:
   evaluate:
     uses: evaluate.lm
     needs: [quantize]
-    with: {{data: "${{data.eval}}", n_windows: "${{params.n_eval_windows}}", topk: 16}}
+    with: {{data: "${{data.eval}}", n_windows: "${{params.n_eval_windows}}", topk: 16, speed: false, layer_report: false}}
 {extra}
 """
 

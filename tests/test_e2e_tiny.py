@@ -61,7 +61,7 @@ def test_dry_run_lists_plan_and_cache_status(recipe, runs_dir):
 
 
 def test_failed_gate_exits_nonzero_keeps_artifacts(tmp_path, tiny_model_dir, runs_dir):
-    text = tiny_recipe(tiny_model_dir).replace("topk: 16}", "topk: 16}\n    gates: {ppl_ratio: {max: 1.0}, top1_agree: {min: 1.01}}")
+    text = tiny_recipe(tiny_model_dir).replace("layer_report: false}", "layer_report: false}\n    gates: {ppl_ratio: {max: 1.0}, top1_agree: {min: 1.01}}")
     recipe = write_recipe(tmp_path / "r", text)
     done = run_cli("run", str(recipe), "--json", runs_dir=runs_dir)
     assert done.returncode == 1

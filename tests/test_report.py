@@ -177,7 +177,7 @@ def test_failing_gate_keeps_report_artifacts_and_report_reads_the_run(tmp_path, 
 
     extra = ("    gates: {kl_mean: {max: 0.0}}\n")
     text = tiny_recipe(tiny_model_dir).replace(
-        "topk: 16}", 'topk: 16, layer_tokens: 32, speed_prefill_tokens: 32, speed_decode_tokens: 2, '
+        "topk: 16, speed: false, layer_report: false}", 'topk: 16, layer_tokens: 32, speed_prefill_tokens: 32, speed_decode_tokens: 2, '
                      'speed_repeats: 1, bootstrap_resamples: 200}\n' + extra)
     recipe = write_recipe(tmp_path / "r", text)
     done = run_cli("run", str(recipe), runs_dir=runs_dir)
