@@ -119,13 +119,20 @@ class StageContext:
             self.log_metric(k, v)
 
     def log_artifact(self, path: str | Path, name: str | None = None) -> Path:
-        """Copy a file into this stage's report folder; the tracker uploads it."""
+        """Copy a file into this stage's report folder; the tracker uploads it.
+
+        A copy also goes into the cache entry (``<entry>/artifacts/``) so a later
+        run that hits the cache shows the same reports.
+        """
         src = Path(path)
         dest_dir = self.run_dir / "artifacts" / self.stage_id
         dest_dir.mkdir(parents=True, exist_ok=True)
         dest = dest_dir / (name or src.name)
         if src.resolve() != dest.resolve():
             shutil.copy2(src, dest)
+        keep = self.out_dir.parent / "artifacts"
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(dest, keep / dest.name)
         self.artifacts.append(dest)
         return dest
 

@@ -182,6 +182,38 @@ class _PeakRSS:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
+def _restore_artifacts(entry: Entry, sid: str, run_dir: Path) -> None:
+    """A cached stage's reports reappear in this run's folder (and so in MLflow)."""
+    kept = entry.path / "artifacts"
+    if kept.is_dir():
+        shutil.copytree(kept, run_dir / "artifacts" / sid, dirs_exist_ok=True)
+
+
+def preflight(plan: Plan, store: CacheStore, keys: dict[str, tuple[str, dict[str, Any]]]) -> None:
+    """Capability checks of every stage, before the first one starts.
+
+    A stage's ``check(cfg, inputs)`` sees the upstream artifacts that are already
+    cached (e.g. the model folder, for group-size checks); the runner calls it
+    again with the real inputs right before the stage runs.
+    """
+    import importlib.util
+
+    problems = []
+    for sid, st in plan.stages.items():
+        for pkg in st.cls.requires_packages:
+            if importlib.util.find_spec(pkg) is None:
+                problems.append(f"stages.{sid} ({st.uses}) needs the Python package '{pkg}' (pip install {pkg})")
+        known: dict[str, Any] = {}
+        for slot, (src, out) in st.bindings.items():
+            entry = store.get(keys[src][0])
+            if entry is not None and (entry.outputs / out / "artifact.json").is_file():
+                known[slot] = Artifact.load(entry.outputs / out)
+        for msg in st.cls().check(st.config, known):
+            problems.append(f"stages.{sid} ({st.uses}): {msg}")
+    if problems:
+        raise PlanError("; ".join(problems), where=plan.source, fix="fix the listed problems before running")
+
+
 def _load_outputs(entry: Entry, st: PlannedStage) -> dict[str, Artifact]:
     outs = {}
     for slot in st.cls.outputs:
@@ -204,6 +236,7 @@ def _run_stage(st: PlannedStage, key: str, ingredients: dict[str, Any], inputs: 
             result.status = "cached"
             result.metrics = dict(entry.manifest.get("metrics", {}))
             result.tags = dict((entry.manifest.get("info") or {}).get("tags") or {})
+            _restore_artifacts(entry, st.id, run_dir)
             return result, _load_outputs(entry, st)
         tmp = store.new_tmp(key)
         scratch = store.scratch_path(key)
@@ -219,8 +252,13 @@ def _run_stage(st: PlannedStage, key: str, ingredients: dict[str, Any], inputs: 
                            run_dir=run_dir, runs_root=opts.runs_root, device=device, seed=seed,
                            quiet=opts.quiet, memo_fn=memo)
         try:
+            stage = st.cls()
+            problems = stage.check(st.config, inputs)
+            if problems:
+                raise StageError("; ".join(problems), where=f"stages.{st.id} ({st.uses})",
+                                 fix="adjust the stage's settings (see the problems listed)")
             with _PeakRSS() as rss:
-                outputs = st.cls().run(ctx, st.config, **inputs)
+                outputs = stage.run(ctx, st.config, **inputs)
             _check_outputs(st, outputs, tmp / "outputs")
             for slot, art in outputs.items():
                 Artifact.save(art, tmp / "outputs" / slot)
@@ -302,6 +340,7 @@ def execute(plan: Plan, opts: RunOptions, overrides: list[str] | None = None) ->
     if opts.from_:
         forced |= plan.downstream(opts.from_)
 
+    preflight(plan, store, keys)
     if opts.dry_run:
         stages = {}
         for sid, st in plan.stages.items():
@@ -347,6 +386,7 @@ def execute(plan: Plan, opts: RunOptions, overrides: list[str] | None = None) ->
             results[sid] = StageResult(sid, st.uses, "cached", key, metrics=dict(entry.manifest.get("metrics", {})),
                                        tags=dict((entry.manifest.get("info") or {}).get("tags") or {}))
             outputs[sid] = _load_outputs(entry, st)
+            _restore_artifacts(entry, sid, run_dir)
             _collect(sid, results[sid], st, metrics, gates)
             continue
         inputs = {slot: outputs[src][out] for slot, (src, out) in st.bindings.items()}
