@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from qflow.tracking import search_runs
 
 from .conftest import parse_json_stdout, run_cli, tiny_recipe, write_recipe
@@ -40,6 +42,7 @@ def test_sweep_shares_upstream_and_nests_runs(tmp_path, tiny_model_dir, runs_dir
     assert len(status) == 4 and {r["status"] for r in status} == {"done"}
 
 
+@pytest.mark.slow
 def test_declared_sweep_and_objective(tmp_path, tiny_model_dir, runs_dir):
     extra = """sweep:
   params: {params.bits: "3,4"}
