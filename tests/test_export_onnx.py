@@ -164,6 +164,10 @@ def test_export_files_and_graph(rtn_export):
     nb = next(n for n in graph.node if n.op_type == "MatMulNBits")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nb.attribute}
     assert attrs["block_size"] == 32 and attrs["bits"] == 4 and attrs["accuracy_level"] == 0
+    acc4 = onnx.load(str(info.variants[4]), load_external_data=False).graph
+    levels = {onnx.helper.get_attribute_value(a) for n in acc4.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4} and len(acc4.node) == len(graph.node)
     assert [i.name for i in graph.input][:2] == ["input_ids", "attention_mask"]
     assert "past_key_values.1.value" in [i.name for i in graph.input]
     assert [o.name for o in graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
