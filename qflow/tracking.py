@@ -17,9 +17,13 @@ log = logging.getLogger("qflow.tracking")
 
 MAX_PARAM_VALUE = 6000
 
+# mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into os.environ, so the
+# user's own setting must be read before qflow ever calls it.
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
 
 def tracking_uri(runs_root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(runs_root / 'mlflow.db').resolve()}"
+    return _USER_TRACKING_URI or f"sqlite:///{(Path(runs_root) / 'mlflow.db').resolve()}"
 
 
 def artifact_root(runs_root: Path) -> str:
@@ -31,7 +35,10 @@ def _mlflow(runs_root: Path):
     logging.getLogger("alembic").setLevel(logging.WARNING)
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(runs_root))
+    uri = tracking_uri(runs_root)
+    mlflow.set_tracking_uri(uri)
+    if _USER_TRACKING_URI is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)  # keep child processes on their own runs dir
     return mlflow
 
 
