@@ -142,7 +142,7 @@ class ExportOnnx(Stage):
                     rts[level] = rts[by_path[path]]
                     continue
                 by_path[path] = level
-                dec = OnnxDecoder(make_session(path, threads=0))
+                dec = OnnxDecoder(make_session(path, threads=0, spinning=False))
                 rts[level] = roundtrip(dec, ids, ref, kv_tokens=cfg.kv_tokens if level == 0 else 0,
                                        progress=bar.update)
                 del dec
