@@ -111,6 +111,15 @@ def describe_environment(report: Report) -> None:
         report.say(f"- WARNING: the driver (CUDA {driver // 1000}) is older than the kernels' runtime "
                    f"(CUDA {runtime // 1000}); launches will fail with 'driver version is insufficient'. "
                    f"Rebuild with an nvcc no newer than the driver (NVCC=/path/to/nvcc).")
+    from qflow.kernels import dispatch
+
+    reference = dispatch.backend_for("quantize", torch.zeros(1))
+    if reference == "numba":
+        import numba
+
+        reference += f" {numba.__version__} (qflow.kernels.cpu)"
+    report.say(f"- CPU reference for the bit-for-bit checks: {reference}; numpy "
+               f"{__import__('numpy').__version__}")
     smi = shutil.which("nvidia-smi")
     if smi:
         query = subprocess.run([smi, "--query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem,power.limit",
