@@ -102,26 +102,12 @@ class AWQ(Stage):
         return check_group_size(model_config_from_inputs(inputs_meta), cfg.group_size, where="group_size")
 
     def run(self, ctx, cfg, model, calib):
-        import json
-
-        import torch
-
-        from qflow.errors import StageError
-        from qflow.models.adapters import get_adapter
-        from qflow.models.loading import load_model
         from qflow.quant.algos.awq import quantize_model_awq
+        from qflow.quant.calibrated import calibration_ids, checkpoint_meta, open_float_model
 
-        net, _ = load_model(model.model_dir, dtype="float32", attn_implementation=cfg.attn_implementation)
-        adapter = get_adapter(net)
-        ids_path = calib.path / "ids.pt"
-        if not ids_path.is_file():
-            raise StageError(f"{ids_path} is missing", where=f"stages.{ctx.stage_id}.needs",
-                             fix="feed quantize.awq from a calibrate stage")
-        ids = torch.load(ids_path)
-        info_path = calib.path / "info.json"
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-        meta = {"config": cfg.model_dump(mode="json"), "calib_fingerprint": info.get("fingerprint"),
-                "calib_source": info.get("source"), "calib_shape": list(ids.shape)}
+        net, adapter = open_float_model(cfg, model)
+        ids = calibration_ids(ctx, calib, uses="quantize.awq")
+        meta = checkpoint_meta(cfg, calib, ids)
         result = quantize_model_awq(ctx, net, adapter, ids, cfg.options(), base_model=str(model.model_dir),
                                     meta=meta, batch_size=cfg.batch_size)
         ratios = [r["best_ratio"] for r in result.records if "best_ratio" in r]

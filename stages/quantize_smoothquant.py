@@ -76,17 +76,10 @@ class SmoothQuant(Stage):
         return check_group_size(model_config_from_inputs(inputs_meta), -1)
 
     def run(self, ctx, cfg, model, calib):
-        import json
-
-        import torch
-
-        from qflow.errors import StageError
-        from qflow.models.adapters import get_adapter
-        from qflow.models.loading import load_model
         from qflow.quant.algos.smoothquant_model import collect_act_max, quantize_model_smoothquant
+        from qflow.quant.calibrated import calibration_ids, checkpoint_meta, open_float_model
 
-        net, _ = load_model(model.model_dir, dtype="float32", attn_implementation=cfg.attn_implementation)
-        adapter = get_adapter(net)
+        net, adapter = open_float_model(cfg, model)
         names = [f"{adapter.block_name(i)}.{site.linears[0]}" for i, b in enumerate(adapter.blocks())
                  for site in adapter.smooth_sites(b)]
         act_max = {}
@@ -98,16 +91,10 @@ class SmoothQuant(Stage):
                 keys = set(f.keys())
                 act_max = {n: f.get_tensor(f"{n}.max_abs") for n in names if f"{n}.max_abs" in keys}
         if len(act_max) < len(names):
-            ids_path = calib.path / "ids.pt"
-            if not ids_path.is_file():
-                raise StageError(f"{calib.path} has neither max_abs statistics nor ids.pt",
-                                 where=f"stages.{ctx.stage_id}.needs", fix="feed it from a calibrate stage")
             ctx.log.info("calibration statistics incomplete; recomputing max|x| from ids.pt")
-            act_max = collect_act_max(net, adapter, torch.load(ids_path), batch_size=cfg.batch_size, names=names)
-        info_path = calib.path / "info.json"
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-        meta = {"config": cfg.model_dump(mode="json"), "calib_fingerprint": info.get("fingerprint"),
-                "calib_source": info.get("source")}
+            ids = calibration_ids(ctx, calib, uses="quantize.smoothquant")
+            act_max = collect_act_max(net, adapter, ids, batch_size=cfg.batch_size, names=names)
+        meta = checkpoint_meta(cfg, calib)
         quantize_model_smoothquant(ctx, net, adapter, act_max, cfg.options(), base_model=str(model.model_dir),
                                    meta=meta)
         return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.model_dir),
