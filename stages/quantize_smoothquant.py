@@ -93,6 +93,7 @@ class SmoothQuant(Stage):
         if len(act_max) < len(names):
             ctx.log.info("calibration statistics incomplete; recomputing max|x| from ids.pt")
             ids = calibration_ids(ctx, calib, uses="quantize.smoothquant")
+            net, adapter = open_float_model(cfg, model, lazy=False)  # a full forward needs every block
             act_max = collect_act_max(net, adapter, ids, batch_size=cfg.batch_size, names=names)
         meta = checkpoint_meta(cfg, calib)
         quantize_model_smoothquant(ctx, net, adapter, act_max, cfg.options(), base_model=str(model.model_dir),

@@ -243,3 +243,65 @@ def test_missing_shards_restart_from_scratch(tmp_path, monkeypatch):
         shard.unlink()
     _, res = _run("gptq", tmp_path / "b", scratch=scratch)
     assert res.resumed_from == 0 and len(Checkpoint(res.checkpoint_dir).layers) == 21
+
+
+# ---- blocks loaded from disk one at a time -------------------------------------
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_lazy_blocks_give_the_same_checkpoint_with_one_block_in_memory(tmp_path, method):
+    """A model whose blocks stay on disk (qflow.models.lazy) quantizes bit-identically to a
+    model loaded whole, and never holds more than one block's weights."""
+    from qflow.models.lazy import block_loader, load_model_lazy
+
+    model = tiny_llama(layers=3, seed=3)
+    folder = tmp_path / "float"
+    model.save_pretrained(folder)
+    whole_ctx, whole = _run(method, tmp_path / "whole")
+
+    net, adapter = load_model_lazy(folder, dtype="float32", attn_implementation="sdpa")
+    loader = block_loader(net)
+    assert loader is not None and all(p.is_meta for p in adapter.blocks()[1].parameters())
+    in_memory = []
+    original_load = loader.load
+
+    def load(i):
+        original_load(i)
+        in_memory.append(sorted(loader.loaded))
+
+    loader.load = load
+    ctx = make_ctx(tmp_path / "lazy")
+    ids = calib_ids(6, 32)
+    if method == "awq":
+        lazy = quantize_model_awq(ctx, net, adapter, ids, AWQOptions(bits=3, group_size=32, n_grid=5),
+                                  base_model="tiny", meta={"m": 1}, batch_size=4)
+    else:
+        lazy = quantize_model_gptq(ctx, net, adapter, ids, GPTQOptions(bits=3, group_size=32, symmetric=False),
+                                   base_model="tiny", meta={"m": 1}, batch_size=4)
+    assert same_tree(whole.checkpoint_dir, lazy.checkpoint_dir)
+    assert in_memory and max(len(x) for x in in_memory) == 1, in_memory
+    assert not loader.loaded and all(p.is_meta for p in adapter.blocks()[2].parameters())
+
+
+def test_lazy_model_matches_the_whole_model_and_names_missing_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from qflow.models.lazy import block_loader, load_model_lazy
+
+    model = tiny_llama(layers=2, seed=5)
+    folder = tmp_path / "float"
+    model.save_pretrained(folder)
+    net, _ = load_model_lazy(folder, dtype="float32", attn_implementation="sdpa")
+    loader = block_loader(net)
+    for i in range(2):
+        loader.load(i)
+    ids = calib_ids(2, 16)
+    with torch.no_grad():
+        assert torch.equal(net(input_ids=ids).logits, model(input_ids=ids).logits)
+
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    net, _ = load_model_lazy(folder, dtype="float32", attn_implementation="sdpa")
+    block_loader(net).load(0)
+    with pytest.raises(StageError, match=r"model\.layers\.1\.mlp\.down_proj\.weight is not in the checkpoint"):
+        block_loader(net).load(1)

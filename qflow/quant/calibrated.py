@@ -3,7 +3,8 @@
     net, adapter, calib_info = open_float_model(ctx, cfg, model, calib)
     ids = calibration_ids(ctx, calib, uses="quantize.gptq")
 
-The float model is loaded in fp32 with the stage's attention kernel, its
+The float model is built in fp32 with the stage's attention kernel and its
+decoder blocks left on disk for the block-wise driver to load one at a time, its
 architecture adapter is resolved (an unknown architecture is an error naming the
 supported ones), and the calibration set's ``info.json`` (source, fingerprint)
 is read so the checkpoint's metadata says which data calibrated it.
@@ -34,11 +35,19 @@ def calibration_ids(ctx: Any, calib: Any, *, uses: str):
     return torch.load(ids_path)
 
 
-def open_float_model(cfg: Any, model: Any):
-    """(fp32 model, its architecture adapter) with the stage's ``attn_implementation``."""
+def open_float_model(cfg: Any, model: Any, *, lazy: bool = True):
+    """(fp32 model, its architecture adapter) with the stage's ``attn_implementation``.
+
+    ``lazy``: the decoder blocks stay on disk until the block-wise driver loads
+    them one at a time (``qflow.models.lazy``); ``False`` loads the model whole
+    (for a full forward pass).
+    """
     from qflow.models.adapters import get_adapter
+    from qflow.models.lazy import load_model_lazy
     from qflow.models.loading import load_model
 
+    if lazy:
+        return load_model_lazy(model.model_dir, dtype="float32", attn_implementation=cfg.attn_implementation)
     net, _ = load_model(model.model_dir, dtype="float32", attn_implementation=cfg.attn_implementation)
     return net, get_adapter(net)
 

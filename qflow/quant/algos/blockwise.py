@@ -1,6 +1,8 @@
 """The block-by-block driver shared by every calibration-based method (AWQ, GPTQ, ...).
 
-Only one decoder block and its calibration activations are alive at a time:
+Only one decoder block and its calibration activations are alive at a time
+(with a model from ``qflow.models.lazy.load_model_lazy`` the other blocks' weights
+stay on disk: each block is loaded before ``process`` and freed after it):
 
 1. capture the inputs of block 0 (hidden states, mini-batch by mini-batch) and
    the kwargs every block is called with (rotary position embeddings, mask,
@@ -49,6 +51,7 @@ from torch import nn
 
 from ...errors import StageError
 from ...models.adapters import ArchAdapter
+from ...models.lazy import block_loader
 from ..ir import CheckpointWriter
 
 STATE_FILE = "blockwise_state.pt"
@@ -129,13 +132,20 @@ def capture_block_kwargs(model: nn.Module, adapter: ArchAdapter, ids: torch.Tens
             found[i] = _clean_kwargs(kwargs)
         return hook
 
+    loader = block_loader(model)
     for i, blk in enumerate(blocks):
         handles.append(blk.register_forward_pre_hook(make(i), with_kwargs=True))
+        if loader is not None:  # blocks on disk: each is loaded for its call and freed after it
+            handles.append(blk.register_forward_pre_hook(lambda m, a, i=i: loader.load(i)))
+            handles.append(blk.register_forward_hook(lambda m, a, o, i=i: loader.release(i)))
     try:
         adapter.base(input_ids=ids[:1], use_cache=False)
     finally:
         for h in handles:
             h.remove()
+        if loader is not None:
+            for i in range(len(blocks)):
+                loader.release(i)
     if any(k is None for k in found):
         raise StageError("the decoder stack did not call every block", where="blockwise capture")
     out: list[dict[str, Any]] = []
@@ -406,6 +416,7 @@ def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.T
     crash_after = os.environ.get(CRASH_ENV)
     crash_after_block = int(crash_after) if crash_after not in (None, "") else None
 
+    loader = block_loader(model)  # None: the whole model is in memory
     with torch.no_grad():
         kwargs_per_block: list[dict[str, Any]] = [{}] * n_blocks
         if ids is not None:
@@ -418,6 +429,8 @@ def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.T
         try:
             for i in range(start, n_blocks):
                 t0 = time.perf_counter()
+                if loader is not None:
+                    loader.load(i)
                 block = Block(index=i, name=adapter.block_name(i), module=blocks[i], adapter=adapter,
                               writer=writer, inputs=inputs, kwargs=kwargs_per_block[i], batch_size=batch_size,
                               generator=generator, records=records, is_last=i == n_blocks - 1)
@@ -431,6 +444,8 @@ def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.T
                 else:
                     inputs = None
                 del block
+                if loader is not None:
+                    loader.release(i)
                 writer.flush()
                 _atomic_save({"signature": sig, "next_block": i + 1, "writer": writer.state(),
                               "inputs": inputs, "records": records, "generator": generator.get_state()},
