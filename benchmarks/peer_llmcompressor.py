@@ -80,6 +80,12 @@ LLMC_PIN = "0.14.0.1"
 RESULTS = HERE / "RESULTS.md"
 SECTION = "## Peer: llm-compressor"
 RECIPES = {"rtn": "recipes/llama-rtn.yaml", "awq": "recipes/llama-awq.yaml", "gptq": "recipes/llama-gptq.yaml"}
+
+
+def _drop_export(method: str) -> list[str]:
+    """The flagship recipe also exports; the comparison is quantize + evaluate only."""
+    text = (ROOT / RECIPES[method]).read_text()
+    return ["~stages.export"] if "\n  export:" in text else []
 # asymmetric as each recipe spells it
 ASYM_PARAM = {"rtn": "params.symmetric=false", "awq": "params.zero_point=true", "gptq": "params.symmetric=false"}
 GROUP = 64
@@ -178,7 +184,7 @@ def run_qflow(method: str, bits: int, n_calib: int, n_eval: int, runs_dir: Path,
               extra: list[str], timeout: float) -> dict:
     cmd = [str(ROOT / ".venv" / "bin" / "qflow"), "--runs-dir", str(runs_dir), "run", RECIPES[method],
            f"params.bits={bits}", f"params.group_size={GROUP}", f"params.n_calib={n_calib}",
-           f"params.n_eval_windows={n_eval}", ASYM_PARAM[method], *extra, "--json", "--no-track"]
+           f"params.n_eval_windows={n_eval}", ASYM_PARAM[method], *extra, *_drop_export(method), "--json", "--no-track"]
     log(f"qflow {method} w{bits}: {' '.join(cmd[1:])}")
     t0 = time.perf_counter()
     load0 = loadavg()
@@ -232,7 +238,7 @@ def prepare_qflow_cache(method: str, bits: int, n_calib: int, n_eval: int, runs_
     """
     cmd = [str(ROOT / ".venv" / "bin" / "qflow"), "--runs-dir", str(runs_dir), "run", RECIPES[method],
            f"params.bits={bits}", f"params.group_size={GROUP}", f"params.n_calib={n_calib}",
-           f"params.n_eval_windows={n_eval}", ASYM_PARAM[method], *extra, "~stages.quantize", "~stages.evaluate",
+           f"params.n_eval_windows={n_eval}", ASYM_PARAM[method], *extra, *_drop_export(method), "~stages.quantize", "~stages.evaluate",
            "--json", "--no-track"]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
