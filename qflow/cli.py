@@ -65,9 +65,13 @@ def cmd_run(args) -> int:
 
 def print_summary(result, dry_run: bool = False, stream=None) -> None:
     stream = stream or sys.stdout
-    rows = [("stage", "uses", "status", "seconds", "key")]
+    from .quant.memory import format_bytes
+
+    rows = [("stage", "uses", "status", "est. peak" if dry_run else "seconds", "key")]
     for sid, r in result.stages.items():
-        rows.append((sid, r.uses, r.status, "" if dry_run else f"{r.seconds:.1f}", (r.key or "")[:12]))
+        fourth = (format_bytes(r.peak_estimate_bytes) if r.peak_estimate_bytes else "") if dry_run \
+            else f"{r.seconds:.1f}"
+        rows.append((sid, r.uses, r.status, fourth, (r.key or "")[:12]))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for i, row in enumerate(rows):
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=stream)

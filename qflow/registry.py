@@ -68,8 +68,16 @@ class Stage:
         """Problems found before anything runs (override); each a one-line message."""
         return []
 
-    def estimate_peak_bytes(self, cfg: Any) -> int | None:
-        """Rough peak memory of ``run`` (override), for planning and parallel sweeps."""
+    def estimate_peak_bytes(self, cfg: Any, inputs_meta: dict[str, Any] | None = None,
+                            model_config: dict[str, Any] | None = None) -> int | None:
+        """Rough peak memory of ``run`` in bytes (override), or None when unknown.
+
+        ``inputs_meta``: per input slot the cached upstream artifact, or
+        ``{"planned": <upstream stage config>}`` when it is not computed yet;
+        ``model_config``: the recipe model's ``config.json`` once the model stage
+        has run. Used by ``--dry-run``, the pre-stage memory warning and ``-j N``
+        sweeps (``qflow.quant.memory`` has the building blocks).
+        """
         return None
 
     @classmethod

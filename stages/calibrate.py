@@ -42,6 +42,12 @@ class Calibrate(Stage):
 
         return {"data": text_fingerprint_source(cfg.data.source, cache_root, cfg.data.field)}
 
+    def estimate_peak_bytes(self, cfg, inputs_meta=None, model_config=None):
+        from qflow.quant.memory import model_config_of, whole_model_bytes
+
+        return whole_model_bytes(model_config_of(inputs_meta, model_config), copies=1, batch_size=cfg.batch_size,
+                                 seq_len=cfg.data.seq_len, logit_copies=4)
+
     def run(self, ctx, cfg, model):
         import json
         import re

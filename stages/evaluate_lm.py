@@ -66,6 +66,13 @@ class EvaluateLM(Stage):
 
         return {"data": text_fingerprint_source(cfg.data.source, cache_root, cfg.data.field)}
 
+    def estimate_peak_bytes(self, cfg, inputs_meta=None, model_config=None):
+        from qflow.quant.memory import whole_model_bytes
+
+        # the float reference and the quantized model side by side
+        return whole_model_bytes(model_config, copies=2, batch_size=cfg.batch_size,
+                                 seq_len=cfg.data.seq_len, logit_copies=6)
+
     def run(self, ctx, cfg, model, calib=None):
         import json
 

@@ -74,6 +74,11 @@ class HQQ(Stage):
 
         return check_group_size(model_config_from_inputs(inputs_meta), cfg.group_size, where="group_size")
 
+    def estimate_peak_bytes(self, cfg, inputs_meta=None, model_config=None):
+        from qflow.quant.memory import estimate_streaming
+
+        return estimate_streaming(inputs_meta, model_config)
+
     def run(self, ctx, cfg, model):
         from qflow.errors import StageError
         from qflow.quant.algos.hqq_model import quantize_model_hqq

@@ -8,6 +8,7 @@ composes a recipe file first.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -28,6 +29,8 @@ from ..recipe.validate import validate_shape
 from .cache import CacheStore, Entry, diff_ingredients, flatten, make_key
 from .context import StageContext
 from .plan import Plan, PlannedStage, build_plan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +58,7 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     peak_rss_bytes: int | None = None
+    peak_estimate_bytes: int | None = None   # the stage's own estimate (Stage.estimate_peak_bytes)
     memo_keys: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)     # stage-provided MLflow tags (ctx.info["tags"])
 
@@ -76,7 +80,8 @@ class RunResult:
             "status": self.status,
             "stages": {sid: {"uses": r.uses, "status": r.status, "key": r.key, "seconds": round(r.seconds, 3),
                              **({"error": r.error} if r.error else {}),
-                             **({"peak_rss_bytes": r.peak_rss_bytes} if r.peak_rss_bytes else {})}
+                             **({"peak_rss_bytes": r.peak_rss_bytes} if r.peak_rss_bytes else {}),
+                             **({"peak_estimate_bytes": r.peak_estimate_bytes} if r.peak_estimate_bytes else {})}
                        for sid, r in self.stages.items()},
             "metrics": self.metrics,
             "gates": self.gates,
@@ -214,6 +219,61 @@ def preflight(plan: Plan, store: CacheStore, keys: dict[str, tuple[str, dict[str
         raise PlanError("; ".join(problems), where=plan.source, fix="fix the listed problems before running")
 
 
+def _model_config(plan: Plan, store: CacheStore, keys: dict[str, tuple[str, dict[str, Any]]],
+                  outputs: dict[str, dict[str, Artifact]] | None = None) -> dict[str, Any] | None:
+    """``config.json`` of the recipe's model once its ``model.load`` stage has run (else None)."""
+    from ..models.adapters import model_config_from_inputs
+
+    for sid, st in plan.stages.items():
+        if st.uses != "model.load":
+            continue
+        if outputs and sid in outputs:
+            return model_config_from_inputs({"model": next(iter(outputs[sid].values()))})
+        entry = store.get(keys[sid][0])
+        if entry is not None and (entry.outputs / "model" / "artifact.json").is_file():
+            return model_config_from_inputs({"model": Artifact.load(entry.outputs / "model")})
+    return None
+
+
+def estimate_peaks(plan: Plan, store: CacheStore, keys: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, int | None]:
+    """Each stage's peak-memory estimate (bytes, None when unknown) from what is cached and planned."""
+    model_config = _model_config(plan, store, keys)
+    out: dict[str, int | None] = {}
+    for sid, st in plan.stages.items():
+        meta: dict[str, Any] = {}
+        for slot, (src, name) in st.bindings.items():
+            entry = store.get(keys[src][0])
+            if entry is not None and (entry.outputs / name / "artifact.json").is_file():
+                meta[slot] = Artifact.load(entry.outputs / name)
+            else:
+                meta[slot] = {"planned": plan.stages[src].config.model_dump(mode="json")}
+        try:
+            out[sid] = st.cls().estimate_peak_bytes(st.config, meta, model_config)
+        except Exception as exc:  # an estimate must never stop a run
+            log.debug("peak estimate of %s failed: %s", sid, exc)
+            out[sid] = None
+    return out
+
+
+def _warn_if_short_of_memory(sid: str, st: PlannedStage, inputs: dict[str, Artifact],
+                             model_config: dict[str, Any] | None, opts: "RunOptions") -> int | None:
+    from ..quant.memory import format_bytes
+
+    try:
+        estimate = st.cls().estimate_peak_bytes(st.config, inputs, model_config)
+    except Exception:
+        return None
+    if estimate:
+        import psutil
+
+        available = psutil.virtual_memory().available
+        if estimate > available:
+            _say(opts, f"[{sid}] warning: estimated peak memory {format_bytes(estimate)} exceeds the "
+                       f"{format_bytes(available)} available; the stage may be killed (lower batch_size / "
+                       f"n_samples, or free memory)")
+    return estimate
+
+
 def _load_outputs(entry: Entry, st: PlannedStage) -> dict[str, Artifact]:
     outs = {}
     for slot in st.cls.outputs:
@@ -342,12 +402,13 @@ def execute(plan: Plan, opts: RunOptions, overrides: list[str] | None = None) ->
 
     preflight(plan, store, keys)
     if opts.dry_run:
+        estimates = estimate_peaks(plan, store, keys)
         stages = {}
         for sid, st in plan.stages.items():
             key = keys[sid][0]
             cached = store.get(key) is not None and sid not in forced
             status = "cached" if cached else ("will run" if sid in selected or not cached else "skipped")
-            stages[sid] = StageResult(sid, st.uses, status, key)
+            stages[sid] = StageResult(sid, st.uses, status, key, peak_estimate_bytes=estimates[sid])
         return RunResult(Path(""), None, stages, {}, "ok", name=plan.recipe.name)
 
     run_dir = _new_run_dir(runs_root, opts.run_name or plan.recipe.name)
@@ -391,6 +452,7 @@ def execute(plan: Plan, opts: RunOptions, overrides: list[str] | None = None) ->
             continue
         inputs = {slot: outputs[src][out] for slot, (src, out) in st.bindings.items()}
         _say(opts, f"[{sid}] {st.uses}  key {key[:12]}")
+        estimate = _warn_if_short_of_memory(sid, st, inputs, _model_config(plan, store, keys, outputs), opts)
         try:
             res, outs = _run_stage(st, key, ingredients, inputs, store, run_dir, opts, device,
                                    plan.recipe.seed, force=sid in forced)
@@ -403,6 +465,7 @@ def execute(plan: Plan, opts: RunOptions, overrides: list[str] | None = None) ->
         except Exception as exc:  # qflow's own bug: keep the traceback
             traceback.print_exc(file=sys.stderr)
             res, outs = StageResult(sid, st.uses, "failed", key, error=f"{type(exc).__name__}: {exc}"), None
+        res.peak_estimate_bytes = estimate
         results[sid] = res
         if outs is None:
             failed = True

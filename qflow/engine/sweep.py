@@ -136,9 +136,13 @@ def estimate_point_bytes(recipe: str, overrides: list[str], opts) -> int | None:
         plan = load_plan(recipe, first, opts)
     except Exception:
         return None
-    estimates = [st.cls().estimate_peak_bytes(st.config) for st in plan.stages.values()]
-    known = [e for e in estimates if e]
-    return max(known) if known else 2 * 2**30
+    from .cache import CacheStore
+    from .runner import compute_keys, environment, estimate_peaks, resolve_device
+
+    store = CacheStore(Path(opts.runs_root) / "cache")
+    keys = compute_keys(plan, store, environment(resolve_device(plan.recipe.device)))
+    known = [e for e in estimate_peaks(plan, store, keys).values() if e]
+    return max(known) if known else 2 * 2**30  # unknown until the model stage has run once
 
 
 def run_sweep(recipe: str, overrides: list[str], opts, *, as_json: bool = False, jobs: int = 1,

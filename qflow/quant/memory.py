@@ -1,0 +1,142 @@
+"""Peak-memory estimates of the quantize and evaluate stages, before anything runs.
+
+    cfg = model_config_from_inputs(inputs_meta)        # config.json of the model
+    calibrated_stage_bytes(cfg, n_samples=32, seq_len=512, hessians=True)
+
+The figures are rough upper estimates of the resident set, from the model's
+config alone: what the process keeps (the Python/torch runtime, the weights it
+holds) plus the largest working set of one step. ``qflow run --dry-run`` prints
+them, the runner warns before a stage whose estimate exceeds the available
+memory, and ``qflow run -m -j N`` runs at most as many points at once as the
+available memory holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RUNTIME_BYTES = 600 * 2**20  # python + torch + transformers + numba + compiled kernels on CPU
+F32 = 4
+
+
+def _dims(config: dict[str, Any]) -> dict[str, int] | None:
+    try:
+        hidden = int(config["hidden_size"])
+        layers = int(config["num_hidden_layers"])
+        heads = int(config["num_attention_heads"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    inter = int(config.get("intermediate_size") or 4 * hidden)
+    vocab = int(config.get("vocab_size") or 32000)
+    attn = hidden * heads * head_dim + 2 * hidden * kv * head_dim + heads * head_dim * hidden
+    mlp = 3 * hidden * inter
+    return {"hidden": hidden, "layers": layers, "heads": heads, "inter": inter, "vocab": vocab,
+            "block": attn + mlp + 2 * hidden, "tied": bool(config.get("tie_word_embeddings", False))}
+
+
+def model_params(config: dict[str, Any]) -> int | None:
+    """Parameter count of a Llama-layout decoder from its config.json (None when it is not one)."""
+    d = _dims(config)
+    if d is None:
+        return None
+    embed = d["vocab"] * d["hidden"]
+    return d["layers"] * d["block"] + embed * (1 if d["tied"] else 2) + d["hidden"]
+
+
+def calibrated_stage_bytes(config: dict[str, Any] | None, *, n_samples: int, seq_len: int,
+                           hessians: bool = False, batch_size: int = 8) -> int | None:
+    """A block-wise calibration-based stage (AWQ, GPTQ, SmoothQuant) with blocks loaded one at a time.
+
+    Non-block weights + one block (weights, a working copy) + the block's calibration
+    activations (inputs, outputs, the widest captured linear input) + one mini-batch's
+    attention scores + GPTQ's Hessians of one sub-step.
+    """
+    d = _dims(config or {})
+    if d is None:
+        return None
+    embed = d["vocab"] * d["hidden"] * (1 if d["tied"] else 2)
+    tokens = n_samples * seq_len
+    activations = tokens * (3 * d["hidden"] + d["inter"])
+    scores = min(batch_size, n_samples) * d["heads"] * seq_len * seq_len * 2
+    hess = 3 * max(d["hidden"], d["inter"]) ** 2 if hessians else 0
+    return RUNTIME_BYTES + F32 * (embed + 2 * d["block"] + activations + scores + hess)
+
+
+def streaming_stage_bytes(config: dict[str, Any] | None) -> int | None:
+    """A stage that reads one weight at a time (RTN, HQQ): the runtime plus the widest weight's copies."""
+    d = _dims(config or {})
+    if d is None:
+        return None
+    widest = d["hidden"] * max(d["inter"], d["hidden"])  # the decoder linears; embeddings stay float
+    return RUNTIME_BYTES + F32 * 4 * widest
+
+
+def whole_model_bytes(config: dict[str, Any] | None, *, copies: int = 1, batch_size: int = 1,
+                      seq_len: int = 512, logit_copies: int = 3) -> int | None:
+    """``copies`` fp32 models in memory at once plus ``logit_copies`` fp32 tensors of one batch's
+    logits (logits, log-softmax, the float reference's, top-k work for KL...)."""
+    params = model_params(config or {})
+    d = _dims(config or {})
+    if params is None or d is None:
+        return None
+    logits = batch_size * seq_len * d["vocab"] * logit_copies
+    return RUNTIME_BYTES + F32 * (copies * params + logits)
+
+
+def calibration_shape(inputs_meta: dict[str, Any], slot: str = "calib") -> tuple[int, int] | None:
+    """(n_samples, seq_len) of the calibration set feeding ``slot``: from the cached CalibSet's
+    ``info.json``, else from the planned calibrate stage's config (``{"planned": config}``)."""
+    import json
+    from pathlib import Path
+
+    ref = (inputs_meta or {}).get(slot)
+    if ref is None:
+        return None
+    if isinstance(ref, dict) and "planned" in ref:
+        planned = ref["planned"] or {}
+        n = planned.get("n_samples")
+        seq = (planned.get("data") or {}).get("seq_len")
+        return (int(n), int(seq)) if n and seq else None
+    path = getattr(ref, "path", None)
+    if path is None:
+        return None
+    try:
+        info = json.loads((Path(path) / "info.json").read_text())
+    except (OSError, ValueError):
+        return None
+    shape = info.get("shape")
+    if shape and len(shape) == 2:
+        return int(shape[0]), int(shape[1])
+    n, seq = info.get("n_samples"), info.get("seq_len")
+    return (int(n), int(seq)) if n and seq else None
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+def model_config_of(inputs_meta: dict[str, Any] | None, model_config: dict[str, Any] | None) -> dict[str, Any] | None:
+    if model_config:
+        return model_config
+    from ..models.adapters import model_config_from_inputs
+
+    return model_config_from_inputs(inputs_meta or {})
+
+
+def estimate_calibrated(cfg: Any, inputs_meta: dict[str, Any] | None, model_config: dict[str, Any] | None,
+                        *, hessians: bool = False) -> int | None:
+    """``Stage.estimate_peak_bytes`` of a block-wise calibration-based quantize stage."""
+    shape = calibration_shape(inputs_meta or {})
+    if shape is None:
+        return None
+    return calibrated_stage_bytes(model_config_of(inputs_meta, model_config), n_samples=shape[0], seq_len=shape[1],
+                                  hessians=hessians, batch_size=getattr(cfg, "batch_size", 8))
+
+
+def estimate_streaming(inputs_meta: dict[str, Any] | None, model_config: dict[str, Any] | None) -> int | None:
+    """``Stage.estimate_peak_bytes`` of a stage that quantizes one weight at a time (RTN, HQQ)."""
+    return streaming_stage_bytes(model_config_of(inputs_meta, model_config))
