@@ -169,6 +169,9 @@ class ArchAdapter:
     # ---- residual halves (lets GPTQ reuse the attention half) ------------
     # True when block(h) == mlp_half(attention_half(h)) op for op (tests check bit-equality)
     splits_residual: ClassVar[bool] = True
+    # the linear each half ends with: self_attn(x) == o_proj(<its input>), mlp(x) == down_proj(<its input>)
+    attn_out_linear: ClassVar[str] = "self_attn.o_proj"
+    mlp_out_linear: ClassVar[str] = "mlp.down_proj"
 
     def attention_half(self, block: "nn.Module", hidden: Any, kwargs: dict[str, Any]) -> Any:
         """``h + self_attn(input_norm(h))`` (the residual stream entering the MLP half)."""

@@ -4,7 +4,8 @@
     loader = block_loader(net)          # None for a model loaded whole
     loader.load(3)                      # block 3's weights from the safetensors files
     ...                                 # quantize block 3
-    loader.release(3)                   # back to the meta device: its memory is freed
+    loader.release(3)                   # back to the meta device
+    release_freed_memory()              # and its pages back to the OS
 
 Everything outside the blocks (embeddings, final norm, rotary tables, head) is
 built on the CPU and loaded from the checkpoint; the blocks are built on the
@@ -77,6 +78,25 @@ class BlockLoader:
         if index in self.loaded:
             self.blocks[index].to_empty(device="meta")
             self.loaded.discard(index)
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them after large frees, so a
+    process that loads and frees block after block would otherwise grow as if it kept them)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def block_loader(model: nn.Module) -> BlockLoader | None:

@@ -77,9 +77,8 @@ class HessianAccumulator:
             return
         if not x.is_floating_point():
             raise ValueError(f"HessianAccumulator.add: expected a floating-point input, got {x.dtype}")
-        finite = torch.isfinite(x)
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
+        if not bool(torch.isfinite(x.sum(dtype=torch.float32))):  # cheap test first; count only on failure
+            bad = int((~torch.isfinite(x)).sum())
             raise ValueError(f"HessianAccumulator.add: input contains {bad} non-finite value(s) "
                              f"(NaN/Inf) out of {x.numel()}; refusing to accumulate the Hessian")
         x = x.to(device=self._H.device, dtype=self.dtype)

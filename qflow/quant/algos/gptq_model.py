@@ -9,10 +9,13 @@ Without it, one pass over the FP block collects every Hessian. The *quantized*
 block's outputs are the next block's inputs (``propagate="quant"``).
 
 A pass stops as soon as the sub-step's inputs are captured (the ``[k,v,q]`` pass
-only runs the input norm), and once every attention linear is quantized the
-attention half of the block runs once: the ``[up,gate]``, ``[down]`` and output
-passes run only the MLP half on that residual stream (the adapter's
-``attention_half``/``mlp_half``, op for op the block's own forward). Both are exact.
+only runs the input norm). The ``[o]`` pass keeps o_proj's inputs, so once o_proj
+is quantized the residual stream entering the MLP half is ``h + o_proj(inputs)``
+without running attention again; the ``[up,gate]`` and ``[down]`` passes run only
+the MLP half on it (the adapter's ``mlp_half``), and the ``[down]`` pass keeps
+down_proj's inputs, so the block's output is ``mid + down_proj(inputs)``. Each is
+op for op the block's own forward, mini-batch by mini-batch: the checkpoint is
+bit-identical to running the whole block per sub-step (a test checks it).
 
 Example::
 
@@ -73,9 +76,19 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
     attn = set(adapter.attn_linears)
     done: set[str] = set()
     mid: torch.Tensor | None = None      # residual stream after the (quantized) attention half
+    out_of = {adapter.attn_out_linear: "attn", adapter.mlp_out_linear: "mlp"} if adapter.splits_residual else {}
+    kept: torch.Tensor | None = None     # the inputs of a half's output linear, captured by its pass
 
     def mlp_half(h: torch.Tensor) -> torch.Tensor:
         return adapter.mlp_half(block.module, h)
+
+    def residual_plus(lin: torch.nn.Linear, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``residual + lin(x)`` mini-batch by mini-batch, as the block's own forward computes it."""
+        out = torch.empty_like(residual)
+        for b0 in range(0, residual.shape[0], block.batch_size):
+            b1 = min(residual.shape[0], b0 + block.batch_size)
+            out[b0:b1] = residual[b0:b1] + lin(x[b0:b1])
+        return out
 
     for group in groups:
         t0 = time.perf_counter()
@@ -91,10 +104,14 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
         if mid is None and adapter.splits_residual and attn <= done and not (attn & set(group)):
             # the attention half is final: run it once, then only the MLP half per sub-step
             mid = block.run(outputs=True, forward=lambda h: adapter.attention_half(block.module, h, block.kwargs)).outputs
+        # a sub-step made of a half's output linear alone keeps that linear's inputs: once it is
+        # quantized, the half's output is residual + linear(inputs), without re-running the half
+        keep = group if len(group) == 1 and group[0] in out_of else []
         if mid is not None:
-            block.run(stream=group, on_input=on_input, inputs=mid, forward=mlp_half)
+            acts = block.run(stream=group, capture=keep, on_input=on_input, inputs=mid, forward=mlp_half)
         else:
-            block.run(stream=group, on_input=on_input)
+            acts = block.run(stream=group, capture=keep, on_input=on_input)
+        kept = acts.inputs.get(keep[0]) if keep else None
         t_h = time.perf_counter() - t0
         for name in group:
             t1 = time.perf_counter()
@@ -113,7 +130,14 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
                          hessian_seconds=t_h, quantize_seconds=time.perf_counter() - t1)
         done.update(group)
         accs.clear()
-    if mid is not None and not block.is_last:
+        if kept is not None:
+            with torch.no_grad():
+                if out_of[group[0]] == "attn" and mid is None and attn <= done:
+                    mid = residual_plus(block.linear(group[0]), block.inputs, kept)
+                elif out_of[group[0]] == "mlp" and mid is not None and set(names) <= done and not block.is_last:
+                    block.next_inputs = residual_plus(block.linear(group[0]), mid, kept)
+            kept = None
+    if mid is not None and not block.is_last and block.next_inputs is None:
         block.next_inputs = block.run(outputs=True, inputs=mid, forward=mlp_half).outputs
 
 
