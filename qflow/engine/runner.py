@@ -194,6 +194,20 @@ def _restore_artifacts(entry: Entry, sid: str, run_dir: Path) -> None:
         shutil.copytree(kept, run_dir / "artifacts" / sid, dirs_exist_ok=True)
 
 
+def _cached_inputs(plan: Plan, st: PlannedStage, store: CacheStore, keys: dict[str, tuple[str, dict[str, Any]]],
+                   *, planned: bool = False) -> dict[str, Any]:
+    """Per input slot of ``st``, the upstream artifact when it is already cached; with ``planned``,
+    ``{"planned": <upstream stage config>}`` for the slots that are not (for estimates)."""
+    out: dict[str, Any] = {}
+    for slot, (src, name) in st.bindings.items():
+        entry = store.get(keys[src][0])
+        if entry is not None and (entry.outputs / name / "artifact.json").is_file():
+            out[slot] = Artifact.load(entry.outputs / name)
+        elif planned:
+            out[slot] = {"planned": plan.stages[src].config.model_dump(mode="json")}
+    return out
+
+
 def preflight(plan: Plan, store: CacheStore, keys: dict[str, tuple[str, dict[str, Any]]]) -> None:
     """Capability checks of every stage, before the first one starts.
 
@@ -208,12 +222,7 @@ def preflight(plan: Plan, store: CacheStore, keys: dict[str, tuple[str, dict[str
         for pkg in st.cls.requires_packages:
             if importlib.util.find_spec(pkg) is None:
                 problems.append(f"stages.{sid} ({st.uses}) needs the Python package '{pkg}' (pip install {pkg})")
-        known: dict[str, Any] = {}
-        for slot, (src, out) in st.bindings.items():
-            entry = store.get(keys[src][0])
-            if entry is not None and (entry.outputs / out / "artifact.json").is_file():
-                known[slot] = Artifact.load(entry.outputs / out)
-        for msg in st.cls().check(st.config, known):
+        for msg in st.cls().check(st.config, _cached_inputs(plan, st, store, keys)):
             problems.append(f"stages.{sid} ({st.uses}): {msg}")
     if problems:
         raise PlanError("; ".join(problems), where=plan.source, fix="fix the listed problems before running")
@@ -240,13 +249,7 @@ def estimate_peaks(plan: Plan, store: CacheStore, keys: dict[str, tuple[str, dic
     model_config = _model_config(plan, store, keys)
     out: dict[str, int | None] = {}
     for sid, st in plan.stages.items():
-        meta: dict[str, Any] = {}
-        for slot, (src, name) in st.bindings.items():
-            entry = store.get(keys[src][0])
-            if entry is not None and (entry.outputs / name / "artifact.json").is_file():
-                meta[slot] = Artifact.load(entry.outputs / name)
-            else:
-                meta[slot] = {"planned": plan.stages[src].config.model_dump(mode="json")}
+        meta = _cached_inputs(plan, st, store, keys, planned=True)
         try:
             out[sid] = st.cls().estimate_peak_bytes(st.config, meta, model_config)
         except Exception as exc:  # an estimate must never stop a run

@@ -21,6 +21,9 @@ computed in ``__init__``) cannot be rebuilt from the files block by block;
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -48,30 +51,18 @@ class BlockLoader:
     def load(self, index: int) -> None:
         if index in self.loaded:
             return
-        from safetensors import safe_open
-
         block = self.blocks[index]
         block.to_empty(device="cpu")
         state = block.state_dict(keep_vars=True)
-        by_file: dict[Path, list[str]] = {}
-        for rel in state:
+        names = {}
+        for rel, target in state.items():
             name = f"{self.prefix}.{index}.{rel}"
             if name not in self.files:
                 raise StageError(f"{name} is not in the checkpoint of {self.model_dir}",
                                  where=f"{self.prefix}.{index}",
                                  fix="the folder's weights do not match its config.json; rebuild the model folder")
-            by_file.setdefault(self.files[name], []).append(rel)
-        with torch.no_grad():
-            for path, rels in by_file.items():
-                with safe_open(str(path), framework="pt") as handle:
-                    for rel in rels:
-                        tensor = handle.get_tensor(f"{self.prefix}.{index}.{rel}")
-                        target = state[rel]
-                        if tuple(tensor.shape) != tuple(target.shape):
-                            raise StageError(f"{self.prefix}.{index}.{rel} has shape {tuple(tensor.shape)} in "
-                                             f"the checkpoint, the model expects {tuple(target.shape)}",
-                                             where=str(self.model_dir), fix="rebuild the model folder")
-                        target.copy_(tensor.to(target.dtype))
+            names[name] = target
+        copy_from_checkpoint(names, self.files, self.model_dir, StageError)
         self.loaded.add(index)
 
     def release(self, index: int) -> None:
@@ -80,23 +71,39 @@ class BlockLoader:
             self.loaded.discard(index)
 
 
+def copy_from_checkpoint(targets: dict[str, torch.Tensor], files: dict[str, Path], model_dir: Path,
+                         error: type[Exception]) -> None:
+    """Fill ``targets`` (checkpoint name -> tensor) from the safetensors ``files``, one open per file."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name in targets:
+        by_file.setdefault(files[name], []).append(name)
+    with torch.no_grad():
+        for path, names in by_file.items():
+            with safe_open(str(path), framework="pt") as handle:
+                for name in names:
+                    tensor, target = handle.get_tensor(name), targets[name]
+                    if tuple(tensor.shape) != tuple(target.shape):
+                        raise error(f"{name} has shape {tuple(tensor.shape)} in {model_dir}, the model expects "
+                                    f"{tuple(target.shape)}", where=str(model_dir), fix="rebuild the model folder")
+                    target.copy_(tensor.to(target.dtype))
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to hand back
+        return None
+
+
 def release_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them after large frees, so a
     process that loads and frees block after block would otherwise grow as if it kept them)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def block_loader(model: nn.Module) -> BlockLoader | None:
@@ -146,22 +153,13 @@ def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str 
     files = weight_files(path)
     prefix = adapter.block_prefix + "."
     wanted = {k: v for k, v in net.state_dict(keep_vars=True).items() if not k.startswith(prefix)}
-    from safetensors import safe_open
-
-    loaded: set[int] = set()
-    with torch.no_grad():
-        for name, target in wanted.items():
-            if id(target) in loaded:
-                continue
-            if name not in files:
-                continue  # a tied alias (lm_head) or a buffer computed at build time: checked below
-            with safe_open(str(files[name]), framework="pt") as handle:
-                tensor = handle.get_tensor(name)
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise SourceError(f"{name} has shape {tuple(tensor.shape)} in {path}, the model expects "
-                                  f"{tuple(target.shape)}", fix="rebuild the model folder")
-            target.copy_(tensor.to(target.dtype))
-            loaded.add(id(target))
+    # tied weights (lm_head = embed_tokens) are one tensor: filled once, under the name the file has
+    unique: dict[int, str] = {}
+    for name, target in wanted.items():
+        if name in files and id(target) not in unique:
+            unique[id(target)] = name
+    copy_from_checkpoint({name: wanted[name] for name in unique.values()}, files, path, SourceError)
+    loaded = set(unique)
     buffers = {name for name, _ in net.named_buffers()}
     missing = [n for n, t in wanted.items() if id(t) not in loaded and n not in buffers]
     if missing:

@@ -87,29 +87,16 @@ def whole_model_bytes(config: dict[str, Any] | None, *, copies: int = 1, batch_s
 
 def calibration_shape(inputs_meta: dict[str, Any], slot: str = "calib") -> tuple[int, int] | None:
     """(n_samples, seq_len) of the calibration set feeding ``slot``: from the cached CalibSet's
-    ``info.json``, else from the planned calibrate stage's config (``{"planned": config}``)."""
-    import json
-    from pathlib import Path
-
+    metadata, else from the planned calibrate stage's config (``{"planned": config}``)."""
     ref = (inputs_meta or {}).get(slot)
     if ref is None:
         return None
-    if isinstance(ref, dict) and "planned" in ref:
-        planned = ref["planned"] or {}
-        n = planned.get("n_samples")
-        seq = (planned.get("data") or {}).get("seq_len")
-        return (int(n), int(seq)) if n and seq else None
-    path = getattr(ref, "path", None)
-    if path is None:
-        return None
-    try:
-        info = json.loads((Path(path) / "info.json").read_text())
-    except (OSError, ValueError):
-        return None
-    shape = info.get("shape")
-    if shape and len(shape) == 2:
-        return int(shape[0]), int(shape[1])
-    n, seq = info.get("n_samples"), info.get("seq_len")
+    if isinstance(ref, dict):
+        planned = ref.get("planned") or {}
+        n, seq = planned.get("n_samples"), (planned.get("data") or {}).get("seq_len")
+    else:
+        meta = getattr(ref, "meta", None) or {}
+        n, seq = meta.get("n_samples"), meta.get("seq_len")
     return (int(n), int(seq)) if n and seq else None
 
 
