@@ -48,7 +48,7 @@ def cmd_run(args) -> int:
 
     opts = RunOptions(runs_root=_runs_root(args), dry_run=args.dry_run, only=args.only, from_=args.from_,
                       force=args.force or [], track=not args.no_track, quiet=args.quiet,
-                      libraries=args.lib or [])
+                      libraries=args.lib or [], allow_env=args.allow_env or [])
     if args.multirun:
         from .engine.sweep import run_sweep
 
@@ -104,7 +104,7 @@ def cmd_explain(args) -> int:
     from .engine.cache import CacheStore
     from .engine.runner import RunOptions, closest_entry, compute_keys, environment, load_plan, resolve_device
 
-    opts = RunOptions(runs_root=_runs_root(args), libraries=args.lib or [])
+    opts = RunOptions(runs_root=_runs_root(args), libraries=args.lib or [], allow_env=args.allow_env or [])
     plan = load_plan(args.recipe, args.overrides, opts)
     store = CacheStore(opts.runs_root / "cache")
     keys = compute_keys(plan, store, environment(resolve_device(plan.recipe.device)))
@@ -319,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     r.add_argument("--no-track", action="store_true", help="do not write to MLflow")
     r.add_argument("--lib", action="append", help="recipe library: folder, pkg://module or git+URL[@ref]")
+    r.add_argument("--allow-env", action="append", metavar="NAME",
+                   help="let the recipe read this environment variable with ${oc.env:NAME} (redacted when tracked)")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(fn=cmd_run)
 
@@ -326,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("recipe")
     e.add_argument("overrides", nargs="*")
     e.add_argument("--lib", action="append")
+    e.add_argument("--allow-env", action="append", metavar="NAME")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_explain)
 

@@ -25,6 +25,7 @@ from .. import __version__
 from ..artifacts import Artifact
 from ..errors import GateFailed, PlanError, QflowError, StageError
 from ..recipe.compose import compose_recipe, to_plain
+from ..recipe.safety import redact
 from ..recipe.validate import validate_shape
 from .cache import CacheStore, Entry, diff_ingredients, flatten, make_key
 from .context import StageContext
@@ -43,6 +44,7 @@ class RunOptions:
     track: bool = True
     quiet: bool = False
     libraries: list[str] = field(default_factory=list)
+    allow_env: list[str] = field(default_factory=list)   # names ${oc.env:NAME} may read (--allow-env)
     parent_run_id: str | None = None
     run_name: str | None = None
     out_stream: Any = None  # where the summary goes (stderr with --json)
@@ -91,12 +93,17 @@ class RunResult:
 # ---- planning -----------------------------------------------------------------
 
 def plan_from_config(cfg_dict: dict[str, Any], source: str) -> Plan:
+    """The plan of a composed config; ``plan.resolved`` (what is written and tracked) has environment
+    values redacted, the stage configs keep the real ones."""
     recipe = validate_shape(cfg_dict, source)
-    return build_plan(recipe, cfg_dict, source)
+    plan = build_plan(recipe, cfg_dict, source)
+    plan.resolved = redact(plan.resolved)
+    return plan
 
 
 def load_plan(recipe_path: str, overrides: list[str], opts: RunOptions) -> Plan:
-    cfg = compose_recipe(recipe_path, overrides, libraries=opts.libraries, cache_dir=opts.runs_root / "cache")
+    cfg = compose_recipe(recipe_path, overrides, libraries=opts.libraries, cache_dir=opts.runs_root / "cache",
+                         allow_env=opts.allow_env)
     return plan_from_config(to_plain(cfg), str(recipe_path))
 
 
@@ -136,7 +143,8 @@ def compute_keys(plan: Plan, store: CacheStore, env: dict[str, str]) -> dict[str
             "external": st.cls.fingerprint_sources(st.config, store.root) if hasattr(st.cls, "fingerprint_sources") else {},
             "env": env,
         }
-        keys[sid] = (make_key(ingredients), ingredients)
+        # the key hashes the real values; the manifest keeps them with environment values redacted
+        keys[sid] = (make_key(ingredients), redact(ingredients))
     return keys
 
 

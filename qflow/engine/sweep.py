@@ -70,8 +70,10 @@ class SweepTask:
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf
 
+        from ..recipe.safety import install_env_guard
         from .runner import RunOptions, execute, plan_from_config
 
+        install_env_guard(self.opts_dict.get("allow_env") or [])   # also in launcher worker processes
         hc = HydraConfig.get()
         job = str(hc.job.num)
         # launcher/sweeper choices are not part of a point's identity
@@ -109,13 +111,24 @@ class SweepTask:
 
 
 def _declared_sweep(recipe: Path) -> dict[str, Any]:
-    import yaml
+    """The recipe's ``sweep:`` block, validated (a clean error names the bad field)."""
+    from pydantic import ValidationError
 
-    data = yaml.safe_load(recipe.read_text()) or {}
-    sweep = data.get("sweep") or {}
-    if not isinstance(sweep, dict):
-        raise RecipeError("sweep must be a mapping", where=f"{recipe}: sweep", fix="see `qflow run -m` in the README")
-    return sweep
+    from ..recipe.compose import _yaml_preflight
+    from ..recipe.schema import SweepSpec
+    from ..recipe.validate import describe_errors
+
+    sweep = _yaml_preflight(recipe).get("sweep") or {}
+    try:
+        spec = SweepSpec.model_validate(sweep)
+    except ValidationError as exc:
+        what, _ = describe_errors(exc, ("sweep",), lambda loc: list(SweepSpec.model_fields) if len(loc) == 1 else [])
+        raise RecipeError(f"the sweep block is malformed: {what}",
+                          where=f"{recipe}: sweep",
+                          fix="write sweep: {params: {params.bits: '3,4'}, objective: evaluate/kl_mean, "
+                              "direction: minimize, constraints: ['evaluate/bpw_quantized<=4'], sweeper: optuna, "
+                              "n_trials: 6}") from None
+    return spec.model_dump(exclude_none=True, exclude_unset=True)
 
 
 def _memory_cap(jobs: int, plan_estimate_bytes: int | None) -> int:
@@ -149,9 +162,12 @@ def run_sweep(recipe: str, overrides: list[str], opts, *, as_json: bool = False,
               objective: str | None = None, constraints: list[str] | None = None) -> int:
     import hydra
 
-    path = Path(recipe)
-    if not path.is_file():
-        raise RecipeError("recipe file not found", where=recipe, fix="check the path")
+    from ..recipe.compose import _yaml_preflight, audit_multirun, recipe_file, search_path, searchpath_override
+    from ..recipe.safety import check_untrusted, install_env_guard
+
+    install_env_guard(opts.allow_env or [])
+    path = recipe_file(recipe)
+    check_untrusted(_yaml_preflight(path), str(path), primary=True)
     sweep_cfg = _declared_sweep(path)
     overrides = list(overrides)
     declared = sweep_cfg.get("params") or {}
@@ -189,15 +205,13 @@ def run_sweep(recipe: str, overrides: list[str], opts, *, as_json: bool = False,
             f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}",
             "hydra.job.chdir=False", "hydra/job_logging=none", "hydra/hydra_logging=none",
             "hydra.output_subdir=null"]
-    from ..recipe.compose import _yaml_preflight, search_path
-
     sp = search_path(list(opts.libraries or []), runs_root / "cache", _yaml_preflight(path))
-    if sp:
-        argv.append("hydra.searchpath=[" + ",".join(sp) + "]")
+    argv.append(searchpath_override(sp))
     if effective_jobs > 1 and not has_launcher:
         argv += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={effective_jobs}"]
     if any(o.startswith("hydra/sweeper=optuna") for o in overrides) and sweep_cfg.get("objective"):
         argv.append(f"hydra.sweeper.direction={sweep_cfg.get('direction', 'minimize')}")
+    audit_multirun(path, argv[2:])   # nothing in the recipe or its libraries may run code (recipe/safety.py)
     opts_dict = {k: v for k, v in vars(opts).items() if k != "out_stream"}
     opts_dict["runs_root"] = str(runs_root)
     opts_dict["parent_run_id"] = None

@@ -32,7 +32,7 @@ def calibration_ids(ctx: Any, calib: Any, *, uses: str):
     if not ids_path.is_file():
         raise StageError(f"{ids_path} is missing", where=f"stages.{ctx.stage_id}.needs",
                          fix=f"feed {uses} from a calibrate stage")
-    return torch.load(ids_path)
+    return torch.load(ids_path, weights_only=True)
 
 
 def open_float_model(cfg: Any, model: Any, *, lazy: bool = True):

@@ -24,17 +24,10 @@ from ..errors import RecipeError
 
 
 def _yaml_preflight(path: Path) -> dict[str, Any]:
-    """Parse the file ourselves first so syntax errors name the line and column."""
-    import yaml
+    """Parse the file ourselves first: UTF-8, duplicate keys and syntax errors name the line."""
+    from .safety import read_yaml_file
 
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"the file is not valid YAML ({problem} at {at})", where=str(path),
-                          fix="correct the YAML syntax at that position (indentation, quotes, colons)") from None
+    data = read_yaml_file(path)
     if not isinstance(data, dict):
         raise RecipeError(f"a recipe must be a YAML mapping, got {type(data).__name__}", where=str(path),
                           fix="start the file with top-level keys such as 'name:' and 'stages:'")
@@ -72,22 +65,103 @@ def search_path(libraries: list[str], cache_dir: Path, recipe_data: dict[str, An
     env = os.environ.get("QFLOW_RECIPE_PATH", "")
     entries += [resolve_library(s, cache_dir) for s in env.split(os.pathsep) if s]
     declared = (recipe_data.get("hydra") or {}).get("searchpath") or []
-    entries += [str(s) for s in declared]
+    entries += [str(s) for s in declared]   # folders only: safety.check_untrusted refuses pkg:// here
     return list(dict.fromkeys(entries))
+
+
+def searchpath_override(entries: list[str]) -> str:
+    """Always given, even empty, so Hydra never processes a recipe's own ``hydra.searchpath`` itself."""
+    return "hydra.searchpath=[" + ",".join(entries) + "]"
+
+
+def _reraise_clean(exc: BaseException, path: Path) -> None:
+    """A QflowError raised inside Hydra/OmegaConf (a resolver) or a YAML problem in a library file."""
+    import yaml
+
+    cause = exc
+    while cause is not None:
+        if isinstance(cause, RecipeError):
+            raise cause from None
+        if isinstance(cause, UnicodeDecodeError):
+            raise RecipeError(f"a file of the recipe's defaults tree is not UTF-8 text ({cause.reason} at byte "
+                              f"{cause.start})", where=str(path),
+                              fix="save the recipe's library files as UTF-8") from None
+        if isinstance(cause, yaml.YAMLError):
+            text = " ".join(str(cause).split())
+            raise RecipeError(f"a file of the recipe's defaults tree is not valid YAML: {text}", where=str(path),
+                              fix="correct that file (duplicate keys, indentation, quotes) at the position named") from None
+        cause = cause.__cause__ or cause.__context__
+
 
 
 def compose_recipe(recipe: str | os.PathLike, overrides: list[str] | None = None, *,
                    libraries: list[str] | None = None, cache_dir: Path | None = None,
-                   resolve: bool = True):
+                   resolve: bool = True, allow_env: list[str] | None = None):
     """Compose ``recipe`` with ``overrides``; returns an OmegaConf DictConfig.
 
-    Raises RecipeError with the file, the failing piece and a fix.
+    Checks the rules of :mod:`qflow.recipe.safety` (recipes are data) on every
+    file of the defaults tree before composing. Raises RecipeError with the
+    file, the failing piece and a fix.
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException, MissingConfigException
-    from omegaconf import OmegaConf
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
+    from .safety import audit_defaults, check_composed, check_untrusted, install_env_guard
+
+    install_env_guard(allow_env or [])
+    path = recipe_file(recipe)
+    data = _yaml_preflight(path)
+    check_untrusted(data, str(path), primary=True)
+    overrides = list(overrides or [])
+    sp = search_path(libraries or [], cache_dir or Path("runs/cache"), data)
+    overrides.append(searchpath_override(sp))
+    try:
+        with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base=None):
+            audit_defaults(path.stem, overrides, RunMode.RUN, path)
+            cfg = compose(config_name=path.stem, overrides=overrides, return_hydra_config=True)
+            check_composed(cfg, str(path))
+    except MissingConfigException as exc:
+        first = str(exc).splitlines()[0]
+        raise RecipeError(f"a defaults entry cannot be found: {first}", where=str(path),
+                          fix="check the defaults list names (relative to the recipe's folder or a --lib library)") from None
+    except HydraException as exc:
+        _reraise_clean(exc, path)
+        msg = " ".join(str(exc).split())
+        fix = "check the override syntax (key=value, +new_key=value, ~key)"
+        if "Could not override" in msg or "Key '" in msg and "not in struct" in msg:
+            fix = "the key does not exist in the recipe: check its spelling, or add it with +key=value"
+        if "Could not delete" in msg:
+            fix = "only existing keys can be deleted with ~key"
+        raise RecipeError(f"cannot apply overrides {overrides[:-1]}: {msg}", where=str(path), fix=fix) from None
+    except OmegaConfBaseException as exc:
+        _reraise_clean(exc, path)
+        msg = " ".join(str(exc).split())
+        raise RecipeError(f"composition failed: {msg}", where=str(path),
+                          fix="check the recipe's defaults list and the overrides") from None
+    except (RecipeError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # YAML / encoding problems of library files surface as plain exceptions
+        _reraise_clean(exc, path)
+        raise
+    with open_dict(cfg):
+        del cfg["hydra"]
+    if resolve:
+        try:
+            OmegaConf.resolve(cfg)
+        except OmegaConfBaseException as exc:
+            _reraise_clean(exc, path)
+            key = getattr(exc, "full_key", None) or "?"
+            msg = " ".join(str(exc).split()).split("full_key:")[0].strip()
+            raise RecipeError(f"interpolation at '{key}' failed: {msg}", where=str(path),
+                              fix="make the ${...} reference point at an existing key (e.g. params.bits)") from None
+    return cfg
+
+
+def recipe_file(recipe: str | os.PathLike) -> Path:
+    """The recipe's path, checked: an existing ``.yaml`` file."""
     path = Path(recipe)
     if path.is_dir() or path.suffix not in (".yaml", ".yml"):
         raise RecipeError(f"expected a .yaml recipe file, got {recipe}", where=str(recipe),
@@ -96,42 +170,34 @@ def compose_recipe(recipe: str | os.PathLike, overrides: list[str] | None = None
         near = sorted(p.name for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
         hint = f" (recipes in {path.parent}: {', '.join(near)})" if near else ""
         raise RecipeError(f"recipe file not found{hint}", where=str(recipe), fix="check the path")
-    data = _yaml_preflight(path)
-    overrides = list(overrides or [])
-    sp = search_path(libraries or [], cache_dir or Path("runs/cache"), data)
-    if sp:
-        overrides.append("hydra.searchpath=[" + ",".join(sp) + "]")
+    return path
+
+
+def audit_multirun(path: Path, overrides: list[str]) -> None:
+    """The safety rules for a sweep: the defaults tree and the composed Hydra node of the multirun."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .safety import audit_defaults, check_composed
+
     try:
         with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base=None):
-            cfg = compose(config_name=path.stem, overrides=overrides)
-    except MissingConfigException as exc:
-        first = str(exc).splitlines()[0]
-        raise RecipeError(f"a defaults entry cannot be found: {first}", where=str(path),
-                          fix="check the defaults list names (relative to the recipe's folder or a --lib library)") from None
-    except HydraException as exc:
+            audit_defaults(path.stem, overrides, RunMode.MULTIRUN, path)
+            cfg = GlobalHydra.instance().config_loader().load_configuration(path.stem, overrides, RunMode.MULTIRUN)
+            check_composed(cfg, str(path))
+    except RecipeError:
+        raise
+    except (HydraException, OmegaConfBaseException) as exc:
+        _reraise_clean(exc, path)
         msg = " ".join(str(exc).split())
-        fix = "check the override syntax (key=value, +new_key=value, ~key)"
-        if "Could not override" in msg or "Key '" in msg and "not in struct" in msg:
-            fix = "the key does not exist in the recipe: check its spelling, or add it with +key=value"
-        if "Could not delete" in msg:
-            fix = "only existing keys can be deleted with ~key"
-        raise RecipeError(f"cannot apply overrides {overrides}: {msg}", where=str(path), fix=fix) from None
-    except OmegaConfBaseException as exc:
-        msg = " ".join(str(exc).split())
-        raise RecipeError(f"composition failed: {msg}", where=str(path),
-                          fix="check the recipe's defaults list and the overrides") from None
-    if "hydra" in cfg:
-        with OmegaConf.open_dict(cfg):
-            del cfg["hydra"]
-    if resolve:
-        try:
-            OmegaConf.resolve(cfg)
-        except OmegaConfBaseException as exc:
-            key = getattr(exc, "full_key", None) or "?"
-            msg = " ".join(str(exc).split()).split("full_key:")[0].strip()
-            raise RecipeError(f"interpolation at '{key}' failed: {msg}", where=str(path),
-                              fix="make the ${...} reference point at an existing key (e.g. params.bits)") from None
-    return cfg
+        raise RecipeError(f"the sweep cannot be composed: {msg}", where=str(path),
+                          fix="check the sweep overrides (key=a,b  key=range(1,4)  key=choice(a,b)) and the defaults") from None
+    except Exception as exc:
+        _reraise_clean(exc, path)
+        raise
 
 
 def to_plain(cfg) -> dict[str, Any]:

@@ -82,6 +82,23 @@ class ModelSection(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
+class SweepSpec(BaseModel):
+    """A recipe's declared sweep (``qflow run -m``): Hydra sweep values per key, and the objective."""
+
+    model_config = ConfigDict(extra="forbid")
+    params: dict[str, str | int | float | bool | list[str | int | float | bool]] = Field(default_factory=dict)
+    objective: str | None = None
+    direction: Literal["minimize", "maximize"] = "minimize"
+    constraints: list[str] = Field(default_factory=list)
+    sweeper: Literal["basic", "optuna"] | None = None
+    n_trials: int | None = Field(default=None, ge=1)
+
+    @field_validator("params")
+    @classmethod
+    def _values(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return {k: ",".join(map(str, x)) if isinstance(x, list) else x for k, x in v.items()}
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -93,7 +110,7 @@ class Recipe(BaseModel):
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     stages: dict[str, StageSpec]
-    sweep: dict[str, Any] = Field(default_factory=dict)   # declared sweep (see `qflow run -m`)
+    sweep: SweepSpec = Field(default_factory=SweepSpec)   # declared sweep (see `qflow run -m`)
 
     @field_validator("name")
     @classmethod

@@ -343,6 +343,23 @@ def _signature_hash(signature: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def load_resume_state(path: Path, log: Any) -> dict[str, Any] | None:
+    """A stage's resume state, loaded as data only (``weights_only=True``: tensors, numbers, strings,
+    lists, dicts; never pickled code, since anyone who can write a shared runs folder could plant one).
+    An unreadable state is a warning and a fresh start, never a crash."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:
+        log.warning("resume state %s is unreadable (%s); starting over", path, str(exc).splitlines()[0][:200])
+        return None
+    if not isinstance(state, dict) or "signature" not in state:
+        log.warning("resume state %s has an unexpected shape; starting over", path)
+        return None
+    return state
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -396,8 +413,8 @@ def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.T
 
     generator = ctx.torch_generator(f"blockwise:{method}") if hasattr(ctx, "torch_generator") else torch.Generator()
     state = None
-    if state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+    state = load_resume_state(state_path, ctx.log)
+    if state is not None:
         if state.get("signature") != sig:
             ctx.log.warning("resume state in %s belongs to other settings; starting over", scratch)
             state = None

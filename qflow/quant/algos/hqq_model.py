@@ -28,7 +28,7 @@ from ...errors import StageError
 from ..ir import CheckpointWriter
 from ..spec import QuantSpec
 from .blockwise import (CRASH_ENV, STATE_FILE, BlockwiseResult, SimulatedCrash, _atomic_save, _publish_tree,
-                        _shards_present, _signature_hash, peak_rss_bytes, write_records)
+                        _shards_present, load_resume_state, _signature_hash, peak_rss_bytes, write_records)
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def quantize_model_hqq(ctx: Any, model_dir: str | Path, opts: HQQOptions, names:
     scratch.mkdir(parents=True, exist_ok=True)
     ir_dir, state_path = scratch / "ir", scratch / STATE_FILE
     sig = _signature_hash({"method": "hqq", "options": asdict(opts), "names": names})
-    state = torch.load(state_path, weights_only=False) if state_path.is_file() else None
+    state = load_resume_state(state_path, ctx.log)
     if state is not None and (state.get("signature") != sig or not _shards_present(ir_dir, state["writer"])):
         state = None
     if state is None:
