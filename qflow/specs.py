@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _compiles(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression ({exc})") from None
+    return pattern
+
+
+Regex = Annotated[str, AfterValidator(_compiles)]
+"""A regular expression, compiled when the recipe is validated (so a typo fails before any work)."""
 
 
 class DataSpec(BaseModel):
@@ -18,3 +33,15 @@ class DataSpec(BaseModel):
     seq_len: int = Field(512, ge=8)
     field: str = "text"
     add_special_tokens: bool = False
+
+
+def data_problems(spec: DataSpec, where: str) -> list[str]:
+    """Preflight of a text source (a stage's ``check``): a missing, non-UTF-8 or empty local file."""
+    from .data.sources import check_text_source
+    from .errors import QflowError
+
+    try:
+        check_text_source(spec.source)
+    except QflowError as exc:
+        return [f"{where}.data: {exc}"]
+    return []

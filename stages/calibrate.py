@@ -6,7 +6,7 @@ from pydantic import Field
 
 from qflow.artifacts import CalibSet, ModelRef
 from qflow.registry import Stage, StageConfig, register
-from qflow.specs import DataSpec
+from qflow.specs import DataSpec, Regex
 
 
 class CalibrateConfig(StageConfig):
@@ -15,7 +15,7 @@ class CalibrateConfig(StageConfig):
     stats: bool = True            # mean |x| and max |x| per input channel of every decoder linear
     xtx: bool = False             # also X^T X per linear (large: in^2 floats each)
     batch_size: int = Field(4, ge=1)
-    targets: str = r"\.layers\.\d+\."
+    targets: Regex = r"\.layers\.\d+\."
 
 
 @register("calibrate")
@@ -41,6 +41,11 @@ class Calibrate(Stage):
         from qflow.data.tokens import text_fingerprint_source
 
         return {"data": text_fingerprint_source(cfg.data.source, cache_root, cfg.data.field)}
+
+    def check(self, cfg, inputs_meta):
+        from qflow.specs import data_problems
+
+        return data_problems(cfg.data, "with")
 
     def estimate_peak_bytes(self, cfg, inputs_meta=None, model_config=None):
         from qflow.quant.memory import model_config_of, whole_model_bytes

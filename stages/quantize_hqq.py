@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from qflow.artifacts import ModelRef, QuantizedCheckpoint
 from qflow.registry import Stage, StageConfig, register
+from qflow.specs import Regex
 
 
 class HQQConfig(StageConfig):
@@ -30,8 +31,8 @@ class HQQConfig(StageConfig):
     early_stop: bool = True
     zero_float: bool = True
     scale_dtype: Literal["float16", "float32", "bfloat16"] = "float16"
-    targets: str = Field(r"\.layers\.\d+\.", description="regex on weight names: which linears")
-    exclude: list[str] = Field(default_factory=list, description="regexes of module names left float")
+    targets: Regex = Field(r"\.layers\.\d+\.", description="regex on weight names: which linears")
+    exclude: list[Regex] = Field(default_factory=list, description="regexes of module names left float")
 
     @model_validator(mode="after")
     def _cross_checks(self):

@@ -8,6 +8,7 @@ from pydantic import model_validator
 
 from qflow.artifacts import ModelRef, QuantizedCheckpoint
 from qflow.registry import Stage, StageConfig, register
+from qflow.specs import Regex
 
 
 class RTNConfig(StageConfig):
@@ -19,8 +20,8 @@ class RTNConfig(StageConfig):
     double_quant: bool = False
     scale_dtype: Literal["float16", "float32", "bfloat16"] = "float16"
     pad_last_group: bool = False
-    targets: str = r"\.layers\.\d+\."
-    exclude: list[str] = []
+    targets: Regex = r"\.layers\.\d+\."
+    exclude: list[Regex] = []
 
     @model_validator(mode="after")
     def _spec_ok(self):

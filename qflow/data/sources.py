@@ -169,6 +169,33 @@ def load_text(source: str, *, field: str = "text", cache_dir: Path | None = None
     return DOCUMENT_SEPARATOR.join(_column(rows, field, source))
 
 
+def check_text_source(source: str) -> int:
+    """Open and measure a local text source before any work (preflight): its size in bytes.
+
+    Raises SourceError for a missing, non-UTF-8 or empty file, naming the file and
+    the byte offset (compressed and parquet files are checked when loaded). Bundled
+    (``zoo:``) and hub (``hf:``) sources are checked when they are loaded; a hub
+    check here would need the network.
+    """
+    kind, value = parse_text_source(source)
+    if kind != "file":
+        return -1
+    files, builder = _data_files(value, source)
+    for f in files:
+        if f.suffix in (".gz", ".bz2", ".xz", ".zst") or builder == "parquet":
+            continue
+        raw = f.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise SourceError(f"{f} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}, offset {exc.start})",
+                              where=source, fix="convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+        if not raw.strip():
+            raise SourceError(f"{f} is empty", where=source, fix="point the source at a file that holds text")
+    return sum(f.stat().st_size for f in files)
+
+
 def _zoo_text(name: str) -> str:
     path = zoo_text_file(name)
     if name == "lee-news":

@@ -122,29 +122,26 @@ def check_untrusted(data: Any, where: str, *, primary: bool = False, header_pack
                           f"Hydra (launchers, sweepers and callbacks run code)", where=where,
                           fix="remove the header; choose launchers with `+lib/launcher=ray` or `hydra/launcher=...` "
                               "on the command line")
-    target = _find_key(data, "_target_")
-    if target:
-        raise RecipeError(f"'{target}' names code to instantiate; recipes are data and qflow never instantiates "
-                          f"a recipe's _target_", where=where,
-                          fix="remove the key; stages are chosen with 'uses:' from the registered stages "
-                              "(qflow ls stages)")
-    if not isinstance(data, dict):
-        return
-    hydra = data.get("hydra")
-    if hydra is None:
-        return
-    extra = sorted(set(hydra) - {"searchpath"}) if primary and isinstance(hydra, dict) else ["hydra"]
+    hydra = data.get("hydra") if isinstance(data, dict) else None
+    extra = [] if hydra is None else sorted(set(hydra) - {"searchpath"}) if primary and isinstance(hydra, dict) \
+        else ["hydra"]
     if extra:
         raise RecipeError(f"the file configures Hydra ({', '.join(f'hydra.{k}' if k != 'hydra' else k for k in extra)}): "
                           f"callbacks, launchers and sweepers run code, so a recipe or a library may not set them",
                           where=where,
                           fix="remove the hydra block; pick a launcher or sweeper on the command line "
                               "(+lib/launcher=ray, hydra/sweeper=optuna) or in the recipe's 'sweep:' block")
-    for entry in hydra.get("searchpath") or []:
+    for entry in (hydra or {}).get("searchpath") or []:
         if not isinstance(entry, str) or not entry.startswith("file://") and "://" in entry:
             raise RecipeError(f"hydra.searchpath entry {entry!r}: a recipe may add folders (file://...) to its "
                               f"search path, not Python packages (importing a package runs its code)", where=where,
                               fix=f"pass the package on the command line: --lib {entry}")
+    target = _find_key(data, "_target_")
+    if target:
+        raise RecipeError(f"'{target}' names code to instantiate; recipes are data and qflow never instantiates "
+                          f"a recipe's _target_", where=where,
+                          fix="remove the key; stages are chosen with 'uses:' from the registered stages "
+                              "(qflow ls stages)")
 
 
 def audit_defaults(config_name: str, overrides: list[str], run_mode: Any, recipe_path: Path) -> None:
