@@ -61,7 +61,8 @@ class ExportOnnx(Stage):
     config, and ``export.json``. Each quantized linear becomes a
     ``com.microsoft.MatMulNBits`` (codes, scales, zero points converted exactly from
     the IR; block_size = group size, a power of two >= 16); SmoothQuant W8A8 layers
-    become per-token int8 ``MatMulInteger``. Attention is
+    become qflow's own int8 activation codes and a uint8 x uint8 ``MatMulInteger``
+    (exact on every x86 CPU; ``export.json`` ``w8a8_matmul`` says why). Attention is
     ``com.microsoft.GroupQueryAttention`` with an explicit KV cache
     (``past_key_values.N.key/value`` -> ``present.N.key/value``).
 
@@ -124,6 +125,8 @@ class ExportOnnx(Stage):
                                      "onnx_data_bytes": info.data_path.stat().st_size}
         for kind, n in info.linear_kinds.items():
             metrics[f"n_linear_{kind}"] = n
+        if info.linear_kinds.get("w8a8"):
+            ctx.log.info("W8A8 integer matmul: %s", info.to_json()["w8a8_matmul"]["why"])
 
         # ---- round trip against qflow's own model --------------------------------
         from transformers import AutoTokenizer

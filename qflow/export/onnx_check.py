@@ -93,14 +93,16 @@ def machine() -> dict[str, Any]:
 
     cpu = platform.processor() or ""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
+        info = []
+    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    cpu = names[0] if names else cpu
+    flags = next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
+    # VNNI decides onnxruntime's int8 kernel (u8s8 saturates without it), so W8A8 timings depend on it
+    vnni = sorted(flags & {"avx512_vnni", "avx_vnni"}) if flags else None
     return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__,
-            "provider": "CPUExecutionProvider", "dtype": "float32", "batch": 1}
+            "provider": "CPUExecutionProvider", "dtype": "float32", "batch": 1, "cpu_vnni": vnni}
 
 
 def speed_compare(models: dict[str, str | Path], *, baseline: str = "fp32", threads: int | None = 1,

@@ -23,9 +23,9 @@ Every linear is one of three kinds:
 * ``w8a8``   -- SmoothQuant W8A8: per-token dynamic SYM-R int8 activations computed
   with plain ops (``ReduceMax(Abs)``, ``Div``, ``Round``, ``Clip``, ``Cast``; carried
   as uint8 with zero point 128), int8 per-channel weights, ``MatMulInteger`` and a
-  float rescale. This reproduces
-  :func:`qflow.quant.qlinear.fake_quant_activation` exactly; the only residual
-  difference to qflow is fp32 summation order (integer accumulation here).
+  float rescale. The codes are exactly :func:`qflow.quant.qlinear.fake_quant_activation`'s
+  and the integer matmul is exact on every x86 CPU (see :data:`W8A8_MATMUL`); the only
+  residual difference to qflow is fp32 summation order (exact int32 accumulation here).
 
 Inputs: ``input_ids`` int64 ``[batch, seq]``, ``attention_mask`` int64
 ``[batch, past+seq]`` (all ones for batch-1 decoding), and per layer
@@ -58,6 +58,26 @@ OPSET = 21
 MS_DOMAIN = "com.microsoft"
 DATA_SUFFIX = ".data"
 ALIGN = 4096  # external tensors start on page boundaries (onnxruntime can map them)
+
+# How a W8A8 MatMulInteger holds its operands. onnxruntime's x86 u8s8 kernel (uint8 activations x
+# int8 weights) is exact only where the CPU has AVX-VNNI / AVX512-VNNI (vpdpbusd sums four u8*s8
+# products in int32). Without VNNI it uses vpmaddubsw, which SATURATES a[2j]*w[2j] + a[2j+1]*w[2j+1]
+# to int16: with activations carried as code+128 (up to 255) and weights near +-127 a pair reaches
+# 64770 > 32767. Replaying that arithmetic in qflow's reference reproduced the failure seen on an
+# AVX2-only CPU to three digits (KL 0.00183 per-token, 2.13e-5 per-tensor; 0.26% of the pairs
+# saturate per-token, where every row reaches code 127). u8u8 (weights as w+128, zero point 128)
+# goes through vpmaddwd on 16-bit values and is exact on every x86 ISA -- onnxruntime's own
+# Avx2WeightS8ToU8Transformer makes the same trade. Cost, measured side by side on an AVX512-VNNI
+# CPU (1 thread, K=576, N=1536): 1.1x the u8s8 time for one token, 2.4x for 512 tokens; s8s8 would
+# be exact too but runs a portable kernel (19-52x). "u8s8" stays available for VNNI-only fleets.
+W8A8_MATMUL = {
+    "u8u8": "MatMulInteger uint8 activations (zero point 128) x uint8 weights (w+128, zero point 128): "
+            "no intermediate saturation, exact int32 result on every x86 CPU",
+    "u8s8": "MatMulInteger uint8 activations (zero point 128) x int8 weights: exact only on CPUs with "
+            "AVX-VNNI or AVX512-VNNI; the AVX2 kernel (vpmaddubsw) saturates int16 pair sums",
+}
+# u8u8: every partial sum of K unsigned 8-bit products fits int32 (K * 255 * 255 < 2**31)
+W8A8_MAX_K = (2**31 - 1) // (255 * 255)
 
 
 class OnnxExportError(QflowError):
@@ -383,6 +403,8 @@ class ExportSettings:
     # (tied heads share one initializer: 113 MB less for SmolLM2, same speed as MatMul measured on CPU);
     # matmul: plain MatMul over a transposed copy
     lm_head: Literal["matmul", "fused_transposed"] = "fused_transposed"
+    # W8A8 integer matmul operands (W8A8_MATMUL): u8u8 is exact on every x86 CPU
+    w8a8_matmul: Literal["u8u8", "u8s8"] = "u8u8"
 
 
 def _linear(g: _Graph, x: str, w: LinearWeights, prefix: str, settings: ExportSettings) -> str:
@@ -407,16 +429,26 @@ def _linear(g: _Graph, x: str, w: LinearWeights, prefix: str, settings: ExportSe
     amax = g.one("Max", [amax, g.const("eps", np.array(1e-5, np.float32))], name=f"{prefix}/act_clamp")
     s_a = g.one("Div", [amax, g.const("qmax", np.array(qmax))], name=f"{prefix}/act_scale")
     q = g.one("Round", [g.one("Div", [x, s_a], name=f"{prefix}/act_div")], name=f"{prefix}/act_round")
-    # codes clamp(round(x/s), -127, 127) carried as uint8 with zero point 128: onnxruntime's u8s8
-    # MatMulInteger is the fast x86 path (s8s8 was measured 8x slower); the integer products are identical
+    # codes clamp(round(x/s), -127, 127) carried as uint8 with zero point 128: onnxruntime's x86
+    # MatMulInteger kernels take uint8 activations (s8s8 runs a portable kernel, 19-52x slower)
     q = g.one("Add", [q, g.const("offset", np.array(128.0, np.float32))], name=f"{prefix}/act_offset")
     q = g.one("Clip", [q, g.const("lo", np.array(128.0 - qmax, np.float32)),
                        g.const("hi", np.array(128.0 + qmax, np.float32))], name=f"{prefix}/act_clip")
     from onnx import TensorProto
 
     q8 = g.one("Cast", [q], to=TensorProto.UINT8, name=f"{prefix}/act_uint8")
-    acc = g.one("MatMulInteger", [q8, g.init(f"{prefix}.weight_int8", w.w_int8),
-                                  g.const("act_zero", np.array(128, np.uint8))], name=f"{prefix}/MatMulInteger")
+    act_zero = g.const("act_zero", np.array(128, np.uint8))
+    if settings.w8a8_matmul == "u8u8":
+        if w.k > W8A8_MAX_K:
+            raise OnnxExportError(f"{prefix}: W8A8 input width {w.k} exceeds {W8A8_MAX_K}, where the exact u8u8 "
+                                  "MatMulInteger's int32 partial sums could overflow",
+                                  fix="export this model with weight-only quantization (MatMulNBits)")
+        w_u8 = (w.w_int8.astype(np.int16) + 128).astype(np.uint8)    # see W8A8_MATMUL
+        acc = g.one("MatMulInteger", [q8, g.init(f"{prefix}.weight_uint8", w_u8), act_zero,
+                                      g.const("w_zero", np.array(128, np.uint8))], name=f"{prefix}/MatMulInteger")
+    else:
+        acc = g.one("MatMulInteger", [q8, g.init(f"{prefix}.weight_int8", w.w_int8), act_zero],
+                    name=f"{prefix}/MatMulInteger")
     y = g.one("Cast", [acc], to=TensorProto.FLOAT, name=f"{prefix}/acc_float")
     y = g.one("Mul", [y, s_a], name=f"{prefix}/act_rescale")
     return g.one("Mul", [y, g.init(f"{prefix}.weight_scale", w.scales)], name=f"{prefix}/w_rescale")
@@ -433,9 +465,13 @@ class ExportInfo:
     variants: dict[int, Path] = field(default_factory=dict)   # accuracy level -> graph file (same data file)
 
     def to_json(self) -> dict:
-        return {"model": self.model_path.name, "data": self.data_path.name, "mode": self.mode, "dims": self.dims,
-                "linear_kinds": self.linear_kinds, "settings": self.settings,
-                "accuracy_variants": {str(k): v.name for k, v in self.variants.items()}}
+        out = {"model": self.model_path.name, "data": self.data_path.name, "mode": self.mode, "dims": self.dims,
+               "linear_kinds": self.linear_kinds, "settings": self.settings,
+               "accuracy_variants": {str(k): v.name for k, v in self.variants.items()}}
+        if self.linear_kinds.get("w8a8"):
+            path = self.settings.get("w8a8_matmul", "u8u8")
+            out["w8a8_matmul"] = {"path": path, "why": W8A8_MATMUL[path]}
+        return out
 
 
 LINEARS = {"attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
