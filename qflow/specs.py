@@ -34,14 +34,3 @@ class DataSpec(BaseModel):
     field: str = "text"
     add_special_tokens: bool = False
 
-
-def data_problems(spec: DataSpec, where: str) -> list[str]:
-    """Preflight of a text source (a stage's ``check``): a missing, non-UTF-8 or empty local file."""
-    from .data.sources import check_text_source
-    from .errors import QflowError
-
-    try:
-        check_text_source(spec.source)
-    except QflowError as exc:
-        return [f"{where}.data: {exc}"]
-    return []

@@ -67,9 +67,9 @@ class EvaluateLM(Stage):
         return {"data": text_fingerprint_source(cfg.data.source, cache_root, cfg.data.field)}
 
     def check(self, cfg, inputs_meta):
-        from qflow.specs import data_problems
+        from qflow.data.sources import text_source_problems
 
-        return data_problems(cfg.data, "with")
+        return text_source_problems(cfg.data.source, "with.data")
 
     def estimate_peak_bytes(self, cfg, inputs_meta=None, model_config=None):
         from qflow.quant.memory import whole_model_bytes

@@ -196,6 +196,15 @@ def check_text_source(source: str) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+def text_source_problems(source: str, where: str) -> list[str]:
+    """Preflight of a text source for a stage's ``check``: [] or one line naming the problem."""
+    try:
+        check_text_source(source)
+    except SourceError as exc:
+        return [f"{where}: {exc}"]
+    return []
+
+
 def _zoo_text(name: str) -> str:
     path = zoo_text_file(name)
     if name == "lee-news":
