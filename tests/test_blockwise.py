@@ -12,10 +12,26 @@ from qflow.engine.context import StageContext
 from qflow.errors import StageError
 from qflow.models.adapters import check_group_size, get_adapter
 from qflow.quant.algos.awq import AWQOptions, quantize_model_awq
-from qflow.quant.algos.blockwise import (CRASH_ENV, SimulatedCrash, capture_block0_inputs, capture_block_kwargs,
-                                         check_calibration, run_blockwise)
+from qflow.quant.algos.blockwise import capture_block0_inputs, capture_block_kwargs, check_calibration, run_blockwise
+from qflow.quant.algos.resume import BlockState
 from qflow.quant.algos.gptq_model import GPTQOptions, quantize_model_gptq
 from qflow.quant.ir import Checkpoint
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by :func:`crash_after_block` (the test's own hook; production code has none)."""
+
+
+def crash_after_block(monkeypatch, block: int) -> None:
+    """Make the next block-wise run die right after block ``block``'s resume state is saved."""
+    original = BlockState.save
+
+    def save(self, next_block, writer, **extra):
+        original(self, next_block, writer, **extra)
+        if next_block == block + 1:
+            raise SimulatedCrash(f"simulated crash after block {block}")
+
+    monkeypatch.setattr(BlockState, "save", save)
 
 
 def tiny_llama(*, kv_heads: int = 2, layers: int = 2, seed: int = 0, hidden: int = 64, heads: int = 4,
@@ -144,11 +160,11 @@ def _run(method: str, root: Path, *, scratch: Path | None = None):
 def test_resume_after_crash_is_bit_identical(tmp_path, monkeypatch, method):
     _, clean = _run(method, tmp_path / "clean")
     scratch = tmp_path / "scratch"
-    monkeypatch.setenv(CRASH_ENV, "1")
+    crash_after_block(monkeypatch, 1)
     with pytest.raises(SimulatedCrash):
         _run(method, tmp_path / "crash1", scratch=scratch)
     assert (scratch / "blockwise_state.pt").is_file()
-    monkeypatch.delenv(CRASH_ENV)
+    monkeypatch.undo()
     ctx, resumed = _run(method, tmp_path / "crash2", scratch=scratch)  # a fresh output dir, same scratch
     assert resumed.resumed_from == 2
     assert same_tree(clean.checkpoint_dir, resumed.checkpoint_dir)
@@ -160,10 +176,10 @@ def test_resume_after_crash_is_bit_identical(tmp_path, monkeypatch, method):
 
 def test_state_from_other_settings_is_ignored(tmp_path, monkeypatch):
     scratch = tmp_path / "scratch"
-    monkeypatch.setenv(CRASH_ENV, "0")
+    crash_after_block(monkeypatch, 0)
     with pytest.raises(SimulatedCrash):
         _run("gptq", tmp_path / "a", scratch=scratch)
-    monkeypatch.delenv(CRASH_ENV)
+    monkeypatch.undo()
     model = tiny_llama(layers=3, seed=3)
     res = quantize_model_gptq(make_ctx(tmp_path / "b", scratch=scratch), model, get_adapter(model), calib_ids(6, 32),
                               GPTQOptions(bits=4, group_size=32), base_model="tiny", batch_size=4)
@@ -224,10 +240,10 @@ def test_hqq_resume_after_crash_is_bit_identical(tmp_path, monkeypatch):
     opts = HQQOptions(bits=3, group_size=32)
     clean = quantize_model_hqq(make_ctx(tmp_path / "clean"), folder, opts, names)
     scratch = tmp_path / "scratch"
-    monkeypatch.setenv(CRASH_ENV, "0")
+    crash_after_block(monkeypatch, 0)
     with pytest.raises(SimulatedCrash):
         quantize_model_hqq(make_ctx(tmp_path / "c1", scratch=scratch), folder, opts, names)
-    monkeypatch.delenv(CRASH_ENV)
+    monkeypatch.undo()
     resumed = quantize_model_hqq(make_ctx(tmp_path / "c2", scratch=scratch), folder, opts, names)
     assert resumed.resumed_from == 1
     assert same_tree(clean.checkpoint_dir, resumed.checkpoint_dir)
@@ -235,10 +251,10 @@ def test_hqq_resume_after_crash_is_bit_identical(tmp_path, monkeypatch):
 
 def test_missing_shards_restart_from_scratch(tmp_path, monkeypatch):
     scratch = tmp_path / "scratch"
-    monkeypatch.setenv(CRASH_ENV, "1")
+    crash_after_block(monkeypatch, 1)
     with pytest.raises(SimulatedCrash):
         _run("gptq", tmp_path / "a", scratch=scratch)
-    monkeypatch.delenv(CRASH_ENV)
+    monkeypatch.undo()
     for shard in (scratch / "ir").glob("shard-*"):
         shard.unlink()
     _, res = _run("gptq", tmp_path / "b", scratch=scratch)

@@ -35,12 +35,8 @@ Example::
 
 from __future__ import annotations
 
-import gc
-import hashlib
 import json
-import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,14 +49,7 @@ from ...errors import StageError
 from ...models.adapters import ArchAdapter
 from ...models.lazy import block_loader, release_freed_memory
 from ..ir import CheckpointWriter
-
-STATE_FILE = "blockwise_state.pt"
-CRASH_ENV = "QFLOW_TEST_CRASH_AFTER_BLOCK"  # tests: raise after this block's state is saved
-
-
-class SimulatedCrash(RuntimeError):
-    """Raised by the test hook ``QFLOW_TEST_CRASH_AFTER_BLOCK``."""
-
+from .resume import BlockState
 
 class _StopForward(Exception):
     """Raised inside a hook once everything a pass needs has been captured."""
@@ -339,52 +328,6 @@ class BlockwiseResult:
     peak_rss_bytes: int
 
 
-def _signature_hash(signature: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def load_resume_state(path: Path, log: Any) -> dict[str, Any] | None:
-    """A stage's resume state, loaded as data only (``weights_only=True``: tensors, numbers, strings,
-    lists, dicts; never pickled code, since anyone who can write a shared runs folder could plant one).
-    An unreadable state is a warning and a fresh start, never a crash."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as exc:
-        log.warning("resume state %s is unreadable (%s); starting over", path, str(exc).splitlines()[0][:200])
-        return None
-    if not isinstance(state, dict) or "signature" not in state:
-        log.warning("resume state %s has an unexpected shape; starting over", path)
-        return None
-    return state
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _publish_tree(src: Path, dest: Path) -> None:
-    """Hard-link (or copy) every file of ``src`` into ``dest``; ``src`` stays whole until the engine
-    drops the scratch folder, so a crash here leaves a resumable state behind."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for p in sorted(src.iterdir()):
-        target = dest / p.name
-        if target.exists():
-            target.unlink()
-        try:
-            os.link(p, target)
-        except OSError:
-            shutil.copy2(p, target)
-
-
-def _shards_present(ir_dir: Path, writer_state: dict[str, Any]) -> bool:
-    shards = {r["shard"] for r in writer_state["layers"].values()} | set(writer_state["floats"].values())
-    return all((ir_dir / s).is_file() for s in shards)
-
-
 def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.Tensor | None,
                   process: Callable[[Block], None], *, method: str, base_model: str,
                   meta: dict[str, Any] | None = None, signature: dict[str, Any] | None = None,
@@ -401,32 +344,15 @@ def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.T
     model.eval()
     blocks = adapter.blocks()
     n_blocks = len(blocks)
-    scratch = Path(ctx.scratch)
-    scratch.mkdir(parents=True, exist_ok=True)
-    ir_dir = scratch / "ir"
-    state_path = scratch / STATE_FILE
-    sig = _signature_hash({"method": method, "n_blocks": n_blocks, "batch_size": batch_size,
-                           "ids_shape": list(ids.shape) if ids is not None else None,
-                           **(signature or {})})
+    resume = BlockState(ctx.scratch, {"method": method, "n_blocks": n_blocks, "batch_size": batch_size,
+                                      "ids_shape": list(ids.shape) if ids is not None else None,
+                                      **(signature or {})}, ctx.log)
     if ids is not None:
         check_calibration(ids, model, min_tokens=min_tokens)
 
     generator = ctx.torch_generator(f"blockwise:{method}") if hasattr(ctx, "torch_generator") else torch.Generator()
-    state = None
-    state = load_resume_state(state_path, ctx.log)
-    if state is not None:
-        if state.get("signature") != sig:
-            ctx.log.warning("resume state in %s belongs to other settings; starting over", scratch)
-            state = None
-        elif not _shards_present(ir_dir, state["writer"]):
-            ctx.log.warning("resume state in %s lists checkpoint shards that are gone; starting over", scratch)
-            state = None
-    if state is None:
-        if ir_dir.exists():
-            shutil.rmtree(ir_dir)
-        if state_path.exists():
-            state_path.unlink()
-    writer = CheckpointWriter(ir_dir, base_model=base_model, method=method, meta=meta)
+    state = resume.load()
+    writer = CheckpointWriter(resume.ir_dir, base_model=base_model, method=method, meta=meta)
     records: list[dict[str, Any]] = []
     start = 0
     inputs: torch.Tensor | None = None
@@ -436,9 +362,7 @@ def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.T
         inputs = state["inputs"]
         records = list(state["records"])
         generator.set_state(state["generator"])
-        ctx.log.info("resuming %s at block %d/%d from %s", method, start, n_blocks, state_path)
-    crash_after = os.environ.get(CRASH_ENV)
-    crash_after_block = int(crash_after) if crash_after not in (None, "") else None
+        ctx.log.info("resuming %s at block %d/%d from %s", method, start, n_blocks, resume.path)
 
     loader = block_loader(model)  # None: the whole model is in memory
     with torch.no_grad():
@@ -471,21 +395,14 @@ def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.T
                 if loader is not None:
                     loader.release(i)
                 writer.flush()
-                _atomic_save({"signature": sig, "next_block": i + 1, "writer": writer.state(),
-                              "inputs": inputs, "records": records, "generator": generator.get_state()},
-                             state_path)
+                resume.save(i + 1, writer, inputs=inputs, records=records, generator=generator.get_state())
                 release_freed_memory()  # no gc.collect(): 0.25 s a block, and nothing here forms cycles
                 ctx.log.info("%s block %d/%d done in %.1fs", method, i + 1, n_blocks, time.perf_counter() - t0)
                 progress.update(1)
-                if crash_after_block is not None and i == crash_after_block:
-                    raise SimulatedCrash(f"{CRASH_ENV}={crash_after_block}: simulated crash after block {i}")
         finally:
             progress.close()
         writer.close()
-    out_dir = Path(ctx.output("model"))
-    _publish_tree(ir_dir, out_dir)
-    state_path.unlink(missing_ok=True)
-    shutil.rmtree(ir_dir, ignore_errors=True)
+    out_dir = resume.publish(ctx.output("model"))
     seconds = time.perf_counter() - t_start
     rss = peak_rss_bytes()
     ctx.info["peak_rss_bytes"] = rss

@@ -15,8 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,8 +25,8 @@ import torch
 from ...errors import StageError
 from ..ir import CheckpointWriter
 from ..spec import QuantSpec
-from .blockwise import (CRASH_ENV, STATE_FILE, BlockwiseResult, SimulatedCrash, _atomic_save, _publish_tree,
-                        _shards_present, load_resume_state, _signature_hash, peak_rss_bytes, write_records)
+from .blockwise import BlockwiseResult, peak_rss_bytes, write_records
+from .resume import BlockState
 
 
 @dataclass(frozen=True)
@@ -74,24 +72,15 @@ def quantize_model_hqq(ctx: Any, model_dir: str | Path, opts: HQQOptions, names:
         raise StageError("no linear layers to quantize", where="quantize.hqq.targets", fix="adjust targets")
     t_start = time.perf_counter()
     spec = opts.spec()
-    scratch = Path(ctx.scratch)
-    scratch.mkdir(parents=True, exist_ok=True)
-    ir_dir, state_path = scratch / "ir", scratch / STATE_FILE
-    sig = _signature_hash({"method": "hqq", "options": asdict(opts), "names": names})
-    state = load_resume_state(state_path, ctx.log)
-    if state is not None and (state.get("signature") != sig or not _shards_present(ir_dir, state["writer"])):
-        state = None
-    if state is None:
-        shutil.rmtree(ir_dir, ignore_errors=True)
-        state_path.unlink(missing_ok=True)
-    writer = CheckpointWriter(ir_dir, base_model=str(model_dir), method="hqq", meta=meta)
+    resume = BlockState(ctx.scratch, {"method": "hqq", "options": asdict(opts), "names": names}, ctx.log)
+    state = resume.load()
+    writer = CheckpointWriter(resume.ir_dir, base_model=str(model_dir), method="hqq", meta=meta)
     groups = _blocks(names)
     start, records = 0, []
     if state is not None:
         writer.restore(state["writer"])
         start, records = int(state["next_block"]), list(state["records"])
         ctx.log.info("resuming hqq at block %d/%d", start, len(groups))
-    crash = os.environ.get(CRASH_ENV)
     with ctx.progress(len(groups), "hqq blocks") as bar:
         if start:
             bar.update(start, note="resumed")
@@ -109,16 +98,10 @@ def quantize_model_hqq(ctx: Any, model_dir: str | Path, opts: HQQOptions, names:
                 records.append({"layer": name, "err_minmax": res.errors[0] if res.errors else None,
                                 "err_final": res.final_error, "iterations": len(res.errors)})
             writer.flush()
-            _atomic_save({"signature": sig, "next_block": i + 1, "writer": writer.state(), "records": records},
-                         state_path)
+            resume.save(i + 1, writer, records=records)
             bar.update(1)
-            if crash not in (None, "") and i == int(crash):
-                raise SimulatedCrash(f"{CRASH_ENV}={crash}: simulated crash after block {i}")
     writer.close()
-    out_dir = Path(ctx.output("model"))
-    _publish_tree(ir_dir, out_dir)
-    state_path.unlink(missing_ok=True)
-    shutil.rmtree(ir_dir, ignore_errors=True)
+    out_dir = resume.publish(ctx.output("model"))
     seconds = time.perf_counter() - t_start
     rss = peak_rss_bytes()
     ctx.info["peak_rss_bytes"] = rss
