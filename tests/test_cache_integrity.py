@@ -360,3 +360,15 @@ def test_gc_collects_orphan_scratch_but_keeps_resume_state(runs_dir):
     assert not committed.exists() and not stale.exists()
     assert fresh.is_dir() and stale_locked.is_dir()  # a killed run's resume state, or a key in use
     assert store.get(key) is not None  # the entry itself is used by the last run
+
+
+def test_gc_deletes_quarantined_entries_only_once_stale(runs_dir):
+    first = toy_run(runs_dir, value=1).stages["a"].key
+    second = toy_run(runs_dir, value=2).stages["a"].key
+    store = CacheStore(runs_dir / "cache")
+    old, recent = store.quarantine(first), store.quarantine(second)
+    ten_days_ago = time.time() - 10 * 86400
+    os.utime(old, (ten_days_ago, ten_days_ago))
+    gc = run_cli("cache", "gc", runs_dir=runs_dir, check=True)
+    assert "1 quarantined entries older than 7 days" in gc.stdout, gc.stdout
+    assert not old.exists() and recent.is_dir()

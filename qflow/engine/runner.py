@@ -446,8 +446,10 @@ def execute(plan: Plan, opts: RunOptions, overrides: list[str] | None = None) ->
             results[sid] = StageResult(sid, st.uses, "skipped", key, error=f"inputs from {missing_up} unavailable")
             continue
         if sid not in selected:
-            with store.lock(key):
-                entry = _verified_hit(store, st, key)
+            entry = None
+            if store.inspect(key) is not None:  # don't wait on the lock of a key that another run computes
+                with store.lock(key):
+                    entry = _verified_hit(store, st, key)
             if entry is None:
                 if any(sid in plan.upstream(s) for s in selected):
                     failed = True
