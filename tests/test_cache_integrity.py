@@ -211,9 +211,7 @@ def test_folder_without_manifest_does_not_block_its_key(tmp_path):
 
 
 def test_kill_during_removal_leaves_no_stuck_key(tmp_path, runs_dir):
-    first = toy_run(runs_dir)
-    store = CacheStore(runs_dir / "cache")
-    key = first.stages["a"].key
+    key = toy_run(runs_dir).stages["a"].key
     script = tmp_path / "remove.py"
     script.write_text(textwrap.dedent(f"""
         import shutil, sys, time
