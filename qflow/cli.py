@@ -204,13 +204,17 @@ def cmd_schema(args) -> int:
 # ---- cache -----------------------------------------------------------------------
 
 def cmd_cache(args) -> int:
-    from .engine.cache import CacheStore
+    from .engine.cache import Broken, CacheStore
 
     root = _runs_root(args)
     store = CacheStore(root / "cache")
     if args.cache_cmd == "ls":
         rows = []
-        for e in store.entries():
+        for e in store.items():
+            if isinstance(e, Broken):
+                rows.append({"key": e.key, "stage": "?", "stage_id": "", "bytes": 0, "committed_at": None,
+                             "broken": e.problem})
+                continue
             ingr = e.manifest.get("ingredients", {})
             rows.append({"key": e.key, "stage": ingr.get("stage") or f"memo:{e.manifest.get('memo')}",
                          "stage_id": e.manifest.get("stage_id", ""), "bytes": store.size_bytes(e),
@@ -219,45 +223,91 @@ def cmd_cache(args) -> int:
             print(json.dumps(rows))
         else:
             for r in rows:
-                print(f"{r['key'][:12]}  {r['stage']:<24} {r['stage_id']:<12} {r['bytes'] / 1e6:10.1f} MB")
-            print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB")
+                if "broken" in r:
+                    print(f"{r['key'][:12]}  BROKEN: {r['broken']} (qflow cache verify --fix removes it)")
+                else:
+                    print(f"{r['key'][:12]}  {r['stage']:<24} {r['stage_id']:<12} {r['bytes'] / 1e6:10.1f} MB")
+            n_broken = sum("broken" in r for r in rows)
+            print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB"
+                  + (f", {n_broken} broken" if n_broken else ""))
         return 0
     if args.cache_cmd == "gc":
-        return _gc(root, store, args.keep, args.dry_run)
+        return _gc(root, store, args.keep, args.dry_run, args.stale_days)
     if args.cache_cmd == "verify":
-        bad = 0
-        n = 0
-        for e in store.entries():
-            n += 1
-            problems = store.verify(e)
-            if problems:
-                bad += 1
-                print(f"CORRUPT {e.key[:12]}: {'; '.join(problems)}")
-                if args.fix:
-                    store.remove(e.key)
-                    print(f"  removed {e.key[:12]}")
-        print(f"verified {n} entries: {n - bad} ok, {bad} corrupt")
-        return 1 if bad and not args.fix else 0
+        return _verify(store, args.fix)
     return 2
 
 
-def _gc(root: Path, store, keep: int, dry_run: bool) -> int:
+def _verify(store, fix: bool) -> int:
+    """Re-hash every entry; with ``fix``, remove the bad ones (under their lock; keys in use are skipped)."""
+    from .engine.cache import Broken
+
+    bad = busy = n = 0
+    for e in store.items():
+        n += 1
+        problems = [e.problem] if isinstance(e, Broken) else store.verify(e)
+        if not problems:
+            continue
+        bad += 1
+        print(f"{'BROKEN' if isinstance(e, Broken) else 'CORRUPT'} {e.key[:12]}: {'; '.join(problems)}")
+        if fix:
+            lock = store.try_lock(e.key)
+            if lock is None:
+                busy += 1
+                print(f"  skipped {e.key[:12]}: in use by a running qflow (re-run verify --fix when it ends)")
+                continue
+            try:
+                store.remove(e.key)
+            finally:
+                lock.release()
+            print(f"  removed {e.key[:12]}")
+    if fix:
+        store.empty_trash()
+    print(f"verified {n} entries: {n - bad} ok, {bad} corrupt" + (f", {busy} in use and skipped" if busy else ""))
+    return 1 if bad and (not fix or busy) else 0
+
+
+def _gc(root: Path, store, keep: int, dry_run: bool, stale_days: float) -> int:
+    """Entries not used by the last ``keep`` runs, orphan scratch and temp folders, old quarantine, trash."""
+    from .engine.cache import Broken
+
     runs = sorted((root / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     live: set[str] = set()
     for summary in runs[:keep]:
-        data = json.loads(summary.read_text())
+        try:
+            data = json.loads(summary.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # a run killed while writing its summary uses nothing
         live |= {k for k in data.get("keys", {}).values() if k}
         live |= set(data.get("memo_keys", []))
-    freed = 0
-    removed = 0
-    for e in list(store.entries()):
-        if e.key not in live:
-            freed += store.size_bytes(e)
+    freed = removed = busy = 0
+    for e in list(store.items()):
+        if e.key in live and not isinstance(e, Broken):
+            continue
+        lock = store.try_lock(e.key)
+        if lock is None:
+            busy += 1
+            continue
+        try:
+            freed += 0 if isinstance(e, Broken) else store.size_bytes(e)
             removed += 1
             if not dry_run:
                 store.remove(e.key)
+        finally:
+            lock.release()
     verb = "would remove" if dry_run else "removed"
-    print(f"{verb} {removed} entries ({freed / 1e6:.1f} MB); kept those used by the last {keep} runs")
+    print(f"{verb} {removed} entries ({freed / 1e6:.1f} MB); kept those used by the last {keep} runs"
+          + (f"; skipped {busy} in use by a running qflow" if busy else ""))
+    scratch = store.collect_scratch(stale_days, dry_run=dry_run)
+    quarantined = store.collect_quarantine(stale_days, dry_run=dry_run)
+    if not dry_run:
+        tmp = store.clean_tmp()
+        trash = store.empty_trash()
+        print(f"removed {len(scratch)} scratch folders (committed keys, or untouched for {stale_days:g} days), "
+              f"{len(quarantined)} quarantined entries older than {stale_days:g} days, "
+              f"{len(tmp)} temp folders of ended runs, {trash} leftovers in trash")
+    else:
+        print(f"would remove {len(scratch)} scratch folders and {len(quarantined)} quarantined entries")
     return 0
 
 
@@ -353,8 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     cg = csub.add_parser("gc")
     cg.add_argument("--keep", type=int, default=10, help="keep entries used by the last N runs")
     cg.add_argument("--dry-run", action="store_true")
+    cg.add_argument("--stale-days", type=float, default=7.0,
+                    help="also remove scratch (resume state) of uncommitted keys and quarantined entries this old")
     cv = csub.add_parser("verify", help="re-hash every entry")
-    cv.add_argument("--fix", action="store_true", help="remove corrupt entries")
+    cv.add_argument("--fix", action="store_true", help="remove corrupt and broken entries")
     c.set_defaults(fn=cmd_cache)
 
     sw = sub.add_parser("sweep", help="sweep bookkeeping")

@@ -296,14 +296,23 @@ def _load_outputs(entry: Entry, st: PlannedStage) -> dict[str, Artifact]:
     return outs
 
 
+def _verified_hit(store: CacheStore, st: PlannedStage, key: str) -> Entry | None:
+    """The stage's cached entry after checking every file; a damaged one is quarantined (a miss)."""
+    entry, damage = store.get_verified(key, expect=[f"outputs/{slot}/artifact.json" for slot in st.cls.outputs])
+    if damage:
+        print(f"warning: [{st.id}] cache entry {key[:12]} is damaged ({damage}); recomputing",
+              file=sys.stderr, flush=True)
+    return entry
+
+
 def _run_stage(st: PlannedStage, key: str, ingredients: dict[str, Any], inputs: dict[str, Artifact],
                store: CacheStore, run_dir: Path, opts: RunOptions, device: str, seed: int,
                force: bool) -> tuple[StageResult, dict[str, Artifact]]:
     result = StageResult(st.id, st.uses, "ran", key)
     t0 = time.perf_counter()
     with store.lock(key):
-        entry = store.get(key)
-        if entry is not None and not force:
+        entry = None if force else _verified_hit(store, st, key)
+        if entry is not None:
             result.status = "cached"
             result.metrics = dict(entry.manifest.get("metrics", {}))
             result.tags = dict((entry.manifest.get("info") or {}).get("tags") or {})
@@ -340,8 +349,8 @@ def _run_stage(st: PlannedStage, key: str, ingredients: dict[str, Any], inputs: 
             manifest = {"ingredients": ingredients, "stage_id": st.id, "metrics": result.metrics,
                         "seconds": time.perf_counter() - t0, "peak_rss_bytes": result.peak_rss_bytes,
                         "memo_keys": memo_keys, "info": _jsonable(ctx.info)}
-            if force and entry is not None:
-                store.remove(key)
+            if force:
+                store.remove(key)  # through trash/: a kill here leaves no half-entry at the key's path
             entry = store.commit(key, tmp, manifest)
             shutil.rmtree(scratch, ignore_errors=True)
         except BaseException:
@@ -395,7 +404,6 @@ def execute(plan: Plan, opts: RunOptions, overrides: list[str] | None = None) ->
     """Run ``plan``; never raises for a stage failure (reported in the result)."""
     runs_root = Path(opts.runs_root)
     store = CacheStore(runs_root / "cache")
-    store.clean_tmp()
     device = resolve_device(plan.recipe.device)
     env = environment(device)
     keys = compute_keys(plan, store, env)
@@ -422,6 +430,7 @@ def execute(plan: Plan, opts: RunOptions, overrides: list[str] | None = None) ->
             stages[sid] = StageResult(sid, st.uses, status, key, peak_estimate_bytes=estimates[sid])
         return RunResult(Path(""), None, stages, {}, "ok", name=plan.recipe.name)
 
+    store.clean_tmp()  # only folders whose owner is gone (never on --dry-run)
     run_dir = _new_run_dir(runs_root, opts.run_name or plan.recipe.name)
     _write_yaml(run_dir / "recipe.resolved.yaml", plan.resolved)
     tracker = _make_tracker(opts, plan)
@@ -445,13 +454,16 @@ def execute(plan: Plan, opts: RunOptions, overrides: list[str] | None = None) ->
             results[sid] = StageResult(sid, st.uses, "skipped", key, error=f"inputs from {missing_up} unavailable")
             continue
         if sid not in selected:
-            entry = store.get(key)
+            entry = None
+            if store.inspect(key) is not None:  # don't wait on the lock of a key that another run computes
+                with store.lock(key):
+                    entry = _verified_hit(store, st, key)
             if entry is None:
                 if any(sid in plan.upstream(s) for s in selected):
                     failed = True
                     results[sid] = StageResult(sid, st.uses, "failed", key,
-                                               error=f"--only {opts.only}: upstream stage '{sid}' is not cached; "
-                                                     f"run the recipe without --only first")
+                                               error=f"--only {opts.only}: upstream stage '{sid}' is not cached "
+                                                     f"(or its entry was damaged); run the recipe without --only first")
                 else:
                     results[sid] = StageResult(sid, st.uses, "skipped", key)
                 continue
