@@ -31,8 +31,8 @@ Steps:
 4. Evaluate (METHODS.md section 11/13 default protocol) on the given windows, in lockstep
    with the float model loaded from the same folder: PPL = exp(mean NLL over every
    scored token, 511 per window), KL(p_fp || p_q) over the full vocabulary, and the
-   same top-k + tail KL that qflow's ``evaluate.lm`` reports (k = ``--topk``, 128),
-   so the two tools' KL columns use one estimator.
+   same top-k + tail estimate that qflow's ``evaluate.lm`` reports as ``kl_topk_*``
+   (k = ``--topk``, 128), so each KL column uses one definition for both tools.
 
 CPU-only workaround (documented): llmcompressor 0.14.0.1's AWQ calls
 ``IntermediatesCache.pin_memory`` before every mapping's grid search, and

@@ -84,6 +84,11 @@ def print_summary(result, dry_run: bool = False, stream=None) -> None:
         print("\nmetrics:", file=stream)
         for k, v in result.metrics.items():
             print(f"  {k:<32} {_fmt(v)}", file=stream)
+        # what a metric means, where its stage says so (evaluate.lm: which KL, which bpw convention)
+        for sid, r in result.stages.items():
+            for k, v in (r.tags or {}).items():
+                if k.startswith("qflow.metric."):
+                    print(f"  {sid}/{k[len('qflow.metric.'):]}: {v}", file=stream)
     for g in result.gates:
         mark = "PASS" if g["passed"] else "FAIL"
         print(f"gate {mark} {g['stage']}/{g['metric']}: {g.get('reason') or _fmt(g['value'])}", file=stream)

@@ -15,7 +15,11 @@ class EvaluateConfig(StageConfig):
     data: DataSpec
     n_windows: int | None = Field(None, ge=1)     # None: every full window of the text
     batch_size: int = Field(4, ge=1)
-    topk: int = Field(128, ge=0)                  # float top-k kept for KL (0 disables KL)
+    # kl_* metrics: exact full-vocabulary KL(p_fp || p_q); costs one extra float forward per window batch
+    kl_exact: bool = True
+    topk: int = Field(128, ge=0)                  # float top-k kept: kl_topk_* lower-bound estimate (0: none)
+    # bpw_model / size_bytes_deploy: unquantized tensors counted at this deployment dtype
+    float_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     bootstrap_resamples: int = Field(1000, ge=100)
     # per-layer report: calibration windows when the stage is wired to a CalibSet, else eval windows
@@ -37,7 +41,8 @@ class EvaluateLM(Stage):
         evaluate:
           uses: evaluate.lm
           needs: [quantize]                   # add calibrate to run the per-layer pass on calibration text
-          with: {data: {source: "zoo:lee-news", seq_len: 512}, n_windows: 32, speed: true}
+          with: {data: {source: "zoo:lee-news", seq_len: 512}, n_windows: 32, speed: true,
+                 kl_exact: true, topk: 128, float_dtype: float16}
           gates: {ppl_ratio: {max: 1.10}, top1_agree: {min: 0.8}}
 
     Protocol: the text tokenized once without special tokens, non-overlapping
@@ -47,14 +52,21 @@ class EvaluateLM(Stage):
     results are cached once per (model, windows) and reused by every evaluation.
 
     Metrics: ppl, ppl_fp, ppl_ratio, ppl_diff (+ ``_ci_low/_ci_high``: paired bootstrap
-    over windows), kl_mean (+ CI), kl_median, kl_p99, kl_max, top1_agree, top5_overlap;
-    size_bytes, model_bytes, bpw_quantized (nominal), bpw_quantized_measured, bpw_model,
-    compression_vs_fp16/fp32; prefill_tps, decode_tps (+ ``_fp``, ``_ratio``) when
-    ``speed`` is on. Artifacts: metrics.json, layers.csv/json, layer_sqnr.png,
+    over windows); kl_mean (+ CI), kl_median, kl_p99, kl_max: **exact full-vocabulary**
+    KL(p_fp || p_q) per token in nats (``kl_exact``, on by default: the float logits are
+    recomputed window batch by window batch next to the quantized ones, one extra float
+    forward per batch, about +100% of the quantized pass, nothing stored); kl_topk_mean
+    (+ CI), kl_topk_median, kl_topk_p99, kl_topk_max: the **top-k estimate (lower bound)**
+    over the cached float top-``topk`` tokens + a tail bin, always reported when ``topk``
+    > 0 (cheap); top1_agree, top5_overlap; size (qflow/evaluation/size.py):
+    size_bytes_checkpoint (measured, on disk), size_bytes_deploy (estimate: unquantized
+    tensors at ``float_dtype``), bpw_quantized (nominal), bpw_quantized_measured,
+    bpw_model, compression_vs_fp16/fp32; prefill_tps, decode_tps (+ ``_fp``, ``_ratio``)
+    when ``speed`` is on. Artifacts: metrics.json, layers.csv/json, layer_sqnr.png,
     kl_hist.png, report.html (also written to the run folder).
     """
 
-    version = 2
+    version = 3           # 3: kl_* exact full-vocabulary KL, kl_topk_* the estimate; bpw at the deployment dtype
     Config = EvaluateConfig
     inputs = {"model": ModelRef, "calib": CalibSet}
     optional_inputs = frozenset({"calib"})
@@ -87,6 +99,7 @@ class EvaluateLM(Stage):
         from qflow.data.tokens import text_fingerprint_source, token_windows, windows_fingerprint
         from qflow.evaluation import stats
         from qflow.evaluation.lm import FloatReference, compare_to_reference, float_reference, summarize, window_means
+        from qflow.evaluation.labels import metric_tags
         from qflow.evaluation.protocol import TAG, eval_protocol
         from qflow.evaluation.size import size_metrics
         from qflow.models.loading import load_model
@@ -100,7 +113,7 @@ class EvaluateLM(Stage):
                                  text_fingerprint=text_fingerprint_source(cfg.data.source, cache_root, cfg.data.field),
                                  seq_len=cfg.data.seq_len, n_windows=int(ids.shape[0]), windows_sha256=fingerprint,
                                  add_special_tokens=cfg.data.add_special_tokens, tokenizer=tok, kl_topk=cfg.topk,
-                                 dtype=cfg.dtype)
+                                 dtype=cfg.dtype, kl_exact=cfg.kl_exact)
         ctx.info["protocol"] = protocol
 
         def compute_fp(folder):
@@ -110,7 +123,7 @@ class EvaluateLM(Stage):
         base_id = model.meta.get("base_fingerprint") or model.meta.get("fingerprint") or str(base_dir)
         ref_dir = ctx.memo("fp_reference", {"base": base_id, "base_dir": str(base_dir), "windows": fingerprint,
                                             "topk": cfg.topk, "batch_size": cfg.batch_size, "dtype": cfg.dtype,
-                                            "order": "ranked-topk-v2",
+                                            "order": "ranked-topk-v3-chunked",
                                             **({"device": ctx.device} if ctx.device != "cpu" else {})},
                            compute_fp)
         ref = FloatReference.load(ref_dir)
@@ -127,7 +140,7 @@ class EvaluateLM(Stage):
             q_model = apply_checkpoint(q_model, ckpt, mode="qlinear" if act else "dequant")
         with ctx.progress(ids.shape[0], "evaluate") as bar:
             comparison = compare_to_reference(q_model, ids, ref, batch_size=cfg.batch_size, topk=cfg.topk,
-                                              progress=bar.update)
+                                              fp_model=fp_model if cfg.kl_exact else None, progress=bar.update)
         metrics = summarize(comparison)
         n_win = int(ids.shape[0])
         rng = ctx.rng("bootstrap")
@@ -135,12 +148,12 @@ class EvaluateLM(Stage):
                                       window_means(comparison.nll_fp, n_win).numpy(), rng,
                                       n_resamples=cfg.bootstrap_resamples)
         metrics |= {"ppl_diff_ci_low": low, "ppl_diff_ci_high": high}
-        if comparison.kl is not None:
-            low, high = stats.mean_ci(window_means(comparison.kl, n_win).numpy(), rng,
-                                      n_resamples=cfg.bootstrap_resamples)
-            metrics |= {"kl_mean_ci_low": low, "kl_mean_ci_high": high}
+        for prefix, kl in (("kl", comparison.kl), ("kl_topk", comparison.kl_topk)):
+            if kl is not None:
+                low, high = stats.mean_ci(window_means(kl, n_win).numpy(), rng, n_resamples=cfg.bootstrap_resamples)
+                metrics |= {f"{prefix}_mean_ci_low": low, f"{prefix}_mean_ci_high": high}
 
-        size, size_info = size_metrics(base_dir, ckpt)
+        size, size_info = size_metrics(base_dir, ckpt, float_dtype=cfg.float_dtype)
         metrics |= size
 
         rows, layer_source = [], ""
@@ -157,13 +170,15 @@ class EvaluateLM(Stage):
             if v != v or v in (float("inf"), float("-inf")):
                 ctx.log.warning("metric %s is %s", k, v)
         ctx.log_metrics(metrics)
-        ctx.info["tags"] = {**ctx.info.get("tags", {}), TAG: protocol["hash"]}
+        ctx.info["tags"] = {**ctx.info.get("tags", {}), TAG: protocol["hash"], 
+                           **metric_tags(metrics, cfg.float_dtype, cfg.topk)}
 
         out = ctx.output("report")
         doc = {"metrics": metrics, "protocol": protocol, "protocol_hash": protocol["hash"], "size": size_info,
                "speed": speed_info, "layers": {"inputs": layer_source, "n_layers": len(rows)}}
         (out / "metrics.json").write_text(json.dumps(doc, indent=1, default=str))
-        torch.save({"kl": comparison.kl, "nll": comparison.nll, "nll_fp": comparison.nll_fp}, out / "per_token.pt")
+        torch.save({"kl": comparison.kl, "kl_topk": comparison.kl_topk, "nll": comparison.nll,
+                    "nll_fp": comparison.nll_fp}, out / "per_token.pt")
         self._report(ctx, out, model, metrics, protocol, rows, layer_source, comparison, speed_info, size_info)
         return {"report": EvalReport(out, protocol=protocol, protocol_hash=protocol["hash"])}
 
@@ -224,6 +239,7 @@ class EvaluateLM(Stage):
         files = write_run_report(out, title=f"{ctx.stage_id}: {ctx.uses} ({method})", metrics=metrics,
                                  protocol=protocol, layer_rows=rows, layer_source=layer_source,
                                  kl=comparison.kl.numpy() if comparison.kl is not None else None,
+                                 kl_topk=comparison.kl_topk.numpy() if comparison.kl_topk is not None else None,
                                  speed=speed_info, size=size_info)
         for path in [out / "metrics.json", *files.values()]:
             ctx.log_artifact(path)

@@ -105,6 +105,25 @@ def test_pareto_report_for_points_writes_files_and_labels(tmp_path):
                                     tmp_path / "none") is None
 
 
+def test_pareto_report_says_which_kl_and_which_bpw(tmp_path):
+    html = (pareto_report_for_points(sweep_points(), tmp_path / "exact") / "report.html").read_text()
+    assert "kl_mean = KL (exact, full vocabulary), mean, nats (lower is better)" in html
+    assert "kl_mean vs bpw_quantized: KL (exact, full vocabulary), mean, nats" in html
+    assert "top-k estimate" not in html
+    raw = sweep_points()
+    for pt in raw:
+        pt["metrics"] = {"evaluate/kl_topk_mean" if k == "evaluate/kl_mean" else k: v for k, v in pt["metrics"].items()}
+    folder = pareto_report_for_points(raw, tmp_path / "topk", objectives={"bpw_model": "min", "kl_topk_mean": "min"})
+    assert folder is None                     # no run has bpw_model: nothing to compare
+    for pt in raw:
+        pt["metrics"]["evaluate/bpw_model"] = pt["metrics"]["evaluate/bpw_quantized"] + 2
+    folder = pareto_report_for_points(raw, tmp_path / "topk", objectives={"bpw_model": "min", "kl_topk_mean": "min"})
+    html = (folder / "report.html").read_text()
+    assert "kl_topk_mean vs bpw_model: KL top-k estimate (lower bound), mean, nats" in html
+    assert "bpw_model = bits/weight, whole model (unquantized tensors at their deployment dtype)" in html
+    assert (folder / "bpw_kl.png").is_file()
+
+
 def test_constraints_apply_before_the_front(tmp_path):
     folder = pareto_report_for_points(sweep_points(), tmp_path / "c",
                                       constraints=["evaluate/bpw_quantized<=4.5", "ppl<40"])
@@ -183,8 +202,11 @@ def test_failing_gate_keeps_report_artifacts_and_report_reads_the_run(tmp_path, 
     done = run_cli("run", str(recipe), runs_dir=runs_dir)
     assert done.returncode == 1, done.stderr
     for shown in ("evaluate/ppl ", "evaluate/ppl_ratio", "evaluate/kl_mean ", "evaluate/top1_agree",
-                  "evaluate/bpw_quantized", "evaluate/bpw_model", "evaluate/size_bytes", "evaluate/prefill_tps_ratio",
-                  "evaluate/decode_tps_ratio", "gate FAIL evaluate/kl_mean"):
+                  "evaluate/kl_topk_mean ", "evaluate/size_bytes_deploy ", "evaluate/size_bytes_checkpoint ",
+                  "evaluate/bpw_quantized", "evaluate/bpw_model", "evaluate/prefill_tps_ratio",
+                  "evaluate/decode_tps_ratio", "gate FAIL evaluate/kl_mean",
+                  "evaluate/kl_mean: KL (exact, full vocabulary)", "evaluate/kl_topk_mean: KL top-k estimate (lower bound)",
+                  "evaluate/bpw_model: all parameters; quantized layers as stored, unquantized tensors at float16"):
         assert shown in done.stdout, shown
     assert "dequantize-then-matmul" in done.stderr          # the speed line says which path ran
     run_dir = Path(next(line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith("run folder")))
@@ -198,6 +220,8 @@ def test_failing_gate_keeps_report_artifacts_and_report_reads_the_run(tmp_path, 
     proto = json.loads((run_dir / "artifacts" / "evaluate" / "metrics.json").read_text())["protocol_hash"]
     if "qflow.protocol_hash" in run["tags"]:                 # copied by the runner from ctx.info["tags"]
         assert run["tags"]["qflow.protocol_hash"] == proto
+    assert run["tags"]["qflow.metric.kl_mean"].startswith("KL (exact, full vocabulary)")
+    assert "evaluate/kl_topk_mean" in run["metrics"] and "evaluate/size_bytes_deploy" in run["metrics"]
 
     assert cli_report(_report_args("tiny", tmp_path / "rep"), runs_dir) == 0   # in process: no second start-up
     out = json.loads(capsys.readouterr().out)

@@ -1,13 +1,28 @@
 """Perplexity and distribution metrics vs the float model (METHODS.md §11).
 
-The float model's per-token results are computed once per (model, windows)
-and cached as a reusable artifact: the exact NLL of every target plus the
-top-k log-probabilities (indices and values) of every position. KL(p_fp || p_q)
-is then computed over the k kept tokens plus one "tail" bin holding the rest
-of the mass. That is the KL of the two distributions coarsened to k+1 bins, a
-lower bound of the full-vocabulary KL that is tight when the tail mass is small
-(k=128 keeps > 99% of the mass for typical LM positions); ``topk: 0`` stores
-nothing and recomputes nothing: it disables KL.
+Two KL numbers, both ``KL(p_fp || p_q) = sum_v p_fp(v) (log p_fp(v) - log p_q(v))`` per
+scored token, in nats, float model first:
+
+* ``kl_*`` (the default, always computed when ``exact`` is on): **exact, full
+  vocabulary**. The float logits of a window batch are recomputed alongside the
+  quantized ones (one extra float forward per window batch, about +100% of the
+  quantized pass; nothing stored); both log-softmaxes and the sum over the
+  vocabulary run in fp64 from the logits, over chunks of positions (bounded memory
+  for large vocabularies; fp32 log-softmax would add ~1e-6 nats of rounding). Storing the float distributions instead would cost
+  ``n_windows x (seq_len-1) x vocab x 2`` bytes in fp16 (1.6 GB for 32 x 512 tokens
+  of a 49k vocabulary).
+* ``kl_topk_*``: **top-k estimate (lower bound)**. The float model's per-token
+  results are cached once per (model, windows): the NLL of every target plus the
+  top-k log-probabilities (indices and values) of every position. KL is computed
+  over the k kept tokens plus one "tail" bin holding the rest of the mass: the KL
+  of both distributions coarsened to the same k+1 bins, which by the log-sum
+  inequality never exceeds the full-vocabulary KL (up to fp32 rounding of the
+  tail mass, ~1e-7 nats per token). ``topk: 0`` disables it.
+
+Example::
+
+    ref = float_reference(fp_model, ids, batch_size=4, topk=128)
+    summarize(compare_to_reference(q_model, ids, ref, batch_size=4, topk=128, fp_model=fp_model))
 """
 
 from __future__ import annotations
@@ -15,9 +30,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+
+# elements of one chunk of positions x vocabulary: 16 MiB in fp32, 32 MiB in fp64 (exact KL holds ~4 such)
+CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -36,11 +54,18 @@ class FloatReference:
         return cls(d["nll"], d["topk_idx"], d["topk_logp"])
 
 
-def _forward_logp(model, batch: torch.Tensor) -> torch.Tensor:
-    """Log-probs (fp32, on the CPU) of every next token of ``batch``, run on the model's device."""
+def _next_token_logits(model, batch: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, L-1, V]`` (model dtype, model device) predicting every next token of ``batch``."""
     device = next(model.parameters()).device
-    logits = model(input_ids=batch.to(device), use_cache=False).logits
-    return torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+    return model(input_ids=batch.to(device), use_cache=False).logits[:, :-1]
+
+
+def _chunks(logits: torch.Tensor) -> Iterator[tuple[int, int, int]]:
+    """(window, first position, end position) chunks of ``[B, L-1, V]`` of at most CHUNK_ELEMENTS each."""
+    rows = max(1, CHUNK_ELEMENTS // logits.shape[-1])
+    for b in range(logits.shape[0]):
+        for s in range(0, logits.shape[1], rows):
+            yield b, s, min(s + rows, logits.shape[1])
 
 
 def ranked_topk(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,56 +84,94 @@ def ranked_topk(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def float_reference(model, ids: torch.Tensor, *, batch_size: int, topk: int,
                     progress: Callable[[int], None] | None = None) -> FloatReference:
-    nll, idx, vals = [], [], []
+    """The float model's NLL and ranked top-max(topk, 5) log-probs of every scored position."""
+    k = max(topk, 5)
+    n_win, n_pos = ids.shape[0], ids.shape[1] - 1
+    nll = torch.empty(n_win, n_pos, dtype=torch.float64)
+    idx = torch.empty(n_win, n_pos, k, dtype=torch.int32)
+    vals = torch.empty(n_win, n_pos, k, dtype=torch.float32)
     with torch.no_grad():
-        for i in range(0, ids.shape[0], batch_size):
+        for i in range(0, n_win, batch_size):
             batch = ids[i:i + batch_size]
-            logp = _forward_logp(model, batch)
-            nll.append(-logp.gather(-1, batch[:, 1:, None]).squeeze(-1).double())
-            k = max(topk, 5)
-            v, j = ranked_topk(logp, k)
-            idx.append(j.to(torch.int32))
-            vals.append(v)
+            logits = _next_token_logits(model, batch)
+            targets = batch[:, 1:].to(logits.device)
+            for b, s, e in _chunks(logits):
+                logp = torch.log_softmax(logits[b, s:e].float(), dim=-1)
+                nll[i + b, s:e] = -logp.gather(-1, targets[b, s:e, None]).squeeze(-1).double().cpu()
+                v, j = ranked_topk(logp, k)
+                idx[i + b, s:e], vals[i + b, s:e] = j.to(torch.int32).cpu(), v.cpu()
+            del logits
             if progress:
                 progress(batch.shape[0])
-    return FloatReference(torch.cat(nll), torch.cat(idx), torch.cat(vals))
+    return FloatReference(nll, idx, vals)
 
 
 @dataclass
 class Comparison:
-    nll: torch.Tensor          # [n_tok] float64, quantized model
-    nll_fp: torch.Tensor       # [n_tok]
-    kl: torch.Tensor | None    # [n_tok] float64
-    top1: torch.Tensor         # [n_tok] bool
-    top5: torch.Tensor         # [n_tok] float (overlap fraction of top-5 sets)
+    nll: torch.Tensor               # [n_tok] float64, quantized model
+    nll_fp: torch.Tensor            # [n_tok]
+    kl: torch.Tensor | None         # [n_tok] float64: exact full-vocabulary KL(p_fp || p_q); None: not computed
+    kl_topk: torch.Tensor | None    # [n_tok] float64: top-k + tail-bin estimate (lower bound); None: topk 0
+    top1: torch.Tensor              # [n_tok] bool
+    top5: torch.Tensor              # [n_tok] float (overlap fraction of top-5 sets)
+
+
+def exact_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary ``KL(softmax(p) || softmax(q))`` over the last dim from logits, in fp64 (0·log 0 = 0)."""
+    p_logp = torch.log_softmax(p_logits.double(), dim=-1)
+    q_logp = torch.log_softmax(q_logits.double(), dim=-1)
+    p = p_logp.exp()
+    terms = torch.where(p > 0, p * (p_logp - q_logp), torch.zeros((), dtype=torch.float64, device=p.device))
+    return terms.sum(-1).clamp(min=0)
 
 
 def compare_to_reference(model, ids: torch.Tensor, ref: FloatReference, *, batch_size: int, topk: int,
-                         progress: Callable[[int], None] | None = None) -> Comparison:
-    nll, kls, top1, top5 = [], [], [], []
+                         fp_model=None, progress: Callable[[int], None] | None = None) -> Comparison:
+    """Quantized ``model`` vs the float reference; exact KL too when the float ``fp_model`` is given.
+
+    ``fp_model is model`` (the float model evaluated against itself) reuses the one forward.
+    """
+    n_win, n_pos = ids.shape[0], ids.shape[1] - 1
+    k = ref.topk_idx.shape[-1]
+    nll = torch.empty(n_win, n_pos, dtype=torch.float64)
+    top1 = torch.empty(n_win, n_pos, dtype=torch.bool)
+    top5 = torch.empty(n_win, n_pos, dtype=torch.float32)
+    kl = torch.empty(n_win, n_pos, dtype=torch.float64) if fp_model is not None else None
+    kl_topk = torch.empty(n_win, n_pos, dtype=torch.float64) if topk > 0 else None
     with torch.no_grad():
-        for i in range(0, ids.shape[0], batch_size):
+        for i in range(0, n_win, batch_size):
             batch = ids[i:i + batch_size]
-            logp = _forward_logp(model, batch)
-            nll.append(-logp.gather(-1, batch[:, 1:, None]).squeeze(-1).double())
-            ref_idx = ref.topk_idx[i:i + batch_size].long()
-            ref_logp = ref.topk_logp[i:i + batch_size]
-            # the same k and tie rule as the reference, so that equal models agree exactly
-            q_top5 = ranked_topk(logp, ref_idx.shape[-1])[1][..., :5]
-            top1.append(q_top5[..., 0] == ref_idx[..., 0])
-            overlap = (q_top5.unsqueeze(-1) == ref_idx[..., :5].unsqueeze(-2)).any(-1).float().mean(-1)
-            top5.append(overlap)
-            if topk > 0:
-                kls.append(topk_kl(ref_logp[..., :topk], logp.gather(-1, ref_idx[..., :topk])))
+            logits = _next_token_logits(model, batch)
+            logits_fp = None
+            if fp_model is not None and fp_model is not model:
+                logits_fp = _next_token_logits(fp_model, batch).to(logits.device)
+            targets = batch[:, 1:].to(logits.device)
+            for b, s, e in _chunks(logits):
+                logp = torch.log_softmax(logits[b, s:e].float(), dim=-1)
+                nll[i + b, s:e] = -logp.gather(-1, targets[b, s:e, None]).squeeze(-1).double().cpu()
+                ref_idx = ref.topk_idx[i + b, s:e].long().to(logp.device)
+                # the same k and tie rule as the reference, so that equal models agree exactly
+                q_top5 = ranked_topk(logp, k)[1][..., :5]
+                top1[i + b, s:e] = (q_top5[..., 0] == ref_idx[..., 0]).cpu()
+                top5[i + b, s:e] = (q_top5.unsqueeze(-1) == ref_idx[..., :5].unsqueeze(-2)).any(-1).float().mean(-1).cpu()
+                if kl_topk is not None:
+                    ref_logp = ref.topk_logp[i + b, s:e, :topk].to(logp.device)
+                    kl_topk[i + b, s:e] = topk_kl(ref_logp, logp.gather(-1, ref_idx[..., :topk])).cpu()
+                if kl is not None:
+                    if logits_fp is None:
+                        kl[i + b, s:e] = 0.0
+                    else:
+                        kl[i + b, s:e] = exact_kl(logits_fp[b, s:e], logits[b, s:e]).cpu()
+            del logits, logits_fp
             if progress:
                 progress(batch.shape[0])
-    return Comparison(torch.cat(nll).reshape(-1), ref.nll.reshape(-1),
-                      torch.cat(kls).reshape(-1) if kls else None,
-                      torch.cat(top1).reshape(-1), torch.cat(top5).reshape(-1))
+    return Comparison(nll.reshape(-1), ref.nll.reshape(-1), kl.reshape(-1) if kl is not None else None,
+                      kl_topk.reshape(-1) if kl_topk is not None else None, top1.reshape(-1), top5.reshape(-1))
 
 
 def topk_kl(p_logp: torch.Tensor, q_logp_at: torch.Tensor) -> torch.Tensor:
-    """KL over k kept tokens + one tail bin; inputs are log-probs at the same k token ids."""
+    """KL over k kept tokens + one tail bin; inputs are log-probs at the same k token ids (a lower bound
+    of the full-vocabulary KL: both distributions coarsened to the same k+1 bins)."""
     p_logp = p_logp.double()
     q_logp_at = q_logp_at.double()
     p = p_logp.exp()
@@ -132,7 +195,13 @@ def window_means(values: torch.Tensor, n_windows: int) -> torch.Tensor:
     return values.double().reshape(n_windows, -1).mean(1)
 
 
+def _kl_stats(prefix: str, kl: torch.Tensor) -> dict[str, float]:
+    return {f"{prefix}_mean": float(kl.mean()), f"{prefix}_median": nearest_rank(kl, 0.5),
+            f"{prefix}_p99": nearest_rank(kl, 0.99), f"{prefix}_max": float(kl.max())}
+
+
 def summarize(c: Comparison) -> dict[str, float]:
+    """Point metrics: ``kl_*`` exact full-vocabulary KL, ``kl_topk_*`` the top-k lower-bound estimate."""
     ppl = math.exp(float(c.nll.mean()))
     ppl_fp = math.exp(float(c.nll_fp.mean()))
     out = {"ppl": ppl, "ppl_fp": ppl_fp, "ppl_ratio": ppl / ppl_fp, "ppl_diff": ppl - ppl_fp,
@@ -140,6 +209,7 @@ def summarize(c: Comparison) -> dict[str, float]:
            "n_tokens": float(c.nll.numel()),
            "dlogp_mean": float((c.nll_fp - c.nll).mean())}
     if c.kl is not None:
-        out |= {"kl_mean": float(c.kl.mean()), "kl_median": nearest_rank(c.kl, 0.5),
-                "kl_p99": nearest_rank(c.kl, 0.99), "kl_max": float(c.kl.max())}
+        out |= _kl_stats("kl", c.kl)
+    if c.kl_topk is not None:
+        out |= _kl_stats("kl_topk", c.kl_topk)
     return out

@@ -85,24 +85,33 @@ def sqnr_chart(rows: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def kl_histogram(kl: np.ndarray | None, path: Path, stats: dict[str, float]) -> Path:
-    """Histogram of per-token KL(p_fp ‖ p_q), log10 scale, with mean / median / p99 marked."""
+def kl_histogram(kl: np.ndarray | None, path: Path, stats: dict[str, float], *, kind: str = "exact") -> Path:
+    """Histogram of per-token KL(p_fp ‖ p_q), log10 scale, with mean / median / p99 marked.
+
+    ``kind``: ``"exact"`` (full vocabulary; marks ``kl_*``) or ``"topk"`` (the top-k lower-bound
+    estimate; marks ``kl_topk_*``). The axis label says which.
+    """
+    if kind not in ("exact", "topk"):
+        raise ValueError(f"kind must be 'exact' or 'topk', got {kind!r}")
+    prefix = "kl_topk_" if kind == "topk" else "kl_"
+    what = "top-k estimate, lower bound" if kind == "topk" else "exact, full vocabulary"
     fig = _figure(7.0, 3.6)
     ax = fig.add_subplot(1, 1, 1)
     kl = np.asarray(kl, dtype=np.float64).reshape(-1) if kl is not None else np.zeros(0)
     positive = kl[kl > 0]
     if positive.size == 0:
-        msg = "KL disabled (topk: 0)" if kl.size == 0 else f"KL = 0 for all {kl.size} tokens"
+        msg = "KL not computed (kl_exact: false, topk: 0)" if kl.size == 0 else \
+            f"KL ({what}) = 0 for all {kl.size} tokens"
         ax.text(0.5, 0.5, msg, ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return _save(fig, path)
     floor = max(positive.min(), 1e-12)
     ax.hist(np.log10(np.clip(kl, floor, None)), bins=60, color="#1f77b4", alpha=0.85)
-    for name, style in (("kl_mean", "-"), ("kl_median", "--"), ("kl_p99", ":")):
-        v = stats.get(name)
+    for stat, style in (("mean", "-"), ("median", "--"), ("p99", ":")):
+        v = stats.get(prefix + stat)
         if v and v > 0:
-            ax.axvline(math.log10(v), color="black", linestyle=style, linewidth=1, label=f"{name[3:]} {v:.3g}")
-    ax.set_xlabel("log10 KL(p_fp ‖ p_q) per token (nats)")
+            ax.axvline(math.log10(v), color="black", linestyle=style, linewidth=1, label=f"{stat} {v:.3g}")
+    ax.set_xlabel(f"log10 KL(p_fp ‖ p_q) per token, {what} (nats)")
     ax.set_ylabel("tokens")
     ax.set_yscale("log")
     ax.legend(fontsize=8)

@@ -3,7 +3,7 @@
 Two results are comparable only when their protocol hashes are equal: same
 text (source fingerprint and the sha256 of the token windows), window length,
 stride, number of windows, BOS policy, tokenizer (class, vocabulary hash),
-KL top-k and evaluation dtype. ``qflow report`` groups runs by this hash and
+KL definition, KL top-k and evaluation dtype. ``qflow report`` groups runs by this hash and
 never mixes groups silently.
 
 Example::
@@ -20,7 +20,11 @@ from typing import Any
 
 TAG = "qflow.protocol_hash"
 HASHED_FIELDS = ("source", "text_fingerprint", "windows_sha256", "seq_len", "stride", "n_windows", "mode",
-                 "bos", "tokenizer", "tokenizer_vocab_sha256", "vocab_size", "kl_topk", "dtype")
+                 "bos", "tokenizer", "tokenizer_vocab_sha256", "vocab_size", "kl_definition", "kl_topk", "dtype")
+# what ``kl_*`` / ``kl_topk_*`` mean; change it whenever a KL definition changes, so that cached
+# evaluations and MLflow runs of the old definition land in another protocol group
+KL_DEFINITION = ("kl_*: exact full-vocabulary KL(p_fp || p_q), nats per token; "
+                 "kl_topk_*: top-k + tail-bin estimate (lower bound)")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -32,7 +36,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def eval_protocol(*, source: str, text_fingerprint: str | None, seq_len: int, n_windows: int,
                   windows_sha256: str, add_special_tokens: bool, tokenizer, kl_topk: int,
-                  dtype: str) -> dict[str, Any]:
+                  dtype: str, kl_exact: bool = True) -> dict[str, Any]:
     """The protocol of ``evaluate.lm`` (METHODS.md §11/§13): non-overlapping windows, stride = length."""
     proto = {
         "source": source,
@@ -47,6 +51,8 @@ def eval_protocol(*, source: str, text_fingerprint: str | None, seq_len: int, n_
         "tokenizer": type(tokenizer).__name__,
         "tokenizer_vocab_sha256": tokenizer_fingerprint(tokenizer),
         "vocab_size": len(tokenizer),
+        "kl_definition": KL_DEFINITION,
+        "kl_exact": bool(kl_exact),        # not hashed: it says whether kl_* exist, not what they mean
         "kl_topk": int(kl_topk),
         "dtype": dtype,
         "ppl": "exp(mean NLL over every scored token)",

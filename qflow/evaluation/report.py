@@ -230,6 +230,7 @@ def build_report(points: list[Point], folder: Path, objectives: dict[str, str] |
 
 def _write(report: Report, title: str) -> None:
     from . import html as H
+    from .labels import metric_label
     from .plots import pareto_scatter
 
     folder = report.folder
@@ -245,21 +246,24 @@ def _write(report: Report, title: str) -> None:
     parts = []
     if report.warning():
         parts.append(H.note("Mixed protocols: " + report.warning() + ".", "warn"))
-    parts.append(H.note("Objectives: " + ", ".join(f"{k} ({'lower' if v == 'min' else 'higher'} is better)"
+    better = {"min": "lower", "max": "higher"}
+    parts.append(H.note("Objectives: " + ", ".join(f"{k} = {metric_label(k)} ({better[v]} is better)"
                                                    for k, v in report.objectives.items())
                         + ". Constraints: " + (", ".join(report.constraints) or "none")
                         + ". Pareto set by strict dominance, per protocol; red: on the set."))
     feasible = [p for p in report.points if p.feasible]
     x_name = next((o for o in report.objectives if o.startswith("bpw")), "bpw_quantized")
-    for y_name, fname, ylabel in (("kl_mean", "bpw_kl.png", "KL mean (nats)"), ("ppl", "bpw_ppl.png", "perplexity")):
+    # the KL axis follows the objectives: the exact KL unless only the top-k estimate is asked for
+    kl_name = next((o for o in report.objectives if o.startswith("kl_")), "kl_mean")
+    for y_name, fname in ((kl_name, "bpw_kl.png"), ("ppl", "bpw_ppl.png")):
         pts = [p for p in feasible if _metric_value(p, x_name) is not None and _metric_value(p, y_name) is not None]
         if not pts:
             continue
         path = pareto_scatter([_metric_value(p, x_name) for p in pts], [_metric_value(p, y_name) for p in pts],
                               [p.label for p in pts], [i for i, p in enumerate(pts) if p.on_front],
-                              [p.protocol for p in pts], folder / fname, xlabel=x_name, ylabel=ylabel,
-                              title=f"{y_name} vs {x_name}")
-        parts.append(H.section(f"{y_name} vs {x_name}", H.image(path, f"{y_name} vs {x_name}")))
+                              [p.protocol for p in pts], folder / fname, xlabel=metric_label(x_name),
+                              ylabel=metric_label(y_name), title=f"{y_name} vs {x_name}")
+        parts.append(H.section(f"{y_name} vs {x_name}: {metric_label(y_name)}", H.image(path, f"{y_name} vs {x_name}")))
     header = ["on set", "protocol", "label", "name", "status", *objectives, "excluded by"]
     ordered = sorted(report.points, key=lambda p: (p.protocol, not p.on_front, not p.feasible,
                                                    [_metric_value(p, o) * (1 if d == "min" else -1)

@@ -13,20 +13,22 @@ from pathlib import Path
 from typing import Any
 
 from . import html as H
+from .labels import metric_label
 from .layers import worst_layers
 from .plots import kl_histogram, sqnr_chart
 
+# (metric, label); None: the label from qflow.evaluation.labels (KL kind, float dtype of the size convention)
 HEADLINE = (
     ("ppl", "perplexity"), ("ppl_fp", "perplexity, float"), ("ppl_ratio", "perplexity ratio"),
     ("ppl_diff", "perplexity difference"), ("ppl_diff_ci_low", "  95% CI low"), ("ppl_diff_ci_high", "  95% CI high"),
-    ("kl_mean", "KL mean (nats)"), ("kl_mean_ci_low", "  95% CI low"), ("kl_mean_ci_high", "  95% CI high"),
-    ("kl_median", "KL median"), ("kl_p99", "KL p99"), ("kl_max", "KL max"),
+    ("kl_mean", None), ("kl_mean_ci_low", "  95% CI low"), ("kl_mean_ci_high", "  95% CI high"),
+    ("kl_median", None), ("kl_p99", None), ("kl_max", None),
+    ("kl_topk_mean", None), ("kl_topk_mean_ci_low", "  95% CI low"), ("kl_topk_mean_ci_high", "  95% CI high"),
+    ("kl_topk_median", None), ("kl_topk_p99", None), ("kl_topk_max", None),
     ("top1_agree", "top-1 agreement"), ("top5_overlap", "top-5 overlap"),
-    ("bpw_quantized", "bits/weight, quantized layers (nominal)"),
-    ("bpw_quantized_measured", "bits/weight, quantized layers (measured bytes)"),
-    ("bpw_model", "bits/weight, whole model"), ("size_bytes", "checkpoint bytes on disk"),
-    ("model_bytes", "standalone model bytes"), ("compression_vs_fp16", "compression vs float16"),
-    ("compression_vs_fp32", "compression vs float32"),
+    ("bpw_quantized", None), ("bpw_quantized_measured", None), ("bpw_model", None),
+    ("size_bytes_deploy", None), ("size_bytes_checkpoint", None),
+    ("compression_vs_fp16", None), ("compression_vs_fp32", None),
     ("prefill_tps", "prefill tokens/s"), ("prefill_tps_fp", "prefill tokens/s, float"),
     ("prefill_tps_ratio", "prefill speed ratio"), ("decode_tps", "decode tokens/s"),
     ("decode_tps_fp", "decode tokens/s, float"), ("decode_tps_ratio", "decode speed ratio"),
@@ -35,18 +37,36 @@ HEADLINE = (
 
 def write_run_report(folder: Path, *, title: str, metrics: dict[str, float], protocol: dict[str, Any],
                      layer_rows: list[dict[str, Any]], layer_source: str, kl, speed: dict[str, Any] | None,
-                     size: dict[str, Any]) -> dict[str, Path]:
-    """Write the PNGs and ``report.html`` into ``folder``; returns their paths by kind."""
+                     size: dict[str, Any], kl_topk=None) -> dict[str, Path]:
+    """Write the PNGs and ``report.html`` into ``folder``; returns their paths by kind.
+
+    ``kl``: per-token exact full-vocabulary KL; ``kl_topk``: the top-k estimate (drawn only without ``kl``).
+    """
     files: dict[str, Path] = {}
     parts = []
+    float_dtype = (size or {}).get("float_dtype", "float16")
+    labels = [(name, label if label is not None else metric_label(name, float_dtype)) for name, label in HEADLINE]
     rows = [(label.strip() if not label.startswith("  ") else "\u2003" + label.strip(), name, metrics[name])
-            for name, label in HEADLINE if name in metrics]
+            for name, label in labels if name in metrics]
+    notes = ["CIs: paired bootstrap over windows (1000 resamples, seeded)."]
+    if "kl_mean" in metrics:
+        notes.append("KL (exact, full vocabulary): KL(p_fp || p_q) = sum over the whole vocabulary of "
+                     "p_fp (log p_fp - log p_q) per scored token, in nats, float model first; the float logits "
+                     "are recomputed next to the quantized ones (one extra float forward per window batch).")
+    if "kl_topk_mean" in metrics:
+        notes.append("KL top-k estimate (lower bound): the same KL over the float model's top-k tokens plus one "
+                     "tail bin; it never exceeds the exact KL.")
+    if "bpw_model" in metrics:
+        notes.append(f"Whole-model bits/weight and compression: quantized layers as stored, unquantized tensors "
+                     f"at {float_dtype} (the deployment dtype, stage option float_dtype), whatever the base folder "
+                     f"stores; size_bytes_checkpoint is measured on disk.")
     parts.append(H.section("Headline metrics", H.table(("metric", "name", "value"), rows),
-                           H.note("CIs: paired bootstrap over windows (1000 resamples, seeded).")))
+                           *(H.note(n) for n in notes)))
     parts.append(H.section("Protocol", H.table(("field", "value"), [(k, v) for k, v in protocol.items()]),
                            H.note("Numbers are comparable only between runs with the same protocol hash.")))
     if size:
-        parts.append(H.section("Size", H.table(("field", "value"), [(k, v) for k, v in size.items()])))
+        parts.append(H.section("Size", H.note(size.get("convention", "")),
+                               H.table(("field", "value"), [(k, v) for k, v in size.items()])))
     if speed:
         path = speed.get("path", "")
         speed_rows = [(k, v) for k, v in speed.items() if k != "seconds"]
@@ -66,7 +86,11 @@ def write_run_report(folder: Path, *, title: str, metrics: dict[str, float], pro
                      "accumulated SQNR dB", "accumulated cos"),
                     [(r["worst_rank"], r["layer"], r["bits"], r["weight_sqnr_db"], r["isolated_sqnr_db"],
                       r["isolated_cos"], r["accumulated_sqnr_db"], r["accumulated_cos"]) for r in worst])))
-    files["kl_hist"] = kl_histogram(kl, folder / "kl_hist.png", metrics)
-    parts.append(H.section("KL divergence per token", H.image(files["kl_hist"], "KL histogram")))
+    exact = kl is not None
+    files["kl_hist"] = kl_histogram(kl if exact else kl_topk, folder / "kl_hist.png", metrics,
+                                    kind="exact" if exact else "topk")
+    title = "KL divergence per token (exact, full vocabulary)" if exact else \
+        "KL divergence per token (top-k estimate, lower bound)"
+    parts.append(H.section(title, H.image(files["kl_hist"], "KL histogram")))
     files["html"] = H.write_page(folder / "report.html", title, parts)
     return files

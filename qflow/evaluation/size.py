@@ -1,21 +1,26 @@
 """Size and bits per weight of a model or a quantized checkpoint (METHODS.md §11 "Size / bpw").
 
-* ``size_bytes``: bytes on disk of what the run produced — the quantized
-  checkpoint's IR folder (packed codes, scales, zeros, g_idx, changed float
-  tensors, index); for a float model, its ``*.safetensors`` files.
-* ``model_bytes``: a standalone quantized model — quantized layers at their
-  measured stored bytes plus every other tensor of the base model (embeddings,
-  norms, head; tied tensors once) at the base model's **stored dtype**, read
-  from the safetensors headers (``float_dtypes`` says which).
+Convention: a deployed model holds its quantized layers as stored (codes, scales,
+zeros, g_idx) and every other floating-point tensor (embeddings, norms, head,
+unquantized linears; tied tensors once) at the **deployment dtype** ``float_dtype``
+(float16 unless the stage says otherwise), whatever dtype the base folder stores
+(a float32 folder would otherwise inflate ``bpw_model`` by ~1.5x). Non-float tensors
+count at their stored size.
+
+* ``size_bytes_deploy``: estimated deployment bytes under that convention.
+* ``size_bytes_checkpoint``: measured bytes on disk of what was evaluated — the
+  quantized checkpoint's IR folder (packed codes, scales, zeros, g_idx, changed
+  float tensors, index); for a float model, its ``*.safetensors`` files. (An export
+  stage's own ``size_bytes`` is the measured size of that export's files.)
 * ``bpw_quantized``: nominal spec accounting over quantized layers
   (``Checkpoint.bpw_quantized``: bits + scale/zero bits per group [+ g_idx]);
   ``bpw_quantized_measured`` = 8 · stored bytes of those layers / their weights.
-* ``bpw_model`` = 8 · model_bytes / all parameters; ``compression_vs_fp16`` /
-  ``_fp32`` = (2 or 4 bytes · all parameters) / model_bytes.
+* ``bpw_model`` = 8 · size_bytes_deploy / all parameters; ``compression_vs_fp16`` /
+  ``_fp32`` = (2 or 4 bytes · all parameters) / size_bytes_deploy.
 
 Example::
 
-    metrics, info = size_metrics(base_dir, Checkpoint(ir_dir))
+    metrics, info = size_metrics(base_dir, Checkpoint(ir_dir), float_dtype="float16")
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from typing import Any
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+DEPLOY_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 def safetensors_index(model_dir: Path) -> dict[str, dict[str, Any]]:
@@ -45,36 +52,41 @@ def safetensors_index(model_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def size_metrics(model_dir: Path, ckpt=None) -> tuple[dict[str, float], dict[str, Any]]:
+def size_metrics(model_dir: Path, ckpt=None, *, float_dtype: str = "float16") -> tuple[dict[str, float], dict[str, Any]]:
     """(metrics, info) for the float model in ``model_dir``, or for ``ckpt`` applied over it."""
+    if float_dtype not in DEPLOY_BYTES:
+        raise ValueError(f"float_dtype must be one of {sorted(DEPLOY_BYTES)}, got {float_dtype!r}")
     index = safetensors_index(model_dir)
     if not index:
         return {}, {"size": f"no *.safetensors files in {model_dir}: size not measured"}
     n_params = sum(t["numel"] for t in index.values())
-    float_dtypes: dict[str, int] = {}
-    model_bytes = 0
+    stored_dtypes: dict[str, int] = {}
+    deploy_bytes = 0
     quantized = {f"{name}.weight" for name in (ckpt.layers if ckpt is not None else {})}
     for name, t in index.items():
         if name in quantized:
             continue
-        model_bytes += t["nbytes"]
-        float_dtypes[t["dtype"]] = float_dtypes.get(t["dtype"], 0) + t["numel"]
+        deploy_bytes += t["numel"] * DEPLOY_BYTES[float_dtype] if t["dtype"] in _FLOAT_DTYPES else t["nbytes"]
+        stored_dtypes[t["dtype"]] = stored_dtypes.get(t["dtype"], 0) + t["numel"]
     metrics: dict[str, float] = {"n_params": float(n_params)}
-    info: dict[str, Any] = {"float_dtypes": float_dtypes,
-                            "float_tensors": "counted at the base model's stored dtype (safetensors headers)"}
+    info: dict[str, Any] = {
+        "convention": (f"deployment size: quantized layers as stored, unquantized float tensors at {float_dtype} "
+                       f"(stage option float_dtype), other tensors as stored"),
+        "float_dtype": float_dtype,
+        "unquantized_stored_dtypes": stored_dtypes}
     if ckpt is not None:
         missing = sorted(quantized - set(index))
         if missing:
             info["size_warning"] = f"{len(missing)} quantized weights not found in the base files (e.g. {missing[0]})"
         q_bytes = ckpt.quantized_bytes()
         n_q = ckpt.n_quantized_weights()
-        model_bytes += q_bytes
-        metrics |= {"size_bytes": float(ckpt.size_bytes()), "quantized_bytes": float(q_bytes),
+        deploy_bytes += q_bytes
+        metrics |= {"size_bytes_checkpoint": float(ckpt.size_bytes()), "quantized_bytes": float(q_bytes),
                     "n_quantized_weights": float(n_q), "bpw_quantized": ckpt.bpw_quantized(),
                     "bpw_quantized_measured": 8.0 * q_bytes / max(n_q, 1)}
     else:
-        metrics["size_bytes"] = float(sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors")))
-    metrics |= {"model_bytes": float(model_bytes), "bpw_model": 8.0 * model_bytes / n_params,
-                "compression_vs_fp16": 2.0 * n_params / model_bytes,
-                "compression_vs_fp32": 4.0 * n_params / model_bytes}
+        metrics["size_bytes_checkpoint"] = float(sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors")))
+    metrics |= {"size_bytes_deploy": float(deploy_bytes), "bpw_model": 8.0 * deploy_bytes / n_params,
+                "compression_vs_fp16": 2.0 * n_params / deploy_bytes,
+                "compression_vs_fp32": 4.0 * n_params / deploy_bytes}
     return metrics, info
