@@ -94,21 +94,6 @@ def test_kind_mismatch_is_refused_even_with_overwrite(tmp_path):
     assert "which is a file" in target_problem(tmp_path / "a-file" / "x", is_dir=True)
 
 
-def test_failed_copy_leaves_the_previous_export(tmp_path, monkeypatch):
-    import shutil
-
-    target = tmp_path / "dst"
-    place(export_folder(tmp_path / "a", {"a.bin": b"old"}), target)
-
-    def boom(*a, **k):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(shutil, "copy2", boom)
-    with pytest.raises(OSError, match="disk full"):
-        place(export_folder(tmp_path / "b", {"a.bin": b"new"}), target)
-    assert (target / "a.bin").read_bytes() == b"old" and siblings(target) == []
-
-
 def test_only_dead_qflow_siblings_are_cleaned(tmp_path):
     target = tmp_path / "llama"
     dead = dead_pid()

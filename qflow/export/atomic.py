@@ -157,8 +157,9 @@ def target_problem(target: str | Path, *, is_dir: bool, overwrite: bool = False)
         foreign, record = _foreign_in_folder(target)
         if not foreign or overwrite:
             return None
-        what = "a folder qflow did not write" if record is None else "a qflow export folder"
-        return (f"path {target} is {what} holding {len(foreign)} file(s) qflow did not write ({_shown(foreign)}); "
+        what = ("a folder qflow did not write" if record is None
+                else f"a qflow export that also holds {len(foreign)} file(s) qflow did not write")
+        return (f"path {target} is {what} ({_shown(foreign)}); "
                 f"qflow exports only into an absent path, an empty folder or a previous qflow export (a folder "
                 f"with {MARKER}): set overwrite: true in the stage's with: (qflow then replaces only the files it "
                 f"writes and leaves {_shown(foreign)} alone) or choose another path")
