@@ -19,7 +19,8 @@ class ExportGGUFConfig(StageConfig):
     float_type: Literal["F32", "F16"] = "F32"       # embeddings / output head
     tokenizer_pre: str | None = None                 # llama.cpp pre-tokenizer name (HF tokenizers only)
     filename: str = "model.gguf"
-    path: str | None = None                          # also place the file here (atomically)
+    path: str | None = None                          # also place the file here (atomically; qflow/export/atomic.py)
+    overwrite: bool = False                          # allow replacing a file at path that qflow did not write
     verify_data: DataSpec = DEFAULT_VERIFY_DATA
     verify_windows: int = Field(2, ge=0)             # 0: skip the logits round trip
     llama_cpp: bool = True                           # also compare llama.cpp's logits when llama_cpp is installed
@@ -47,6 +48,11 @@ class ExportGGUF(Stage):
     zoo:/gguf: models, else built from the HF tokenizer), ``qflow.*`` keys
     (version, recipe key, per-layer specs).
 
+    ``path:`` also places a copy of the file there, with a sidecar
+    ``<file>.qflow-export.json`` recording its sha256. An existing file there is
+    replaced only when that record matches it (a previous qflow export) or with
+    ``overwrite: true``; otherwise the run is refused before the first stage.
+
     Round trip: the file is read back with ``gguf.GGUFReader`` and every tensor
     dequantized (exactly-mapped and F32 tensors must be bit-identical, else the
     stage fails; ``roundtrip_max_abs_diff`` is the largest weight difference vs
@@ -60,6 +66,14 @@ class ExportGGUF(Stage):
     Config = ExportGGUFConfig
     inputs = {"model": QuantizedCheckpoint}
     outputs = {"export": ExportedModel}
+
+    def check(self, cfg, inputs_meta):
+        if not cfg.path:
+            return []
+        from qflow.export.atomic import target_problem
+
+        problem = target_problem(cfg.path, is_dir=False, overwrite=cfg.overwrite)
+        return [f"with.path: {problem}"] if problem else []
 
     @classmethod
     def fingerprint_sources(cls, cfg, cache_root):
@@ -119,7 +133,8 @@ class ExportGGUF(Stage):
         if cfg.path:
             from qflow.export.atomic import place
 
-            placed = str(place(target, cfg.path))
+            placed = str(place(target, cfg.path, overwrite=cfg.overwrite, where=f"stages.{ctx.stage_id}.with.path",
+                               record={"format": "gguf", "stage": ctx.stage_id, "stage_key": ctx.key}))
             ctx.log.info("export placed at %s", placed)
         return {"export": ExportedModel(out, format="gguf", filename=cfg.filename, recipe_key=ctx.key,
                                         types=report["types"], placed=placed)}

@@ -19,7 +19,8 @@ class ExportSafetensorsConfig(StageConfig):
     on_unsupported: Literal["error", "float"] = "error"
     on_inexact: Literal["round", "error", "float"] = "round"
     gptq_format: Literal["auto", "gptq", "gptq_v2"] = "auto"
-    path: str | None = None                   # also place the folder here (atomically)
+    path: str | None = None                   # also place the folder here (atomically; qflow/export/atomic.py)
+    overwrite: bool = False                   # allow a path holding files qflow did not write (they are kept)
     verify_data: DataSpec = DEFAULT_VERIFY_DATA
     verify_windows: int = Field(2, ge=0)      # 0: skip the logits round trip
     reader: Literal["auto", "qflow", "compressed-tensors"] = "auto"
@@ -45,6 +46,12 @@ class ExportSafetensors(Stage):
     ``quantization_config`` and a ``qflow`` section (version, recipe key, per-layer
     specs); the safetensors metadata holds the same.
 
+    ``path:`` also places a copy of the folder there, with a ``.qflow-export.json``
+    marker listing the files qflow wrote. The path must be absent, an empty
+    folder or a previous qflow export; anything else is refused before the
+    first stage runs unless ``overwrite: true``, and even then qflow replaces
+    only the files it writes and its previous marker lists (qflow/export/atomic.py).
+
     Round trip: the folder is reloaded (by the compressed-tensors library when it
     is installed and the layout is compressed-tensors, else by qflow's own
     reader) and its logits compared with qflow's quantized model on
@@ -57,6 +64,14 @@ class ExportSafetensors(Stage):
     Config = ExportSafetensorsConfig
     inputs = {"model": QuantizedCheckpoint}
     outputs = {"export": ExportedModel}
+
+    def check(self, cfg, inputs_meta):
+        if not cfg.path:
+            return []
+        from qflow.export.atomic import target_problem
+
+        problem = target_problem(cfg.path, is_dir=True, overwrite=cfg.overwrite)
+        return [f"with.path: {problem}"] if problem else []
 
     @classmethod
     def fingerprint_sources(cls, cfg, cache_root):
@@ -107,7 +122,8 @@ class ExportSafetensors(Stage):
         if cfg.path:
             from qflow.export.atomic import place
 
-            placed = str(place(out, cfg.path))
+            placed = str(place(out, cfg.path, overwrite=cfg.overwrite, where=f"stages.{ctx.stage_id}.with.path",
+                               record={"format": "safetensors", "stage": ctx.stage_id, "stage_key": ctx.key}))
             ctx.log.info("export placed at %s", placed)
         ctx.info["tags"] = {"export_layout": cfg.layout, "export_reader": reader.split(" (")[0]}
         return {"export": ExportedModel(out, format="safetensors", layout=cfg.layout, dtype=report["dtype"],

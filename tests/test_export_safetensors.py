@@ -394,6 +394,7 @@ def make_ctx(tmp_path: Path, stage_id: str = "export", key: str | None = "f" * 6
 
 def test_stage_writes_verifies_and_places(irs, tmp_path):
     from qflow.artifacts import QuantizedCheckpoint
+    from qflow.export.atomic import place
     from qflow.specs import DataSpec
     from stages.export_safetensors import ExportSafetensors
 
@@ -401,8 +402,9 @@ def test_stage_writes_verifies_and_places(irs, tmp_path):
     cfg = ExportSafetensors.Config(verify_data=DataSpec(source="zoo:lee-news", seq_len=32), verify_windows=2,
                                    path=str(tmp_path / "placed" / "llama-awq"))
     ctx = make_ctx(tmp_path)
-    (tmp_path / "placed" / "llama-awq").mkdir(parents=True)
-    (tmp_path / "placed" / "llama-awq" / "old.txt").write_text("previous export")
+    (tmp_path / "prev").mkdir()
+    (tmp_path / "prev" / "old.txt").write_text("previous export")
+    place(tmp_path / "prev", tmp_path / "placed" / "llama-awq")      # a previous qflow export: replaced
     out = ExportSafetensors().run(ctx, cfg, model=QuantizedCheckpoint(ckpt.path, base_model=ckpt.base_model))
     exp = out["export"]
     assert exp.meta["layout"] == "compressed-tensors" and exp.meta["recipe_key"] == "f" * 64
@@ -423,14 +425,15 @@ def test_atomic_place_failure_leaves_old_export(tmp_path, monkeypatch):
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.bin").write_bytes(b"new")
-    target = tmp_path / "dst"
-    target.mkdir()
-    (target / "a.bin").write_bytes(b"old")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "a.bin").write_bytes(b"old")
+    target = place(old, tmp_path / "dst")            # a previous qflow export
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(shutil, "copytree", boom)
+    monkeypatch.setattr(shutil, "copy2", boom)
     with pytest.raises(OSError, match="disk full"):
         place(src, target)
     assert (target / "a.bin").read_bytes() == b"old"

@@ -45,6 +45,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from qflow.errors import StageError
+
 from . import mapping
 
 BLOCK = 32
@@ -80,7 +82,7 @@ _HF_TO_GGUF_BLOCK = {
 }
 
 
-class GGUFExportError(Exception):
+class GGUFExportError(StageError):
     """The model cannot be written as a llama.cpp GGUF (the message says why)."""
 
 

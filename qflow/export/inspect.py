@@ -57,17 +57,23 @@ class InspectError(QflowError):
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
-    """(tensors {name: {dtype, shape, data_offsets}}, metadata, data start offset) from the header only."""
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise InspectError(f"{path} is too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > 100 * 2**20:
-            raise InspectError(f"{path}: header length {n} is implausible; not a safetensors file")
-        header = json.loads(fh.read(n))
-    meta = header.pop("__metadata__", None) or {}
-    return header, meta, 8 + n
+    """(tensors {name: {dtype, shape, data_offsets}}, metadata, data start offset) from the header only.
+
+    The file's length is checked against the header (a cut-short file is an InspectError).
+    """
+    from qflow.models.integrity import CorruptFileError, check_safetensors
+
+    try:
+        return check_safetensors(Path(path))
+    except CorruptFileError as err:
+        raise InspectError(err.what, fix=err.fix) from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise InspectError(f"{path} is not valid JSON ({err})", fix="repair or restore the file") from None
 
 
 def _read_small(path: Path, start: int, info: dict[str, Any], limit: int = 1 << 16):
@@ -313,9 +319,18 @@ def _summarize(layers: dict[str, dict[str, Any]], per_method: Counter) -> dict[s
 def inspect_gguf(path: Path) -> dict[str, Any]:
     import gguf
 
+    from qflow.models.integrity import CorruptFileError, check_gguf
     from qflow.quant.spec import GGUF_TYPES
 
-    reader = gguf.GGUFReader(str(path))
+    try:
+        check_gguf(path)
+    except CorruptFileError as err:
+        raise InspectError(err.what, fix=err.fix) from None
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError, KeyError, IndexError) as err:
+        raise InspectError(f"{path} cannot be read as a GGUF file ({err})",
+                           fix="check that the file is a complete GGUF (v2 or v3)") from None
     meta = {}
     for key, f in reader.fields.items():
         if f.types and f.types[0] == gguf.GGUFValueType.ARRAY:
@@ -360,7 +375,11 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
 def inspect_onnx(path: Path) -> dict[str, Any]:
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError and friends: a damaged or cut-short file
+        raise InspectError(f"{path} cannot be read as an ONNX model ({type(err).__name__}: {err})",
+                           fix="check that the file is a complete .onnx export") from None
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     ops: Counter = Counter(n.op_type for n in graph.node)
@@ -403,7 +422,7 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
 
 
 def inspect_ir(path: Path) -> dict[str, Any]:
-    index = json.loads((path / "ir.json").read_text())
+    index = _read_json(path / "ir.json")
     layers = {}
     from qflow.quant.spec import QuantSpec
 
@@ -439,7 +458,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         if (p / "ir.json").is_file():
             result = inspect_ir(p)
         else:
-            config = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else None
+            config = _read_json(p / "config.json") if (p / "config.json").is_file() else None
             st = sorted(p.glob("*.safetensors"))
             ggufs, onnxs = sorted(p.glob("*.gguf")), sorted(p.glob("*.onnx"))
             if st:
@@ -464,7 +483,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
             result = inspect_onnx(p)
         elif p.suffix == ".safetensors" or (len(magic) == 8 and struct.unpack("<Q", magic)[0] < 100 * 2**20):
             cfg_file = p.parent / "config.json"
-            config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+            config = _read_json(cfg_file) if cfg_file.is_file() else None
             result = inspect_safetensors([p], config)
         elif p.name == "config.json":
             return inspect_path(p.parent)

@@ -100,14 +100,15 @@ def quantization_config(folder: Path) -> dict[str, Any] | None:
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-        return [folder / n for n in names]
-    files = sorted(folder.glob("*.safetensors"))
+    """The folder's weight files, each checked to be whole (a cut-short file is a clean error, not a Rust one)."""
+    from qflow.errors import SourceError
+    from qflow.models.integrity import check_safetensors, safetensors_files
+
+    files = safetensors_files(Path(folder))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors in {folder}")
+        raise SourceError(f"{folder} holds no *.safetensors", fix="point at an exported model folder")
+    for f in files:
+        check_safetensors(f)
     return files
 
 

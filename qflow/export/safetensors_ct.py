@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from qflow.errors import StageError
+
 from . import mapping, readers
 
 LAYOUTS = ("compressed-tensors", "awq-gemm", "gptq")
@@ -37,7 +39,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 
 
-class ExportError(Exception):
+class ExportError(StageError):
     """The export cannot be written as asked (the message says why and what to change)."""
 
 

@@ -56,6 +56,9 @@ def load_model(
             f"{path} is not a resolved model folder (no config.json)",
             fix="pass the .path of resolve_model(source, cache_dir)",
         )
+    from qflow.models.integrity import check_model_folder
+
+    check_model_folder(path)  # a cut-short safetensors file: say so, not a Rust deserializing error
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,

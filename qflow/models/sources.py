@@ -235,13 +235,17 @@ def fingerprint_model_source(source: str, cache_dir: Path) -> str:
     """
     kind, value = parse_model_source(source)
     cache_dir = Path(cache_dir)
+    from qflow.models.integrity import check_gguf, check_model_folder
+
     if kind in ("zoo", "gguf"):
         path = _zoo_gguf_path(value) if kind == "zoo" else _gguf_file(value, source)
+        check_gguf(path, where=source)  # a cut-short file is refused here, before any stage runs
         return _digest(kind="gguf", sha256=hash_file(path, cache_dir), converter=GGUF_CONVERTER_VERSION)
     if kind == "hf":
         repo_id, revision = _split_hf(value)
         return _digest(kind="hf", repo_id=repo_id, revision=_hf_commit(repo_id, revision))
     folder = _local_folder(value, source)
+    check_model_folder(folder, where=source)
     return _digest(kind="folder", content=hash_folder(folder, cache_dir))
 
 
@@ -256,8 +260,12 @@ def resolve_model(source: str, cache_dir: Path) -> ResolvedModel:
     if kind == "path":
         return ResolvedModel(_local_folder(value, source), fingerprint, source)
     if kind == "hf":
+        from qflow.models.integrity import check_model_folder
+
         repo_id, revision = _split_hf(value)
-        return ResolvedModel(_hf_snapshot(repo_id, revision, source), fingerprint, source)
+        snapshot = _hf_snapshot(repo_id, revision, source)
+        check_model_folder(snapshot, where=source)
+        return ResolvedModel(snapshot, fingerprint, source)
     gguf_path = _zoo_gguf_path(value) if kind == "zoo" else _gguf_file(value, source)
     folder = _converted_folder(gguf_path, cache_dir / "models" / f"gguf-{fingerprint[:32]}", source, fingerprint)
     return ResolvedModel(folder, fingerprint, source)
@@ -508,8 +516,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, source: str | None = None) -> N
     import numpy as np
     from transformers import AutoTokenizer
 
+    from qflow.models.integrity import check_gguf
+
     source = source or f"gguf:{gguf_path}"
     out_dir = Path(out_dir)
+    check_gguf(gguf_path, where=source)  # the reader would fail on a cut-short file with a numpy reshape error
     try:
         reader = gguf.GGUFReader(str(gguf_path))
     except (ValueError, OSError) as err:
