@@ -172,7 +172,7 @@ def test_resume_state_is_loaded_as_data_only(tmp_path):
 
     import torch
 
-    from qflow.quant.algos.blockwise import load_resume_state
+    from qflow.quant.algos.resume import load_resume_state
 
     marker = tmp_path / "pwned"
 
