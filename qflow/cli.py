@@ -317,7 +317,10 @@ def cmd_sync(args) -> int:
         print(f"nothing to sync: no queued runs under {root / 'runs'}")
     for r in [] if args.json else rows:
         name = Path(r["run_dir"]).name
-        if r["status"] == "uploaded":
+        if r["status"] == "uploaded" and r["kind"] == "sweep":
+            print(f"uploaded sweep {name} -> mlflow parent run {r['run_id']} (experiment {r['experiment']}, "
+                  f"{r['mlflow_status']}): {r['points']} points ({r['points_reused']} were already there)")
+        elif r["status"] == "uploaded":
             print(f"uploaded {name} -> mlflow run {r['run_id']} (experiment {r['experiment']}, "
                   f"{r['mlflow_status']}): {r['params']} params, {r['metrics']} metrics, "
                   f"artifacts {', '.join(r['artifacts']) or 'none'}")

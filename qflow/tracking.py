@@ -163,6 +163,13 @@ class Tracker:
         self.run_id = run.info.run_id
         return self.run_id
 
+    def attach(self, run_id: str) -> str:
+        """Continue an existing run (``qflow sync`` completing an upload) instead of creating one."""
+        _, client, _ = self._client_and_experiment()
+        self._client = client
+        self.run_id = client.get_run(run_id).info.run_id
+        return self.run_id
+
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.run_id:
             return
@@ -301,8 +308,9 @@ def _alive(pid: int | None) -> bool:
 
 
 def pending_runs(runs_root: Path) -> list[Path]:
-    """Run folders queued for ``qflow sync``, oldest first."""
-    return sorted(p.parent for p in (Path(runs_root) / "runs").glob(f"*/{PENDING_FILE}"))
+    """Run and sweep folders queued for ``qflow sync``, oldest first within each kind."""
+    root = Path(runs_root)
+    return [p.parent for kind in ("runs", "sweeps") for p in sorted((root / kind).glob(f"*/{PENDING_FILE}"))]
 
 
 def sync_pending(runs_root: Path) -> list[dict[str, Any]]:
@@ -331,7 +339,8 @@ def sync_pending(runs_root: Path) -> list[dict[str, Any]]:
             out.append({"run_dir": str(run_dir), "status": "skipped", "reason": f"still running (pid {record['pid']})"})
             continue
         try:
-            out.append(_sync_one(runs_root, run_dir, record, uri))
+            sync = _sync_sweep if record.get("kind") == "sweep" else _sync_one
+            out.append(sync(runs_root, run_dir, record, uri))
         except Exception as exc:  # one bad folder must not stop the others; it stays queued
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             out.append({"run_dir": str(run_dir), "status": "failed", "reason": f"{type(exc).__name__}: {first}"})
@@ -394,8 +403,33 @@ def _sync_one(runs_root: Path, run_dir: Path, record: dict[str, Any], uri: str) 
                                         "synced_at": time.time()})
     (run_dir / PENDING_FILE).unlink()  # qflow wrote it; the run has reached the store
     return {"run_dir": str(run_dir), "run_id": run_id, "experiment": record["experiment"], "status": "uploaded",
-            "mlflow_status": status, "reused_run": reused, "params": len(params), "metrics": len(metrics),
+            "kind": "run", "mlflow_status": status, "reused_run": reused, "params": len(params), "metrics": len(metrics),
             "artifacts": artifacts}
+
+
+def _sync_sweep(runs_root: Path, sweep_dir: Path, record: dict[str, Any], uri: str) -> dict[str, Any]:
+    """Replay the sweep's MLflow logging from its folder, reusing the parent and points already uploaded."""
+    from .engine.sweep import load_points, log_sweep
+
+    _, client, exp_id = Tracker(runs_root, record["experiment"])._client_and_experiment()
+    parent = _existing_run(client, exp_id, sweep_dir, record)
+    points: dict[int, tuple[str, str]] = {}
+    if parent:
+        for run in client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=5000):
+            job = run.data.tags.get("qflow.sweep.job")
+            if job is not None:
+                points[int(job)] = (run.info.run_id, run.info.status)
+    found = load_points(sweep_dir)
+    parent_id = log_sweep(runs_root, sweep_dir, Path(record["recipe"]), record.get("overrides", []),
+                          record.get("sweep", {}), found, existing={"parent": parent, "points": points})
+    if parent_id is None:  # log_sweep printed the failure and left the sweep queued
+        return {"run_dir": str(sweep_dir), "status": "failed", "reason": "MLflow failed during the upload"}
+    _write_json(sweep_dir / SYNCED_FILE, {"run_id": parent_id, "experiment": record["experiment"], "uri": uri,
+                                          "synced_at": time.time()})
+    (sweep_dir / PENDING_FILE).unlink()  # qflow wrote it; the sweep has reached the store
+    return {"run_dir": str(sweep_dir), "run_id": parent_id, "experiment": record["experiment"], "status": "uploaded",
+            "kind": "sweep", "mlflow_status": record.get("status"), "reused_run": parent is not None,
+            "points": len(found), "points_reused": sum(1 for pt in found if pt["job"] in points)}
 
 
 def serve_ui(runs_root: Path, host: str = "127.0.0.1", port: int = 5000) -> int:

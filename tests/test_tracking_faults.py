@@ -98,6 +98,30 @@ def test_unreachable_store_costs_seconds_and_queues_the_run_for_sync(recipe, run
     assert [r["run_id"] for r in search_runs(runs_dir, experiment="tiny")] == [run["run_id"]]
 
 
+def test_sweep_with_unreachable_store_is_queued_and_synced_once(recipe, runs_dir, local_store):
+    dead = f"http://127.0.0.1:{_free_port()}"
+    done = run_cli("run", "-m", str(recipe), "params.bits=3,4", "--json", runs_dir=runs_dir,
+                   env={"MLFLOW_TRACKING_URI": dead}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and dead in warnings[0] and "qflow sync" in warnings[0], done.stderr
+    out = json.loads(done.stdout)
+    sweep_dir = Path(out["sweep_dir"])
+    assert out["mlflow_parent_run_id"] is None and len(out["points"]) == 2
+    assert json.loads((sweep_dir / PENDING_FILE).read_text())["kind"] == "sweep"
+
+    synced = run_cli("sync", runs_dir=runs_dir, check=True)
+    assert f"uploaded sweep {sweep_dir.name}" in synced.stdout, synced.stdout
+    parents = [r for r in search_runs(runs_dir, experiment="recipe") if r["tags"].get("qflow.sweep") == "parent"]
+    assert len(parents) == 1 and parents[0]["status"] == "FINISHED"
+    children = search_runs(runs_dir, "recipe", parent_run_id=parents[0]["run_id"])
+    assert sorted(c["params"]["params.bits"] for c in children) == ["3", "4"]
+    assert all(c["status"] == "FINISHED" and "evaluate/ppl" in c["metrics"] for c in children)
+
+    assert "nothing to sync" in run_cli("sync", runs_dir=runs_dir, check=True).stdout
+    assert len(search_runs(runs_dir, experiment="recipe")) == 3
+
+
 def _start_and_wait_for(args: list[str], runs_dir: Path, marker: str, timeout: float = 120) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "qflow.cli", *args], cwd=REPO, text=True,
                             env=dict(os.environ, QFLOW_RUNS_DIR=str(runs_dir)),
@@ -118,10 +142,10 @@ def test_sigterm_ends_the_mlflow_run_as_killed(tmp_path, tiny_model_dir, runs_di
     proc, seen = _start_and_wait_for(["run", str(slow)], runs_dir, "[calibrate]")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
+    runs = search_runs(runs_dir, experiment="tiny")
+    assert [r["status"] for r in runs] == ["KILLED"], seen + err
     assert proc.returncode == 128 + signal.SIGTERM, seen + err
     assert "Traceback" not in err and "terminated by SIGTERM" in err
-    runs = search_runs(runs_dir, experiment="tiny")
-    assert [r["status"] for r in runs] == ["KILLED"]
     tmp = runs_dir / "cache" / "tmp"
     assert not tmp.is_dir() or not list(tmp.iterdir())  # the interrupted stage left no half-written entry
 
@@ -147,10 +171,11 @@ def test_sigterm_to_qflow_ui_stops_its_server(runs_dir, local_store):
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        status = proc.wait(timeout=30)
         assert not _listening(port)
         alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
         assert not alive, alive
+        assert status == 128 + signal.SIGTERM
     finally:
         for c in children:  # on failure, leave no server behind
             if c.is_running():
