@@ -307,14 +307,14 @@ def cmd_ui(args) -> int:
 
 
 def cmd_sync(args) -> int:
-    from .tracking import sync_pending
+    from .sync import sync_pending
 
     root = Path(args.sync_runs_dir) if args.sync_runs_dir else _runs_root(args)
     rows = sync_pending(root)
     if args.json:
         print(json.dumps(rows, default=str))
     elif not rows:
-        print(f"nothing to sync: no queued runs under {root / 'runs'}")
+        print(f"nothing to sync: no queued runs or sweeps under {root}")
     for r in [] if args.json else rows:
         name = Path(r["run_dir"]).name
         if r["status"] == "uploaded" and r["kind"] == "sweep":

@@ -98,6 +98,7 @@ def test_unreachable_store_costs_seconds_and_queues_the_run_for_sync(recipe, run
     assert [r["run_id"] for r in search_runs(runs_dir, experiment="tiny")] == [run["run_id"]]
 
 
+@pytest.mark.slow  # a two-point sweep and two syncs: about 40 s
 def test_sweep_with_unreachable_store_is_queued_and_synced_once(recipe, runs_dir, local_store):
     dead = f"http://127.0.0.1:{_free_port()}"
     done = run_cli("run", "-m", str(recipe), "params.bits=3,4", "--json", runs_dir=runs_dir,
