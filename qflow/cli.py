@@ -5,6 +5,7 @@
     qflow explain RECIPE [OVERRIDES...]
     qflow ls stages | qflow show stage NAME | qflow schema [-o FILE]
     qflow cache ls | gc --keep N | verify [--fix]
+    qflow sync [--runs-dir DIR]                    # upload runs queued while MLflow was unreachable
     qflow ui
 
 Heavy libraries (torch, mlflow) are imported only by the commands that need them.
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 from .errors import QflowError
+from .interrupts import Terminated
 
 
 def _runs_root(args) -> Path:
@@ -44,6 +46,13 @@ def _offline_defaults() -> None:
 # ---- run / explain --------------------------------------------------------------
 
 def cmd_run(args) -> int:
+    from .interrupts import sigterm_raises
+
+    with sigterm_raises():  # SIGTERM ends the MLflow run as KILLED instead of leaving it RUNNING
+        return _run(args)
+
+
+def _run(args) -> int:
     from .engine.runner import RunOptions, execute, load_plan
 
     opts = RunOptions(runs_root=_runs_root(args), dry_run=args.dry_run, only=args.only, from_=args.from_,
@@ -352,6 +361,29 @@ def cmd_ui(args) -> int:
     return serve_ui(_runs_root(args), port=args.port)
 
 
+def cmd_sync(args) -> int:
+    from .sync import sync_pending
+
+    root = Path(args.sync_runs_dir) if args.sync_runs_dir else _runs_root(args)
+    rows = sync_pending(root)
+    if args.json:
+        print(json.dumps(rows, default=str))
+    elif not rows:
+        print(f"nothing to sync: no queued runs or sweeps under {root}")
+    for r in [] if args.json else rows:
+        name = Path(r["run_dir"]).name
+        if r["status"] == "uploaded" and r["kind"] == "sweep":
+            print(f"uploaded sweep {name} -> mlflow parent run {r['run_id']} (experiment {r['experiment']}, "
+                  f"{r['mlflow_status']}): {r['points']} points ({r['points_reused']} were already there)")
+        elif r["status"] == "uploaded":
+            print(f"uploaded {name} -> mlflow run {r['run_id']} (experiment {r['experiment']}, "
+                  f"{r['mlflow_status']}): {r['params']} params, {r['metrics']} metrics, "
+                  f"artifacts {', '.join(r['artifacts']) or 'none'}")
+        else:
+            print(f"{r['status']} {name}: {r['reason']}")
+    return 1 if any(r["status"] == "failed" for r in rows) else 0
+
+
 # ---- parser -------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -435,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(fn=cmd_inspect)
 
+    sy = sub.add_parser("sync", help="upload runs queued while the MLflow store was unreachable")
+    sy.add_argument("--runs-dir", dest="sync_runs_dir", help="output root (default: $QFLOW_RUNS_DIR or ./runs)")
+    sy.add_argument("--json", action="store_true")
+    sy.set_defaults(fn=cmd_sync)
+
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
     u.set_defaults(fn=cmd_ui)
@@ -460,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished stages are cached, a re-run resumes", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"{exc}; finished stages are cached, a re-run resumes", file=sys.stderr)
+        return exc.exit_status
 
 
 if __name__ == "__main__":

@@ -4,18 +4,43 @@ Default store: ``sqlite:///<runs>/mlflow.db`` with artifacts in
 ``<runs>/mlartifacts``; ``MLFLOW_TRACKING_URI`` overrides it (a team server).
 One MLflow run per recipe run; a sweep is a parent run with nested runs.
 Only the parent process writes (SQLite does not tolerate concurrent writers).
+
+An unreachable store must not stall or lose a run: :func:`probe` checks a
+server in a few seconds before the first call, MLflow's own HTTP retries are
+capped, and a run whose tracking failed is queued in its run folder
+(``mlflow-pending.json``, :meth:`Tracker.fail`); ``qflow sync``
+(``qflow/sync.py``) uploads it later from the run folder.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
+
+from .errors import QflowError
 
 log = logging.getLogger("qflow.tracking")
 
 MAX_PARAM_VALUE = 6000
+PROBE_TIMEOUT_SECONDS = 3.0
+PENDING_FILE = "mlflow-pending.json"   # in a run folder: this run still has to reach MLflow
+SYNCED_FILE = "mlflow-run.json"        # in a run folder: `qflow sync` uploaded it (run id, store)
+RUN_DIR_TAG = "qflow.run_dir"          # run folder name; `qflow sync` finds an uploaded run by it
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+
+# MLflow retries an HTTP call 7 times with exponential backoff (about 4 minutes)
+# and waits 120 s per request; a run must not stall that long on a dead server.
+# Users can still choose their own values through the same variables.
+_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class TrackingUnavailable(QflowError):
+    """The MLflow tracking store cannot be reached."""
 
 # mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into os.environ, so the
 # user's own setting must be read before qflow ever calls it.
@@ -30,8 +55,32 @@ def artifact_root(runs_root: Path) -> str:
     return (runs_root / "mlartifacts").resolve().as_uri()
 
 
+def probe(uri: str, timeout_seconds: float = PROBE_TIMEOUT_SECONDS) -> str | None:
+    """Why the tracking server at ``uri`` cannot be reached, or None when it answers a TCP connect.
+
+    Only http(s) stores are probed; a local store (sqlite, file) fails, if at
+    all, on its first call. Example: ``probe("http://127.0.0.1:9")`` ->
+    ``"MLflow store http://127.0.0.1:9 is unreachable (Connection refused)"``.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return None
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout_seconds):
+            return None
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return f"MLflow store {uri} is unreachable ({why})"
+
+
 def _mlflow(runs_root: Path):
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    for var, value in _HTTP_LIMITS.items():
+        os.environ.setdefault(var, value)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     import mlflow
 
@@ -51,20 +100,32 @@ def prepare_store(runs_root: Path) -> None:
 
 
 class Tracker:
-    """Writes one MLflow run; ``Tracker.null()`` writes nothing (``--no-track``)."""
+    """Writes one MLflow run; ``Tracker.null()`` writes nothing (``--no-track``).
 
-    def __init__(self, runs_root: Path, experiment: str, *, enabled: bool = True):
+    With a ``run_dir``, :meth:`fail` queues the run there for ``qflow sync``::
+
+        tracker = Tracker(runs_root, "tiny", run_dir=run_dir)
+        try:
+            tracker.start(run_dir.name)
+        except Exception as exc:
+            print(tracker.fail(exc))   # warning line; mlflow-pending.json written
+    """
+
+    def __init__(self, runs_root: Path, experiment: str, *, enabled: bool = True, run_dir: Path | None = None):
         self.runs_root = Path(runs_root)
         self.experiment = experiment
         self.enabled = enabled
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         self.run_id: str | None = None
+        self.unavailable: str | None = None   # why MLflow failed; later calls are skipped by the caller
+        self._pending: dict[str, Any] = {}
         self._client = None
 
     @classmethod
     def null(cls) -> "Tracker":
         return cls(Path("."), "", enabled=False)
 
-    def _client_and_experiment(self):
+    def client_and_experiment(self):
         mlflow = _mlflow(self.runs_root)
         from mlflow.tracking import MlflowClient
 
@@ -86,13 +147,27 @@ class Tracker:
     def start(self, run_name: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str | None:
         if not self.enabled:
             return None
-        _, client, exp_id = self._client_and_experiment()
         tags = dict(tags or {})
+        if self.run_dir is not None:
+            tags.setdefault(RUN_DIR_TAG, self.run_dir.name)
+        self._pending = {"experiment": self.experiment, "run_name": run_name, "tags": dict(tags),
+                         "parent_run_id": parent_run_id, "started_at": time.time(), "pid": os.getpid()}
+        problem = probe(tracking_uri(self.runs_root))
+        if problem:
+            raise TrackingUnavailable(problem)
+        _, client, exp_id = self.client_and_experiment()
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = client.create_run(exp_id, run_name=run_name, tags=tags)
         self._client = client
         self.run_id = run.info.run_id
+        return self.run_id
+
+    def attach(self, run_id: str) -> str:
+        """Continue an existing run (``qflow sync`` completing an upload) instead of creating one."""
+        _, client, _ = self.client_and_experiment()
+        self._client = client
+        self.run_id = client.get_run(run_id).info.run_id
         return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -139,6 +214,31 @@ class Tracker:
         if not self.run_id:
             return
         self._client.set_terminated(self.run_id, status=status)
+
+    def fail(self, exc: BaseException) -> str:
+        """Record that MLflow failed, queue the run (with a ``run_dir``), and return one warning line."""
+        if isinstance(exc, TrackingUnavailable):
+            reason = exc.what
+        else:
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            reason = f"MLflow tracking failed ({type(exc).__name__}: {first})"
+        self.unavailable = reason
+        if self.run_dir is None:
+            return f"warning: {reason}; the run continues untracked"
+        pending = self.queue(reason=reason)
+        return (f"warning: {reason}; the run continues untracked and is queued in {pending}; "
+                f"`qflow sync` uploads it once the store is reachable")
+
+    def queue(self, *, tags: dict[str, Any] | None = None, **fields: Any) -> Path:
+        """Write (or update) ``<run_dir>/mlflow-pending.json``: what ``qflow sync`` needs besides the run folder."""
+        assert self.run_dir is not None, "queueing needs the run folder"
+        record = {"experiment": self.experiment, "status": "RUNNING", "tags": {}, **self._pending,
+                  "uri": tracking_uri(self.runs_root), "run_id": self.run_id, **fields}
+        record["tags"] = {**record["tags"], **{k: str(v) for k, v in (tags or {}).items()}}
+        self._pending = record
+        path = self.run_dir / PENDING_FILE
+        write_json(path, record)
+        return path
 
 
 def _param_value(v: Any) -> str:
@@ -191,14 +291,63 @@ def search_runs(runs_root: Path, experiment: str | None = None, run_ids: list[st
             for r in runs]
 
 
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
 def serve_ui(runs_root: Path, host: str = "127.0.0.1", port: int = 5000) -> int:
-    """Run ``mlflow ui`` on the qflow store (blocks until interrupted)."""
+    """Run ``mlflow ui`` on the qflow store (blocks until interrupted).
+
+    The server runs in its own process group (it spawns uvicorn workers); on
+    exit, SIGINT or SIGTERM the whole group is terminated, so nothing keeps
+    the port. Returns the server's exit status, or 128 + signum when stopped.
+    """
+    import signal
     import subprocess
     import sys
+
+    from .interrupts import Terminated, sigterm_raises
 
     uri = tracking_uri(runs_root)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if uri.startswith("sqlite:"):
         cmd += ["--default-artifact-root", artifact_root(runs_root)]
     print(f"MLflow UI: http://{host}:{port}  (store: {uri})", flush=True)
-    return subprocess.call(cmd)
+    with sigterm_raises():
+        server = subprocess.Popen(cmd, start_new_session=True)
+        try:
+            return server.wait()
+        except KeyboardInterrupt:
+            return 128 + signal.SIGINT
+        except Terminated as exc:
+            return exc.exit_status
+        finally:
+            # a second Ctrl-C or SIGTERM must not cut the shutdown short and leave the server behind
+            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                _stop_group(server)
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+
+def _stop_group(proc, grace_seconds: float = 10.0) -> None:
+    """SIGTERM the process group led by ``proc``, then SIGKILL what is left after ``grace_seconds``."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the group is gone
+            break
+        deadline = time.monotonic() + grace_seconds
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader so the group can empty
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+    proc.poll()

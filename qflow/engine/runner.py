@@ -401,7 +401,21 @@ def _say(opts: RunOptions, text: str) -> None:
 
 
 def execute(plan: Plan, opts: RunOptions, overrides: list[str] | None = None) -> RunResult:
-    """Run ``plan``; never raises for a stage failure (reported in the result)."""
+    """Run ``plan``; never raises for a stage failure (reported in the result).
+
+    An interrupt (Ctrl-C, or SIGTERM under ``qflow run``: ``interrupts.Terminated``)
+    or a bug of qflow's own ends the MLflow run as KILLED or FAILED, then propagates.
+    """
+    started: list[Any] = []  # the tracker, once _execute has started it
+    try:
+        return _execute(plan, opts, overrides, started)
+    except BaseException as exc:
+        for tracker in started:
+            _end_interrupted(tracker, opts, "FAILED" if isinstance(exc, Exception) else "KILLED")
+        raise
+
+
+def _execute(plan: Plan, opts: RunOptions, overrides: list[str] | None, started: list[Any]) -> RunResult:
     runs_root = Path(opts.runs_root)
     store = CacheStore(runs_root / "cache")
     device = resolve_device(plan.recipe.device)
@@ -433,7 +447,8 @@ def execute(plan: Plan, opts: RunOptions, overrides: list[str] | None = None) ->
     store.clean_tmp()  # only folders whose owner is gone (never on --dry-run)
     run_dir = _new_run_dir(runs_root, opts.run_name or plan.recipe.name)
     _write_yaml(run_dir / "recipe.resolved.yaml", plan.resolved)
-    tracker = _make_tracker(opts, plan)
+    tracker = _make_tracker(opts, plan, run_dir)
+    started.append(tracker)
     run_id = _safe(tracker.start, opts, run_name=run_dir.name,
                    tags={"qflow.recipe": plan.source, "qflow.version": __version__},
                    parent_run_id=opts.parent_run_id)
@@ -482,9 +497,6 @@ def execute(plan: Plan, opts: RunOptions, overrides: list[str] | None = None) ->
         except QflowError as exc:
             res, outs = StageResult(sid, st.uses, "failed", key, error=str(exc)), None
             _say(opts, f"[{sid}] failed: {exc}")
-        except KeyboardInterrupt:
-            _safe(tracker.end, opts, "KILLED")
-            raise
         except Exception as exc:  # qflow's own bug: keep the traceback
             traceback.print_exc(file=sys.stderr)
             res, outs = StageResult(sid, st.uses, "failed", key, error=f"{type(exc).__name__}: {exc}"), None
@@ -522,26 +534,42 @@ def _collect(sid: str, res: StageResult, st: PlannedStage, metrics: dict[str, fl
                       "bound": gate.model_dump(exclude_none=True), **({"reason": problem} if problem else {})})
 
 
-def _make_tracker(opts: RunOptions, plan: Plan):
+def _make_tracker(opts: RunOptions, plan: Plan, run_dir: Path):
     from ..tracking import Tracker
 
     if not opts.track:
         return Tracker.null()
-    return Tracker(opts.runs_root, plan.recipe.name)
+    return Tracker(opts.runs_root, plan.recipe.name, run_dir=run_dir)
 
 
 def _safe(fn, opts: RunOptions, *args, **kwargs):
-    """Tracking must never lose a run: report its failures and go on."""
+    """Tracking must never lose a run: the first MLflow failure prints one warning and queues the
+    run for `qflow sync` (``Tracker.fail``); later calls are skipped instead of each waiting on a
+    store that is down."""
+    tracker = getattr(fn, "__self__", None)
+    if getattr(tracker, "unavailable", None):
+        return None
     try:
         return fn(*args, **kwargs)
     except Exception as exc:
-        print(f"warning: MLflow tracking failed ({type(exc).__name__}: {exc}); the run continues untracked",
-              file=sys.stderr)
+        print(tracker.fail(exc), file=sys.stderr, flush=True)
         return None
 
 
+def _end_interrupted(tracker, opts: RunOptions, status: str) -> None:
+    """An interrupted run ends as ``status`` in MLflow, or in its queue entry when MLflow is down."""
+    if not tracker.enabled:
+        return
+    if tracker.unavailable:
+        tracker.queue(status=status)
+    else:
+        _safe(tracker.end, opts, status)
+        if tracker.unavailable:  # the end call itself failed
+            tracker.queue(status=status)
+
+
 def _finish_tracking(tracker, opts: RunOptions, result: RunResult, run_dir: Path) -> None:
-    if not tracker.run_id:
+    if not tracker.enabled:
         return
     tags = {"qflow.status": result.status}
     for sid, r in result.stages.items():
@@ -557,7 +585,10 @@ def _finish_tracking(tracker, opts: RunOptions, result: RunResult, run_dir: Path
     _safe(tracker.log_artifact, opts, run_dir / "recipe.resolved.yaml")
     _safe(tracker.log_artifact, opts, run_dir / "summary.json")
     _safe(tracker.log_artifacts, opts, run_dir / "artifacts", "artifacts")
-    _safe(tracker.end, opts, "FINISHED" if result.status == "ok" else "FAILED")
+    status = "FINISHED" if result.status == "ok" else "FAILED"
+    _safe(tracker.end, opts, status)
+    if tracker.unavailable:  # down at the start or failed on the way: `qflow sync` uploads the folder later
+        tracker.queue(tags=tags, status=status)
 
 
 def _write_yaml(path: Path, data: dict[str, Any]) -> None:

@@ -241,30 +241,9 @@ def load_points(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def _finish(sweep_dir: Path, recipe: Path, overrides: list[str], sweep_cfg: dict[str, Any], opts, as_json: bool) -> int:
-    from ..tracking import Tracker
-
     points = load_points(sweep_dir)
-    parent_id = None
-    if opts.track:
-        tracker = Tracker(opts.runs_root, recipe.stem)
-        parent_id = _safe(tracker.start, f"sweep-{sweep_dir.name}",
-                          {"qflow.sweep": "parent", "qflow.recipe": str(recipe), "qflow.sweep_dir": str(sweep_dir)})
-        _safe(tracker.log_params, {"sweep.overrides": " ".join(overrides), **{f"sweep.{k}": v for k, v in sweep_cfg.items()}})
-        for pt in points:
-            _log_point(opts, recipe, pt, parent_id)
-        table = sweep_dir / "summary.csv"
-        _write_table(points, table)
-        _safe(tracker.log_artifact, table)
-        _safe(tracker.log_artifact, sweep_dir / "sweep.json")
-        best = best_point(points, sweep_cfg)
-        if best is not None:
-            _safe(tracker.set_tags, {"qflow.sweep.best_job": best["job"], "qflow.sweep.best_overrides": " ".join(best["overrides"])})
-        report = _pareto_report(points, sweep_dir)
-        if report:
-            _safe(tracker.log_artifacts, report, "pareto")
-        _safe(tracker.end, "FINISHED" if all(p["status"] == "ok" for p in points) else "FAILED")
-    else:
-        _write_table(points, sweep_dir / "summary.csv")
+    _write_table(points, sweep_dir / "summary.csv")
+    parent_id = log_sweep(Path(opts.runs_root), sweep_dir, recipe, overrides, sweep_cfg, points) if opts.track else None
     out = {"sweep_dir": str(sweep_dir), "mlflow_parent_run_id": parent_id, "points": points}
     best = best_point(points, sweep_cfg)
     if best is not None:
@@ -290,12 +269,76 @@ def best_point(points: list[dict[str, Any]], sweep_cfg: dict[str, Any]) -> dict[
     return min(ok, key=lambda p: sign * p["metrics"][objective])
 
 
-def _log_point(opts, recipe: Path, pt: dict[str, Any], parent_id: str | None) -> None:
+def log_sweep(runs_root: Path, sweep_dir: Path, recipe: Path, overrides: list[str], sweep_cfg: dict[str, Any],
+              points: list[dict[str, Any]], existing: dict[str, Any] | None = None) -> str | None:
+    """Write a finished sweep to MLflow: a parent run and one nested run per point; the parent's id.
+
+    The first MLflow failure prints one warning, skips the remaining calls and
+    queues the sweep in ``<sweep_dir>/mlflow-pending.json``; ``qflow sync`` calls
+    this again with ``existing`` (``{"parent": run id, "points": {job: (run id,
+    status)}}``) so that nothing already uploaded is created twice. An interrupt
+    ends the parent run as KILLED. Returns None when the sweep went untracked.
+    """
     from ..tracking import Tracker
 
-    tracker = Tracker(opts.runs_root, recipe.stem)
-    run_id = _safe(tracker.start, f"point-{pt['job']}", {"qflow.sweep": "point", "qflow.recipe": str(recipe),
-                                                         "qflow.overrides": " ".join(pt["overrides"])}, parent_id)
+    existing = existing or {}
+    tracker = Tracker(runs_root, recipe.stem, run_dir=sweep_dir)
+    status = "FINISHED" if points and all(p["status"] == "ok" for p in points) else "FAILED"
+    try:
+        if existing.get("parent"):
+            parent_id = _safe(tracker.attach, existing["parent"])
+        else:
+            parent_id = _safe(tracker.start, f"sweep-{sweep_dir.name}",
+                              {"qflow.sweep": "parent", "qflow.recipe": str(recipe), "qflow.sweep_dir": str(sweep_dir)})
+        _safe(tracker.log_params, {"sweep.overrides": " ".join(overrides), **{f"sweep.{k}": v for k, v in sweep_cfg.items()}})
+        for pt in points:
+            _log_point(tracker, recipe, pt, parent_id, existing.get("points", {}).get(pt["job"]))
+        _safe(tracker.log_artifact, sweep_dir / "summary.csv")
+        _safe(tracker.log_artifact, sweep_dir / "sweep.json")
+        best = best_point(points, sweep_cfg)
+        if best is not None:
+            _safe(tracker.set_tags, {"qflow.sweep.best_job": best["job"], "qflow.sweep.best_overrides": " ".join(best["overrides"])})
+        if tracker.run_id and not tracker.unavailable:
+            report = _pareto_report(points, sweep_dir)
+            if report:
+                _safe(tracker.log_artifacts, report, "pareto")
+        _safe(tracker.end, status)
+    except BaseException as exc:
+        status = "FAILED" if isinstance(exc, Exception) else "KILLED"
+        _safe(tracker.end, status)
+        _queue_if_down(tracker, recipe, overrides, sweep_cfg, status)
+        raise
+    if _queue_if_down(tracker, recipe, overrides, sweep_cfg, status):
+        return None
+    return parent_id
+
+
+def _queue_if_down(tracker, recipe: Path, overrides: list[str], sweep_cfg: dict[str, Any], status: str) -> bool:
+    """When MLflow failed, record what `qflow sync` needs to replay :func:`log_sweep` (the points are on disk)."""
+    if not tracker.unavailable:
+        return False
+    tracker.queue(kind="sweep", status=status, recipe=str(recipe), overrides=list(overrides), sweep=sweep_cfg)
+    return True
+
+
+def _log_point(parent, recipe: Path, pt: dict[str, Any], parent_id: str | None,
+               existing: tuple[str, str] | None = None) -> None:
+    """One nested run per point; a point already uploaded with a final status (``existing``) is left alone."""
+    from ..tracking import Tracker
+
+    if parent_id is None or parent.unavailable:
+        return
+    if existing and existing[1] in ("FINISHED", "FAILED", "KILLED"):
+        pt["mlflow_run_id"] = existing[0]
+        return
+    tracker = Tracker(parent.runs_root, recipe.stem)
+    if existing:
+        run_id = _safe(tracker.attach, existing[0], guard=parent)
+    else:
+        run_id = _safe(tracker.start, f"point-{pt['job']}", {"qflow.sweep": "point", "qflow.recipe": str(recipe),
+                                                             "qflow.sweep.job": str(pt["job"]),
+                                                             "qflow.overrides": " ".join(pt["overrides"])},
+                       parent_id, guard=parent)
     if not run_id:
         return
     pt["mlflow_run_id"] = run_id
@@ -305,17 +348,17 @@ def _log_point(opts, recipe: Path, pt: dict[str, Any], parent_id: str | None) ->
 
         from .cache import flatten
 
-        _safe(tracker.log_params, flatten(yaml.safe_load(resolved.read_text())))
-        _safe(tracker.log_artifact, resolved)
-    _safe(tracker.log_metrics, pt.get("metrics", {}))
+        _safe(tracker.log_params, flatten(yaml.safe_load(resolved.read_text())), guard=parent)
+        _safe(tracker.log_artifact, resolved, guard=parent)
+    _safe(tracker.log_metrics, pt.get("metrics", {}), guard=parent)
     tags = {"qflow.status": pt["status"]}
     for sid, st in pt.get("stages", {}).items():
         tags[f"qflow.stage.{sid}.key"] = st.get("key") or ""
         tags[f"qflow.stage.{sid}.status"] = st.get("status")
-    _safe(tracker.set_tags, tags)
+    _safe(tracker.set_tags, tags, guard=parent)
     if pt.get("run_dir"):
-        _safe(tracker.log_artifacts, Path(pt["run_dir"]) / "artifacts", "artifacts")
-    _safe(tracker.end, "FINISHED" if pt["status"] == "ok" else "FAILED")
+        _safe(tracker.log_artifacts, Path(pt["run_dir"]) / "artifacts", "artifacts", guard=parent)
+    _safe(tracker.end, "FINISHED" if pt["status"] == "ok" else "FAILED", guard=parent)
 
 
 def _write_table(points: list[dict[str, Any]], path: Path) -> None:
@@ -353,11 +396,16 @@ def _print_points(points, best, sweep_dir, parent_id) -> None:
         print(f"mlflow parent run: {parent_id}")
 
 
-def _safe(fn, *args, **kwargs):
+def _safe(fn, *args, guard=None, **kwargs):
+    """Call a tracker method unless MLflow already failed for this sweep (``guard``: the parent's
+    tracker, by default the method's own); the first failure prints one warning and marks it."""
+    guard = guard if guard is not None else getattr(fn, "__self__", None)
+    if guard.unavailable:
+        return None
     try:
         return fn(*args, **kwargs)
     except Exception as exc:
-        print(f"warning: MLflow tracking failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        print(guard.fail(exc), file=sys.stderr, flush=True)
         return None
 
 
