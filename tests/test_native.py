@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 
-from qflow.errors import QflowError
 from qflow.kernels import cuda
 from qflow.kernels.params import LOOKUPS, SCALE_DTYPES, SCHEMES
 from qflow.quant import affine, dispatch, packing
