@@ -31,9 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qflow.kernels import cpu  # noqa: E402  (imports numba)
-from qflow.kernels.warmup import warmup  # noqa: E402
 from qflow.quant import affine, packing  # noqa: E402
+from qflow.quant.dispatch import kernel_params  # noqa: E402
 from qflow.quant.spec import QuantSpec  # noqa: E402
+from qflow.quant.warmup import warmup  # noqa: E402
 
 import numba  # noqa: E402
 from numba import njit, prange  # noqa: E402
@@ -137,8 +138,8 @@ def measure(threads: int, w: np.ndarray) -> dict:
               + "".join(f"{c:>22}" for c in cells))
 
     for bits in (4, 3):
-        spec = QuantSpec(bits=bits, group_size=64)
-        codes = cpu.quantize(w, *cpu.compute_params(w, spec), spec)
+        params = kernel_params(QuantSpec(bits=bits, group_size=64))
+        codes = cpu.quantize(w, *cpu.compute_params(w, params), params)
         tcodes = torch.from_numpy(codes)
         packed = cpu.pack(codes, bits)
         assert np.array_equal(numpy_pack(codes, bits), packed)
@@ -149,13 +150,14 @@ def measure(threads: int, w: np.ndarray) -> dict:
         for group in (64, 128):
             for sym in (False, True):
                 spec = QuantSpec(bits=bits, group_size=group, symmetric=sym)
-                scale, zero = cpu.compute_params(w, spec)
+                params = kernel_params(spec)
+                scale, zero = cpu.compute_params(w, params)
                 codes = np.empty(w.shape, np.uint8)
-                cpu.quantize(w, scale, zero, spec, out=codes)
+                cpu.quantize(w, scale, zero, params, out=codes)
                 assert np.array_equal(numpy_quantize(w, spec), codes)
 
                 def numba_quantize():
-                    cpu.quantize(w, *cpu.compute_params(w, spec), spec, out=codes)
+                    cpu.quantize(w, *cpu.compute_params(w, params), params, out=codes)
 
                 row("quantize", bits, group, sym, w.nbytes, {
                     "numba": numba_quantize,
@@ -164,10 +166,10 @@ def measure(threads: int, w: np.ndarray) -> dict:
                 packed = cpu.pack(codes, bits)
                 tpacked, tscale, tzero = torch.from_numpy(packed), torch.from_numpy(scale), torch.from_numpy(zero)
                 out = np.empty(w.shape, np.float32)
-                cpu.dequantize_packed(packed, scale, zero, spec, COLS, out=out)
+                cpu.dequantize_packed(packed, scale, zero, params, COLS, out=out)
                 assert np.array_equal(numpy_dequantize_packed(packed, scale, zero, spec, COLS), out)
                 row("dequantize", bits, group, sym, out.nbytes, {
-                    "numba": lambda: cpu.dequantize_packed(packed, scale, zero, spec, COLS, out=out),
+                    "numba": lambda: cpu.dequantize_packed(packed, scale, zero, params, COLS, out=out),
                     "torch": lambda: affine.dequantize(packing.unpack_reference(tpacked, bits, COLS), tscale, tzero,
                                                        spec),
                     "numpy": lambda: numpy_dequantize_packed(packed, scale, zero, spec, COLS)})
@@ -179,17 +181,23 @@ def main() -> None:
     print(f"qflow kernel benchmark: {ROWS}x{COLS} fp32 weight, {os.cpu_count()} CPUs, numba {numba.__version__}, "
           f"torch {torch.__version__}, numpy {np.__version__}")
     w = np.random.default_rng(0).standard_normal((ROWS, COLS), dtype=np.float32)
-    print(f"numba kernels compiled or loaded from cache in {warmup():.1f} s (not timed below)")
+    started = time.perf_counter()
+    compiled = warmup()
+    missing = sorted(set(cpu.kernel_variants()) - set(compiled))
+    if missing:
+        raise SystemExit(f"warmup did not compile {', '.join(missing)}")
+    print(f"{len(compiled)} numba kernels compiled or loaded from cache in {time.perf_counter() - started:.1f} s "
+          f"(not timed below)")
     one = measure(1, w)
     if cores > 1:
         measure(cores, w)
     numba.set_num_threads(1)
     torch.set_num_threads(1)
-    spec = QuantSpec(bits=4, group_size=64)
-    scale, zero = cpu.compute_params(w, spec)
-    packed = cpu.pack(cpu.quantize(w, scale, zero, spec), 4)
+    params = kernel_params(QuantSpec(bits=4, group_size=64))
+    scale, zero = cpu.compute_params(w, params)
+    packed = cpu.pack(cpu.quantize(w, scale, zero, params), 4)
     copy = max(copy_bandwidth())
-    allocating = w.nbytes / median_seconds(lambda: cpu.dequantize_packed(packed, scale, zero, spec, COLS), 15) / GB
+    allocating = w.nbytes / median_seconds(lambda: cpu.dequantize_packed(packed, scale, zero, params, COLS), 15) / GB
     print(f"\nnumba int4 g64 dequantize incl. allocating its output (as the dispatcher does), 1 thread: "
           f"{allocating:.2f} GB/s ({allocating / copy:.3f}x copy at {copy:.1f} GB/s)")
     speedup = one[("quantize", 4, 64, False, "numba")] / one[("quantize", 4, 64, False, "torch")]

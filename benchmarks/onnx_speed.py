@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def rtn_checkpoint(model_dir: Path, out: Path, group_size: int = 64, bits: int = 4):
     """RTN ASYM-Z checkpoint of every decoder linear (as ``quantize.rtn`` writes it)."""
-    from qflow.kernels import dispatch
+    from qflow.quant import dispatch
     from qflow.quant.ir import CheckpointWriter
     from qflow.quant.spec import QuantSpec
     from qflow.quant.weights import block_index, iter_linear_weights, linear_names

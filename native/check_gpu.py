@@ -8,7 +8,7 @@ For every kernel, on fresh random inputs (several shapes, 4096x4096 and
 11008x4096 included; bits 2-8; groups 32/64/128, per channel, per tensor;
 asym/sym schemes; NF4/FP4) the GPU result, written into an output buffer
 pre-filled with poison and followed (and, for the unaligned case, preceded)
-by a poisoned guard region, must equal qflow.kernels.dispatch's CPU result
+by a poisoned guard region, must equal qflow.quant.dispatch's CPU result
 bit for bit, and the guards must be untouched. The W4A16 GEMV must equal its
 host twin bit for bit and an fp64 reference within fp16/fp32 rounding.
 Timings are medians of CUDA-event measurements after warm-up, side by side
@@ -111,7 +111,7 @@ def describe_environment(report: Report) -> None:
         report.say(f"- WARNING: the driver (CUDA {driver // 1000}) is older than the kernels' runtime "
                    f"(CUDA {runtime // 1000}); launches will fail with 'driver version is insufficient'. "
                    f"Rebuild with an nvcc no newer than the driver (NVCC=/path/to/nvcc).")
-    from qflow.kernels import dispatch
+    from qflow.quant import dispatch
 
     reference = dispatch.backend_for("quantize", torch.zeros(1))
     if reference == "numba":
@@ -227,9 +227,10 @@ def check_config(report: Report, spec, shape, generator, *, special=False, unali
     """Every elementwise kernel for one (spec, shape) against the CPU dispatcher."""
     import torch
 
-    from qflow.kernels import dispatch
+    from qflow.quant import dispatch
 
     cuda = ops()
+    params = dispatch.kernel_params(spec)  # what the CUDA binding reads: plain numbers
     dev = torch.device(TARGET["device"])
     case = f"[{spec_name(spec)} {shape[0]}x{shape[1]}{' special' if special else ''}" \
            f"{' unaligned' if unaligned else ''}{' fp16-params' if half_params else ''}]"
@@ -261,7 +262,7 @@ def check_config(report: Report, spec, shape, generator, *, special=False, unali
 
     def params_fn(view):
         zero_buffer, zero_view = poisoned(n_params, torch.float32, dev, unaligned)
-        scale, zero = cuda.compute_params(w_dev, spec, out=(view, zero_view))
+        scale, zero = cuda.compute_params(w_dev, params, out=(view, zero_view))
         sync()
         problem = bitwise_diff(zero, zero_ref)
         if problem or not guards_intact(zero_buffer, zero_view.numel(), unaligned):
@@ -278,19 +279,19 @@ def check_config(report: Report, spec, shape, generator, *, special=False, unali
     dequant_ref = dispatch.dequantize(codes_ref, scale_ref.float(), zero_ref.float(), spec)
     words = packed_ref.shape[1]
 
-    run("quantize", lambda v: cuda.quantize(w_dev, scale_dev, zero_dev, spec, out=v),
+    run("quantize", lambda v: cuda.quantize(w_dev, scale_dev, zero_dev, params, out=v),
         codes_ref, shape, torch.uint8)
-    run("quantize_pack", lambda v: cuda.quantize_pack(w_dev, scale_dev, zero_dev, spec, out=v),
+    run("quantize_pack", lambda v: cuda.quantize_pack(w_dev, scale_dev, zero_dev, params, out=v),
         packed_ref, (rows, words), torch.int32)
     codes_dev, packed_dev = codes_ref.to(dev), packed_ref.to(dev)
     run("pack", lambda v: cuda.pack(codes_dev, spec.bits, out=v), packed_ref, (rows, words), torch.int32)
     run("unpack", lambda v: cuda.unpack(packed_dev, spec.bits, cols, out=v), codes_ref, shape, torch.uint8)
-    run("dequantize", lambda v: cuda.dequantize(codes_dev, scale_dev, zero_dev, spec, out=v),
+    run("dequantize", lambda v: cuda.dequantize(codes_dev, scale_dev, zero_dev, params, out=v),
         dequant_ref, shape, torch.float32)
     run("dequantize_packed",
-        lambda v: cuda.dequantize_packed(packed_dev, scale_dev, zero_dev, spec, cols, out=v),
+        lambda v: cuda.dequantize_packed(packed_dev, scale_dev, zero_dev, params, cols, out=v),
         dequant_ref, shape, torch.float32)
-    run("fake_quant", lambda v: cuda.fake_quant(w_dev, spec, out=v), dispatch.fake_quant(w, spec),
+    run("fake_quant", lambda v: cuda.fake_quant(w_dev, params, out=v), dispatch.fake_quant(w, spec),
         shape, torch.float32)
 
 
@@ -346,7 +347,7 @@ def gemv_reference(x, packed, scale, zero, group_size):
     """fp64 y and the magnitude of the terms summed (for the tolerance), on CPU."""
     import torch
 
-    from qflow.kernels import dispatch
+    from qflow.quant import dispatch
     from qflow.quant.spec import QuantSpec
 
     cols = x.shape[-1]
@@ -367,7 +368,7 @@ def check_gemv(report: Report, rows: int, cols: int, group: int, *, sym: bool, h
                batch: int, rows_per_warp: int, generator) -> None:
     import torch
 
-    from qflow.kernels import dispatch
+    from qflow.quant import dispatch
     from qflow.quant.spec import QuantSpec
 
     cuda = ops()
@@ -510,6 +511,7 @@ def timing_suite(report: Report, runs: int, quick: bool) -> None:
     import torch
 
     from qflow.quant import affine
+    from qflow.quant.dispatch import kernel_params
     from qflow.quant.spec import QuantSpec
 
     cuda = ops()
@@ -533,10 +535,11 @@ def timing_suite(report: Report, runs: int, quick: bool) -> None:
         n = rows * cols
         for spec in configs:
             name = spec_name(spec)
+            params = kernel_params(spec)
             try:
                 w = torch.randn(shape, device=dev, generator=generator)
-                scale, zero = cuda.compute_params(w, spec)
-                codes = cuda.quantize(w, scale, zero, spec)
+                scale, zero = cuda.compute_params(w, params)
+                codes = cuda.quantize(w, scale, zero, params)
                 packed = cuda.pack(codes, spec.bits)
                 out_f = torch.empty(shape, device=dev)
                 out_u8 = torch.empty(shape, dtype=torch.uint8, device=dev)
@@ -544,26 +547,26 @@ def timing_suite(report: Report, runs: int, quick: bool) -> None:
                 params_bytes = 8 * scale.numel()
                 packed_bytes = 4 * packed.numel()
                 add("dequantize_packed", shape, name,
-                    timer(lambda: cuda.dequantize_packed(packed, scale, zero, spec, cols, out=out_f)),
+                    timer(lambda: cuda.dequantize_packed(packed, scale, zero, params, cols, out=out_f)),
                     timer(lambda: torch_dequantize(torch_unpack(packed, spec.bits, cols), scale, zero, spec)),
                     packed_bytes + params_bytes + 4 * n)
                 add("quantize_pack", shape, name,
-                    timer(lambda: cuda.quantize_pack(w, scale, zero, spec, out=out_i32)),
+                    timer(lambda: cuda.quantize_pack(w, scale, zero, params, out=out_i32)),
                     timer(lambda: torch_pack(torch_quantize(w, scale, zero, spec), spec.bits)),
                     4 * n + params_bytes + packed_bytes)
                 if spec.bits != 4 or spec.format != "int":
                     continue  # the rest once per shape
                 add("dequantize", shape, name,
-                    timer(lambda: cuda.dequantize(codes, scale, zero, spec, out=out_f)),
+                    timer(lambda: cuda.dequantize(codes, scale, zero, params, out=out_f)),
                     timer(lambda: torch_dequantize(codes, scale, zero, spec)), n + params_bytes + 4 * n)
                 add("quantize", shape, name,
-                    timer(lambda: cuda.quantize(w, scale, zero, spec, out=out_u8)),
+                    timer(lambda: cuda.quantize(w, scale, zero, params, out=out_u8)),
                     timer(lambda: torch_quantize(w, scale, zero, spec)), 4 * n + params_bytes + n)
                 add("compute_params", shape, name,
-                    timer(lambda: cuda.compute_params(w, spec)),
+                    timer(lambda: cuda.compute_params(w, params)),
                     timer(lambda: affine.compute_params(w, spec)), 4 * n + params_bytes)
                 add("fake_quant", shape, name,
-                    timer(lambda: cuda.fake_quant(w, spec, out=out_f)),
+                    timer(lambda: cuda.fake_quant(w, params, out=out_f)),
                     timer(lambda: affine.fake_quant(w, spec)), 8 * n + params_bytes)
                 add("pack", shape, f"{spec.bits}-bit",
                     timer(lambda: cuda.pack(codes, spec.bits, out=out_i32)),
@@ -584,6 +587,7 @@ def timing_suite(report: Report, runs: int, quick: bool) -> None:
 def gemv_timing(report: Report, runs: int, quick: bool) -> None:
     import torch
 
+    from qflow.quant.dispatch import kernel_params
     from qflow.quant.spec import QuantSpec
 
     cuda = ops()
@@ -596,15 +600,15 @@ def gemv_timing(report: Report, runs: int, quick: bool) -> None:
     shapes = [(4096, 4096)] if quick else [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096),
                                            (28672, 8192)]
     for rows, cols in shapes:
-        spec = QuantSpec(bits=4, group_size=128)
+        params = kernel_params(QuantSpec(bits=4, group_size=128))
         try:
             w = torch.randn(rows, cols, device=dev, generator=generator) * 0.02
-            scale32, zero32 = cuda.compute_params(w, spec)
-            packed = cuda.quantize_pack(w, scale32, zero32, spec)
+            scale32, zero32 = cuda.compute_params(w, params)
+            packed = cuda.quantize_pack(w, scale32, zero32, params)
             scale, zero = scale32.half(), zero32.half()
             x = torch.randn(1, cols, device=dev, generator=generator).half()
             y = torch.empty(1, rows, device=dev, dtype=torch.float16)
-            dense = cuda.dequantize_packed(packed, scale32, zero32, spec, cols).half()
+            dense = cuda.dequantize_packed(packed, scale32, zero32, params, cols).half()
             del w
             nbytes = 4 * packed.numel() + 4 * scale.numel() + 2 * cols + 2 * rows
 
@@ -640,7 +644,7 @@ def gemv_timing(report: Report, runs: int, quick: bool) -> None:
 # ---- main ----------------------------------------------------------------------------
 
 def summarize_checks(report: Report) -> None:
-    report.say("\n## Correctness (bit for bit vs qflow.kernels.dispatch on CPU)\n")
+    report.say("\n## Correctness (bit for bit vs qflow.quant.dispatch on CPU)\n")
     report.say("| kernel | passed | checked |")
     report.say("|---|---:|---:|")
     for op, (passed, total) in report.checks.items():

@@ -61,7 +61,7 @@ class RTN(Stage):
 
     def run(self, ctx, cfg, model):
         from qflow.errors import StageError
-        from qflow.kernels import dispatch
+        from qflow.quant import dispatch
         from qflow.quant.ir import CheckpointWriter
         from qflow.quant.weights import block_index, iter_linear_weights, linear_names
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from qflow.kernels import dispatch
+from qflow.quant import dispatch
 from qflow.models.adapters import get_adapter
 from qflow.quant import affine
 from qflow.quant.algos import awq

@@ -200,7 +200,7 @@ def test_identical_layers_report_inf(tmp_path, tiny_model_dir):
 def test_folded_scales_are_mapped_back_before_comparing(tmp_path, tiny_model_dir):
     """An AWQ-like checkpoint (norm / s, q/k/v columns * s, then W8) compares as W8, not as a rescaled layer."""
     from qflow.evaluation.layers import layer_report
-    from qflow.kernels import dispatch
+    from qflow.quant import dispatch
     from qflow.models.loading import load_model
     from qflow.quant.apply import apply_checkpoint
     from qflow.quant.ir import CheckpointWriter
@@ -377,7 +377,7 @@ def kl_by_bits(model_dir: Path, *, seq_len: int, n_windows: int, group_size: int
 
     from qflow.data.tokens import token_windows
     from qflow.evaluation.lm import compare_to_reference, float_reference, summarize
-    from qflow.kernels import dispatch
+    from qflow.quant import dispatch
     from qflow.models.loading import load_model
     from qflow.quant.spec import QuantSpec
     from qflow.specs import DataSpec

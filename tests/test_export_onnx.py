@@ -67,7 +67,7 @@ def _write_ckpt(folder: Path, model_dir: Path, spec, *, g_idx_seed: int | None =
     """A checkpoint of every decoder linear; ``fold``: AWQ-like per-channel scales folded into the norms."""
     import torch
 
-    from qflow.kernels import dispatch
+    from qflow.quant import dispatch
     from qflow.quant.ir import CheckpointWriter
     from qflow.quant.weights import iter_linear_weights, linear_names, weight_files
 

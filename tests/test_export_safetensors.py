@@ -33,7 +33,7 @@ def build_ir(out: Path, base: Path, spec: QuantSpec, *, act_order: bool = False,
     ``transform(name, W)``: change a weight first; ``float_delta``: also store a changed
     norm (as AWQ's folding does).
     """
-    from qflow.kernels import dispatch
+    from qflow.quant import dispatch
     from qflow.quant.weights import iter_linear_weights, linear_names
 
     writer = CheckpointWriter(out, base_model=str(base), method=method)
@@ -365,7 +365,7 @@ def test_fp16_export_is_close(irs, tmp_path):
 
 
 def test_mixed_precision_gets_one_group_per_scheme(irs, tmp_path, tiny_model_dir):
-    from qflow.kernels import dispatch
+    from qflow.quant import dispatch
     from qflow.quant.weights import iter_linear_weights, linear_names
 
     writer = CheckpointWriter(tmp_path / "mixed", base_model=str(tiny_model_dir), method="mixed")

@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from qflow.errors import QflowError
-from qflow.kernels import configure_numba, cpu, dispatch
-from qflow.quant import affine, packing
+from qflow.kernels import configure_numba, cpu
+from qflow.quant import affine, dispatch, packing
+from qflow.quant.dispatch import kernel_params, kernel_table
 from qflow.quant.spec import QuantSpec
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -85,15 +86,16 @@ def reference(w: np.ndarray, spec: QuantSpec):
 
 def check_against_reference(w: np.ndarray, spec: QuantSpec) -> None:
     ref_scale, ref_zero, ref_codes, ref_w_hat = reference(w, spec)
-    scale, zero = cpu.compute_params(w, spec)
+    params, table = kernel_params(spec), kernel_table(spec)
+    scale, zero = cpu.compute_params(w, params)
     assert same_bits(scale, ref_scale)
     assert same_bits(zero + np.float32(0), ref_zero + np.float32(0))  # the sign of a zero zero is free
-    codes = cpu.quantize(w, scale, zero, spec)
+    codes = cpu.quantize(w, scale, zero, params, table)
     np.testing.assert_array_equal(codes, ref_codes)
-    assert same_bits(cpu.dequantize(codes, scale, zero, spec), ref_w_hat)
-    assert same_bits(cpu.fake_quant(w, spec), ref_w_hat)
+    assert same_bits(cpu.dequantize(codes, scale, zero, params, table), ref_w_hat)
+    assert same_bits(cpu.fake_quant(w, params, table), ref_w_hat)
     packed = cpu.pack(codes, spec.bits)
-    assert same_bits(cpu.dequantize_packed(packed, scale, zero, spec, w.shape[1]), ref_w_hat)
+    assert same_bits(cpu.dequantize_packed(packed, scale, zero, params, w.shape[1], table), ref_w_hat)
 
 
 # ---- bit-exactness with qflow.quant.affine ---------------------------------------
@@ -113,9 +115,10 @@ def test_lut_matches_reference(w, spec):
 @settings(deadline=None, max_examples=60)
 @given(w=weights(), spec=st.one_of(int_specs(), lut_specs()))
 def test_fake_quant_is_dequantize_of_quantize(w, spec):
-    scale, zero = cpu.compute_params(w, spec)
-    w_hat = cpu.dequantize(cpu.quantize(w, scale, zero, spec), scale, zero, spec)
-    assert same_bits(cpu.fake_quant(w, spec), w_hat)
+    params, table = kernel_params(spec), kernel_table(spec)
+    scale, zero = cpu.compute_params(w, params)
+    w_hat = cpu.dequantize(cpu.quantize(w, scale, zero, params, table), scale, zero, params, table)
+    assert same_bits(cpu.fake_quant(w, params, table), w_hat)
 
 
 @settings(deadline=None, max_examples=60)
@@ -124,22 +127,23 @@ def test_dequantize_matches_float64(w, spec):
     """Integer zeros: ``(code - zero)`` is exact, so the fp32 result is the float64 product rounded once."""
     if affine.has_float_zero(spec):
         spec = spec.model_copy(update={"zero_float": False})
-    scale, zero = cpu.compute_params(w, spec)
-    codes = cpu.quantize(w, scale, zero, spec)
+    params = kernel_params(spec)
+    scale, zero = cpu.compute_params(w, params)
+    codes = cpu.quantize(w, scale, zero, params)
     group = spec.group_size if spec.group_size > 0 else w.shape[1]
     expand = (lambda p: np.repeat(p.astype(np.float64), group, axis=1)[:, :w.shape[1]]) if spec.group_size \
         else (lambda p: np.full(w.shape, np.float64(p[0, 0])))
     expected = ((codes.astype(np.float64) - expand(zero)) * expand(scale)).astype(np.float32)
-    assert same_bits(cpu.dequantize(codes, scale, zero, spec), expected)
+    assert same_bits(cpu.dequantize(codes, scale, zero, params), expected)
 
 
 def test_round_half_to_even():
     """ASYM-Z, s = 0.25 exactly: w/s lands on k + 0.5 and rounds to the even neighbour."""
     spec = QuantSpec(bits=4, group_size=-1, scale_dtype="float32")
     w = np.array([[-1.75, 2.0] + [(k + 0.5) * 0.25 for k in range(-7, 8)]], np.float32)
-    scale, zero = cpu.compute_params(w, spec)
+    scale, zero = cpu.compute_params(w, kernel_params(spec))
     assert (scale[0, 0], zero[0, 0]) == (0.25, 7.0)
-    codes = cpu.quantize(w, scale, zero, spec)
+    codes = cpu.quantize(w, scale, zero, kernel_params(spec))
     expected = np.clip(np.rint(w.astype(np.float64) / 0.25) + 7, 0, 15)
     np.testing.assert_array_equal(codes, expected)
     np.testing.assert_array_equal(codes, reference(w, spec)[2])
@@ -149,11 +153,11 @@ def test_round_half_to_even():
 def test_lut_ties_take_lowest_index(fmt):
     """At fp32 midpoints between neighbouring table entries, equal distances pick the lower code."""
     spec = QuantSpec(format=fmt, group_size=64, pad_last_group=True)
-    table = cpu.lut_table(spec)
+    table = kernel_table(spec)
     order = np.argsort(table, kind="stable")
     mids = [(table[a] + table[b]) / np.float32(2) for a, b in zip(order[:-1], order[1:])]
     w = np.array([[1.0, *mids]], np.float32)  # absmax 1: w / scale == w
-    codes = cpu.quantize(w, *cpu.compute_params(w, spec), spec)
+    codes = cpu.quantize(w, *cpu.compute_params(w, kernel_params(spec)), kernel_params(spec), table)
     np.testing.assert_array_equal(codes, reference(w, spec)[2])
     dist = np.abs(w[0, :, None] - table[None, :])
     np.testing.assert_array_equal(codes[0], np.argmin(dist, axis=1))  # numpy argmin: first minimum too
@@ -191,20 +195,58 @@ def test_pack_layout_examples():
     (lambda: cpu.pack(np.zeros((1, 8), np.uint8), 7), "bits"),
     (lambda: cpu.unpack(np.zeros((1, 1), np.int32), 4, 9), "fewer than 9"),
     (lambda: cpu.quantize(np.zeros((2, 64), np.float32), np.ones((2, 1), np.float32), np.zeros((2, 1), np.float32),
-                          QuantSpec(bits=4, group_size=32)), "n_groups"),
+                          kernel_params(QuantSpec(bits=4, group_size=32))), "n_groups"),
     (lambda: cpu.dequantize(np.zeros((2, 8), np.uint8), np.ones((1, 2), np.float32), np.ones((1, 2), np.float32),
-                            QuantSpec(bits=4, group_size=0)), "one value"),
-    (lambda: cpu.compute_params(np.zeros(8, np.float32), QuantSpec(bits=4, group_size=8)), "2-D"),
+                            kernel_params(QuantSpec(bits=4, group_size=0))), "one value"),
+    (lambda: cpu.compute_params(np.zeros(8, np.float32), kernel_params(QuantSpec(bits=4, group_size=8))), "2-D"),
 ])
 def test_bad_shapes_raise(call, message):
     with pytest.raises(ValueError, match=message):
         call()
 
 
-def test_warmup_runs_every_kernel():
-    from qflow.kernels.warmup import warmup
+def test_warmup_runs_every_kernel(tmp_path):
+    """In a fresh process (nothing compiled yet), warmup() compiles or loads every numba kernel variant."""
+    code = ("from qflow.kernels import cpu\n"
+            "from qflow.quant.warmup import warmup\n"
+            "assert cpu.compiled_variants() == [], cpu.compiled_variants()\n"
+            "done = warmup()\n"
+            "assert done == cpu.kernel_variants(), sorted(set(cpu.kernel_variants()) - set(done))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
-    assert warmup() >= 0
+
+def test_kernel_variants_cover_every_op_and_bit_width():
+    """The list warmup is held to is complete: each op at each packing width, affine and lookup."""
+    variants = set(cpu.kernel_variants())
+    for bits in BITS:
+        assert {f"pack[{bits}]", f"unpack[{bits}]", f"dequantize_packed[{bits}, affine]"} <= variants
+    for op in ("quantize", "dequantize", "fake_quant"):
+        assert {f"{op}[affine]", f"{op}[lookup]"} <= variants
+    assert {"group_range", "raw_params", "zero_points", "dequantize_packed[4, lookup]"} <= variants
+    assert len(variants) == 28
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(bits=7), "bits"),
+    (dict(group_size=-2), "group_size"),
+    (dict(lookup=1), "lookup"),            # a table index with an affine scheme
+    (dict(float_zero=True), "float zero"),  # asym_z has an integer zero
+])
+def test_kernel_params_are_checked(params, message):
+    base = kernel_params(QuantSpec(bits=4, group_size=8))
+    with pytest.raises(ValueError, match=message):
+        cpu.compute_params(np.ones((1, 8), np.float32), base._replace(**params))
+
+
+def test_lookup_format_needs_its_table():
+    spec = QuantSpec(format="nf4", group_size=8)
+    w = np.ones((1, 8), np.float32)
+    scale, zero = cpu.compute_params(w, kernel_params(spec))
+    with pytest.raises(ValueError, match="table="):
+        cpu.quantize(w, scale, zero, kernel_params(spec))
+    with pytest.raises(ValueError, match="16 code values"):
+        cpu.dequantize(np.zeros((1, 8), np.uint8), scale, zero, kernel_params(spec), np.zeros(8, np.float32))
 
 
 # ---- dispatcher -------------------------------------------------------------------
@@ -257,7 +299,7 @@ def test_numba_cache_dir_default_and_user_setting(monkeypatch, tmp_path):
 
 
 def test_import_qflow_does_not_import_numba(tmp_path):
-    code = ("import sys, qflow, qflow.kernels, qflow.kernels.dispatch, qflow.quant.ir\n"
+    code = ("import sys, qflow, qflow.kernels, qflow.quant.dispatch, qflow.quant.ir\n"
             "assert 'numba' not in sys.modules, 'numba imported eagerly'\n"
             "import qflow.kernels.cpu, numba.core.config as c, os\n"
             "assert c.CACHE_DIR == os.path.join(sys.argv[1], 'numba'), c.CACHE_DIR\n")

@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 import torch
 
-from qflow.errors import QflowError
-from qflow.kernels import cuda, dispatch
-from qflow.quant import affine, packing
+from qflow.kernels import cuda
+from qflow.kernels.params import LOOKUPS, SCALE_DTYPES, SCHEMES
+from qflow.quant import affine, dispatch, packing
+from qflow.quant.dispatch import kernel_params
 from qflow.quant.spec import QuantSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,12 +162,14 @@ def test_header_constants_match_the_binding():
     header = (NATIVE / "qflow_kernels.h").read_text()
     defines = dict(re.findall(r"#define (QFLOW_\w+) (\d+)", header))
     assert int(defines["QFLOW_ABI_VERSION"]) == cuda.ABI_VERSION
-    for scheme, value in cuda._SCHEME.items():
+    for scheme, value in SCHEMES.items():
         assert int(defines[f"QFLOW_SCHEME_{scheme.upper()}"]) == value
-    assert int(defines["QFLOW_KIND_NF4"]) == cuda._KIND["nf4"]
-    assert int(defines["QFLOW_KIND_FP4"]) == cuda._KIND["fp4"]
+    assert int(defines["QFLOW_KIND_AFFINE"]) == cuda._KIND_AFFINE == LOOKUPS["none"]
+    assert int(defines["QFLOW_KIND_NF4"]) == LOOKUPS["nf4"]
+    assert int(defines["QFLOW_KIND_FP4"]) == LOOKUPS["fp4"]
     assert int(defines["QFLOW_KIND_AFFINE_FLOAT_ZERO"]) == cuda._KIND_AFFINE_FLOAT_ZERO
-    assert int(defines["QFLOW_SCALE_BF16"]) == cuda._SCALE_DTYPE["bfloat16"]
+    for dtype, suffix in (("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16")):
+        assert int(defines[f"QFLOW_SCALE_{suffix}"]) == SCALE_DTYPES[dtype]
 
 
 # ---- host twins: the kernels' code on the CPU, bit for bit against the reference ------
@@ -176,21 +179,22 @@ def test_header_constants_match_the_binding():
 def test_host_twins_match_reference(built_library, spec, shape):
     host = cuda.host
     cols = shape[1]
+    params = kernel_params(spec)
     w = _weight(shape, seed=_seed(_spec_id(spec), shape), special=True)
     scale, zero = affine.compute_params(w, spec)
-    got_scale, got_zero = host.compute_params(w, spec)
+    got_scale, got_zero = host.compute_params(w, params)
     assert_bitwise(got_scale, scale, "scale")
     assert_bitwise(got_zero, zero, "zero")
     codes = affine.quantize(w, scale, zero, spec)
     packed = packing.pack_reference(codes, spec.bits)
     w_hat = affine.dequantize(codes, scale, zero, spec)
-    assert_bitwise(host.quantize(w, scale, zero, spec), codes, "quantize")
-    assert_bitwise(host.quantize_pack(w, scale, zero, spec), packed, "quantize_pack")
+    assert_bitwise(host.quantize(w, scale, zero, params), codes, "quantize")
+    assert_bitwise(host.quantize_pack(w, scale, zero, params), packed, "quantize_pack")
     assert_bitwise(host.pack(codes, spec.bits), packed, "pack")
     assert_bitwise(host.unpack(packed, spec.bits, cols), codes, "unpack")
-    assert_bitwise(host.dequantize(codes, scale, zero, spec), w_hat, "dequantize")
-    assert_bitwise(host.dequantize_packed(packed, scale, zero, spec, cols), w_hat, "dequantize_packed")
-    assert_bitwise(host.fake_quant(w, spec), affine.fake_quant(w, spec), "fake_quant")
+    assert_bitwise(host.dequantize(codes, scale, zero, params), w_hat, "dequantize")
+    assert_bitwise(host.dequantize_packed(packed, scale, zero, params, cols), w_hat, "dequantize_packed")
+    assert_bitwise(host.fake_quant(w, params), affine.fake_quant(w, spec), "fake_quant")
 
 
 def test_host_twins_accept_fp16_params_and_unaligned_inputs(built_library):
@@ -201,8 +205,8 @@ def test_host_twins_accept_fp16_params_and_unaligned_inputs(built_library):
     holder[1:] = w.reshape(-1)
     w_unaligned = holder[1:].view(16, 256)  # 4 bytes off: the scalar code paths
     codes = affine.quantize(w, scale, zero, spec)
-    assert_bitwise(cuda.host.quantize(w_unaligned, scale.half(), zero.half(), spec), codes, "quantize")
-    assert_bitwise(cuda.host.fake_quant(w_unaligned, spec), affine.fake_quant(w, spec), "fake_quant")
+    assert_bitwise(cuda.host.quantize(w_unaligned, scale.half(), zero.half(), kernel_params(spec)), codes, "quantize")
+    assert_bitwise(cuda.host.fake_quant(w_unaligned, kernel_params(spec)), affine.fake_quant(w, spec), "fake_quant")
 
 
 def test_binding_rejects_bad_arguments(built_library):
@@ -210,9 +214,9 @@ def test_binding_rejects_bad_arguments(built_library):
     w = _weight((4, 128), seed=6)
     scale, zero = affine.compute_params(w, spec)
     with pytest.raises(ValueError, match="scale has"):
-        cuda.host.quantize(w, scale[:, :1], zero, spec)
+        cuda.host.quantize(w, scale[:, :1], zero, kernel_params(spec))
     with pytest.raises(ValueError, match="needs cpu tensors|needs cuda tensors"):
-        cuda.quantize(w, scale, zero, spec)  # CPU tensors to the device op
+        cuda.quantize(w, scale, zero, kernel_params(spec))  # CPU tensors to the device op
     lib = cuda._load()
     codes = torch.zeros(2, 8, dtype=torch.uint8)
     out = torch.zeros(2, 1, dtype=torch.int32)
@@ -267,9 +271,10 @@ def gpu_ready(built_library):
 def test_cuda_kernels_match_cpu_dispatcher(gpu_ready, spec, shape):
     dev = torch.device("cuda")
     cols = shape[1]
+    params = kernel_params(spec)
     w = _weight(shape, seed=_seed(_spec_id(spec), shape, "gpu"), special=True)
     scale, zero = dispatch.compute_params(w, spec)
-    got_scale, got_zero = cuda.compute_params(w.to(dev), spec)
+    got_scale, got_zero = cuda.compute_params(w.to(dev), params)
     assert_bitwise(got_scale, scale, "scale")
     assert_bitwise(got_zero, zero, "zero")
     codes = dispatch.quantize(w, scale, zero, spec)
@@ -277,15 +282,15 @@ def test_cuda_kernels_match_cpu_dispatcher(gpu_ready, spec, shape):
     w_hat = dispatch.dequantize(codes, scale, zero, spec)
     w_d, s_d, z_d, codes_d, packed_d = (t.to(dev) for t in (w, scale, zero, codes, packed))
     poison = torch.full(shape, float("nan"), device=dev)
-    assert_bitwise(cuda.quantize(w_d, s_d, z_d, spec), codes, "quantize")
-    assert_bitwise(cuda.quantize_pack(w_d, s_d, z_d, spec), packed, "quantize_pack")
+    assert_bitwise(cuda.quantize(w_d, s_d, z_d, params), codes, "quantize")
+    assert_bitwise(cuda.quantize_pack(w_d, s_d, z_d, params), packed, "quantize_pack")
     assert_bitwise(cuda.pack(codes_d, spec.bits), packed, "pack")
     assert_bitwise(cuda.unpack(packed_d, spec.bits, cols), codes, "unpack")
-    assert_bitwise(cuda.dequantize(codes_d, s_d, z_d, spec, out=poison), w_hat, "dequantize")
+    assert_bitwise(cuda.dequantize(codes_d, s_d, z_d, params, out=poison), w_hat, "dequantize")
     poison.fill_(float("nan"))
-    assert_bitwise(cuda.dequantize_packed(packed_d, s_d, z_d, spec, cols, out=poison), w_hat,
+    assert_bitwise(cuda.dequantize_packed(packed_d, s_d, z_d, params, cols, out=poison), w_hat,
                    "dequantize_packed")
-    assert_bitwise(cuda.fake_quant(w_d, spec), dispatch.fake_quant(w, spec), "fake_quant")
+    assert_bitwise(cuda.fake_quant(w_d, params), dispatch.fake_quant(w, spec), "fake_quant")
 
 
 @pytest.mark.parametrize("case", GEMV_CASES + [(4096, 4096, 128, False, True, 1)],

@@ -1,6 +1,6 @@
 """METHODS.md §1 (affine core) tests 1-5, §2.1 internal packing, §3 RTN quality, on every CPU backend.
 
-Each numeric test runs through ``qflow.kernels.dispatch`` twice: forced to the
+Each numeric test runs through ``qflow.quant.dispatch`` twice: forced to the
 torch reference and forced to the numba kernels.
 """
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from qflow.kernels import dispatch
+from qflow.quant import dispatch
 from qflow.quant import affine
 from qflow.quant.spec import QuantSpec, gguf_bpw
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from qflow.artifacts import CalibSet, ModelRef, QuantizedCheckpoint
-from qflow.kernels import dispatch
+from qflow.quant import dispatch
 from qflow.models.adapters import get_adapter
 from qflow.quant.algos.gptq_model import GPTQOptions, quantize_model_gptq
 from qflow.quant.algos.hqq_model import HQQOptions, quantize_model_hqq

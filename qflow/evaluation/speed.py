@@ -116,7 +116,7 @@ def measure_speed(fp_model, q_model, prompt: torch.Tensor, *, decode_tokens: int
 
 def kernel_path(q_model) -> dict[str, str]:
     """Which dispatcher backend the quantized model's ``QLinear`` layers run, and what that path is."""
-    from qflow.kernels import dispatch
+    from qflow.quant import dispatch
     from qflow.quant.qlinear import QLinear
 
     layer = next((m for m in q_model.modules() if isinstance(m, QLinear)), None)

@@ -1,12 +1,15 @@
-"""CPU (numba) and CUDA kernels behind one dispatcher (``qflow.kernels.dispatch``).
+"""CPU (numba) and CUDA kernels: arrays in, arrays out, told what to do by plain numbers.
 
+The kernels know no QuantSpec and no torch module: ``params.KernelParams``
+carries the numbers, and the quant core's dispatcher (``qflow.quant.dispatch``)
+translates a QuantSpec into them and picks CUDA, numba or its torch reference.
 Importing this package is cheap: numba is imported only when a numba kernel is
 first needed, after :func:`configure_numba` has pointed its on-disk cache at
 the runs directory.
 
 Example::
 
-    from qflow.kernels import dispatch
+    from qflow.quant import dispatch
     codes = dispatch.quantize(w, scale, zero, spec)
 """
 

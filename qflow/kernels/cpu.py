@@ -2,9 +2,12 @@
 
 numpy in, numpy out: weights ``[out, in]`` float32, parameters
 ``[out, n_groups]`` float32 (``[1, 1]`` per tensor), codes uint8, packed words
-int32 in qflow's internal layout (METHODS.md §2.1). Codes, scales, zeros and
-reconstructions equal ``qflow.quant.affine`` / ``qflow.quant.packing`` bit for
-bit for finite inputs (a zero point may differ only in the sign of 0.0, which
+int32 in qflow's internal layout (METHODS.md §2.1). What to do is told by a
+:class:`~qflow.kernels.params.KernelParams` (plain numbers) and, for the lookup
+formats, the 16 code values as an array; the quant core's dispatcher
+(qflow/quant/dispatch.py) builds both from a QuantSpec. Codes, scales, zeros
+and reconstructions equal ``qflow.quant.affine`` / ``qflow.quant.packing`` bit
+for bit for finite inputs (a zero point may differ only in the sign of 0.0, which
 no reconstruction sees). To stay exact the kernels repeat the reference's fp32
 steps in its order: ``w / scale`` (a true division, never a reciprocal),
 round half to even, ``(float(code) - zero) * scale``; no fastmath, so LLVM may
@@ -12,9 +15,11 @@ not reassociate, contract to FMA or flush subnormals.
 
 Example::
 
-    scale, zero = compute_params(w, spec)
-    packed = pack(quantize(w, scale, zero, spec), spec.bits)
-    w_hat = dequantize_packed(packed, scale, zero, spec, w.shape[1])
+    params = KernelParams(bits=4, group_size=64, scheme=SCHEMES["asym_z"], scale_dtype=SCALE_DTYPES["float16"],
+                          float_zero=False)
+    scale, zero = compute_params(w, params)
+    packed = pack(quantize(w, scale, zero, params), params.bits)
+    w_hat = dequantize_packed(packed, scale, zero, params, w.shape[1])
 """
 
 from __future__ import annotations
@@ -29,8 +34,7 @@ configure_numba()  # before the first numba import: it reads NUMBA_CACHE_DIR onc
 
 from numba import njit, prange, uint64  # noqa: E402
 
-from ..quant.affine import FP4_TABLE, NF4_TABLE, has_float_zero  # noqa: E402
-from ..quant.spec import QuantSpec  # noqa: E402
+from .params import LOOKUPS, PACK_BITS, SCALE_DTYPES, SCHEMES, KernelParams, packed_words, per_word  # noqa: E402
 
 if not np.little_endian:  # the byte views of packed words below assume little-endian words
     raise ImportError("qflow.kernels.cpu needs a little-endian CPU")
@@ -41,15 +45,23 @@ _F1 = np.float32(1.0)
 _F2 = np.float32(2.0)
 _AWQ_MIN = np.float32(1e-5)  # the reference's range/amax clamp, as the fp32 value torch compares with
 _TINY = np.float32(2.0 ** -24)  # affine._TINY: replaces a non-finite or zero rounded scale
-_SCHEME = {"asym_z": 0, "asym_a": 1, "asym_h": 1, "sym_f": 2, "sym_r": 3}
+# KernelParams.scheme -> the scheme id the jitted code below branches on (asym_a and asym_h share one rule)
+_SCHEME = {SCHEMES["asym_z"]: 0, SCHEMES["asym_a"]: 1, SCHEMES["asym_h"]: 1, SCHEMES["sym_f"]: 2,
+           SCHEMES["sym_r"]: 3}
 _ABSMAX = 4  # nf4 / fp4
-_TABLES = {"nf4": np.array(NF4_TABLE, np.float32), "fp4": np.array(FP4_TABLE, np.float32)}
 _NO_TABLE = np.zeros(16, np.float32)
 
 
-def lut_table(spec: QuantSpec) -> np.ndarray:
-    """The 16 fp32 code values of an nf4/fp4 spec, e.g. ``lut_table(QuantSpec(format="nf4", group_size=64))[0] == -1``."""
-    return _TABLES[spec.format]
+def _lookup_table(params: KernelParams, table) -> np.ndarray:
+    """The 16 fp32 code values a lookup format needs (``_NO_TABLE`` for an affine one)."""
+    if params.lookup == LOOKUPS["none"]:
+        return _NO_TABLE
+    if table is None:
+        raise ValueError("a lookup format (nf4/fp4) needs its 16 code values: pass table=")
+    table = np.array(table, dtype=np.float32)  # a private writable copy: one compiled signature, no aliasing
+    if table.shape != (16,):
+        raise ValueError(f"table must hold the 16 code values of a 4-bit lookup format; got shape {table.shape}")
+    return table
 
 
 # ---- group parameters --------------------------------------------------------
@@ -152,11 +164,11 @@ def _zero_points(low, scale, scheme, zero_float, qmax, half):
     return zero
 
 
-def _round_to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
-    """fp32 -> ``dtype`` -> fp32 with round-to-nearest-even, as torch's ``.to(dtype).float()``."""
-    if dtype == "float32":
+def _round_to_dtype(x: np.ndarray, dtype: int) -> np.ndarray:
+    """fp32 -> ``dtype`` (a ``SCALE_DTYPES`` code) -> fp32 with round-to-nearest-even, as torch's ``.to(dtype).float()``."""
+    if dtype == SCALE_DTYPES["float32"]:
         return x
-    if dtype == "float16":
+    if dtype == SCALE_DTYPES["float16"]:
         with np.errstate(over="ignore"):  # overflow -> inf is the reference behaviour (then guarded)
             return x.astype(np.float16).astype(np.float32)
     bits = x.view(np.uint32)  # bfloat16: keep the high half, rounded to nearest even
@@ -164,9 +176,9 @@ def _round_to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
     return np.where(np.isnan(x), x, rounded.view(np.float32))
 
 
-def _geometry(spec: QuantSpec, cols: int) -> tuple[int, int]:
+def _geometry(params: KernelParams, cols: int) -> tuple[int, int]:
     """(group length, groups per row) the kernels walk; per tensor = one group per row."""
-    group = spec.group_size if spec.group_size > 0 else max(cols, 1)
+    group = params.group_size if params.group_size > 0 else max(cols, 1)
     return group, -(-cols // group)
 
 
@@ -177,35 +189,36 @@ def _as_2d(x: np.ndarray, dtype) -> np.ndarray:
     return x
 
 
-def compute_params(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+def compute_params(w: np.ndarray, params: KernelParams) -> tuple[np.ndarray, np.ndarray]:
     """(scale, zero) fp32 ``[out, n_groups]`` (``[1, 1]`` per tensor), as ``affine.compute_params``.
 
     Example::
 
-        scale, zero = compute_params(np.random.randn(8, 128).astype(np.float32), QuantSpec(group_size=64))
+        scale, zero = compute_params(np.random.randn(8, 128).astype(np.float32), params)
     """
+    params.validate()
     w = _as_2d(w, np.float32)
     rows, cols = w.shape
-    group, n_groups = _geometry(spec, cols)
+    group, n_groups = _geometry(params, cols)
     lo = np.empty((rows, n_groups), np.float32)
     hi = np.empty((rows, n_groups), np.float32)
     _group_range(w, group, lo, hi)
-    if spec.group_size == 0:
+    if params.group_size == 0:
         lo, hi = lo.min(keepdims=True).reshape(1, 1), hi.max(keepdims=True).reshape(1, 1)
     shape = lo.shape
     lo, hi = lo.reshape(-1), hi.reshape(-1)
-    if spec.format in _TABLES:
+    if params.lookup != LOOKUPS["none"]:
         scale, _ = _raw_params(lo, hi, _ABSMAX, _F1, _F1)  # absmax stays fp32, as in the reference
         return scale.reshape(shape), np.zeros(shape, np.float32)
-    scheme = _SCHEME[spec.scheme]
-    qmax, half = np.float32(spec.qmax), np.float32(1 << (spec.bits - 1))
+    scheme = _SCHEME[params.scheme]
+    qmax, half = np.float32(params.qmax), np.float32(1 << (params.bits - 1))
     raw, low = _raw_params(lo, hi, scheme, qmax, half)
-    scale = _round_to_dtype(raw, spec.scale_dtype)
+    scale = _round_to_dtype(raw, params.scale_dtype)
     scale = np.where(np.isfinite(scale) & (scale > 0), scale, _TINY).astype(np.float32)
-    zero_float = has_float_zero(spec)
+    zero_float = bool(params.float_zero)
     zero = _zero_points(low, scale, scheme, zero_float, qmax, half)
     if zero_float:
-        zero = _round_to_dtype(zero, "float16")
+        zero = _round_to_dtype(zero, SCALE_DTYPES["float16"])
     return scale.reshape(shape), zero.reshape(shape)
 
 
@@ -266,9 +279,9 @@ def _elementwise_kernel(op: int, lut: bool):
     return kernel
 
 
-def _params_2d(p: np.ndarray, rows: int, n_groups: int, spec: QuantSpec, name: str) -> np.ndarray:
+def _params_2d(p: np.ndarray, rows: int, n_groups: int, params: KernelParams, name: str) -> np.ndarray:
     p = np.asarray(p, dtype=np.float32)
-    if spec.group_size == 0:
+    if params.group_size == 0:
         if p.size != 1:
             raise ValueError(f"per-tensor {name} must hold one value, got shape {p.shape}")
         return np.full((rows, 1), p.reshape(()), np.float32)
@@ -277,50 +290,55 @@ def _params_2d(p: np.ndarray, rows: int, n_groups: int, spec: QuantSpec, name: s
     return np.ascontiguousarray(p)
 
 
-def _run_elementwise(op: int, src: np.ndarray, scale, zero, spec: QuantSpec, out_dtype, out) -> np.ndarray:
+def _run_elementwise(op: int, src: np.ndarray, scale, zero, params: KernelParams, table, out_dtype,
+                     out) -> np.ndarray:
+    params.validate()
     rows, cols = src.shape
-    group, n_groups = _geometry(spec, cols)
-    lut = spec.format in _TABLES
-    s = _params_2d(scale, rows, n_groups, spec, "scale")
-    z = s if lut else _params_2d(zero, rows, n_groups, spec, "zero")
+    group, n_groups = _geometry(params, cols)
+    lut = params.lookup != LOOKUPS["none"]
+    table = _lookup_table(params, table)
+    s = _params_2d(scale, rows, n_groups, params, "scale")
+    z = s if lut else _params_2d(zero, rows, n_groups, params, "zero")
     dst = np.empty((rows, cols), out_dtype) if out is None else out
     if dst.shape != (rows, cols) or dst.dtype != out_dtype or not dst.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous {np.dtype(out_dtype).name} array of shape {(rows, cols)}")
-    table = _TABLES[spec.format] if lut else _NO_TABLE
-    _elementwise_kernel(op, lut)(src, s, z, table, group, np.float32(spec.qmax), has_float_zero(spec), dst)
+    _elementwise_kernel(op, lut)(src, s, z, table, group, np.float32(params.qmax), bool(params.float_zero), dst)
     return dst
 
 
-def quantize(w: np.ndarray, scale, zero, spec: QuantSpec, out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 codes ``[out, in]``, as ``affine.quantize`` (nf4/fp4: nearest table entry of ``w / scale``).
+def quantize(w: np.ndarray, scale, zero, params: KernelParams, table: np.ndarray | None = None,
+             out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 codes ``[out, in]``, as ``affine.quantize`` (lookup formats: nearest ``table`` entry of ``w / scale``).
 
     Example::
 
-        codes = quantize(w, *compute_params(w, spec), spec)
+        codes = quantize(w, *compute_params(w, params), params)
     """
-    return _run_elementwise(_QUANTIZE, _as_2d(w, np.float32), scale, zero, spec, np.uint8, out)
+    return _run_elementwise(_QUANTIZE, _as_2d(w, np.float32), scale, zero, params, table, np.uint8, out)
 
 
-def dequantize(codes: np.ndarray, scale, zero, spec: QuantSpec, out: np.ndarray | None = None) -> np.ndarray:
-    """fp32 ``(code - zero) * scale`` (nf4/fp4: ``TABLE[code] * scale``), as ``affine.dequantize``.
+def dequantize(codes: np.ndarray, scale, zero, params: KernelParams, table: np.ndarray | None = None,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """fp32 ``(code - zero) * scale`` (lookup formats: ``table[code] * scale``), as ``affine.dequantize``.
 
     Example::
 
-        w_hat = dequantize(codes, scale, zero, spec)
+        w_hat = dequantize(codes, scale, zero, params)
     """
-    return _run_elementwise(_DEQUANTIZE, _as_2d(codes, np.uint8), scale, zero, spec, np.float32, out)
+    return _run_elementwise(_DEQUANTIZE, _as_2d(codes, np.uint8), scale, zero, params, table, np.float32, out)
 
 
-def fake_quant(w: np.ndarray, spec: QuantSpec, out: np.ndarray | None = None) -> np.ndarray:
+def fake_quant(w: np.ndarray, params: KernelParams, table: np.ndarray | None = None,
+               out: np.ndarray | None = None) -> np.ndarray:
     """``dequantize(quantize(w))`` in one pass over ``w``, parameters from ``w`` itself.
 
     Example::
 
-        w_hat = fake_quant(w, QuantSpec(bits=4, group_size=128))
+        w_hat = fake_quant(w, params)
     """
     w = _as_2d(w, np.float32)
-    scale, zero = compute_params(w, spec)
-    return _run_elementwise(_FAKE_QUANT, w, scale, zero, spec, np.float32, out)
+    scale, zero = compute_params(w, params)
+    return _run_elementwise(_FAKE_QUANT, w, scale, zero, params, table, np.float32, out)
 
 
 # ---- packing (METHODS.md §2.1) ------------------------------------------------
@@ -330,11 +348,10 @@ def fake_quant(w: np.ndarray, spec: QuantSpec, out: np.ndarray | None = None) ->
 
 def _unit(bits: int) -> tuple[type, int]:
     """(numpy dtype of one packed unit, codes per unit)."""
+    per = per_word(bits)  # raises for a width that cannot be packed
     if bits in (2, 4, 8):
         return np.uint8, 8 // bits
-    if bits in (3, 5, 6):
-        return np.uint32, 32 // bits
-    raise ValueError(f"cannot pack {bits}-bit codes; bits must be one of 2, 3, 4, 5, 6, 8")
+    return np.uint32, per
 
 
 def _units_view(packed: np.ndarray, bits: int) -> np.ndarray:
@@ -454,7 +471,7 @@ def _dequantize_packed_kernel(bits: int, lut: bool):
 
 
 def _check_packed(packed: np.ndarray, bits: int, in_features: int) -> None:
-    words = -(-in_features // (32 // bits))
+    words = packed_words(in_features, bits)
     if packed.ndim != 2 or packed.shape[1] < words:
         raise ValueError(f"packed shape {packed.shape} holds fewer than {in_features} {bits}-bit codes per row "
                          f"(needs {words} int32 words)")
@@ -468,8 +485,7 @@ def pack(codes: np.ndarray, bits: int, out: np.ndarray | None = None) -> np.ndar
         pack(np.arange(1, 9, dtype=np.uint8)[None], 4)   # [[0x87654321]] as int32
     """
     codes = _as_2d(codes, np.uint8)
-    _unit(bits)
-    words = -(-codes.shape[1] // (32 // bits))
+    words = packed_words(codes.shape[1], bits)
     packed = np.empty((codes.shape[0], words), np.int32) if out is None else out
     if packed.shape != (codes.shape[0], words) or packed.dtype != np.int32 or not packed.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous int32 array of shape {(codes.shape[0], words)}")
@@ -493,24 +509,61 @@ def unpack(packed: np.ndarray, bits: int, in_features: int, out: np.ndarray | No
     return codes
 
 
-def dequantize_packed(packed: np.ndarray, scale, zero, spec: QuantSpec, in_features: int,
-                      out: np.ndarray | None = None) -> np.ndarray:
+def dequantize_packed(packed: np.ndarray, scale, zero, params: KernelParams, in_features: int,
+                      table: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """fp32 ``[out, in_features]`` straight from packed words: unpack and dequantize fused (the hot path).
 
     Example::
 
-        w_hat = dequantize_packed(packed, scale, zero, spec, in_features)
+        w_hat = dequantize_packed(packed, scale, zero, params, in_features)
     """
-    units = _units_view(packed, spec.bits)
-    _check_packed(packed, spec.bits, in_features)
+    params.validate()
+    units = _units_view(packed, params.bits)
+    _check_packed(packed, params.bits, in_features)
     rows = packed.shape[0]
-    group, n_groups = _geometry(spec, in_features)
-    lut = spec.format in _TABLES
-    s = _params_2d(scale, rows, n_groups, spec, "scale")
-    z = s if lut else _params_2d(zero, rows, n_groups, spec, "zero")
+    group, n_groups = _geometry(params, in_features)
+    lut = params.lookup != LOOKUPS["none"]
+    table = _lookup_table(params, table)
+    s = _params_2d(scale, rows, n_groups, params, "scale")
+    z = s if lut else _params_2d(zero, rows, n_groups, params, "zero")
     dst = np.empty((rows, in_features), np.float32) if out is None else out
     if dst.shape != (rows, in_features) or dst.dtype != np.float32 or not dst.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous float32 array of shape {(rows, in_features)}")
-    table = _TABLES[spec.format] if lut else _NO_TABLE
-    _dequantize_packed_kernel(spec.bits, lut)(units, s, z, table, group, dst)
+    _dequantize_packed_kernel(params.bits, lut)(units, s, z, table, group, dst)
     return dst
+
+
+# ---- which kernels exist, which are compiled ----------------------------------------
+
+def _variants() -> dict:
+    """Every numba kernel this module can run, by name; building a dispatcher compiles nothing."""
+    kernels = {"group_range": _group_range, "raw_params": _raw_params, "zero_points": _zero_points}
+    for op, name in ((_QUANTIZE, "quantize"), (_DEQUANTIZE, "dequantize"), (_FAKE_QUANT, "fake_quant")):
+        for lut in (False, True):
+            kernels[f"{name}[{'lookup' if lut else 'affine'}]"] = _elementwise_kernel(op, lut)
+    for bits in PACK_BITS:
+        kernels[f"pack[{bits}]"] = _pack_kernel(bits)
+        kernels[f"unpack[{bits}]"] = _unpack_kernel(bits)
+        kernels[f"dequantize_packed[{bits}, affine]"] = _dequantize_packed_kernel(bits, False)
+    kernels["dequantize_packed[4, lookup]"] = _dequantize_packed_kernel(4, True)  # lookup formats are 4-bit
+    return kernels
+
+
+def kernel_variants() -> list[str]:
+    """Names of every numba kernel variant, e.g. ``"pack[3]"``, ``"quantize[lookup]"``.
+
+    Example::
+
+        len(kernel_variants())   # 28
+    """
+    return list(_variants())
+
+
+def compiled_variants() -> list[str]:
+    """The variants this process has compiled or loaded from numba's on-disk cache (same order).
+
+    Example::
+
+        compiled_variants()   # [] in a fresh process
+    """
+    return [name for name, kernel in _variants().items() if kernel.signatures]

@@ -1,14 +1,16 @@
 """CUDA kernels (native/, built by ``make native``) bound through ctypes.
 
-Same functions and signatures as :mod:`qflow.kernels.dispatch`, on CUDA
-tensors, with results bit-identical to the CPU reference
-(qflow/quant/affine.py), plus :func:`gemv_w4a16` for batch-1 decode::
+The ops of the quant core's dispatcher (qflow/quant/dispatch.py) on CUDA
+tensors, told what to do by a :class:`~qflow.kernels.params.KernelParams`
+(plain numbers; the nf4/fp4 code values are compiled into native/qflow_math.cuh,
+selected by ``params.lookup``), with results bit-identical to the CPU
+reference (qflow/quant/affine.py), plus :func:`gemv_w4a16` for batch-1 decode::
 
     from qflow.kernels import cuda
     if cuda.available():
-        scale, zero = cuda.compute_params(w, spec)            # w: CUDA [out, in]
-        packed = cuda.quantize_pack(w, scale, zero, spec)     # fused quantize + pack
-        y = cuda.gemv_w4a16(x, packed, scale, zero, spec.group_size)
+        scale, zero = cuda.compute_params(w, params)            # w: CUDA [out, in]
+        packed = cuda.quantize_pack(w, scale, zero, params)     # fused quantize + pack
+        y = cuda.gemv_w4a16(x, packed, scale, zero, params.group_size)
 
 Kernels run on ``torch.cuda.current_stream()`` of the tensors' device and
 never synchronize. Every op also takes an optional keyword ``out=`` (a
@@ -32,18 +34,15 @@ from pathlib import Path
 import torch
 
 from ..errors import QflowError
-from ..quant.packing import packed_words, per_word
-from ..quant.spec import QuantSpec
+from .params import LOOKUPS, KernelParams, packed_words, per_word
 
 log = logging.getLogger("qflow.kernels")
 
 ABI_VERSION = 1  # must equal QFLOW_ABI_VERSION in native/qflow_kernels.h
 
-_KIND = {"int": 0, "nf4": 1, "fp4": 2}
+# QFLOW_KIND_*: the element-wise kernels' decode rule; NF4/FP4 are KernelParams.lookup's codes
+_KIND_AFFINE = 0
 _KIND_AFFINE_FLOAT_ZERO = 3
-_SCHEME = {"asym_z": 0, "asym_a": 1, "asym_h": 2, "sym_f": 3, "sym_r": 4}
-_SCHEME_ABSMAX = 5
-_SCALE_DTYPE = {"float32": 0, "float16": 1, "bfloat16": 2}
 _PARAM_F32, _PARAM_F16 = 0, 1
 _INVALID_VALUE = 1  # cudaErrorInvalidValue
 
@@ -217,46 +216,44 @@ class _Ops:
         return max(cols, 1), 0, (1, 1)
 
     @staticmethod
-    def _kind(spec: QuantSpec) -> int:
-        # affine.has_float_zero: HQQ's fp16 zero is added before rounding, an integer one after
-        if spec.format == "int" and spec.zero_float and spec.scheme in ("asym_a", "asym_h"):
-            return _KIND_AFFINE_FLOAT_ZERO
-        return _KIND[spec.format]
+    def _kind(params: KernelParams) -> int:
+        if params.lookup != LOOKUPS["none"]:
+            return params.lookup
+        # HQQ's fp16 zero is added before rounding, an integer one after
+        return _KIND_AFFINE_FLOAT_ZERO if params.float_zero else _KIND_AFFINE
 
-    def _params(self, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec,
+    def _params(self, scale: torch.Tensor, zero: torch.Tensor | None, params: KernelParams,
                 shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         scale = scale.to(torch.float32).contiguous()
         if scale.numel() != shape[0] * shape[1]:
-            raise ValueError(f"scale has {scale.numel()} values; a {spec.granularity}-wise spec "
+            raise ValueError(f"scale has {scale.numel()} values; group_size {params.group_size} "
                              f"needs shape {shape}")
-        if spec.format != "int":
+        if params.lookup != LOOKUPS["none"]:
             return scale, None
         if zero is None:
-            raise ValueError(f"zero is required for format 'int' (scheme {spec.scheme})")
+            raise ValueError(f"zero is required for an affine format (scheme code {params.scheme})")
         zero = zero.to(torch.float32).contiguous()
         if zero.numel() != scale.numel():
             raise ValueError(f"zero has {zero.numel()} values, scale {scale.numel()}")
         return scale, zero
 
-    # ---- ops (signatures of qflow.kernels.dispatch) -----------------------
-    def compute_params(self, w: torch.Tensor, spec: QuantSpec, *,
+    # ---- ops (those of qflow.quant.dispatch, with KernelParams for a spec) --
+    def compute_params(self, w: torch.Tensor, params: KernelParams, *,
                        out: tuple[torch.Tensor, torch.Tensor] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        params.validate()
         rows, cols = self._matrix(w, "w")
         device = self._device(w)
         w = w.to(torch.float32).contiguous()
-        group, _, shape = self._layout(spec.group_size, rows, cols)
+        group, _, shape = self._layout(params.group_size, rows, cols)
         scale = self._out(out[0] if out else None, shape, torch.float32, device)
         zero = self._out(out[1] if out else None, shape, torch.float32, device)
         if rows * cols == 0:
             return scale, zero
-        if spec.format == "int":
-            scheme, bits = _SCHEME[spec.scheme], spec.bits
-        else:
-            scheme, bits = _SCHEME_ABSMAX, 4
-        scale_dtype = _SCALE_DTYPE[spec.scale_dtype]
-        zero_float = int(spec.zero_float)
-        if spec.group_size != 0:
+        scheme, bits = params.scheme, params.bits  # a lookup format: SCHEMES["absmax"], 4 bits
+        scale_dtype = params.scale_dtype
+        zero_float = int(params.float_zero)  # read by the asym_a/asym_h rules only
+        if params.group_size != 0:
             self._call("compute_params", device, w.data_ptr(), rows, cols, group, scheme, bits,
                        scale_dtype, zero_float, scale.data_ptr(), zero.data_ptr())
             return scale, zero
@@ -274,49 +271,50 @@ class _Ops:
         return scale, zero
 
     def _elementwise(self, op: str, source: torch.Tensor, rows: int, cols: int, scale: torch.Tensor,
-                     zero: torch.Tensor | None, spec: QuantSpec, out: torch.Tensor) -> torch.Tensor:
+                     zero: torch.Tensor | None, params: KernelParams, out: torch.Tensor) -> torch.Tensor:
+        params.validate()
         if rows * cols == 0:
             return out
-        group, row_stride, shape = self._layout(spec.group_size, rows, cols)
-        scale, zero = self._params(scale, zero, spec, shape)
+        group, row_stride, shape = self._layout(params.group_size, rows, cols)
+        scale, zero = self._params(scale, zero, params, shape)
         self._device(source, scale, zero, out)
         self._call(op, source.device, source.data_ptr(), rows, cols, group, row_stride,
-                   scale.data_ptr(), _ptr(zero), self._kind(spec), spec.bits, out.data_ptr())
+                   scale.data_ptr(), _ptr(zero), self._kind(params), params.bits, out.data_ptr())
         return out
 
-    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, *,
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, params: KernelParams, *,
                  out: torch.Tensor | None = None) -> torch.Tensor:
         rows, cols = self._matrix(w, "w")
         device = self._device(w)
         out = self._out(out, (rows, cols), torch.uint8, device)
         return self._elementwise("quantize", w.to(torch.float32).contiguous(), rows, cols, scale,
-                                 zero, spec, out)
+                                 zero, params, out)
 
     def quantize_pack(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                      spec: QuantSpec, *, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``pack(quantize(w, scale, zero, spec), spec.bits)`` in one pass."""
+                      params: KernelParams, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``pack(quantize(w, scale, zero, params), params.bits)`` in one pass."""
         rows, cols = self._matrix(w, "w")
         device = self._device(w)
-        out = self._out(out, (rows, packed_words(cols, spec.bits)), torch.int32, device)
+        out = self._out(out, (rows, packed_words(cols, params.bits)), torch.int32, device)
         return self._elementwise("quantize_pack", w.to(torch.float32).contiguous(), rows, cols,
-                                 scale, zero, spec, out)
+                                 scale, zero, params, out)
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                   spec: QuantSpec, *, out: torch.Tensor | None = None) -> torch.Tensor:
+                   params: KernelParams, *, out: torch.Tensor | None = None) -> torch.Tensor:
         rows, cols = self._matrix(codes, "codes")
         device = self._device(codes)
         out = self._out(out, (rows, cols), torch.float32, device)
         return self._elementwise("dequantize", codes.to(torch.uint8).contiguous(), rows, cols,
-                                 scale, zero, spec, out)
+                                 scale, zero, params, out)
 
-    def fake_quant(self, w: torch.Tensor, spec: QuantSpec, *,
+    def fake_quant(self, w: torch.Tensor, params: KernelParams, *,
                    out: torch.Tensor | None = None) -> torch.Tensor:
         rows, cols = self._matrix(w, "w")
         device = self._device(w)
         out = self._out(out, (rows, cols), torch.float32, device)
         w = w.to(torch.float32).contiguous()
-        scale, zero = self.compute_params(w, spec)
-        return self._elementwise("fake_quant", w, rows, cols, scale, zero, spec, out)
+        scale, zero = self.compute_params(w, params)
+        return self._elementwise("fake_quant", w, rows, cols, scale, zero, params, out)
 
     def pack(self, codes: torch.Tensor, bits: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
         rows, cols = self._matrix(codes, "codes")
@@ -341,16 +339,16 @@ class _Ops:
         return out
 
     def dequantize_packed(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                          spec: QuantSpec, in_features: int, *,
+                          params: KernelParams, in_features: int, *,
                           out: torch.Tensor | None = None) -> torch.Tensor:
         rows, words = self._matrix(packed, "packed")
         device = self._device(packed)
-        if words != packed_words(in_features, spec.bits):
-            raise ValueError(f"packed has {words} words per row; {in_features} {spec.bits}-bit codes "
-                             f"need {packed_words(in_features, spec.bits)}")
+        if words != packed_words(in_features, params.bits):
+            raise ValueError(f"packed has {words} words per row; {in_features} {params.bits}-bit codes "
+                             f"need {packed_words(in_features, params.bits)}")
         out = self._out(out, (rows, in_features), torch.float32, device)
         return self._elementwise("dequantize_packed", packed.to(torch.int32).contiguous(), rows,
-                                 in_features, scale, zero, spec, out)
+                                 in_features, scale, zero, params, out)
 
     def gemv_w4a16(self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                    zero: torch.Tensor | None, group_size: int, *, out: torch.Tensor | None = None,
@@ -358,7 +356,7 @@ class _Ops:
         """``y = x @ dequant(qweight).T`` for fp16 ``x [..., in]`` and 4-bit ``qweight [out, in/8]``.
 
         ``scale``/``zero``: ``[out, n_groups]`` fp16 or fp32 (``zero=None``: symmetric, 8).
-        ``group_size`` as in QuantSpec (> 0, -1 per channel, 0 per tensor). fp32 accumulation,
+        ``group_size`` as in KernelParams (> 0, -1 per row, 0 per tensor). fp32 accumulation,
         fp16 result ``[..., out]``. Meant for a handful of rows of ``x`` (decode).
         """
         if x.dtype != torch.float16:
@@ -398,33 +396,33 @@ _DEVICE = _Ops(host=False)
 host = _Ops(host=True)  # same kernels' code on CPU tensors (tests without a GPU)
 
 
-def compute_params(w: torch.Tensor, spec: QuantSpec, *,
+def compute_params(w: torch.Tensor, params: KernelParams, *,
                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) fp32 ``[out, n_groups]`` (``[1, 1]`` per tensor), as affine.compute_params."""
-    return _DEVICE.compute_params(w, spec, out=out)
+    return _DEVICE.compute_params(w, params, out=out)
 
 
-def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, *,
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, params: KernelParams, *,
              out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 codes ``[out, in]``, as affine.quantize."""
-    return _DEVICE.quantize(w, scale, zero, spec, out=out)
+    return _DEVICE.quantize(w, scale, zero, params, out=out)
 
 
-def quantize_pack(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, *,
+def quantize_pack(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, params: KernelParams, *,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """int32 ``[out, ceil(in / (32 // bits))]`` = pack(quantize(...)), fused."""
-    return _DEVICE.quantize_pack(w, scale, zero, spec, out=out)
+    return _DEVICE.quantize_pack(w, scale, zero, params, out=out)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, *,
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, params: KernelParams, *,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 ``[out, in]``, as affine.dequantize."""
-    return _DEVICE.dequantize(codes, scale, zero, spec, out=out)
+    return _DEVICE.dequantize(codes, scale, zero, params, out=out)
 
 
-def fake_quant(w: torch.Tensor, spec: QuantSpec, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def fake_quant(w: torch.Tensor, params: KernelParams, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """dequantize(quantize(w)) with parameters from ``w``, as affine.fake_quant."""
-    return _DEVICE.fake_quant(w, spec, out=out)
+    return _DEVICE.fake_quant(w, params, out=out)
 
 
 def pack(codes: torch.Tensor, bits: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -439,10 +437,10 @@ def unpack(packed: torch.Tensor, bits: int, in_features: int, *,
 
 
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                      spec: QuantSpec, in_features: int, *,
+                      params: KernelParams, in_features: int, *,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 ``[out, in_features]`` straight from packed words."""
-    return _DEVICE.dequantize_packed(packed, scale, zero, spec, in_features, out=out)
+    return _DEVICE.dequantize_packed(packed, scale, zero, params, in_features, out=out)
 
 
 def gemv_w4a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..kernels import dispatch
+from . import dispatch
 from . import affine
 from .spec import QuantSpec
 

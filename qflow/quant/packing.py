@@ -16,15 +16,7 @@ from __future__ import annotations
 
 import torch
 
-
-def per_word(bits: int) -> int:
-    if bits not in (2, 3, 4, 5, 6, 8):
-        raise ValueError(f"cannot pack {bits}-bit codes")
-    return 32 // bits
-
-
-def packed_words(in_features: int, bits: int) -> int:
-    return -(-in_features // per_word(bits))
+from ..kernels.params import packed_words, per_word  # the packed-word geometry, shared with the kernels
 
 
 def pack_reference(codes: torch.Tensor, bits: int) -> torch.Tensor:

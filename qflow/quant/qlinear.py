@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import dispatch
+from . import dispatch
 from .ir import Checkpoint, LayerRecord, decode_params
 from .spec import QuantSpec
 

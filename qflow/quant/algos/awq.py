@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from ...errors import StageError
-from ...kernels import dispatch
+from .. import dispatch
 from ...models.adapters import ArchAdapter, ScaleSite
 from ..spec import QuantSpec
 from .blockwise import Activations, Block, run_blockwise, write_records

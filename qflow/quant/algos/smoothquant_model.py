@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ...errors import StageError
-from ...kernels import dispatch
+from .. import dispatch
 from ...models.adapters import ArchAdapter
 from ..spec import QuantSpec
 from .blockwise import Block, check_calibration, run_blockwise, write_records

@@ -1,8 +1,12 @@
-"""One entry point per quantization hot loop: CUDA, else numba, else torch.
+"""One entry point per quantization hot loop: CUDA, else numba, else the torch reference.
 
-Every function takes/returns torch tensors; shapes follow qflow.quant.affine
-(weights ``[out, in]``, params ``[out, n_groups]``) and qflow.quant.packing.
-All three backends give bit-identical results. The backend of a call:
+Every function takes/returns torch tensors and a QuantSpec; shapes follow
+qflow.quant.affine (weights ``[out, in]``, params ``[out, n_groups]``) and
+qflow.quant.packing. The kernels (qflow/kernels/) take plain numbers: this
+module translates a spec into their :class:`~qflow.kernels.params.KernelParams`
+(:func:`kernel_params`) and the nf4/fp4 code values into an array
+(:func:`kernel_table`). All three backends give bit-identical results. The
+backend of a call:
 
 * ``QFLOW_KERNEL_BACKEND=torch|numba`` forces one (tests, benchmarks);
   a forced numba runs GPU tensors on the CPU and moves the result back;
@@ -20,16 +24,19 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
 from types import ModuleType
 
+import numpy as np
 import torch
 
 from ..errors import QflowError
-from ..quant import affine, packing
-from ..quant.spec import QuantSpec
+from ..kernels.params import LOOKUPS, SCALE_DTYPES, SCHEMES, KernelParams
+from . import affine, packing
+from .spec import QuantSpec
 
 log = logging.getLogger("qflow.kernels")
 _announced: set[tuple[str, str]] = set()
@@ -37,8 +44,45 @@ _announced: set[tuple[str, str]] = set()
 OPS = ("compute_params", "quantize", "dequantize", "fake_quant", "pack", "unpack", "dequantize_packed")
 BACKEND_ENV = "QFLOW_KERNEL_BACKEND"
 _FORCEABLE = ("torch", "numba")
+_CUDA_MODULE = "qflow.kernels.cuda"
 _modules: dict[str, ModuleType | None] = {}
 
+
+# ---- a QuantSpec in the kernels' terms ---------------------------------------------
+
+def kernel_params(spec: QuantSpec) -> KernelParams:
+    """The plain numbers the kernels read for ``spec``.
+
+    Example::
+
+        kernel_params(QuantSpec(bits=4, group_size=64)).scheme == SCHEMES["asym_z"]
+    """
+    if spec.format in ("nf4", "fp4"):
+        return KernelParams(bits=4, group_size=spec.group_size, scheme=SCHEMES["absmax"],
+                            scale_dtype=SCALE_DTYPES["float32"], float_zero=False,
+                            lookup=LOOKUPS[spec.format]).validate()
+    return KernelParams(bits=spec.bits, group_size=spec.group_size, scheme=SCHEMES[spec.scheme],
+                        scale_dtype=SCALE_DTYPES[spec.scale_dtype], float_zero=affine.has_float_zero(spec)).validate()
+
+
+@functools.cache
+def _table(fmt: str) -> np.ndarray:
+    table = np.array(affine.NF4_TABLE if fmt == "nf4" else affine.FP4_TABLE, np.float32)
+    table.flags.writeable = False  # shared by every call
+    return table
+
+
+def kernel_table(spec: QuantSpec) -> np.ndarray | None:
+    """The 16 fp32 code values of an nf4/fp4 spec (read-only), None for an affine one.
+
+    Example::
+
+        kernel_table(QuantSpec(format="nf4", group_size=64))[0]   # -1.0
+    """
+    return _table(spec.format) if spec.format in ("nf4", "fp4") else None
+
+
+# ---- backend choice ------------------------------------------------------------------
 
 def _announce(op: str, backend: str) -> None:
     if (op, backend) not in _announced:
@@ -50,7 +94,7 @@ def _numba_kernels() -> ModuleType | None:
     """``qflow.kernels.cpu``, or None (reported once) when numba cannot be imported."""
     if "numba" not in _modules:
         try:
-            from . import cpu
+            from ..kernels import cpu
         except ImportError as err:  # numba missing or broken: the torch reference still works
             log.warning("numba kernels unavailable (%s); CPU tensors use the torch reference", err)
             cpu = None
@@ -63,9 +107,9 @@ def _cuda_kernels() -> ModuleType | None:
     if "cuda" not in _modules:
         cuda = None
         try:
-            cuda = importlib.import_module(f"{__package__}.cuda")
+            cuda = importlib.import_module(_CUDA_MODULE)
         except ModuleNotFoundError as err:
-            if err.name != f"{__package__}.cuda":  # the binding exists but a dependency of it is missing
+            if err.name != _CUDA_MODULE:  # the binding exists but a dependency of it is missing
                 log.warning("CUDA kernels unavailable (%s); GPU tensors use the torch reference", err)
         except ImportError as err:
             log.warning("CUDA kernels unavailable (%s); GPU tensors use the torch reference", err)
@@ -119,12 +163,14 @@ def _zero_np(zero: torch.Tensor | None, spec: QuantSpec):
     return None if zero is None or spec.format != "int" else _np(zero, torch.float32)
 
 
+# ---- the ops ---------------------------------------------------------------------------
+
 def compute_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     backend = _pick("compute_params", w)
     if backend == "cuda":
-        return _cuda_kernels().compute_params(w, spec)
+        return _cuda_kernels().compute_params(w, kernel_params(spec))
     if backend == "numba":
-        scale, zero = _numba_kernels().compute_params(_np(w, torch.float32), spec)
+        scale, zero = _numba_kernels().compute_params(_np(w, torch.float32), kernel_params(spec))
         return _back(scale, w), _back(zero, w)
     return affine.compute_params(w, spec)
 
@@ -132,9 +178,10 @@ def compute_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     backend = _pick("quantize", w)
     if backend == "cuda":
-        return _cuda_kernels().quantize(w, scale, zero, spec)
+        return _cuda_kernels().quantize(w, scale, zero, kernel_params(spec))
     if backend == "numba":
-        codes = _numba_kernels().quantize(_np(w, torch.float32), _np(scale, torch.float32), _zero_np(zero, spec), spec)
+        codes = _numba_kernels().quantize(_np(w, torch.float32), _np(scale, torch.float32), _zero_np(zero, spec),
+                                          kernel_params(spec), kernel_table(spec))
         return _back(codes, w)
     return affine.quantize(w, scale, zero, spec)
 
@@ -142,10 +189,10 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Qua
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     backend = _pick("dequantize", codes)
     if backend == "cuda":
-        return _cuda_kernels().dequantize(codes, scale, zero, spec)
+        return _cuda_kernels().dequantize(codes, scale, zero, kernel_params(spec))
     if backend == "numba":
         w_hat = _numba_kernels().dequantize(_np(codes, torch.uint8), _np(scale, torch.float32),
-                                            _zero_np(zero, spec), spec)
+                                            _zero_np(zero, spec), kernel_params(spec), kernel_table(spec))
         return _back(w_hat, codes)
     return affine.dequantize(codes, scale, zero, spec)
 
@@ -153,9 +200,9 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spe
 def fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     backend = _pick("fake_quant", w)
     if backend == "cuda":
-        return _cuda_kernels().fake_quant(w, spec)
+        return _cuda_kernels().fake_quant(w, kernel_params(spec))
     if backend == "numba":
-        return _back(_numba_kernels().fake_quant(_np(w, torch.float32), spec), w)
+        return _back(_numba_kernels().fake_quant(_np(w, torch.float32), kernel_params(spec), kernel_table(spec)), w)
     return affine.fake_quant(w, spec)
 
 
@@ -181,9 +228,10 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
                       spec: QuantSpec, in_features: int) -> torch.Tensor:
     backend = _pick("dequantize_packed", packed)
     if backend == "cuda":
-        return _cuda_kernels().dequantize_packed(packed, scale, zero, spec, in_features)
+        return _cuda_kernels().dequantize_packed(packed, scale, zero, kernel_params(spec), in_features)
     if backend == "numba":
         w_hat = _numba_kernels().dequantize_packed(_np(packed, torch.int32), _np(scale, torch.float32),
-                                                   _zero_np(zero, spec), spec, in_features)
+                                                   _zero_np(zero, spec), kernel_params(spec), in_features,
+                                                   kernel_table(spec))
         return _back(w_hat, packed)
     return affine.dequantize(packing.unpack_reference(packed, spec.bits, in_features), scale, zero, spec)
