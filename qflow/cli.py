@@ -362,7 +362,7 @@ def cmd_ui(args) -> int:
 
 
 def cmd_sync(args) -> int:
-    from .sync import sync_pending
+    from .engine.sync import sync_pending
 
     root = Path(args.sync_runs_dir) if args.sync_runs_dir else _runs_root(args)
     rows = sync_pending(root)

@@ -9,7 +9,7 @@ An unreachable store must not stall or lose a run: :func:`probe` checks a
 server in a few seconds before the first call, MLflow's own HTTP retries are
 capped, and a run whose tracking failed is queued in its run folder
 (``mlflow-pending.json``, :meth:`Tracker.fail`); ``qflow sync``
-(``qflow/sync.py``) uploads it later from the run folder.
+(``qflow/engine/sync.py``) uploads it later from the run folder.
 """
 
 from __future__ import annotations

@@ -246,7 +246,7 @@ def _fake_quantized(model_dir: Path, bits: int):
     """The tiny model with every decoder linear RTN fake-quantized (g32), and its float twin."""
     from torch import nn
 
-    from qflow.kernels import dispatch
+    from qflow.quant import dispatch
     from qflow.models.loading import load_model
     from qflow.quant.spec import QuantSpec
 

@@ -60,7 +60,6 @@ ALLOWED = {
     ("qflow.quant.memory", "qflow.models.adapters"),
     ("qflow.registry", "stages"),
     ("qflow.data.sources", "qflow.models.sources"),
-    ("qflow.specs", "qflow.data.sources"),
     ("qflow.engine.runner", "qflow.models.adapters"),
     ("qflow.engine.runner", "qflow.quant.memory"),
     ("qflow.engine.sweep", "qflow.evaluation.report"),

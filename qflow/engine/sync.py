@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .tracking import (PENDING_FILE, RUN_DIR_TAG, SYNCED_FILE, TERMINAL, Tracker, TrackingUnavailable, probe,
+from ..tracking import (PENDING_FILE, RUN_DIR_TAG, SYNCED_FILE, TERMINAL, Tracker, TrackingUnavailable, probe,
                        tracking_uri, write_json)
 
 
@@ -88,7 +88,7 @@ def _existing_run(client, exp_id: str, run_dir: Path, record: dict[str, Any]) ->
 def _sync_one(runs_root: Path, run_dir: Path, record: dict[str, Any], uri: str) -> dict[str, Any]:
     import yaml
 
-    from .engine.cache import flatten
+    from .cache import flatten
 
     tracker = Tracker(runs_root, record["experiment"], run_dir=run_dir)
     _, client, exp_id = tracker.client_and_experiment()
@@ -134,7 +134,7 @@ def _sync_one(runs_root: Path, run_dir: Path, record: dict[str, Any], uri: str) 
 
 def _sync_sweep(runs_root: Path, sweep_dir: Path, record: dict[str, Any], uri: str) -> dict[str, Any]:
     """Replay the sweep's MLflow logging from its folder, reusing the parent and points already uploaded."""
-    from .engine.sweep import load_points, log_sweep
+    from .sweep import load_points, log_sweep
 
     _, client, exp_id = Tracker(runs_root, record["experiment"]).client_and_experiment()
     parent = _existing_run(client, exp_id, sweep_dir, record)
