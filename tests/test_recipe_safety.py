@@ -184,7 +184,7 @@ def test_resume_state_is_loaded_as_data_only(tmp_path):
     torch.save({"signature": "x", "payload": Evil()}, path)
     assert load_resume_state(path, logging.getLogger("t")) is None
     assert not marker.exists()
-    torch.save({"signature": "x", "next_block": 1, "inputs": torch.zeros(2)}, path)
+    torch.save({"signature": "x", "next_block": 1, "writer": {"layers": {}, "floats": {}}, "inputs": torch.zeros(2)}, path)
     assert load_resume_state(path, logging.getLogger("t"))["next_block"] == 1
 
 
