@@ -46,6 +46,7 @@ from typing import Any, Callable
 import numpy as np
 
 from qflow.errors import StageError
+from qflow.quant.sqnr import sqnr_db
 
 from . import mapping
 
@@ -255,7 +256,7 @@ def plan_quantized(layer: mapping.IRLayer, gguf_name: str, perm: np.ndarray | No
             if status == "exact" and not np.array_equal(decoded, ref):
                 raise RuntimeError(f"qflow bug: {gguf_name} maps exactly to {t} but does not decode to the IR weight")
             note = "" if is_exact else ("fp16 d rounded" if not d_ok else "fp16 m = -z*s rounded (codes kept)")
-            return TensorPlan(gguf_name, t, status, data, _sqnr(ref, decoded), note)
+            return TensorPlan(gguf_name, t, status, data, sqnr_db(ref, decoded), note)
         why = f"codes of {layer.spec.bits}-bit {layer.spec.scheme} do not fit a Q4/Q5/Q8 block type"
     # re-quantize from the IR's dequantized weight
     t = auto_requant_type(layer.spec) if requant_type == "auto" else requant_type
@@ -268,19 +269,13 @@ def plan_quantized(layer: mapping.IRLayer, gguf_name: str, perm: np.ndarray | No
 
         data = gguf.quants.quantize(ref, gguf.GGMLQuantizationType[t])
         decoded = _dequant(data, t, layer.in_features)
-    return TensorPlan(gguf_name, t, "requantized", data, _sqnr(ref, decoded), why)
+    return TensorPlan(gguf_name, t, "requantized", data, sqnr_db(ref, decoded), why)
 
 
 def _dequant(data: np.ndarray, qtype: str, cols: int) -> np.ndarray:
     import gguf
 
     return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]).reshape(data.shape[0], cols)
-
-
-def _sqnr(ref: np.ndarray, approx: np.ndarray) -> float:
-    from .safetensors_ct import sqnr_db
-
-    return sqnr_db(ref, approx)
 
 
 # ---------------------------------------------------------------- metadata
@@ -443,7 +438,7 @@ def export_gguf(ckpt, path: str | Path, *, mode: str = "exact", requant_type: st
                         arr = arr[perm]
                     ftype = float_type if arr.ndim == 2 else "F32"
                     data = arr.astype(np.float16 if ftype == "F16" else np.float32)
-                    plan = TensorPlan(gname, ftype, "float", data, _sqnr(arr, data.astype(np.float32)), "")
+                    plan = TensorPlan(gname, ftype, "float", data, sqnr_db(arr, data.astype(np.float32)), "")
                 if plan.qtype in _TYPES:
                     w.add_tensor(gname, plan.data, raw_dtype=gguf.GGMLQuantizationType[plan.qtype])
                 else:

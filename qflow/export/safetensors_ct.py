@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from qflow.errors import StageError
+from qflow.quant.sqnr import sqnr_db
 
 from . import mapping, readers
 
@@ -41,14 +42,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 class ExportError(StageError):
     """The export cannot be written as asked (the message says why and what to change)."""
-
-
-def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
-    ref = ref.astype(np.float64)
-    noise = float(np.sum((ref - approx.astype(np.float64)) ** 2))
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(float(np.sum(ref ** 2)) / noise)
 
 
 def model_dtype(base_dir: Path, requested: str) -> str:
