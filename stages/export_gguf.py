@@ -8,9 +8,8 @@ from pydantic import Field
 
 from qflow.artifacts import ExportedModel, QuantizedCheckpoint
 from qflow.registry import Stage, StageConfig, register
+from qflow.export.verify import DEFAULT_VERIFY_DATA
 from qflow.specs import DataSpec
-
-DEFAULT_VERIFY_DATA = DataSpec(source="zoo:lee-news", seq_len=128)
 
 
 class ExportGGUFConfig(StageConfig):
@@ -77,11 +76,9 @@ class ExportGGUF(Stage):
 
     @classmethod
     def fingerprint_sources(cls, cfg, cache_root):
-        if not cfg.verify_windows:
-            return {}
-        from qflow.data.tokens import text_fingerprint_source
+        from qflow.export.verify import verify_fingerprint_sources
 
-        return {"verify_data": text_fingerprint_source(cfg.verify_data.source, cache_root, cfg.verify_data.field)}
+        return verify_fingerprint_sources(cfg.verify_data, cfg.verify_windows, cache_root)
 
     def run(self, ctx, cfg, model):
         import json
@@ -142,15 +139,11 @@ class ExportGGUF(Stage):
     def _roundtrip(self, ctx, cfg, ckpt, target) -> None:
         import shutil
 
-        import numpy as np
-
-        from qflow.export.gguf_writer import llama_cpp_logits
-        from qflow.export.verify import compare_logits, eval_windows, reference_model
+        from qflow.export.verify import compare_logits, verify_setup
         from qflow.models.loading import load_model
         from qflow.models.sources import convert_gguf
 
-        ref, tok = reference_model(ckpt)
-        ids = eval_windows(cfg.verify_data, tok, cfg.verify_windows, ctx.runs_root / "cache")
+        ref, tok, ids = verify_setup(ckpt, cfg.verify_data, cfg.verify_windows, ctx.runs_root / "cache")
         folder = ctx.scratch / "gguf-as-hf"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -172,25 +165,19 @@ class ExportGGUF(Stage):
                          metrics["roundtrip_logits_max_abs_diff"])
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        if not cfg.llama_cpp:
-            return
+        if cfg.llama_cpp:
+            self._llama_cpp_roundtrip(ctx, ref, ids, target)
+
+    def _llama_cpp_roundtrip(self, ctx, ref, ids, target) -> None:
+        from qflow.export.gguf_writer import llama_cpp_logits
+        from qflow.export.verify import ReplayedLogits, compare_logits
+
         logits = llama_cpp_logits(target, ids)
         if logits is None:
             ctx.log.info("llama_cpp is not installed: skipping the llama.cpp logits check "
                          "(pip install llama-cpp-python to enable it)")
             return
-        import torch
-
-        class _Fixed:
-            def __init__(self, arr):
-                self.arr, self.i = arr, 0
-
-            def __call__(self, input_ids, use_cache=False):
-                out = type("O", (), {"logits": torch.from_numpy(self.arr[self.i:self.i + 1])})
-                self.i += 1
-                return out
-
-        m = compare_logits(ref, _Fixed(np.asarray(logits)), ids)
+        m = compare_logits(ref, ReplayedLogits(logits), ids)
         ctx.log_metrics({"llama_cpp_kl": m["roundtrip_kl"], "llama_cpp_top1_agree": m["roundtrip_top1_agree"],
                          "llama_cpp_max_abs_diff": m["roundtrip_max_abs_diff"]})
         ctx.log.info("llama.cpp: KL %.3g, top-1 %.4f", m["roundtrip_kl"], m["roundtrip_top1_agree"])

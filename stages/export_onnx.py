@@ -90,33 +90,15 @@ class ExportOnnx(Stage):
         import shutil
 
         from qflow.artifacts import QuantizedCheckpoint
-        from qflow.data.tokens import token_windows, windows_fingerprint
-        from qflow.errors import StageError
-        from qflow.export.onnx_bench import OnnxDecoder, make_session
-        from qflow.export.onnx_check import machine, reference_logits, roundtrip, speed_compare
-        from qflow.export.onnx_graph import ExportSettings, OnnxExportError, build_onnx, export_quantized
 
         out = ctx.output("export")
-        settings = ExportSettings(accuracy_level=cfg.accuracy_level, fuse_qkv=cfg.fuse_qkv,
-                                  fuse_gate_up=cfg.fuse_gate_up)
         ckpt = None
         if isinstance(model, QuantizedCheckpoint):
             from qflow.quant.ir import Checkpoint
 
             ckpt = Checkpoint(model.ir_dir)
         base_dir = model.model_dir
-        where = f"stages.{ctx.stage_id}"
-        other = 0 if cfg.accuracy_level != 0 else 4
-        try:
-            ctx.log.info("writing the ONNX graph (%s)", "quantized" if ckpt else "float")
-            if ckpt is not None:
-                info = export_quantized(base_dir, out, ckpt, accuracy_level=cfg.accuracy_level, other_level=other,
-                                        settings=settings, max_positions=cfg.max_positions)
-            else:
-                info = build_onnx(base_dir, out, mode="float", settings=settings, max_positions=cfg.max_positions)
-                info.variants = {0: info.model_path, 4: info.model_path}
-        except OnnxExportError as err:
-            raise StageError(err.what, where=where, fix=err.fix) from err
+        info = _write_graphs(ctx, cfg, ckpt, base_dir, out)
         for name in _COPY_FILES:
             if (base_dir / name).is_file():
                 shutil.copy2(base_dir / name, out / name)
@@ -127,87 +109,12 @@ class ExportOnnx(Stage):
             metrics[f"n_linear_{kind}"] = n
         if info.linear_kinds.get("w8a8"):
             ctx.log.info("W8A8 integer matmul: %s", info.to_json()["w8a8_matmul"]["why"])
-
-        # ---- round trip against qflow's own model --------------------------------
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
-        ids = token_windows(cfg.data, tok, cfg.n_windows, ctx.runs_root / "cache", where=f"{where}.with")
-        has_nbits = bool(info.linear_kinds.get("nbits"))
-        levels = sorted(set(info.variants)) if has_nbits else [0]   # accuracy_level only acts on MatMulNBits
-        with ctx.progress(len(ids) * (1 + len(levels)), "round trip") as bar:
-            ref = reference_logits(ckpt, ids, model_dir=base_dir, progress=bar.update)
-            rts: dict[int, dict] = {}
-            by_path: dict[str, int] = {}
-            for level in levels:
-                path = str(info.variants[level])
-                if path in by_path:
-                    rts[level] = rts[by_path[path]]
-                    continue
-                by_path[path] = level
-                dec = OnnxDecoder(make_session(path, threads=0, spinning=False))
-                rts[level] = roundtrip(dec, ids, ref, kv_tokens=cfg.kv_tokens if level == 0 else 0,
-                                       progress=bar.update)
-                del dec
-        del ref
-        for level, rt in rts.items():
-            sfx = "" if level == 0 else f"_acc{level}"
-            metrics[f"roundtrip_kl{sfx}"] = rt["kl"]
-            metrics[f"roundtrip_kl_max{sfx}"] = rt["kl_max"]
-            metrics[f"roundtrip_top1_agree{sfx}"] = rt["top1_agree"]
-            metrics[f"roundtrip_max_abs_diff{sfx}"] = rt["max_abs_diff"]
-            if "kv_max_abs_diff" in rt:
-                metrics["roundtrip_kv_max_abs_diff"] = rt["kv_max_abs_diff"]
-        protocol = {"source": cfg.data.source, "seq_len": cfg.data.seq_len, "n_windows": int(ids.shape[0]),
-                    "windows_sha256": windows_fingerprint(ids),
-                    "reference": "qflow load_quantized_model fp32 (eager attention)" if ckpt else "float model"}
-
-        # ---- speed: quantized vs float32 export of the same graph -----------------
+        protocol = _roundtrip(ctx, cfg, ckpt, base_dir, info, metrics)
         timing: dict = {}
         if cfg.benchmark and ckpt is None:
             ctx.log.info("float model: no quantized graph to time against the float32 export")
         if cfg.benchmark and ckpt is not None:
-            fp_dir = (out / "fp32") if cfg.keep_float else (ctx.scratch / "fp32")
-            if fp_dir.exists():
-                shutil.rmtree(fp_dir)
-            ctx.log.info("writing the float32 export for the speed comparison")
-            fp_info = build_onnx(base_dir, fp_dir, ckpt=ckpt, mode="float", settings=settings,
-                                 max_positions=cfg.max_positions)
-            models = {"fp32": fp_info.model_path}
-            if has_nbits:
-                models |= {f"acc{lv}": p for lv, p in sorted(info.variants.items())}
-            else:
-                models["w8a8" if info.linear_kinds.get("w8a8") else "quant"] = info.model_path
-            runs = [("st", 1)] + ([("mt", cfg.threads_multi or None)] if cfg.multi_threaded else [])
-            total = len(runs) * (cfg.warmup + cfg.repeats) * len(models)
-            with ctx.progress(total, "timing") as bar:
-                for label, threads in runs:
-                    timing[label] = speed_compare(models, threads=threads, prompt_len=cfg.prompt_len,
-                                                  gen_tokens=cfg.gen_tokens, warmup=cfg.warmup,
-                                                  repeats=cfg.repeats, seed=ctx.seed,
-                                                  spinning=True if threads == 1 else cfg.spinning_multi,
-                                                  progress=bar.update)
-            quant_names = [n for n in models if n != "fp32"]
-            best = min(quant_names, key=lambda n: timing["st"][n]["decode_ms"])
-            for label, res in timing.items():
-                sfx = "" if label == "st" else "_mt"
-                for name, s in res.items():
-                    metrics[f"prefill_ms_{name}{sfx}"] = s["prefill_ms"]
-                    metrics[f"decode_ms_{name}{sfx}"] = s["decode_ms"]
-                    metrics[f"decode_p90_ms_{name}{sfx}"] = s["decode_p90_ms"]
-                    metrics[f"prefill_p90_ms_{name}{sfx}"] = s["prefill_p90_ms"]
-                    if name != "fp32":
-                        metrics[f"prefill_speedup_vs_fp32_{name}{sfx}"] = s["prefill_speedup"]
-                        metrics[f"decode_speedup_vs_fp32_{name}{sfx}"] = s["decode_speedup"]
-                metrics[f"prefill_speedup_vs_fp32{sfx}"] = res[best]["prefill_speedup"]
-                metrics[f"decode_speedup_vs_fp32{sfx}"] = res[best]["decode_speedup"]
-            if best.startswith("acc"):
-                metrics["faster_accuracy_level"] = int(best[3:])
-            if not cfg.keep_float:
-                shutil.rmtree(fp_dir, ignore_errors=True)
-            timing["protocol"] = {"prompt_len": cfg.prompt_len, "gen_tokens": cfg.gen_tokens, "warmup": cfg.warmup,
-                                  "repeats": cfg.repeats, "faster": best, "threads_multi": cfg.threads_multi or "all",
-                                  "kv_cache": "shared buffer (IOBinding)", **machine()}
+            timing = _timing(ctx, cfg, ckpt, base_dir, out, info, metrics)
 
         ctx.log_metrics(metrics)
         report = {"export": info.to_json(), "metrics": metrics, "roundtrip_protocol": protocol, "timing": timing,
@@ -217,3 +124,124 @@ class ExportOnnx(Stage):
                                         data_file=info.data_path.name, accuracy_level=cfg.accuracy_level,
                                         variants={str(k): v.name for k, v in info.variants.items()},
                                         method=getattr(ckpt, "method", None))}
+
+
+def _settings(cfg):
+    from qflow.export.onnx_graph import ExportSettings
+
+    return ExportSettings(accuracy_level=cfg.accuracy_level, fuse_qkv=cfg.fuse_qkv, fuse_gate_up=cfg.fuse_gate_up)
+
+
+def _write_graphs(ctx, cfg, ckpt, base_dir, out):
+    """model.onnx (+ the other accuracy level's graph); a float model's graph stands for both levels."""
+    from qflow.errors import StageError
+    from qflow.export.onnx_graph import OnnxExportError, build_onnx, export_quantized
+
+    settings = _settings(cfg)
+    other = 0 if cfg.accuracy_level != 0 else 4
+    try:
+        ctx.log.info("writing the ONNX graph (%s)", "quantized" if ckpt else "float")
+        if ckpt is not None:
+            return export_quantized(base_dir, out, ckpt, accuracy_level=cfg.accuracy_level, other_level=other,
+                                    settings=settings, max_positions=cfg.max_positions)
+        info = build_onnx(base_dir, out, mode="float", settings=settings, max_positions=cfg.max_positions)
+        info.variants = {0: info.model_path, 4: info.model_path}
+        return info
+    except OnnxExportError as err:
+        raise StageError(err.what, where=f"stages.{ctx.stage_id}", fix=err.fix) from err
+
+
+def _roundtrip(ctx, cfg, ckpt, base_dir, info, metrics: dict) -> dict:
+    """Logits of each written graph vs qflow's own model, into ``metrics``; returns the protocol."""
+    from transformers import AutoTokenizer
+
+    from qflow.data.tokens import token_windows, windows_fingerprint
+    from qflow.export.onnx_bench import OnnxDecoder, make_session
+    from qflow.export.onnx_check import reference_logits, roundtrip
+
+    tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+    ids = token_windows(cfg.data, tok, cfg.n_windows, ctx.runs_root / "cache", where=f"stages.{ctx.stage_id}.with")
+    has_nbits = bool(info.linear_kinds.get("nbits"))
+    levels = sorted(set(info.variants)) if has_nbits else [0]   # accuracy_level only acts on MatMulNBits
+    with ctx.progress(len(ids) * (1 + len(levels)), "round trip") as bar:
+        ref = reference_logits(ckpt, ids, model_dir=base_dir, progress=bar.update)
+        rts: dict[int, dict] = {}
+        by_path: dict[str, int] = {}
+        for level in levels:
+            path = str(info.variants[level])
+            if path in by_path:
+                rts[level] = rts[by_path[path]]
+                continue
+            by_path[path] = level
+            dec = OnnxDecoder(make_session(path, threads=0, spinning=False))
+            rts[level] = roundtrip(dec, ids, ref, kv_tokens=cfg.kv_tokens if level == 0 else 0,
+                                   progress=bar.update)
+            del dec
+    del ref
+    for level, rt in rts.items():
+        sfx = "" if level == 0 else f"_acc{level}"
+        metrics[f"roundtrip_kl{sfx}"] = rt["kl"]
+        metrics[f"roundtrip_kl_max{sfx}"] = rt["kl_max"]
+        metrics[f"roundtrip_top1_agree{sfx}"] = rt["top1_agree"]
+        metrics[f"roundtrip_max_abs_diff{sfx}"] = rt["max_abs_diff"]
+        if "kv_max_abs_diff" in rt:
+            metrics["roundtrip_kv_max_abs_diff"] = rt["kv_max_abs_diff"]
+    return {"source": cfg.data.source, "seq_len": cfg.data.seq_len, "n_windows": int(ids.shape[0]),
+            "windows_sha256": windows_fingerprint(ids),
+            "reference": "qflow load_quantized_model fp32 (eager attention)" if ckpt else "float model"}
+
+
+def _timing(ctx, cfg, ckpt, base_dir, out, info, metrics: dict) -> dict:
+    """Quantized graphs vs a float32 export of the same graph, timed side by side; speed metrics into ``metrics``."""
+    import shutil
+
+    from qflow.export.onnx_check import machine, speed_compare
+    from qflow.export.onnx_graph import build_onnx
+
+    fp_dir = (out / "fp32") if cfg.keep_float else (ctx.scratch / "fp32")
+    if fp_dir.exists():
+        shutil.rmtree(fp_dir)
+    ctx.log.info("writing the float32 export for the speed comparison")
+    fp_info = build_onnx(base_dir, fp_dir, ckpt=ckpt, mode="float", settings=_settings(cfg),
+                         max_positions=cfg.max_positions)
+    models = {"fp32": fp_info.model_path}
+    if info.linear_kinds.get("nbits"):
+        models |= {f"acc{lv}": p for lv, p in sorted(info.variants.items())}
+    else:
+        models["w8a8" if info.linear_kinds.get("w8a8") else "quant"] = info.model_path
+    runs = [("st", 1)] + ([("mt", cfg.threads_multi or None)] if cfg.multi_threaded else [])
+    timing: dict = {}
+    with ctx.progress(len(runs) * (cfg.warmup + cfg.repeats) * len(models), "timing") as bar:
+        for label, threads in runs:
+            timing[label] = speed_compare(models, threads=threads, prompt_len=cfg.prompt_len,
+                                          gen_tokens=cfg.gen_tokens, warmup=cfg.warmup, repeats=cfg.repeats,
+                                          seed=ctx.seed, spinning=True if threads == 1 else cfg.spinning_multi,
+                                          progress=bar.update)
+    best = min((n for n in models if n != "fp32"), key=lambda n: timing["st"][n]["decode_ms"])
+    metrics.update(_speed_metrics(timing, best))
+    if not cfg.keep_float:
+        shutil.rmtree(fp_dir, ignore_errors=True)
+    timing["protocol"] = {"prompt_len": cfg.prompt_len, "gen_tokens": cfg.gen_tokens, "warmup": cfg.warmup,
+                          "repeats": cfg.repeats, "faster": best, "threads_multi": cfg.threads_multi or "all",
+                          "kv_cache": "shared buffer (IOBinding)", **machine()}
+    return timing
+
+
+def _speed_metrics(timing: dict, best: str) -> dict[str, float]:
+    """Per-model latencies and speedups (``_mt``: multi-threaded); the headline speedups are ``best``'s."""
+    metrics: dict[str, float] = {}
+    for label, res in timing.items():
+        sfx = "" if label == "st" else "_mt"
+        for name, s in res.items():
+            metrics[f"prefill_ms_{name}{sfx}"] = s["prefill_ms"]
+            metrics[f"decode_ms_{name}{sfx}"] = s["decode_ms"]
+            metrics[f"decode_p90_ms_{name}{sfx}"] = s["decode_p90_ms"]
+            metrics[f"prefill_p90_ms_{name}{sfx}"] = s["prefill_p90_ms"]
+            if name != "fp32":
+                metrics[f"prefill_speedup_vs_fp32_{name}{sfx}"] = s["prefill_speedup"]
+                metrics[f"decode_speedup_vs_fp32_{name}{sfx}"] = s["decode_speedup"]
+        metrics[f"prefill_speedup_vs_fp32{sfx}"] = res[best]["prefill_speedup"]
+        metrics[f"decode_speedup_vs_fp32{sfx}"] = res[best]["decode_speedup"]
+    if best.startswith("acc"):
+        metrics["faster_accuracy_level"] = int(best[3:])
+    return metrics

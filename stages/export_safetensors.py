@@ -8,9 +8,8 @@ from pydantic import Field
 
 from qflow.artifacts import ExportedModel, QuantizedCheckpoint
 from qflow.registry import Stage, StageConfig, register
+from qflow.export.verify import DEFAULT_VERIFY_DATA
 from qflow.specs import DataSpec
-
-DEFAULT_VERIFY_DATA = DataSpec(source="zoo:lee-news", seq_len=128)
 
 
 class ExportSafetensorsConfig(StageConfig):
@@ -75,11 +74,9 @@ class ExportSafetensors(Stage):
 
     @classmethod
     def fingerprint_sources(cls, cfg, cache_root):
-        if not cfg.verify_windows:
-            return {}
-        from qflow.data.tokens import text_fingerprint_source
+        from qflow.export.verify import verify_fingerprint_sources
 
-        return {"verify_data": text_fingerprint_source(cfg.verify_data.source, cache_root, cfg.verify_data.field)}
+        return verify_fingerprint_sources(cfg.verify_data, cfg.verify_windows, cache_root)
 
     def run(self, ctx, cfg, model):
         import json
@@ -133,10 +130,9 @@ class ExportSafetensors(Stage):
 
     def _roundtrip(self, ctx, cfg, ckpt, out) -> str:
         from qflow.export import readers
-        from qflow.export.verify import compare_logits, eval_windows, reference_model
+        from qflow.export.verify import compare_logits, verify_setup
 
-        ref, tok = reference_model(ckpt)
-        ids = eval_windows(cfg.verify_data, tok, cfg.verify_windows, ctx.runs_root / "cache")
+        ref, tok, ids = verify_setup(ckpt, cfg.verify_data, cfg.verify_windows, ctx.runs_root / "cache")
         use_ct = cfg.reader == "compressed-tensors" or (
             cfg.reader == "auto" and cfg.layout == "compressed-tensors" and readers.compressed_tensors_available())
         if use_ct:

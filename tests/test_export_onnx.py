@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime")
 # packing (METHODS.md §2.6)
 # ---------------------------------------------------------------------------
 def test_matmul_nbits_packing_low_nibble_first():
-    from qflow.export.onnx_graph import pack_matmul_nbits
+    from qflow.export.onnx_weights import pack_matmul_nbits
 
     codes = np.arange(16, dtype=np.uint8)[None]                 # one row, K = 16, one block
     b, s, zp = pack_matmul_nbits(codes, np.ones((1, 1)), None, 4, 16)
@@ -26,7 +26,7 @@ def test_matmul_nbits_packing_low_nibble_first():
 
 
 def test_matmul_nbits_packing_blocks_zeros_padding():
-    from qflow.export.onnx_graph import pack_matmul_nbits
+    from qflow.export.onnx_weights import pack_matmul_nbits
 
     rng = np.random.default_rng(0)
     n, k, bs = 3, 40, 16                                         # k_blocks = 3, last block padded
@@ -47,17 +47,28 @@ def test_matmul_nbits_packing_blocks_zeros_padding():
     assert list(b8[0, 0]) == list(range(0, 144, 9))
 
 
-def test_unpack_internal_matches_qflow_packing():
+def test_one_unpack_of_qflows_packing():
+    """The exporters read qflow's internal packing with the quant core's unpack, not copies of it:
+    the ONNX weights take their codes from it, and the dense stream (the same layout for 2/4/8 bits)
+    hands those widths to it, spare high bits and padding words included."""
     import torch
 
-    from qflow.export.onnx_graph import unpack_internal
-    from qflow.quant.packing import pack_reference
+    import qflow.export.onnx_graph as onnx_graph
+    import qflow.export.onnx_weights as onnx_weights
+    from qflow.export import layouts
+    from qflow.quant.packing import pack_reference, unpack_reference
 
+    assert not hasattr(onnx_graph, "unpack_internal") and not hasattr(onnx_weights, "unpack_internal")
     rng = np.random.default_rng(1)
     for bits in (2, 4, 8):
         codes = rng.integers(0, 1 << bits, (5, 70)).astype(np.uint8)
         packed = pack_reference(torch.from_numpy(codes), bits)
-        assert np.array_equal(unpack_internal(packed.numpy(), bits, 70), codes)
+        assert np.array_equal(layouts.unpack_stream(packed.numpy(), bits, 70), codes)
+        words = rng.integers(-2**31, 2**31, (3, 4), dtype=np.int64).astype(np.int32)   # any bits set
+        n = 4 * (32 // bits) - 1
+        expected = unpack_reference(torch.from_numpy(words), bits, n).numpy()
+        assert np.array_equal(layouts.unpack_stream(words, bits, n), expected)
+        assert np.array_equal(layouts.unpack_stream(words.T, bits, n, axis=0), expected.T)
 
 
 # ---------------------------------------------------------------------------
@@ -294,7 +305,9 @@ def test_w8a8_linear_exact_where_u8s8_saturates(tmp_path, granularity, threads):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from qflow.export.onnx_graph import OPSET, ExportSettings, LinearWeights, _Graph, _linear
+    from qflow.export.onnx_graph import OPSET
+    from qflow.export.onnx_nodes import ExportSettings, GraphWriter, linear_nodes
+    from qflow.export.onnx_weights import LinearWeights
 
     rng = np.random.default_rng(7)
     m, k, n = 16, 256, 48
@@ -307,8 +320,8 @@ def test_w8a8_linear_exact_where_u8s8_saturates(tmp_path, granularity, threads):
     x[m // 2:] = rng.standard_normal((m - m // 2, k))
     x = x.astype(np.float32)
     w = LinearWeights("w8a8", n, k, w_int8=w_int8, scales=w_scale, act_granularity=granularity)
-    g = _Graph(tmp_path / "lin.onnx.data")
-    y = _linear(g, "x", w, "lin", ExportSettings())
+    g = GraphWriter(tmp_path / "lin.onnx.data")
+    y = linear_nodes(g, "x", w, "lin", ExportSettings())
     g.close()
     graph = helper.make_graph(g.nodes, "lin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
                               [helper.make_tensor_value_info(y, TensorProto.FLOAT, [m, n]),
@@ -333,14 +346,15 @@ def test_w8a8_linear_exact_where_u8s8_saturates(tmp_path, granularity, threads):
 
 
 def test_w8a8_refuses_int32_overflow_width(tmp_path):
-    from qflow.export.onnx_graph import W8A8_MAX_K, ExportSettings, LinearWeights, OnnxExportError, _Graph, _linear
+    from qflow.export.onnx_nodes import W8A8_MAX_K, ExportSettings, GraphWriter, linear_nodes
+    from qflow.export.onnx_weights import LinearWeights, OnnxExportError
 
     k = W8A8_MAX_K + 1
     w = LinearWeights("w8a8", 1, k, w_int8=np.ones((k, 1), np.int8), scales=np.ones(1, np.float32))
-    g = _Graph(tmp_path / "x.data")
+    g = GraphWriter(tmp_path / "x.data")
     try:
         with pytest.raises(OnnxExportError, match="exceeds"):
-            _linear(g, "x", w, "lin", ExportSettings())
+            linear_nodes(g, "x", w, "lin", ExportSettings())
     finally:
         g.close()
 
@@ -500,7 +514,7 @@ class _FakeCkpt:
     ({"bits": 4, "group_size": 32, "act_bits": 8}, "W8A8"),
 ])
 def test_refuses_what_matmulnbits_cannot_hold(kw, match):
-    from qflow.export.onnx_graph import OnnxExportError, quantized_linear
+    from qflow.export.onnx_weights import OnnxExportError, quantized_linear
     from qflow.quant.spec import QuantSpec
 
     with pytest.raises(OnnxExportError, match=match):
@@ -510,7 +524,7 @@ def test_refuses_what_matmulnbits_cannot_hold(kw, match):
 def test_refuses_unequal_act_order_groups():
     import torch
 
-    from qflow.export.onnx_graph import OnnxExportError, quantized_linear
+    from qflow.export.onnx_weights import OnnxExportError, quantized_linear
     from qflow.quant.spec import QuantSpec
 
     g_idx = torch.zeros(64, dtype=torch.int32)

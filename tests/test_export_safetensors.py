@@ -105,7 +105,7 @@ def random_ids(vocab: int = 2000) -> torch.Tensor:
 
 def logits_kl(ckpt: Checkpoint, model) -> tuple[float, float]:
     """(mean KL(qflow || model), max |logit diff|) on two random 24-token windows."""
-    from qflow.export.verify import compare_logits, reference_model
+    from qflow.export.verify import ReplayedLogits, compare_logits, reference_model
 
     key = str(ckpt.path)
     ids = random_ids(model.config.vocab_size)
@@ -113,16 +113,7 @@ def logits_kl(ckpt: Checkpoint, model) -> tuple[float, float]:
         ref, _ = reference_model(ckpt)
         with torch.no_grad():
             _REF_LOGITS[key] = torch.stack([ref(input_ids=ids[i:i + 1]).logits[0] for i in range(ids.shape[0])])
-
-    class _Cached:
-        i = 0
-
-        def __call__(self, input_ids, use_cache=False):
-            out = type("O", (), {"logits": _REF_LOGITS[key][self.i:self.i + 1]})
-            self.i += 1
-            return out
-
-    m = compare_logits(_Cached(), model, ids)
+    m = compare_logits(ReplayedLogits(_REF_LOGITS[key]), model, ids)
     return m["roundtrip_kl"], m["roundtrip_max_abs_diff"]
 
 
@@ -390,6 +381,28 @@ def make_ctx(tmp_path: Path, stage_id: str = "export", key: str | None = "f" * 6
 
     return StageContext(stage_id=stage_id, uses="x", key=key, out_dir=tmp_path / "out", scratch=tmp_path / "scratch",
                         run_dir=tmp_path / "run", runs_root=tmp_path / "runs", quiet=True)
+
+
+def test_verify_setup_is_shared_by_the_export_stages(irs, tmp_path):
+    """One round-trip setup (qflow's model, tokenizer, windows) and one fingerprint for both exporters."""
+    from qflow.export.verify import ReplayedLogits, compare_logits, verify_fingerprint_sources, verify_setup
+    from qflow.specs import DataSpec
+    from stages.export_gguf import ExportGGUF
+    from stages.export_safetensors import ExportSafetensors
+
+    data = DataSpec(source="zoo:lee-news", seq_len=32)
+    ref, tok, ids = verify_setup(irs["sym4"], data, 2, tmp_path / "cache")
+    assert tuple(ids.shape) == (2, 32) and int(ids.max()) < len(tok)
+    with torch.no_grad():
+        logits = torch.stack([ref(input_ids=ids[i:i + 1]).logits[0] for i in range(2)])
+    same = compare_logits(ref, ReplayedLogits(logits.numpy()), ids)
+    assert same["roundtrip_kl"] == 0 and same["roundtrip_top1_agree"] == 1 and same["roundtrip_max_abs_diff"] == 0
+    for stage in (ExportSafetensors, ExportGGUF):
+        cfg = stage.Config(verify_data=data, verify_windows=2)
+        assert stage.fingerprint_sources(cfg, tmp_path / "cache") == verify_fingerprint_sources(data, 2,
+                                                                                               tmp_path / "cache")
+        assert stage.fingerprint_sources(stage.Config(verify_windows=0), tmp_path / "cache") == {}
+    assert set(verify_fingerprint_sources(data, 2, tmp_path / "cache")) == {"verify_data"}
 
 
 def test_stage_writes_verifies_and_places(irs, tmp_path):

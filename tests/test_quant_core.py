@@ -6,6 +6,8 @@ torch reference and forced to the numba kernels.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ import torch
 from qflow.quant import dispatch
 from qflow.quant import affine
 from qflow.quant.spec import QuantSpec, gguf_bpw
+from qflow.quant.sqnr import sqnr_db, sqnr_from_sums
 
 
 @pytest.fixture(params=["torch", "numba"])
@@ -110,16 +113,45 @@ def test_pack_codes_1_to_8_is_0x87654321(backend):
 
 # ---- §3 RTN ----
 
+# ---- SQNR: one definition (qflow/quant/sqnr.py), torch or numpy ----
+
+@pytest.mark.parametrize("lib", ["torch", "numpy"])
+@pytest.mark.parametrize("signal, approx, expected", [
+    ([0.0, 0.0, 0.0], [0.0, 0.0, 0.0], math.inf),      # no signal, no noise
+    ([0.0, 0.0, 0.0], [0.0, 0.5, 0.0], -math.inf),     # no signal, some noise
+    ([0.3, -1.0, 2.0], [0.3, -1.0, 2.0], math.inf),    # no noise
+    ([1.0, 2.0], [1.0, 2.1], 26.9897),                 # 10 log10(5 / 0.01)
+])
+def test_sqnr_edges(lib, signal, approx, expected):
+    y, y_hat = np.array(signal, np.float32), np.array(approx, np.float32)
+    if lib == "torch":
+        y, y_hat = torch.from_numpy(y), torch.from_numpy(y_hat)
+    assert sqnr_db(y, y_hat) == pytest.approx(expected, abs=1e-3)
+
+
+def test_sqnr_torch_and_numpy_agree_and_sums():
+    rng = np.random.default_rng(4)
+    y = rng.standard_normal((16, 40)).astype(np.float32)
+    y_hat = y + rng.standard_normal(y.shape).astype(np.float32) * 0.01
+    from_torch = sqnr_db(torch.from_numpy(y), torch.from_numpy(y_hat))
+    assert from_torch == pytest.approx(sqnr_db(y, y_hat), rel=1e-12)
+    assert from_torch == pytest.approx(40.0, abs=0.5)
+    signal = float((y.astype(np.float64) ** 2).sum())
+    noise = float(((y.astype(np.float64) - y_hat) ** 2).sum())
+    assert sqnr_from_sums(signal, noise) == pytest.approx(from_torch, rel=1e-12)
+    assert sqnr_from_sums(0.0, 0.0) == math.inf and sqnr_from_sums(0.0, 1e-9) == -math.inf
+
+
 @pytest.mark.parametrize("bits, target_db", [(8, 44.5), (4, 19.9)])
 def test_rtn_sqnr_asym_z_g128(backend, bits, target_db):
     w = torch.from_numpy(np.random.default_rng(0).standard_normal((256, 4096), dtype=np.float32))
     spec = QuantSpec(bits=bits, group_size=128)
-    assert affine.sqnr_db(w, dispatch.fake_quant(w, spec)) == pytest.approx(target_db, abs=0.5)
+    assert sqnr_db(w, dispatch.fake_quant(w, spec)) == pytest.approx(target_db, abs=0.5)
 
 
 def test_rtn_per_channel_8bit_wide_rows(backend):
     w = torch.from_numpy(np.random.default_rng(1).standard_normal((64, 11008), dtype=np.float32))
-    assert affine.sqnr_db(w, dispatch.fake_quant(w, QuantSpec(bits=8, group_size=-1))) >= 40
+    assert sqnr_db(w, dispatch.fake_quant(w, QuantSpec(bits=8, group_size=-1))) >= 40
 
 
 @pytest.mark.parametrize("spec_kw", [

@@ -38,7 +38,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .stats import fmt_db, sqnr_from_sums
+from qflow.quant.sqnr import sqnr_from_sums
+
+from .stats import fmt_db
 
 WORST_N = 10
 

@@ -1,8 +1,8 @@
-"""Small statistics shared by the evaluation: SQNR, cosine, paired bootstrap.
+"""Small statistics shared by the evaluation: cosine, paired bootstrap (SQNR: qflow/quant/sqnr.py).
 
 Example::
 
-    sqnr_db(torch.tensor([1., 2.]), torch.tensor([1., 2.1]))   # 26.9897
+    cosine(torch.tensor([1., 0.]), torch.tensor([1., 1.]))     # 0.7071
     paired_bootstrap_ci(q, fp, lambda q, fp: q.mean() - fp.mean(), rng)
 """
 
@@ -13,22 +13,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-
-
-def sqnr_from_sums(signal_sq: float, noise_sq: float) -> float:
-    """``10·log10(Σy² / Σ(y−ŷ)²)`` dB; ``inf`` when the noise is exactly zero (identical tensors)."""
-    if noise_sq <= 0.0:
-        return math.inf
-    if signal_sq <= 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal_sq / noise_sq)
-
-
-def sqnr_db(y: torch.Tensor, y_hat: torch.Tensor) -> float:
-    """SQNR of ``y_hat`` against the reference ``y`` (flattened), in dB (METHODS.md §11)."""
-    y = y.double().reshape(-1)
-    noise = (y - y_hat.double().reshape(-1)).pow(2).sum()
-    return sqnr_from_sums(float(y.pow(2).sum()), float(noise))
 
 
 def cosine(y: torch.Tensor, y_hat: torch.Tensor) -> float:

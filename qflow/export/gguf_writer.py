@@ -46,6 +46,7 @@ from typing import Any, Callable
 import numpy as np
 
 from qflow.errors import StageError
+from qflow.quant.sqnr import sqnr_db
 
 from . import mapping
 
@@ -255,7 +256,7 @@ def plan_quantized(layer: mapping.IRLayer, gguf_name: str, perm: np.ndarray | No
             if status == "exact" and not np.array_equal(decoded, ref):
                 raise RuntimeError(f"qflow bug: {gguf_name} maps exactly to {t} but does not decode to the IR weight")
             note = "" if is_exact else ("fp16 d rounded" if not d_ok else "fp16 m = -z*s rounded (codes kept)")
-            return TensorPlan(gguf_name, t, status, data, _sqnr(ref, decoded), note)
+            return TensorPlan(gguf_name, t, status, data, sqnr_db(ref, decoded), note)
         why = f"codes of {layer.spec.bits}-bit {layer.spec.scheme} do not fit a Q4/Q5/Q8 block type"
     # re-quantize from the IR's dequantized weight
     t = auto_requant_type(layer.spec) if requant_type == "auto" else requant_type
@@ -268,19 +269,13 @@ def plan_quantized(layer: mapping.IRLayer, gguf_name: str, perm: np.ndarray | No
 
         data = gguf.quants.quantize(ref, gguf.GGMLQuantizationType[t])
         decoded = _dequant(data, t, layer.in_features)
-    return TensorPlan(gguf_name, t, "requantized", data, _sqnr(ref, decoded), why)
+    return TensorPlan(gguf_name, t, "requantized", data, sqnr_db(ref, decoded), why)
 
 
 def _dequant(data: np.ndarray, qtype: str, cols: int) -> np.ndarray:
     import gguf
 
     return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]).reshape(data.shape[0], cols)
-
-
-def _sqnr(ref: np.ndarray, approx: np.ndarray) -> float:
-    from .safetensors_ct import sqnr_db
-
-    return sqnr_db(ref, approx)
 
 
 # ---------------------------------------------------------------- metadata
@@ -396,11 +391,8 @@ def export_gguf(ckpt, path: str | Path, *, mode: str = "exact", requant_type: st
     ``compact`` (smallest type that keeps the codes, rounding fp16 ``m`` if needed).
     """
     import gguf
-    import torch
-    from safetensors import safe_open
 
     from qflow import __version__
-    from qflow.quant.weights import weight_files
 
     base = Path(ckpt.base_model)
     cfg = _hf_config(base)
@@ -423,36 +415,8 @@ def export_gguf(ckpt, path: str | Path, *, mode: str = "exact", requant_type: st
     w.add_string("qflow.layers", json.dumps({n: r.spec.model_dump(mode="json") for n, r in ckpt.layers.items()},
                                             sort_keys=True, separators=(",", ":")))
 
-    plans: list[TensorPlan] = []
-    ir_floats = set(ckpt.floats)
-    files = weight_files(base)
-    for f in dict.fromkeys(files.values()):
-        with safe_open(str(f), framework="pt") as h:
-            for key in h.keys():
-                gname = gguf_tensor_name(key)
-                module = key[: -len(".weight")] if key.endswith(".weight") else None
-                n_perm = heads if ".attn_q." in gname else kv_heads if ".attn_k." in gname else None
-                perm = permute_rows(int(h.get_slice(key).get_shape()[0]), n_perm) if n_perm else None
-                if module in ckpt.layers:
-                    layer = mapping.load_ir_layer(ckpt, module)
-                    plan = plan_quantized(layer, gname, perm, mode=mode, requant_type=requant_type)
-                else:
-                    t = ckpt.float_tensor(key) if key in ir_floats else h.get_tensor(key)
-                    arr = t.to(torch.float32).numpy()
-                    if perm is not None:
-                        arr = arr[perm]
-                    ftype = float_type if arr.ndim == 2 else "F32"
-                    data = arr.astype(np.float16 if ftype == "F16" else np.float32)
-                    plan = TensorPlan(gname, ftype, "float", data, _sqnr(arr, data.astype(np.float32)), "")
-                if plan.qtype in _TYPES:
-                    w.add_tensor(gname, plan.data, raw_dtype=gguf.GGMLQuantizationType[plan.qtype])
-                else:
-                    w.add_tensor(gname, plan.data)
-                plan.data = None  # written (spooled); keep only the report
-                plan.source = (key, n_perm)
-                plans.append(plan)
-                if progress and module in ckpt.layers:
-                    progress()
+    plans = _write_tensors(w, ckpt, heads, kv_heads, mode=mode, requant_type=requant_type, float_type=float_type,
+                           progress=progress)
     quant_types = [p.qtype for p in plans if p.status != "float"]
     file_type = _file_type(quant_types, float_type)
     w.add_file_type(file_type)
@@ -472,6 +436,39 @@ def export_gguf(ckpt, path: str | Path, *, mode: str = "exact", requant_type: st
         "n_requantized_tensors": counts["requantized"], "n_float_tensors": counts["float"],
         "min_sqnr_db": min(lossy) if lossy else math.inf,
     }
+
+
+def _write_tensors(w, ckpt, heads: int, kv_heads: int, *, mode: str, requant_type: str, float_type: str,
+                   progress: Callable[[], None] | None) -> list[TensorPlan]:
+    """Add every base-model tensor to ``w`` in the base's order (quantized layers planned from the IR)."""
+    import gguf
+    import torch
+
+    plans: list[TensorPlan] = []
+    for key, module, h in mapping.base_tensors(ckpt):
+        gname = gguf_tensor_name(key)
+        n_perm = heads if ".attn_q." in gname else kv_heads if ".attn_k." in gname else None
+        perm = permute_rows(int(h.get_slice(key).get_shape()[0]), n_perm) if n_perm else None
+        if module is not None:
+            plan = plan_quantized(mapping.load_ir_layer(ckpt, module), gname, perm, mode=mode,
+                                  requant_type=requant_type)
+        else:
+            arr = mapping.float_tensor(ckpt, key, h).to(torch.float32).numpy()
+            if perm is not None:
+                arr = arr[perm]
+            ftype = float_type if arr.ndim == 2 else "F32"
+            data = arr.astype(np.float16 if ftype == "F16" else np.float32)
+            plan = TensorPlan(gname, ftype, "float", data, sqnr_db(arr, data.astype(np.float32)), "")
+        if plan.qtype in _TYPES:
+            w.add_tensor(gname, plan.data, raw_dtype=gguf.GGMLQuantizationType[plan.qtype])
+        else:
+            w.add_tensor(gname, plan.data)
+        plan.data = None  # written (spooled); keep only the report
+        plan.source = (key, n_perm)
+        plans.append(plan)
+        if progress and module is not None:
+            progress()
+    return plans
 
 
 def _file_type(types: list[str], float_type: str) -> int:
@@ -550,3 +547,4 @@ def llama_cpp_logits(path: str | Path, ids) -> "np.ndarray | None":
         llm.eval(row)
         out.append(np.array(llm.scores[: len(row)], dtype=np.float32))
     return np.stack(out)
+

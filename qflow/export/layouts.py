@@ -82,11 +82,12 @@ def unpack_stream(words: np.ndarray, bits: int, n: int, axis: int = -1) -> np.nd
     w = w.reshape(-1, w.shape[-1]).astype(np.int64) & 0xFFFFFFFF
     if w.shape[-1] < stream_words(n, bits):
         raise ValueError(f"{w.shape[-1]} words cannot hold {n} {bits}-bit fields")
-    if 32 % bits == 0:
-        per = 32 // bits
-        shifts = np.arange(per, dtype=np.int64) * bits
-        vals = (w[..., None] >> shifts) & ((1 << bits) - 1)
-        return vals.reshape(w.shape[0], -1)[:, :n].astype(np.uint8).reshape(*lead, n)
+    if bits in (2, 4, 8):  # whole fields per word: the stream is qflow's internal packing (METHODS.md §2.1)
+        import torch
+
+        from qflow.quant.packing import unpack_reference
+
+        return unpack_reference(torch.from_numpy(w), bits, n).numpy().reshape(*lead, n)
     as_bytes = np.ascontiguousarray(w.astype("<u4")).view(np.uint8).reshape(w.shape[0], -1)
     flat = np.unpackbits(as_bytes, axis=1, bitorder="little")[:, : n * bits].reshape(w.shape[0], n, bits)
     vals = (flat.astype(np.uint16) << np.arange(bits, dtype=np.uint16)).sum(-1)

@@ -34,7 +34,8 @@ GPTQ v1 (``gptq``)     2/3/4/8 bits, group/channel/tensor,      zero point 0 (v1
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -100,6 +101,29 @@ class IRLayer:
         return (self.codes.astype(np.float32) - z[:, g]) * s[:, g]
 
 
+def base_tensors(ckpt) -> Iterator[tuple[str, str | None, Any]]:
+    """Every tensor of the base model, file by file in the base's order: ``(key, layer, handle)``.
+
+    ``layer`` is the IR layer whose weight ``key`` is (None for every other tensor);
+    ``handle`` is the open safetensors file (for :func:`float_tensor` or a shape).
+    """
+    from safetensors import safe_open
+
+    from qflow.quant.weights import weight_files
+
+    files = weight_files(Path(ckpt.base_model))
+    for f in dict.fromkeys(files.values()):
+        with safe_open(str(f), framework="pt") as h:
+            for key in h.keys():
+                module = key[: -len(".weight")] if key.endswith(".weight") else None
+                yield key, (module if module in ckpt.layers else None), h
+
+
+def float_tensor(ckpt, key: str, handle):
+    """A tensor the IR does not quantize: its float delta (e.g. an AWQ-folded norm), else the base model's."""
+    return ckpt.float_tensor(key) if key in ckpt.floats else handle.get_tensor(key)
+
+
 def load_ir_layer(ckpt, name: str) -> IRLayer:
     codes, scale, zero = ckpt.params(name)
     t = ckpt.layer_tensors(name)
@@ -135,6 +159,17 @@ def cast_scale(scale: np.ndarray, dtype: str) -> tuple[np.ndarray, bool]:
     ok = bool(np.array_equal(rounded, scale.astype(np.float32)) and np.all(np.isfinite(rounded))
               and np.all(rounded > 0))
     return rounded, ok
+
+
+def fp16_scale(layer: IRLayer, scale: np.ndarray, on_inexact: str, notes: list[str]) -> tuple[np.ndarray, bool]:
+    """``scale`` rounded to fp16 (AutoAWQ / GPTQ store fp16 scales) and whether that is exact."""
+    s16, ok = cast_scale(scale, "float16")
+    if not ok:
+        msg = f"{layer.name}: {layer.spec.scale_dtype} scales are not all representable in fp16; rounded"
+        if on_inexact == "error":
+            raise Inexact(msg)
+        notes.append(msg)
+    return s16, ok
 
 
 def integer_zero(layer: IRLayer, on_inexact: str, notes: list[str], *, lo: int = 0) -> tuple[np.ndarray, bool]:
@@ -247,13 +282,7 @@ def to_awq_gemm(layer: IRLayer, on_inexact: str = "round") -> Mapped:
     if spec.act_bits:
         raise Unsupported("AutoAWQ GEMM is weight-only; the layer quantizes activations")
     notes: list[str] = []
-    s, ok = cast_scale(layer.scale, "float16")
-    exact = ok
-    if not ok:
-        msg = f"{layer.name}: {spec.scale_dtype} scales are not all representable in fp16; rounded"
-        if on_inexact == "error":
-            raise Inexact(msg)
-        notes.append(msg)
+    s, exact = fp16_scale(layer, layer.scale, on_inexact, notes)
     zi, z_ok = integer_zero(layer, on_inexact, notes)
     exact = exact and z_ok
     tensors = {
@@ -284,13 +313,7 @@ def to_gptq(layer: IRLayer, checkpoint_format: str = "gptq", on_inexact: str = "
         raise Unsupported("GPTQ is weight-only; the layer quantizes activations")
     notes: list[str] = []
     s, z = layer.per_channel_params()  # per-tensor -> per-channel with one repeated scale (exact)
-    s16, ok = cast_scale(s, "float16")
-    exact = ok
-    if not ok:
-        msg = f"{layer.name}: {spec.scale_dtype} scales are not all representable in fp16; rounded"
-        if on_inexact == "error":
-            raise Inexact(msg)
-        notes.append(msg)
+    s16, exact = fp16_scale(layer, s, on_inexact, notes)
     v1 = checkpoint_format == "gptq"
     zi, z_ok = integer_zero(layer, on_inexact, notes)
     exact = exact and z_ok

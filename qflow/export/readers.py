@@ -45,7 +45,6 @@ def decode_compressed_tensors(t: dict[str, np.ndarray], weights: dict[str, Any],
     if fmt == "int-quantized" or "weight" in t:
         q = np.asarray(t["weight"]).astype(np.float32)  # signed
         out, cols = q.shape
-        zero_u = None
         q_u = q + half
     else:
         out, cols = (int(x) for x in np.asarray(t["weight_shape"]).reshape(-1)[:2])
@@ -292,7 +291,6 @@ def load_with_compressed_tensors(folder: str | Path, dtype: str = "float32"):
     compressor use), the library's compressors decode each module
     (:func:`ct_library_state_dict`) into a float model. ``how`` says which.
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qflow.models.loading import DEFAULT_ATTN_IMPLEMENTATION, _torch_dtype

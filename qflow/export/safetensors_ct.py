@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from qflow.errors import StageError
+from qflow.quant.sqnr import sqnr_db
 
 from . import mapping, readers
 
@@ -41,14 +42,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 class ExportError(StageError):
     """The export cannot be written as asked (the message says why and what to change)."""
-
-
-def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
-    ref = ref.astype(np.float64)
-    noise = float(np.sum((ref - approx.astype(np.float64)) ** 2))
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(float(np.sum(ref ** 2)) / noise)
 
 
 def model_dtype(base_dir: Path, requested: str) -> str:
@@ -214,11 +207,7 @@ def export_hf_folder(ckpt, out_dir: str | Path, *, layout: str = "compressed-ten
     unless a zero point of 0 needs v2), ``gptq`` (v1; zeros of 0 clamped to 1) or
     ``gptq_v2``. Layers are mapped and written one at a time, in the base model's order.
     """
-    import torch
-    from safetensors import safe_open
-
     from qflow import __version__
-    from qflow.quant.weights import weight_files
 
     if layout not in LAYOUTS:
         raise ExportError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
@@ -235,33 +224,8 @@ def export_hf_folder(ckpt, out_dir: str | Path, *, layout: str = "compressed-ten
             "qflow_recipe_key": str(qflow_meta.get("recipe_key") or ""),
             "qflow_method": ckpt.method, "qflow_layers": json.dumps(layer_specs, sort_keys=True, separators=(",", ":"))}
     writer = _ShardWriter(out_dir, meta)
-    report_layers: dict[str, dict[str, Any]] = {}
-    schemes: dict[str, dict[str, Any] | None] = {}
-    notes: list[str] = []
-    ir_floats = set(ckpt.floats)
-    files = weight_files(base)
-    for f in dict.fromkeys(files.values()):
-        with safe_open(str(f), framework="pt") as h:
-            for key in h.keys():
-                module = key[: -len(".weight")] if key.endswith(".weight") else None
-                if module in ckpt.layers:
-                    m, q = _map_checked(ckpt, module, layout, dtype, on_unsupported, on_inexact, gptq_format)
-                    for suffix, arr in m.tensors.items():
-                        store = None
-                        if (suffix == "weight" and m.status == "float") or suffix == "weight_scale":
-                            store = dtype  # compressed-tensors scales live in the model dtype
-                        writer.add(f"{module}.{suffix}", _torch(arr, store))
-                    schemes[module] = m.scheme if m.status != "float" else None
-                    notes += m.notes
-                    report_layers[module] = {"status": m.status, "spec": layer_specs[module], "sqnr_db": q,
-                                             "notes": m.notes}
-                    if progress:
-                        progress()
-                    continue
-                t = ckpt.float_tensor(key) if key in ir_floats else h.get_tensor(key)
-                if t.is_floating_point():
-                    t = t.to(getattr(torch, dtype))
-                writer.add(key, t)
+    report_layers, schemes, notes = _write_tensors(writer, ckpt, layout, dtype, on_unsupported, on_inexact,
+                                                   gptq_format, layer_specs, progress)
     missing = sorted(set(ckpt.layers) - set(report_layers))
     if missing:
         raise ExportError(f"the base model {base} has no weight for IR layers {missing[:3]}")
@@ -272,18 +236,13 @@ def export_hf_folder(ckpt, out_dir: str | Path, *, layout: str = "compressed-ten
     unquantized_linears = [n for n in linears if n not in quantized]
     qcfg = _quantization_config(layout, quantized, unquantized_linears)
 
-    cfg = json.loads((base / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    cfg.pop("torch_dtype", None)
-    cfg["dtype"] = dtype
-    cfg["quantization_config"] = qcfg
     counts = {s: sum(r["status"] == s for r in report_layers.values()) for s in ("exact", "rounded", "float")}
-    cfg["qflow"] = {"version": __version__, "layout": layout, "method": ckpt.method,
-                    "recipe_key": qflow_meta.get("recipe_key"), "base_model": str(base),
-                    **{k: v for k, v in qflow_meta.items() if k != "recipe_key"},
-                    "mapping": counts,
-                    "layers": {n: {"spec": r["spec"], "status": r["status"]} for n, r in report_layers.items()}}
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    _write_config(out_dir, base, dtype, qcfg, {
+        "version": __version__, "layout": layout, "method": ckpt.method,
+        "recipe_key": qflow_meta.get("recipe_key"), "base_model": str(base),
+        **{k: v for k, v in qflow_meta.items() if k != "recipe_key"},
+        "mapping": counts,
+        "layers": {n: {"spec": r["spec"], "status": r["status"]} for n, r in report_layers.items()}})
     for fname in TOKENIZER_FILES:
         if (base / fname).is_file():
             shutil.copy2(base / fname, out_dir / fname)
@@ -292,6 +251,50 @@ def export_hf_folder(ckpt, out_dir: str | Path, *, layout: str = "compressed-ten
             "n_exact": counts["exact"], "n_rounded": counts["rounded"], "n_float": counts["float"],
             "min_sqnr_db": min(finite) if finite else math.inf, "notes": notes,
             "unquantized": unquantized_linears, "quantization_config": qcfg}
+
+
+def _write_tensors(writer, ckpt, layout: str, dtype: str, on_unsupported: str, on_inexact: str, gptq_format: str,
+                   layer_specs: dict[str, Any], progress: Callable[[], None] | None):
+    """Every base-model tensor into ``writer`` in the base's order, IR layers mapped to ``layout``.
+
+    Returns (per-layer report, scheme per layer (None: written float), notes).
+    """
+    import torch
+
+    report_layers: dict[str, dict[str, Any]] = {}
+    schemes: dict[str, dict[str, Any] | None] = {}
+    notes: list[str] = []
+    for key, module, h in mapping.base_tensors(ckpt):
+        if module is not None:
+            m, q = _map_checked(ckpt, module, layout, dtype, on_unsupported, on_inexact, gptq_format)
+            for suffix, arr in m.tensors.items():
+                store = None
+                if (suffix == "weight" and m.status == "float") or suffix == "weight_scale":
+                    store = dtype  # compressed-tensors scales live in the model dtype
+                writer.add(f"{module}.{suffix}", _torch(arr, store))
+            schemes[module] = m.scheme if m.status != "float" else None
+            notes += m.notes
+            report_layers[module] = {"status": m.status, "spec": layer_specs[module], "sqnr_db": q, "notes": m.notes}
+            if progress:
+                progress()
+            continue
+        t = mapping.float_tensor(ckpt, key, h)
+        if t.is_floating_point():
+            t = t.to(getattr(torch, dtype))
+        writer.add(key, t)
+    return report_layers, schemes, notes
+
+
+def _write_config(out_dir: Path, base: Path, dtype: str, quantization_config: dict[str, Any],
+                  qflow_section: dict[str, Any]) -> None:
+    """The base model's config.json with the export's dtype, ``quantization_config`` and ``qflow`` section."""
+    cfg = json.loads((base / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    cfg.pop("torch_dtype", None)
+    cfg["dtype"] = dtype
+    cfg["quantization_config"] = quantization_config
+    cfg["qflow"] = qflow_section
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
 def _spec_text(spec) -> str:

@@ -184,15 +184,3 @@ def double_dequantize(dq: dict[str, torch.Tensor], block: int = 256) -> torch.Te
     n = codes.numel()
     scale2 = dq["absmax2"].repeat_interleave(block)[:n]
     return (dq["map"][codes] * scale2 + dq["offset"]).reshape(dq["codes"].shape)
-
-
-def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """``10 log10(sum y^2 / sum (y - y_hat)^2)``; ``inf`` when identical."""
-    ref = reference.double()
-    noise = (ref - approx.double()).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
-    if noise == 0:
-        return float("inf")
-    import math
-
-    return 10 * math.log10(signal / noise)
