@@ -147,7 +147,7 @@ class ExportGGUF(Stage):
         from qflow.export.gguf_writer import llama_cpp_logits
         from qflow.export.verify import compare_logits, eval_windows, reference_model
         from qflow.models.loading import load_model
-        from qflow.models.sources import convert_gguf
+        from qflow.models.gguf_import import convert_gguf
 
         ref, tok = reference_model(ckpt)
         ids = eval_windows(cfg.verify_data, tok, cfg.verify_windows, ctx.runs_root / "cache")
