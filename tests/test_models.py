@@ -325,3 +325,42 @@ def test_offline_hub_is_a_clear_error(tmp_path, monkeypatch):
 def test_unknown_zoo_model_suggests_the_right_name(tmp_path):
     with pytest.raises(SourceError, match="no zoo model 'smollm2-135'.*did you mean 'smollm2-135m'"):
         resolve_model("zoo:smollm2-135", tmp_path / "cache")
+
+
+# ---------------------------------------------------------------- the shard writer (GGUF converter and safetensors export)
+
+
+def _random_tensors(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((48, 64)).astype(np.float32) for i in range(5)}
+
+
+@pytest.mark.parametrize("max_bytes, n_files", [(10**9, 1), (2 * 48 * 64 * 4, 3), (1, 5)])
+def test_shard_writer_numpy_and_torch_write_the_same_files(tmp_path, max_bytes, n_files):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    from qflow.models.shards import ShardWriter
+
+    tensors = _random_tensors(max_bytes)
+    written = {}
+    for kind in ("numpy", "torch"):
+        out = tmp_path / kind
+        out.mkdir()
+        writer = ShardWriter(out, max_bytes=max_bytes)  # metadata {"format": "pt"}, which transformers needs
+        for name, array in tensors.items():
+            writer.add(name, array if kind == "numpy" else torch.from_numpy(array.T.copy()).T)  # a strided view
+        written[kind] = writer.close()
+        assert sorted(p.name for p in out.iterdir()) == sorted(written[kind] + (["model.safetensors.index.json"]
+                                                                                if n_files > 1 else []))
+    assert written["numpy"] == written["torch"] and len(written["numpy"]) == n_files
+    for name in written["numpy"]:
+        assert (tmp_path / "numpy" / name).read_bytes() == (tmp_path / "torch" / name).read_bytes()
+        with safe_open(tmp_path / "numpy" / name, framework="np") as handle:
+            assert handle.metadata() == {"format": "pt"}
+    loaded = {k: v for name in written["numpy"] for k, v in load_file(tmp_path / "numpy" / name).items()}
+    assert loaded.keys() == tensors.keys() and all(np.array_equal(loaded[k], tensors[k]) for k in tensors)
+    if n_files > 1:
+        index = json.loads((tmp_path / "numpy" / "model.safetensors.index.json").read_text())
+        assert index["metadata"]["total_size"] == sum(a.nbytes for a in tensors.values())
+        assert set(index["weight_map"]) == set(tensors) and set(index["weight_map"].values()) == set(written["numpy"])
