@@ -24,8 +24,8 @@ class ShardWriter:
     """safetensors shards of at most ``max_bytes`` (a larger tensor gets a shard of its own)."""
 
     def __init__(self, out_dir: Path, *, max_bytes: int, metadata: dict[str, str] | None = None):
-        # transformers refuses safetensors files without format metadata
         self.out_dir, self.max_bytes = Path(out_dir), max_bytes
+        # transformers refuses safetensors files without format metadata
         self.metadata = metadata if metadata is not None else {"format": "pt"}
         self.pending: dict[str, Any] = {}
         self.pending_bytes = 0
