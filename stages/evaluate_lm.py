@@ -131,7 +131,7 @@ class EvaluateLM(Stage):
         ckpt = None
         q_model = fp_model
         if isinstance(model, QuantizedCheckpoint):
-            from qflow.quant.apply import apply_checkpoint
+            from qflow.models.quantized import apply_checkpoint
             from qflow.quant.ir import Checkpoint
 
             ckpt = Checkpoint(model.ir_dir)
@@ -211,7 +211,7 @@ class EvaluateLM(Stage):
 
         if ckpt is not None:
             # the dispatcher's kernels on every forward: QLinear, no cached dequantized weight
-            from qflow.quant.apply import apply_checkpoint
+            from qflow.models.quantized import apply_checkpoint
 
             if any(isinstance(m, QLinear) for m in q_model.modules()):
                 for m in q_model.modules():

@@ -69,7 +69,7 @@ class EvaluateLMEval(Stage):
 
         net, tok = load_model(model.model_dir, dtype=cfg.dtype, device=ctx.device)
         if isinstance(model, QuantizedCheckpoint):
-            from qflow.quant.apply import apply_checkpoint
+            from qflow.models.quantized import apply_checkpoint
             from qflow.quant.ir import Checkpoint
 
             ckpt = Checkpoint(model.ir_dir)

@@ -141,7 +141,7 @@ class ExportGGUF(Stage):
 
         from qflow.export.verify import compare_logits, verify_setup
         from qflow.models.loading import load_model
-        from qflow.models.sources import convert_gguf
+        from qflow.models.gguf_import import convert_gguf
 
         ref, tok, ids = verify_setup(ckpt, cfg.verify_data, cfg.verify_windows, ctx.runs_root / "cache")
         folder = ctx.scratch / "gguf-as-hf"

@@ -108,7 +108,7 @@ class AWQ(Stage):
 
     def run(self, ctx, cfg, model, calib):
         from qflow.quant.algos.awq import quantize_model_awq
-        from qflow.quant.calibrated import calibration_ids, checkpoint_meta, open_float_model
+        from qflow.quant.algos.calibrated import calibration_ids, checkpoint_meta, open_float_model
 
         net, adapter = open_float_model(cfg, model)
         ids = calibration_ids(ctx, calib, uses="quantize.awq")

@@ -84,7 +84,7 @@ class GPTQ(Stage):
 
     def run(self, ctx, cfg, model, calib):
         from qflow.quant.algos.gptq_model import quantize_model_gptq
-        from qflow.quant.calibrated import calibration_ids, checkpoint_meta, open_float_model
+        from qflow.quant.algos.calibrated import calibration_ids, checkpoint_meta, open_float_model
 
         net, adapter = open_float_model(cfg, model)
         ids = calibration_ids(ctx, calib, uses="quantize.gptq")

@@ -82,7 +82,7 @@ class SmoothQuant(Stage):
 
     def run(self, ctx, cfg, model, calib):
         from qflow.quant.algos.smoothquant_model import collect_act_max, quantize_model_smoothquant
-        from qflow.quant.calibrated import calibration_ids, checkpoint_meta, open_float_model
+        from qflow.quant.algos.calibrated import calibration_ids, checkpoint_meta, open_float_model
 
         net, adapter = open_float_model(cfg, model)
         names = [f"{adapter.block_name(i)}.{site.linears[0]}" for i, b in enumerate(adapter.blocks())

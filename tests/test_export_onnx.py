@@ -371,7 +371,7 @@ def w8a8_case(request, tiny_model_dir, eval_ids, tmp_path_factory):
     from onnx import TensorProto, helper, numpy_helper
 
     from qflow.export.onnx_graph import build_onnx
-    from qflow.quant.apply import load_quantized_model
+    from qflow.models.quantized import load_quantized_model
     from qflow.quant.qlinear import QLinear
     from qflow.quant.spec import QuantSpec
 

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+import qflow.models.gguf_import as gguf_import
 import qflow.models.sources as sources
 from qflow.data import fingerprint, load_text, make_windows
 from qflow.errors import SourceError
+from qflow.fingerprint import digest
 from qflow.models import fingerprint_model_source, load_model, resolve_model
 
 EVAL_ALL = "7a0c5ed98c66cb6c0e5692f7c600fdec72de58c94cd9ef8d6f5a137ebb01ed77"
@@ -69,7 +71,7 @@ def test_bundled_gguf_is_bit_identical_to_transformers_gguf_loader(bundled):
 def test_conversion_is_cached_and_recorded(bundled, cache):
     again = resolve_model("zoo:smollm2-135m", cache)
     assert again == bundled
-    record = json.loads((bundled.path / sources.MARKER_FILE).read_text())
+    record = json.loads((bundled.path / gguf_import.MARKER_FILE).read_text())
     assert record["fingerprint"] == bundled.fingerprint and record["converter_version"] == 1
     assert record["conversion_seconds"] > 0
     assert {p.name for p in bundled.path.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
@@ -154,8 +156,8 @@ def _write_gguf(path: Path, model, arch: str = "llama") -> None:
     writer.add_eos_token_id(257)
     writer.add_add_bos_token(False)
 
-    block = {v: k for k, v in sources._GGUF_BLOCK_NAMES.items()}
-    top = {v: k for k, v in sources._GGUF_GLOBAL_NAMES.items()}
+    block = {v: k for k, v in gguf_import._GGUF_BLOCK_NAMES.items()}
+    top = {v: k for k, v in gguf_import._GGUF_GLOBAL_NAMES.items()}
     q8 = gguf.GGMLQuantizationType.Q8_0
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -194,7 +196,7 @@ def test_tiny_gguf_round_trip_sharded(tiny_gguf, tmp_path, monkeypatch):
     from transformers import LlamaForCausalLM
 
     path, original = tiny_gguf
-    monkeypatch.setattr(sources, "MAX_SHARD_BYTES", 100_000)
+    monkeypatch.setattr(gguf_import, "MAX_SHARD_BYTES", 100_000)
     resolved = resolve_model(f"gguf:{path}", tmp_path / "cache")
     index = json.loads((resolved.path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
@@ -227,13 +229,13 @@ def test_tiny_gguf_tied_embeddings(tmp_path):
 def test_killed_conversion_leaves_nothing_half_written(tiny_gguf, tmp_path, monkeypatch):
     path, _ = tiny_gguf
     cache = tmp_path / "cache"
-    real_convert = sources.convert_gguf
+    real_convert = gguf_import.convert_gguf
 
     def dies_midway(gguf_path, out_dir, source=None):
         (Path(out_dir) / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sources, "convert_gguf", dies_midway)
+    monkeypatch.setattr(gguf_import, "convert_gguf", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         resolve_model(f"gguf:{path}", cache)
     models = cache / "models"
@@ -242,7 +244,7 @@ def test_killed_conversion_leaves_nothing_half_written(tiny_gguf, tmp_path, monk
     stale = models / f".tmp-gguf-{fingerprint_model_source(f'gguf:{path}', cache)[:32]}-999-dead"
     stale.mkdir()  # what a SIGKILL leaves behind
     calls = []
-    monkeypatch.setattr(sources, "convert_gguf", lambda *a, **k: (calls.append(1), real_convert(*a, **k)))
+    monkeypatch.setattr(gguf_import, "convert_gguf", lambda *a, **k: (calls.append(1), real_convert(*a, **k)))
     results = []
     threads = [threading.Thread(target=lambda: results.append(resolve_model(f"gguf:{path}", cache))) for _ in range(3)]
     for thread in threads:
@@ -251,7 +253,7 @@ def test_killed_conversion_leaves_nothing_half_written(tiny_gguf, tmp_path, monk
         thread.join()
     assert len(calls) == 1 and len({r.path for r in results}) == 1
     assert not stale.exists()
-    assert (results[0].path / sources.MARKER_FILE).is_file()
+    assert (results[0].path / gguf_import.MARKER_FILE).is_file()
 
 
 def test_non_llama_gguf_is_refused(tmp_path):
@@ -315,7 +317,7 @@ def test_offline_hub_is_a_clear_error(tmp_path, monkeypatch):
     message = str(info.value)
     assert message.startswith(f"{source}: the Hugging Face Hub is offline (HF_HUB_OFFLINE=1)")
     assert "not in the local Hugging Face cache" in message and "Fix:" in message and "HF_HUB_OFFLINE=0" in message
-    assert fingerprint_model_source(source, tmp_path / "cache") == sources._digest(
+    assert fingerprint_model_source(source, tmp_path / "cache") == digest(
         kind="hf", repo_id="qflow-tests/not-a-real-model", revision="v1"
     )
 
@@ -323,3 +325,42 @@ def test_offline_hub_is_a_clear_error(tmp_path, monkeypatch):
 def test_unknown_zoo_model_suggests_the_right_name(tmp_path):
     with pytest.raises(SourceError, match="no zoo model 'smollm2-135'.*did you mean 'smollm2-135m'"):
         resolve_model("zoo:smollm2-135", tmp_path / "cache")
+
+
+# ---------------------------------------------------------------- the shard writer (GGUF converter and safetensors export)
+
+
+def _random_tensors(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((48, 64)).astype(np.float32) for i in range(5)}
+
+
+@pytest.mark.parametrize("max_bytes, n_files", [(10**9, 1), (2 * 48 * 64 * 4, 3), (1, 5)])
+def test_shard_writer_numpy_and_torch_write_the_same_files(tmp_path, max_bytes, n_files):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    from qflow.models.shards import ShardWriter
+
+    tensors = _random_tensors(max_bytes)
+    written = {}
+    for kind in ("numpy", "torch"):
+        out = tmp_path / kind
+        out.mkdir()
+        writer = ShardWriter(out, max_bytes=max_bytes)  # metadata {"format": "pt"}, which transformers needs
+        for name, array in tensors.items():
+            writer.add(name, array if kind == "numpy" else torch.from_numpy(array.T.copy()).T)  # a strided view
+        written[kind] = writer.close()
+        assert sorted(p.name for p in out.iterdir()) == sorted(written[kind] + (["model.safetensors.index.json"]
+                                                                                if n_files > 1 else []))
+    assert written["numpy"] == written["torch"] and len(written["numpy"]) == n_files
+    for name in written["numpy"]:
+        assert (tmp_path / "numpy" / name).read_bytes() == (tmp_path / "torch" / name).read_bytes()
+        with safe_open(tmp_path / "numpy" / name, framework="np") as handle:
+            assert handle.metadata() == {"format": "pt"}
+    loaded = {k: v for name in written["numpy"] for k, v in load_file(tmp_path / "numpy" / name).items()}
+    assert loaded.keys() == tensors.keys() and all(np.array_equal(loaded[k], tensors[k]) for k in tensors)
+    if n_files > 1:
+        index = json.loads((tmp_path / "numpy" / "model.safetensors.index.json").read_text())
+        assert index["metadata"]["total_size"] == sum(a.nbytes for a in tensors.values())
+        assert set(index["weight_map"]) == set(tensors) and set(index["weight_map"].values()) == set(written["numpy"])

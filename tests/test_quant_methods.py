@@ -15,7 +15,7 @@ from qflow.quant.algos.gptq_model import GPTQOptions, quantize_model_gptq
 from qflow.quant.algos.hqq_model import HQQOptions, quantize_model_hqq
 from qflow.quant.algos.smoothquant_model import (SmoothQuantOptions, collect_act_max, quantize_model_smoothquant,
                                                  smooth_block)
-from qflow.quant.apply import apply_checkpoint
+from qflow.models.quantized import apply_checkpoint
 from qflow.quant.ir import Checkpoint
 from qflow.quant.qlinear import QLinear
 

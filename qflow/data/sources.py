@@ -14,16 +14,13 @@ import takes seconds). Heavy imports happen inside functions only.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from qflow.data.wiki import WIKI_CLEANER_VERSION, wiki_pages
 from qflow.errors import SourceError, did_you_mean
-from qflow.models.sources import hash_file
+from qflow.fingerprint import digest, hash_file
+from qflow.source_common import package_folder, split_source, switched_on
 
 DEFAULT_EVAL_TEXT = "zoo:lee-news"
 DEFAULT_CALIB_TEXT = "zoo:wiki-pages"
@@ -52,19 +49,10 @@ ZOO_TEXTS = {
 
 def parse_text_source(source: str) -> tuple[str, str]:
     """``(kind, value)`` with kind one of zoo, hf, file."""
-    if not isinstance(source, str) or not source.strip():
-        raise SourceError(
-            f"text source {source!r} is empty",
-            fix=f"give zoo:NAME ({', '.join(sorted(ZOO_TEXTS))}), hf:NAME[:CONFIG][@SPLIT] or a file path",
-        )
-    source = source.strip()
-    for kind in ("zoo", "hf"):
-        if source.startswith(kind + ":"):
-            value = source[len(kind) + 1 :]
-            if not value:
-                raise SourceError(f"text source '{source}' names nothing after '{kind}:'", fix=_usage(kind))
-            return kind, value
-    return "file", source
+    return split_source(
+        source, ("zoo", "hf"), noun="text source", fallback="file", usage=_usage,
+        empty_fix=f"give zoo:NAME ({', '.join(sorted(ZOO_TEXTS))}), hf:NAME[:CONFIG][@SPLIT] or a file path",
+    )
 
 
 def _usage(kind: str) -> str:
@@ -86,14 +74,13 @@ def zoo_text_file(name: str) -> Path:
     if name not in ZOO_TEXTS:
         raise SourceError(f"there is no zoo text '{name}'", where=f"zoo:{name}", fix=did_you_mean(name, ZOO_TEXTS))
     zoo = ZOO_TEXTS[name]
-    spec = importlib.util.find_spec(zoo.package)
-    if spec is None or not spec.submodule_search_locations:
+    root = package_folder(zoo.package)
+    if root is None:
         raise SourceError(
             f"zoo text '{name}' ships in the Python package '{zoo.package}', which is not installed",
             where=f"zoo:{name}",
             fix=f"run `{zoo.install}`, or give a text file or hf: dataset instead",
         )
-    root = Path(list(spec.submodule_search_locations)[0])
     matches = sorted(root.glob(zoo.pattern))
     if not matches:
         raise SourceError(
@@ -273,10 +260,7 @@ def _column(rows, field: str, source: str) -> list[str]:
 
 
 def _datasets_offline() -> bool:
-    return any(
-        os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-        for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
-    )
+    return switched_on("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -293,13 +277,13 @@ def text_fingerprint_source(source: str, *, field: str = "text", cache_dir: Path
     if kind == "zoo":
         path = zoo_text_file(value)
         zoo = ZOO_TEXTS[value]
-        return _digest(kind="zoo", name=value, sha256=hash_file(path, cache_dir), cleaner=zoo.cleaner_version)
+        return digest(kind="zoo", name=value, sha256=hash_file(path, cache_dir), cleaner=zoo.cleaner_version)
     if kind == "hf":
         name, config, split = _split_hf(value)
-        return _digest(kind="hf", name=name, config=config, split=split, field=field, commit=_hf_dataset_commit(name))
+        return digest(kind="hf", name=name, config=config, split=split, field=field, commit=_hf_dataset_commit(name))
     files, builder = _data_files(value, source)
     hashes = [[f.name, hash_file(f, cache_dir)] for f in files]  # names, not paths: moving a file keeps its key
-    return _digest(kind="file", files=hashes, builder=builder, field=field)
+    return digest(kind="file", files=hashes, builder=builder, field=field)
 
 
 def _hf_dataset_commit(name: str) -> str | None:
@@ -312,7 +296,3 @@ def _hf_dataset_commit(name: str) -> str | None:
         return huggingface_hub.HfApi().dataset_info(name).sha
     except (HfHubHTTPError, OfflineModeIsEnabled, OSError):
         return None  # unreachable: load_text reports the real problem
-
-
-def _digest(**ingredients) -> str:
-    return hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from qflow.fingerprint import file_digest, file_sha256  # file_sha256: verifies manifests written before xxh3
+
 from .tmp_owner import owner_alive, parse_tmp_name, this_host, tmp_name
 
 MANIFEST = "manifest.json"
@@ -61,15 +63,7 @@ def make_key(ingredients: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(ingredients).encode()).hexdigest()
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_hash(path: Path, *, sync: bool = False, chunk: int = 1 << 22) -> str:
+def file_hash(path: Path, *, sync: bool = False) -> str:
     """xxh3_128 of a file (hex); ``sync`` also fsyncs it, in the same open.
 
     Why xxh3 and not sha256: every cache hit re-hashes its entry. Measured on
@@ -79,15 +73,7 @@ def file_hash(path: Path, *, sync: bool = False, chunk: int = 1 << 22) -> str:
     its read time (about 0.5 s per GiB at 2 GB/s). Detecting bit rot and
     truncation needs no cryptographic hash.
     """
-    import xxhash
-
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-        if sync:
-            os.fsync(f.fileno())
-    return h.hexdigest()
+    return file_digest(path, FILE_HASH, sync=sync)
 
 
 def fsync_dir(path: Path) -> None:

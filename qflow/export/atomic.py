@@ -38,7 +38,6 @@ anything else in it stays (and the folder with it).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -50,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from qflow.errors import StageError
+from qflow.fingerprint import file_sha256
 
 MARKER = ".qflow-export.json"
 SIDECAR_SUFFIX = ".qflow-export.json"
@@ -94,14 +94,6 @@ def _record(base: dict[str, Any] | None, files: dict[str, dict[str, Any]], **ext
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, **extra}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _files_under(folder: Path) -> list[str]:
     """Relative posix paths of every non-folder entry under ``folder`` (links not followed)."""
     out = []
@@ -126,7 +118,7 @@ def _file_is_ours(target: Path) -> bool:
     entry = (record or {}).get("files", {}).get(target.name)
     if not isinstance(entry, dict) or entry.get("bytes") != target.stat().st_size:
         return False
-    return entry.get("sha256") == _sha256(target)
+    return entry.get("sha256") == file_sha256(target)
 
 
 def _shown(names: list[str]) -> str:
@@ -267,7 +259,7 @@ def _merge_into(tmp: Path, target: Path, files: list[str], final: dict[str, Any]
 def _place_file(src: Path, tmp: Path, target: Path, record: dict[str, Any] | None) -> None:
     staged = tmp / target.name
     shutil.copy2(src, staged)
-    entry = {"bytes": staged.stat().st_size, "sha256": _sha256(staged)}
+    entry = {"bytes": staged.stat().st_size, "sha256": file_sha256(staged)}
     sidecar = _record(record, {target.name: entry})
     _write_marker(tmp / f"{MARKER}.sidecar", sidecar)
     os.replace(staged, target)

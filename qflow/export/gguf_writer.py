@@ -28,7 +28,7 @@ fp4, non-uniform blocks) is re-quantized from the IR's dequantized weight with
 symmetry) and reported with its SQNR vs the IR.
 
 Q/K rows are permuted into llama.cpp's rotary layout (the inverse of
-``qflow.models.sources._unpermute_rows``); rows are independent, so the
+``qflow.models.gguf_import._unpermute_rows``); rows are independent, so the
 permutation is exact. Norms are F32; embeddings / head ``float_type`` (F32
 default: bit-exact; F16 halves them). Tokenizer metadata is copied from the base
 model's GGUF when it came from one (``zoo:`` and ``gguf:`` sources) or built

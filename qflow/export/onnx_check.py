@@ -32,7 +32,7 @@ def reference_logits(ckpt: Any | None, ids, *, model_dir: str | Path | None = No
     import torch
 
     if ckpt is not None:
-        from qflow.quant.apply import load_quantized_model
+        from qflow.models.quantized import load_quantized_model
 
         act = any(r.spec.act_bits for r in ckpt.layers.values())
         model, _ = load_quantized_model(ckpt, dtype=torch.float32, mode="qlinear" if act else "dequant",

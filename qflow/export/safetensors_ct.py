@@ -63,48 +63,6 @@ def linear_module_names(config_dir: Path) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-class _ShardWriter:
-    """safetensors shards of at most MAX_SHARD_BYTES with metadata; index file when more than one."""
-
-    def __init__(self, out_dir: Path, metadata: dict[str, str], max_bytes: int = MAX_SHARD_BYTES):
-        self.out_dir, self.metadata, self.max_bytes = out_dir, metadata, max_bytes
-        self.pending: dict[str, Any] = {}
-        self.bytes = 0
-        self.parts: list[tuple[str, list[str], int]] = []
-
-    def add(self, name: str, tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.bytes + size > self.max_bytes:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.bytes += size
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        name = f"part-{len(self.parts):05d}.safetensors"
-        save_file(self.pending, str(self.out_dir / name), metadata=self.metadata)
-        self.parts.append((name, list(self.pending), self.bytes))
-        self.pending, self.bytes = {}, 0
-
-    def close(self) -> list[str]:
-        if self.pending or not self.parts:
-            self._flush()
-        if len(self.parts) == 1:
-            (self.out_dir / self.parts[0][0]).rename(self.out_dir / "model.safetensors")
-            return ["model.safetensors"]
-        weight_map, total, files = {}, 0, []
-        for i, (part, names, size) in enumerate(self.parts, start=1):
-            fname = f"model-{i:05d}-of-{len(self.parts):05d}.safetensors"
-            (self.out_dir / part).rename(self.out_dir / fname)
-            weight_map.update(dict.fromkeys(names, fname))
-            total += size
-            files.append(fname)
-        (self.out_dir / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True))
-        return files
-
-
 def _torch(arr: np.ndarray, dtype: str | None = None):
     import torch
 
@@ -208,6 +166,7 @@ def export_hf_folder(ckpt, out_dir: str | Path, *, layout: str = "compressed-ten
     ``gptq_v2``. Layers are mapped and written one at a time, in the base model's order.
     """
     from qflow import __version__
+    from qflow.models.shards import ShardWriter
 
     if layout not in LAYOUTS:
         raise ExportError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
@@ -223,7 +182,7 @@ def export_hf_folder(ckpt, out_dir: str | Path, *, layout: str = "compressed-ten
     meta = {"format": "pt", "qflow_version": __version__, "qflow_layout": layout,
             "qflow_recipe_key": str(qflow_meta.get("recipe_key") or ""),
             "qflow_method": ckpt.method, "qflow_layers": json.dumps(layer_specs, sort_keys=True, separators=(",", ":"))}
-    writer = _ShardWriter(out_dir, meta)
+    writer = ShardWriter(out_dir, max_bytes=MAX_SHARD_BYTES, metadata=meta)
     report_layers, schemes, notes = _write_tensors(writer, ckpt, layout, dtype, on_unsupported, on_inexact,
                                                    gptq_format, layer_specs, progress)
     missing = sorted(set(ckpt.layers) - set(report_layers))

@@ -24,7 +24,7 @@ DEFAULT_VERIFY_DATA = DataSpec(source="zoo:lee-news", seq_len=128)
 def reference_model(ckpt, dtype: str = "float32"):
     """qflow's quantized model of ``ckpt``: dequantized weights, or QLinear when activations are quantized."""
     from qflow.models.loading import _torch_dtype
-    from qflow.quant.apply import load_quantized_model
+    from qflow.models.quantized import load_quantized_model
 
     act = any(r.spec.act_bits for r in ckpt.layers.values())
     model, tok = load_quantized_model(ckpt, dtype=_torch_dtype(dtype), mode="qlinear" if act else "dequant")

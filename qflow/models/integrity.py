@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from qflow.errors import SourceError
+from qflow.fingerprint import file_stamp
 
 _ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1, "C64": 8}
@@ -200,10 +201,9 @@ _GGUF_PASSED: dict[tuple, dict[str, int]] = {}
 def check_gguf(path: Path, *, where: str | None = None) -> dict[str, int]:
     """``{"tensors": n, "data_bytes": n}`` of a whole GGUF file; CorruptFileError when cut short or damaged."""
     path = Path(path)
-    stat = path.stat()
-    stamp = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    stamp = (str(path.resolve()), *file_stamp(path))
     if stamp not in _GGUF_PASSED:
-        _GGUF_PASSED[stamp] = _check_gguf(path, stat.st_size, where)
+        _GGUF_PASSED[stamp] = _check_gguf(path, stamp[1], where)
     return dict(_GGUF_PASSED[stamp])
 
 

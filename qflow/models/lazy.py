@@ -11,7 +11,7 @@ Everything outside the blocks (embeddings, final norm, rotary tables, head) is
 built on the CPU and loaded from the checkpoint; the blocks are built on the
 meta device (no storage). Peak memory is then the non-block weights plus one
 block, not the whole model: for a Llama-3-8B in fp32 about 2.3 GB instead of
-32 GB. Used by every calibration-based quantize stage (``qflow.quant.calibrated``).
+32 GB. Used by every calibration-based quantize stage (``qflow.quant.algos.calibrated``).
 
 A model family whose blocks hold buffers the checkpoint does not store (tables
 computed in ``__init__``) cannot be rebuilt from the files block by block;
@@ -26,7 +26,6 @@ import ctypes.util
 import functools
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ir import Checkpoint
-from .qlinear import QLinear
+from qflow.quant.ir import Checkpoint
+from qflow.quant.qlinear import QLinear
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -55,7 +55,7 @@ def apply_checkpoint(model: nn.Module, ckpt: Checkpoint, *, mode: str = "qlinear
 def load_quantized_model(ckpt: Checkpoint, *, dtype: torch.dtype = torch.float32, mode: str = "qlinear",
                          base_dir: str | None = None):
     """(model, tokenizer) of a checkpoint: its float base with the delta applied."""
-    from ..models.loading import load_model
+    from qflow.models.loading import load_model
 
     model, tok = load_model(base_dir or ckpt.base_model, dtype=dtype)
     return apply_checkpoint(model, ckpt, mode=mode), tok

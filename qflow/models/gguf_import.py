@@ -1,0 +1,252 @@
+"""Llama GGUF -> float32 Hugging Face folder (config, safetensors, tokenizer), converted once.
+
+    converted_folder(Path("model.gguf"), Path("runs/cache/models/gguf-ab12"), "gguf:model.gguf", fingerprint)
+    convert_gguf(Path("model.gguf"), Path("out"))   # the conversion alone, into an existing folder
+
+Weights are dequantized with the gguf package and Q/K rows un-permuted, so the
+folder holds the same numbers as transformers' own GGUF loader. The converted
+folder is cached: ``converted_folder`` converts into a temp folder and renames
+it into place under a lock, with a marker file written last. Heavy imports
+(gguf, numpy, transformers) happen inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from qflow.errors import SourceError
+
+# Bump when the GGUF -> HF folder conversion changes its output: it is part of the
+# fingerprint, so converted folders and every downstream cache key move with it.
+GGUF_CONVERTER_VERSION = 1
+
+# Largest safetensors shard the converter writes (bigger models get an index file).
+MAX_SHARD_BYTES = 2 * 2**30
+
+MARKER_FILE = "qflow-source.json"  # written last inside a converted folder
+
+
+# ---------------------------------------------------------------- the cached conversion
+
+
+def converted_folder(gguf_path: Path, target: Path, source: str, fingerprint: str) -> Path:
+    """Convert into a temp folder and rename it into place, under a lock.
+
+    A killed conversion leaves only a ``.tmp-*`` folder, which the next holder
+    of the lock deletes; ``target`` either is complete or does not exist.
+    """
+    from filelock import FileLock
+
+    if (target / MARKER_FILE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / MARKER_FILE).is_file():
+            return target
+        for stale in target.parent.glob(f".tmp-{target.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if target.exists():  # no marker: not ours to trust
+            shutil.rmtree(target)
+        scratch = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        scratch.mkdir()
+        started = time.perf_counter()
+        try:
+            convert_gguf(gguf_path, scratch, source=source)
+            seconds = time.perf_counter() - started
+            record = {
+                "source": source,
+                "fingerprint": fingerprint,
+                "gguf_file": str(gguf_path),
+                "converter_version": GGUF_CONVERTER_VERSION,
+                "conversion_seconds": round(seconds, 3),
+                "versions": _library_versions(),
+            }
+            (scratch / MARKER_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
+            os.replace(scratch, target)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+    return target
+
+
+def _library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("gguf", "transformers", "tokenizers", "safetensors", "numpy"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+# ---------------------------------------------------------------- tensor names and config
+
+# llama.cpp tensor names -> transformers Llama names ("{i}" is the block index).
+_GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def gguf_metadata(reader) -> dict:
+    """Scalar and string metadata of a GGUFReader (token lists and other arrays left out)."""
+    from gguf import GGUFValueType
+
+    return {
+        key: field.contents()
+        for key, field in reader.fields.items()
+        if field.types and field.types[0] != GGUFValueType.ARRAY
+    }
+
+
+def gguf_llama_config(reader, source: str):
+    """A LlamaConfig from GGUF metadata: no quantization_config, tied embeddings when output.weight is absent."""
+    from transformers import LlamaConfig
+
+    meta = gguf_metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise SourceError(
+            f"the GGUF holds a '{arch}' model and qflow converts only Llama-architecture GGUFs",
+            where=source,
+            fix="use the model's Hugging Face checkpoint (hf:ORG/NAME or a local folder) instead",
+        )
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names or "llama.rope.scaling.type" in meta:
+        raise SourceError(
+            "the GGUF uses scaled RoPE (rope_freqs / rope.scaling), whose Hugging Face parameters it does not record",
+            where=source,
+            fix="use the model's Hugging Face checkpoint (hf:ORG/NAME or a local folder) instead",
+        )
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    heads = meta["llama.attention.head_count"]
+    hidden = meta["llama.embedding_length"]
+    head_dim = meta.get("llama.attention.key_length", hidden // heads)
+    if meta.get("llama.rope.dimension_count", head_dim) != head_dim:
+        raise SourceError(
+            "the GGUF rotates only part of each attention head (rope.dimension_count != head size)",
+            where=source,
+            fix="use the model's Hugging Face checkpoint instead",
+        )
+    token_ids = {
+        f"{name}_token_id": meta[f"tokenizer.ggml.{key}_token_id"]
+        for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))
+        if f"tokenizer.ggml.{key}_token_id" in meta
+    }
+    return LlamaConfig(
+        vocab_size=meta.get("llama.vocab_size", len(tokens.data) if tokens else 32000),
+        hidden_size=hidden,
+        intermediate_size=meta["llama.feed_forward_length"],
+        num_hidden_layers=meta["llama.block_count"],
+        num_attention_heads=heads,
+        num_key_value_heads=meta.get("llama.attention.head_count_kv", heads),
+        head_dim=head_dim,
+        max_position_embeddings=meta.get("llama.context_length", 2048),
+        rms_norm_eps=meta.get("llama.attention.layer_norm_rms_epsilon", 1e-6),
+        rope_parameters={"rope_type": "default", "rope_theta": meta.get("llama.rope.freq_base", 10000.0)},
+        attention_bias="blk.0.attn_q.bias" in names,
+        mlp_bias=False,
+        hidden_act="silu",
+        tie_word_embeddings="output.weight" not in names,
+        architectures=["LlamaForCausalLM"],
+        dtype="float32",
+        **token_ids,
+    )
+
+
+def _unpermute_rows(weights, n_head: int):
+    """Undo llama.cpp's Q/K row permutation (convert_hf_to_gguf.py ``permute``)."""
+    shape = weights.shape
+    return weights.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _hf_tensor_name(gguf_name: str, n_layers: int, source: str) -> str:
+    if gguf_name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) < n_layers:
+        if parts[2] in _GGUF_BLOCK_NAMES:
+            return f"model.layers.{parts[1]}.{_GGUF_BLOCK_NAMES[parts[2]]}"
+    raise SourceError(
+        f"the GGUF holds a tensor '{gguf_name}' that has no place in a Llama model",
+        where=source,
+        fix="use the model's Hugging Face checkpoint (hf:ORG/NAME or a local folder) instead",
+    )
+
+
+# ---------------------------------------------------------------- the conversion
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, source: str | None = None) -> None:
+    """Write a float32 HF folder (config, safetensors, tokenizer) for a Llama GGUF.
+
+    Weights: ``gguf.quants.dequantize`` per tensor, Q/K rows un-permuted; the
+    same numbers as ``LlamaForCausalLM.from_pretrained(dir, gguf_file=...)``.
+    Tokenizer: transformers' own GGUF tokenizer conversion, saved as files.
+    """
+    import gguf
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from qflow.models.integrity import check_gguf
+    from qflow.models.shards import ShardWriter
+
+    source = source or f"gguf:{gguf_path}"
+    out_dir = Path(out_dir)
+    check_gguf(gguf_path, where=source)  # the reader would fail on a cut-short file with a numpy reshape error
+    try:
+        reader = gguf.GGUFReader(str(gguf_path))
+    except (ValueError, OSError) as err:
+        raise SourceError(
+            f"{gguf_path} cannot be read as a GGUF file ({err})",
+            where=source,
+            fix="check that the file is a complete GGUF (v2 or v3) download",
+        ) from err
+    config = gguf_llama_config(reader, source)
+    n_heads, n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+
+    writer = ShardWriter(out_dir, max_bytes=MAX_SHARD_BYTES)
+    for tensor in reader.tensors:
+        name = _hf_tensor_name(tensor.name, config.num_hidden_layers, source)
+        try:
+            weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as err:
+            raise SourceError(
+                f"the gguf package cannot dequantize tensor '{tensor.name}' of type {tensor.tensor_type.name}",
+                where=source,
+                fix="upgrade the gguf package, or use a GGUF with another quantization type",
+            ) from err
+        weights = weights.reshape(tuple(int(d) for d in reversed(tensor.shape))).astype(np.float32, copy=False)
+        if ".attn_q." in tensor.name:
+            weights = _unpermute_rows(weights, n_heads)
+        elif ".attn_k." in tensor.name:
+            weights = _unpermute_rows(weights, n_kv_heads)
+        writer.add(name, np.ascontiguousarray(weights))
+    writer.close()
+    config.save_pretrained(out_dir)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer.save_pretrained(out_dir)
