@@ -104,7 +104,7 @@ class ExportOnnx(Stage):
             from qflow.quant.ir import Checkpoint
 
             ckpt = Checkpoint(model.ir_dir)
-        base_dir = model.model_dir
+        base_dir = model.base_model_dir
         where = f"stages.{ctx.stage_id}"
         other = 0 if cfg.accuracy_level != 0 else 4
         try:

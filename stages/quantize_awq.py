@@ -113,11 +113,11 @@ class AWQ(Stage):
         net, adapter = open_float_model(cfg, model)
         ids = calibration_ids(ctx, calib, uses="quantize.awq")
         meta = checkpoint_meta(cfg, calib, ids)
-        result = quantize_model_awq(ctx, net, adapter, ids, cfg.options(), base_model=str(model.model_dir),
+        result = quantize_model_awq(ctx, net, adapter, ids, cfg.options(), base_model=str(model.base_model_dir),
                                     meta=meta, batch_size=cfg.batch_size)
         ratios = [r["best_ratio"] for r in result.records if "best_ratio" in r]
         if ratios:
             ctx.log_metric("mean_best_ratio", sum(ratios) / len(ratios))
         method = "awq" if cfg.then == "rtn" else "awq+gptq"
-        return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.model_dir), method=method,
+        return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.base_model_dir), method=method,
                                              source=model.meta.get("source"))}

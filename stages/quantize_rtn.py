@@ -66,14 +66,14 @@ class RTN(Stage):
         from qflow.quant.weights import block_index, iter_linear_weights, linear_names
 
         spec = cfg.spec()
-        names = linear_names(model.model_dir, cfg.targets, cfg.exclude)
+        names = linear_names(model.base_model_dir, cfg.targets, cfg.exclude)
         if not names:
-            raise StageError(f"no linear weights match targets {cfg.targets!r} in {model.model_dir}",
+            raise StageError(f"no linear weights match targets {cfg.targets!r} in {model.base_model_dir}",
                              where=f"stages.{ctx.stage_id}.with.targets", fix="adjust the targets regex")
         from safetensors import safe_open  # shapes first: reject before any work
 
         from qflow.quant.weights import weight_files
-        files = weight_files(model.model_dir)
+        files = weight_files(model.base_model_dir)
         for name in names:
             with safe_open(str(files[name + ".weight"]), framework="pt") as h:
                 out, cols = h.get_slice(name + ".weight").get_shape()
@@ -81,13 +81,13 @@ class RTN(Stage):
             if problem:
                 raise StageError(f"{name}: {problem}", where=f"stages.{ctx.stage_id}.with.group_size",
                                  fix="choose a group size that divides the layer width")
-        writer = CheckpointWriter(ctx.output("model"), base_model=str(model.model_dir), method="rtn",
+        writer = CheckpointWriter(ctx.output("model"), base_model=str(model.base_model_dir), method="rtn",
                                   meta={"config": cfg.model_dump(mode="json")})
         current = None
         with ctx.progress(len(names), "rtn") as bar:
-            for name, w in iter_linear_weights(model.model_dir, names):
+            for name, w in iter_linear_weights(model.base_model_dir, names):
                 if not bool(w.isfinite().all()):
-                    raise StageError(f"{name} has non-finite weights", where=str(model.model_dir),
+                    raise StageError(f"{name} has non-finite weights", where=str(model.base_model_dir),
                                      fix="check the source model")
                 block = block_index(name)
                 if current is not None and block != current:
@@ -100,5 +100,5 @@ class RTN(Stage):
         ckpt = writer.close()
         ctx.log_metric("bpw_quantized", ckpt.bpw_quantized())
         ctx.log_metric("n_layers", len(ckpt.layers))
-        return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.model_dir), method="rtn",
+        return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.base_model_dir), method="rtn",
                                              source=model.meta.get("source"))}

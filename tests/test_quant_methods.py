@@ -182,9 +182,19 @@ def test_stage_runs_on_a_tiny_model(tmp_path, tiny_model_dir, tiny_calib, stage,
     assert cls().check(config, inputs) == []
     ctx = make_ctx(tmp_path / "run")
     out = cls().run(ctx, config, **inputs)["model"]
-    assert isinstance(out, QuantizedCheckpoint) and out.model_dir == tiny_model_dir
+    assert isinstance(out, QuantizedCheckpoint) and out.base_model_dir == tiny_model_dir and out.ir_dir == out.path
     ckpt = Checkpoint(out.path)
     assert len(ckpt.layers) == 14 and ctx.info["peak_rss_bytes"] > 0
+
+
+def test_model_folders_are_named_for_what_they_hold(tmp_path):
+    """``base_model_dir`` is the float folder to load, for a float model and for a checkpoint over one;
+    a checkpoint's own folder is ``ir_dir`` (the old ``model_dir`` of a checkpoint named the base)."""
+    float_model = ModelRef(tmp_path / "hf", subdir="snapshot")
+    assert float_model.base_model_dir == tmp_path / "hf" / "snapshot"
+    ckpt = QuantizedCheckpoint(tmp_path / "ir", base_model=str(tmp_path / "hf"), method="rtn")
+    assert ckpt.base_model_dir == tmp_path / "hf" and ckpt.ir_dir == tmp_path / "ir"
+    assert not hasattr(ckpt, "model_dir") and not hasattr(float_model, "model_dir")
 
 
 def test_stage_check_flags_group_size(tiny_model_dir):
