@@ -232,7 +232,7 @@ def test_cli_bundled_model_gguf_export(tmp_path, runs_dir):
 name: export-gguf
 model: {source: "zoo:smollm2-135m"}
 stages:
-  quantize: {uses: quantize.rtn, with: {bits: 4, group_size: 32, symmetric: true}}
+  quantize: {uses: quantize.rtn, with: {bits: 4, group_size: 32, scheme: sym_f}}
   export:
     uses: export.gguf
     needs: [quantize]
