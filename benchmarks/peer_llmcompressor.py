@@ -11,7 +11,7 @@ embeddings and the tied head kept float.
 For each (bits, method) it runs, back to back so both see the same machine load:
 
 * qflow through its CLI, ``qflow run recipes/llama-<method>.yaml params.bits=B
-  params.group_size=64 params.n_calib=N params.n_eval_windows=E (symmetric=false |
+  params.group_size=64 params.n_calib=N params.n_eval_windows=E (scheme=asym_z | symmetric=false |
   zero_point=true) --json --no-track --runs-dir <fresh dir>`` (a fresh runs dir per
   invocation, so the quantize stage is never a cache hit; evaluate.lm's per-layer
   report and speed timing are switched off unless ``--qflow-full-eval``: they do not
@@ -87,7 +87,7 @@ def _drop_export(method: str) -> list[str]:
     text = (ROOT / RECIPES[method]).read_text()
     return ["~stages.export"] if "\n  export:" in text else []
 # asymmetric as each recipe spells it
-ASYM_PARAM = {"rtn": "params.symmetric=false", "awq": "params.zero_point=true", "gptq": "params.symmetric=false"}
+ASYM_PARAM = {"rtn": "params.scheme=asym_z", "awq": "params.zero_point=true", "gptq": "params.symmetric=false"}
 GROUP = 64
 # evaluate.lm's per-layer SQNR report and speed timing do not change ppl / KL and cost
 # minutes per run on a loaded 2-core machine: off unless --qflow-full-eval
@@ -338,7 +338,7 @@ def report(rows, args, inputs, versions, started, elapsed, loads, date) -> str:
         f"per row, so each row's pair saw similar load). Total wall time {elapsed / 60:.1f} min, started {started}.",
         f"qflow: commit {commit}{' + uncommitted changes in qflow/stages/recipes' if dirty else ''}, "
         f"`qflow run recipes/llama-<method>.yaml params.bits=B params.group_size={GROUP} params.n_calib={args.n_calib} "
-        f"params.n_eval_windows={args.n_eval_windows} (symmetric=false | zero_point=true)"
+        f"params.n_eval_windows={args.n_eval_windows} (scheme=asym_z | symmetric=false | zero_point=true)"
         f"{' ' + ' '.join(args.qflow_override) if args.qflow_override else ''} --json --no-track --runs-dir <fresh>`.",
         f"Peer: llmcompressor {versions.get('llmcompressor')}, compressed-tensors {versions.get('compressed-tensors')}, "
         f"transformers {versions.get('transformers')}, torch {versions.get('torch')}; `oneshot` with explicit config_groups "

@@ -72,7 +72,9 @@ class ModelRef(Artifact):
     kind = "model"
 
     @property
-    def model_dir(self) -> Path:
+    def base_model_dir(self) -> Path:
+        """The float Hugging Face folder to load: for a float model its own folder (``path``, or its
+        ``subdir``); for a :class:`QuantizedCheckpoint` the float base its IR applies to."""
         sub = self.meta.get("subdir")
         return self.path / sub if sub else self.path
 
@@ -83,7 +85,8 @@ class QuantizedCheckpoint(ModelRef):
     kind = "quantized"
 
     @property
-    def model_dir(self) -> Path:  # the float base the delta applies to
+    def base_model_dir(self) -> Path:
+        """The float base model's folder (meta ``base_model``); the IR itself is ``ir_dir``."""
         return Path(self.meta["base_model"])
 
     @property

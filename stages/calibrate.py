@@ -64,7 +64,7 @@ class Calibrate(Stage):
         from qflow.errors import StageError
         from qflow.models.loading import load_model
 
-        net, tok = load_model(model.model_dir, dtype="float32")
+        net, tok = load_model(model.base_model_dir, dtype="float32")
         ids = token_windows(cfg.data, tok, cfg.n_samples, ctx.runs_root / "cache", where=f"stages.{ctx.stage_id}.with")
         out = ctx.output("calib")
         torch.save(ids, out / "ids.pt")

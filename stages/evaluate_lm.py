@@ -104,7 +104,7 @@ class EvaluateLM(Stage):
         from qflow.evaluation.size import size_metrics
         from qflow.models.loading import load_model
 
-        base_dir = model.model_dir
+        base_dir = model.base_model_dir
         fp_model, tok = load_model(base_dir, dtype=cfg.dtype, device=ctx.device)
         cache_root = ctx.runs_root / "cache"
         ids = token_windows(cfg.data, tok, cfg.n_windows, cache_root, where=f"stages.{ctx.stage_id}.with")

@@ -67,7 +67,7 @@ class EvaluateLMEval(Stage):
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
-        net, tok = load_model(model.model_dir, dtype=cfg.dtype, device=ctx.device)
+        net, tok = load_model(model.base_model_dir, dtype=cfg.dtype, device=ctx.device)
         if isinstance(model, QuantizedCheckpoint):
             from qflow.models.quantized import apply_checkpoint
             from qflow.quant.ir import Checkpoint

@@ -97,7 +97,7 @@ class ExportOnnx(Stage):
             from qflow.quant.ir import Checkpoint
 
             ckpt = Checkpoint(model.ir_dir)
-        base_dir = model.model_dir
+        base_dir = model.base_model_dir
         info = _write_graphs(ctx, cfg, ckpt, base_dir, out)
         for name in _COPY_FILES:
             if (base_dir / name).is_file():

@@ -7,9 +7,12 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from qflow.artifacts import CalibSet, ModelRef, QuantizedCheckpoint
+from qflow.recipe.validate import reject_renamed_keys
 from qflow.registry import Stage, StageConfig, register
 
 _GPTQ_FIELDS = ("gptq_true_sequential", "gptq_act_order", "gptq_static_groups", "gptq_percdamp", "gptq_block_size")
+_RENAMED = {"n_sample_token": ("n_clip_tokens", "write n_clip_tokens (the clip search's token sample; n_search_tokens "
+                                                "is the scale search's)")}
 
 
 class AWQConfig(StageConfig):
@@ -23,7 +26,8 @@ class AWQConfig(StageConfig):
     ``zero_point: false`` quantizes SYM-R instead of ASYM-A. ``duo_scaling: true``
     is AutoAWQ's scale formula. ``n_search_tokens`` (default: all tokens, as
     llm-awq) limits the attention/MLP loss of the scale search to evenly spaced
-    whole sequences holding about that many tokens (a large speed-up on CPUs).
+    whole sequences holding about that many tokens (a large speed-up on CPUs);
+    ``n_clip_tokens`` is the clip search's own sample of tokens.
     ``then: gptq`` rounds the scaled and clipped weights with GPTQ instead of RTN
     (``gptq_*`` knobs), propagating the quantized blocks' outputs.
     """
@@ -33,7 +37,7 @@ class AWQConfig(StageConfig):
     zero_point: bool = Field(True, description="ASYM-A with zero point (true) or SYM-R (false)")
     n_grid: int = Field(20, ge=1, description="scale-search grid: ratios r/n_grid, r = 0..n_grid-1")
     max_shrink: float = Field(0.5, gt=0, le=1, description="clip search shrinks max|W| down to 1 - max_shrink")
-    n_sample_token: int = Field(512, ge=1, description="tokens sampled for the clip search")
+    n_clip_tokens: int = Field(512, ge=1, description="tokens sampled for the clip search")
     duo_scaling: bool = Field(False, description="AutoAWQ's x_mean^a / w_mean^(1-a) scales")
     apply_clip: bool = Field(True, description="run the clip search")
     n_search_tokens: int | None = Field(None, ge=1, description="tokens for the attention/MLP scale-search loss (None = all)")
@@ -47,6 +51,11 @@ class AWQConfig(StageConfig):
     attn_implementation: Literal["sdpa", "eager"] = Field(
         "sdpa", description="attention kernel of the float model while quantizing (sdpa: ~3x faster on CPU)")
     batch_size: int = Field(8, ge=1, description="calibration sequences per forward (memory bound)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data):
+        return reject_renamed_keys(data, _RENAMED, cls.__name__)
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -72,7 +81,7 @@ class AWQConfig(StageConfig):
                 "static_groups": self.gptq_static_groups, "percdamp": self.gptq_percdamp,
                 "block_size": self.gptq_block_size}
         return AWQOptions(bits=self.bits, group_size=self.group_size, zero_point=self.zero_point, n_grid=self.n_grid,
-                          max_shrink=self.max_shrink, n_sample_token=self.n_sample_token,
+                          max_shrink=self.max_shrink, n_clip_tokens=self.n_clip_tokens,
                           duo_scaling=self.duo_scaling, apply_clip=self.apply_clip,
                           n_search_tokens=self.n_search_tokens, then=self.then,
                           gptq=gptq if self.then == "gptq" else {}, scale_dtype=self.scale_dtype)
@@ -91,7 +100,7 @@ class AWQ(Stage):
     Folded norm weights are stored as float deltas in the checkpoint.
     """
 
-    version = 1
+    version = 2  # 2: n_sample_token renamed n_clip_tokens
     Config = AWQConfig
     inputs = {"model": ModelRef, "calib": CalibSet}
     outputs = {"model": QuantizedCheckpoint}
@@ -113,11 +122,11 @@ class AWQ(Stage):
         net, adapter = open_float_model(cfg, model)
         ids = calibration_ids(ctx, calib, uses="quantize.awq")
         meta = checkpoint_meta(cfg, calib, ids)
-        result = quantize_model_awq(ctx, net, adapter, ids, cfg.options(), base_model=str(model.model_dir),
+        result = quantize_model_awq(ctx, net, adapter, ids, cfg.options(), base_model=str(model.base_model_dir),
                                     meta=meta, batch_size=cfg.batch_size)
         ratios = [r["best_ratio"] for r in result.records if "best_ratio" in r]
         if ratios:
             ctx.log_metric("mean_best_ratio", sum(ratios) / len(ratios))
         method = "awq" if cfg.then == "rtn" else "awq+gptq"
-        return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.model_dir), method=method,
+        return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.base_model_dir), method=method,
                                              source=model.meta.get("source"))}

@@ -89,10 +89,10 @@ class GPTQ(Stage):
         net, adapter = open_float_model(cfg, model)
         ids = calibration_ids(ctx, calib, uses="quantize.gptq")
         meta = checkpoint_meta(cfg, calib, ids)
-        result = quantize_model_gptq(ctx, net, adapter, ids, cfg.options(), base_model=str(model.model_dir),
+        result = quantize_model_gptq(ctx, net, adapter, ids, cfg.options(), base_model=str(model.base_model_dir),
                                      meta=meta, batch_size=cfg.batch_size)
         losses = [r["gptq_loss"] for r in result.records if "gptq_loss" in r]
         if losses:
             ctx.log_metric("gptq_loss_total", float(sum(losses)))
-        return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.model_dir), method="gptq",
+        return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.base_model_dir), method="gptq",
                                              source=model.meta.get("source"))}

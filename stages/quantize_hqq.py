@@ -85,14 +85,14 @@ class HQQ(Stage):
         from qflow.quant.algos.hqq_model import quantize_model_hqq
         from qflow.quant.weights import linear_names
 
-        names = linear_names(model.model_dir, cfg.targets, cfg.exclude)
+        names = linear_names(model.base_model_dir, cfg.targets, cfg.exclude)
         if not names:
-            raise StageError(f"no linear weights match targets {cfg.targets!r} in {model.model_dir}",
+            raise StageError(f"no linear weights match targets {cfg.targets!r} in {model.base_model_dir}",
                              where=f"stages.{ctx.stage_id}.with.targets", fix="adjust the targets regex")
-        result = quantize_model_hqq(ctx, model.model_dir, cfg.options(), names,
+        result = quantize_model_hqq(ctx, model.base_model_dir, cfg.options(), names,
                                     meta={"config": cfg.model_dump(mode="json")})
         errs = [(r["err_minmax"], r["err_final"]) for r in result.records if r.get("err_minmax")]
         if errs:
             ctx.log_metric("err_reduction", 1 - sum(f for _, f in errs) / sum(m for m, _ in errs))
-        return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.model_dir), method="hqq",
+        return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.base_model_dir), method="hqq",
                                              source=model.meta.get("source"))}

@@ -101,7 +101,7 @@ class SmoothQuant(Stage):
             net, adapter = open_float_model(cfg, model, lazy=False)  # a full forward needs every block
             act_max = collect_act_max(net, adapter, ids, batch_size=cfg.batch_size, names=names)
         meta = checkpoint_meta(cfg, calib)
-        quantize_model_smoothquant(ctx, net, adapter, act_max, cfg.options(), base_model=str(model.model_dir),
+        quantize_model_smoothquant(ctx, net, adapter, act_max, cfg.options(), base_model=str(model.base_model_dir),
                                    meta=meta)
-        return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.model_dir),
+        return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.base_model_dir),
                                              method="smoothquant", source=model.meta.get("source"))}

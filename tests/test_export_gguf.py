@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import gguf  # pinned in requirements.txt: a missing one fails collection, never skips
 import numpy as np
 import pytest
 
@@ -14,8 +15,6 @@ from qflow.export import mapping
 from .conftest import run_cli, write_recipe
 from .conftest import make_tiny_llama
 from .test_export_safetensors import IRs, irs, logits_kl, make_ctx  # noqa: F401  (fixture + helpers)
-
-gguf = pytest.importorskip("gguf")
 
 
 @pytest.fixture(scope="session")
@@ -232,7 +231,7 @@ def test_cli_bundled_model_gguf_export(tmp_path, runs_dir):
 name: export-gguf
 model: {source: "zoo:smollm2-135m"}
 stages:
-  quantize: {uses: quantize.rtn, with: {bits: 4, group_size: 32, symmetric: true}}
+  quantize: {uses: quantize.rtn, with: {bits: 4, group_size: 32, scheme: sym_f}}
   export:
     uses: export.gguf
     needs: [quantize]

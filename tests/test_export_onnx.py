@@ -8,9 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-
 
 # ---------------------------------------------------------------------------
 # packing (METHODS.md §2.6)

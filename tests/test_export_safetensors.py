@@ -3,7 +3,6 @@ folders, exactness, readers (qflow's and the compressed-tensors library's), the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from qflow.quant.spec import QuantSpec
 
 from .conftest import run_cli, write_recipe
 
-HAS_CT = importlib.util.find_spec("compressed_tensors") is not None
 
 
 # ---------------------------------------------------------------- helpers shared with the GGUF / inspect tests
@@ -188,7 +186,6 @@ def test_compressed_tensors_pack_quantized_layout(irs):
                                    "group_size": 32, "dynamic": False, "actorder": None}
 
 
-@pytest.mark.skipif(not HAS_CT, reason="compressed-tensors not installed")
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_pack_stream_matches_compressed_tensors_library(bits):
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
@@ -300,7 +297,6 @@ def test_export_reloads_exactly(irs, tmp_path, ir, layout, logits):
         assert kl == 0 and max_abs == 0
 
 
-@pytest.mark.skipif(not HAS_CT, reason="compressed-tensors not installed")
 @pytest.mark.parametrize("ir", ["sym4", "asym4"])
 def test_compressed_tensors_library_reads_export(irs, tmp_path, ir):
     """The reference library decodes the folder to the IR's weights; transformers loads the symmetric one."""
@@ -320,7 +316,6 @@ def test_compressed_tensors_library_reads_export(irs, tmp_path, ir):
         assert how.startswith(("transformers", "compressed-tensors compressors"))
 
 
-@pytest.mark.skipif(not HAS_CT, reason="compressed-tensors not installed")
 @pytest.mark.parametrize("ir", ["asym4", "sym4", "asym3"])
 def test_compressed_tensors_compressor_writes_the_same_tensors(irs, ir):
     """The library's own compressor, fed the IR's float weight, scale and zero point, packs to our bytes."""

@@ -119,7 +119,7 @@ def test_bitsandbytes_fp8_and_compressed_tensors_headers(tmp_path):
 
 
 def test_onnx_matmulnbits(tmp_path):
-    onnx = pytest.importorskip("onnx")
+    import onnx
     from onnx import TensorProto, helper
 
     k, n, block = 128, 64, 32
@@ -200,9 +200,8 @@ def test_cli_inspect_json_and_text(tmp_path, capsys):
 
 
 def test_identifies_qflow_onnx_export(irs, tmp_path):
-    onnx_graph = pytest.importorskip("qflow.export.onnx_graph")
-    if not hasattr(onnx_graph, "build_onnx"):
-        pytest.skip("ONNX exporter not available")
+    from qflow.export import onnx_graph
+
     ckpt = irs["asym4"]
     onnx_graph.build_onnx(ckpt.base_model, tmp_path / "onnx", ckpt=ckpt)
     info = inspect_path(tmp_path / "onnx")

@@ -19,6 +19,7 @@ from qflow.models.quantized import apply_checkpoint
 from qflow.quant.ir import Checkpoint
 from qflow.quant.qlinear import QLinear
 
+from .conftest import REPO, run_cli, write_recipe
 from .test_blockwise import calib_ids, make_ctx, tiny_llama
 
 
@@ -182,9 +183,19 @@ def test_stage_runs_on_a_tiny_model(tmp_path, tiny_model_dir, tiny_calib, stage,
     assert cls().check(config, inputs) == []
     ctx = make_ctx(tmp_path / "run")
     out = cls().run(ctx, config, **inputs)["model"]
-    assert isinstance(out, QuantizedCheckpoint) and out.model_dir == tiny_model_dir
+    assert isinstance(out, QuantizedCheckpoint) and out.base_model_dir == tiny_model_dir and out.ir_dir == out.path
     ckpt = Checkpoint(out.path)
     assert len(ckpt.layers) == 14 and ctx.info["peak_rss_bytes"] > 0
+
+
+def test_model_folders_are_named_for_what_they_hold(tmp_path):
+    """``base_model_dir`` is the float folder to load, for a float model and for a checkpoint over one;
+    a checkpoint's own folder is ``ir_dir`` (the old ``model_dir`` of a checkpoint named the base)."""
+    float_model = ModelRef(tmp_path / "hf", subdir="snapshot")
+    assert float_model.base_model_dir == tmp_path / "hf" / "snapshot"
+    ckpt = QuantizedCheckpoint(tmp_path / "ir", base_model=str(tmp_path / "hf"), method="rtn")
+    assert ckpt.base_model_dir == tmp_path / "hf" and ckpt.ir_dir == tmp_path / "ir"
+    assert not hasattr(ckpt, "model_dir") and not hasattr(float_model, "model_dir")
 
 
 def test_stage_check_flags_group_size(tiny_model_dir):
@@ -208,11 +219,76 @@ def test_stage_configs_cross_checks():
         _stage("quantize.smoothquant").Config(smooth=False, alpha=0.8)
 
 
+def test_rtn_says_its_grid_with_scheme_alone():
+    from pydantic import ValidationError
+
+    from qflow.quant.spec import QuantSpec
+
+    config = _stage("quantize.rtn").Config
+    assert "symmetric" not in config.model_fields
+    assert config().spec() == QuantSpec(bits=4, group_size=128, scheme="asym_z")
+    assert config(scheme="sym_f").spec() == QuantSpec(bits=4, group_size=128, symmetric=True)
+    assert config(format="nf4", group_size=64).spec().scheme is None
+    with pytest.raises(ValidationError, match="scheme applies to format: int only"):
+        config(format="nf4", group_size=64, scheme="sym_f")  # was silently ignored
+
+
+def test_awq_clip_and_scale_search_token_counts_are_named_apart():
+    config = _stage("quantize.awq").Config(n_clip_tokens=256, n_search_tokens=1024)
+    options = config.options()
+    assert (options.n_clip_tokens, options.n_search_tokens) == (256, 1024)
+
+
+def test_bundled_rtn_recipe_takes_a_scheme(tmp_path):
+    from qflow.engine.runner import RunOptions, load_plan
+
+    plan = load_plan(str(REPO / "recipes/llama-rtn.yaml"), ["params.scheme=sym_f"],
+                     RunOptions(runs_root=tmp_path / "runs"))
+    assert plan.stages["quantize"].config.spec().scheme == "sym_f"
+
+
+RENAMED_KEYS = [
+    ("quantize.rtn", "symmetric", "true", "write scheme: sym_f for symmetric: true"),
+    ("quantize.awq", "n_sample_token", "256", "write n_clip_tokens (the clip search's token sample"),
+]
+
+
+def _recipe_with(folder, uses: str, key: str, value: str):
+    return write_recipe(folder, f"""
+name: renamed
+model: {{source: "zoo:smollm2-135m"}}
+stages:
+  calibrate: {{uses: calibrate, with: {{data: {{source: "zoo:wiki-pages", seq_len: 64}}, n_samples: 2}}}}
+  quantize: {{uses: {uses}, needs: [calibrate], with: {{bits: 4, group_size: 32, {key}: {value}}}}}
+""")
+
+
+@pytest.mark.parametrize("uses, key, value, fix", RENAMED_KEYS)
+def test_a_renamed_key_points_to_its_replacement(tmp_path, uses, key, value, fix):
+    from qflow.engine.runner import RunOptions, load_plan
+    from qflow.errors import RecipeError
+
+    recipe = _recipe_with(tmp_path, uses, key, value)
+    with pytest.raises(RecipeError) as info:
+        load_plan(str(recipe), [], RunOptions(runs_root=tmp_path / "runs"))
+    message = str(info.value)
+    assert message.startswith(str(recipe)) and "\n" not in message
+    assert f"stages.quantize.with.{key}: '{key}' was replaced by" in message and f"Fix: {fix}" in message
+
+
+def test_a_renamed_key_is_one_paragraph_from_the_cli(tmp_path, runs_dir):
+    recipe = _recipe_with(tmp_path, "quantize.rtn", "symmetric", "false")
+    done = run_cli("run", str(recipe), "--dry-run", runs_dir=runs_dir)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "stages.quantize.with.symmetric: 'symmetric' was replaced by 'scheme'" in done.stderr
+    assert "scheme: asym_z (the default) for symmetric: false" in done.stderr
+
+
 def test_stage_modules_do_not_import_torch():
     import subprocess
     import sys
 
     code = ("import sys; import stages.quantize_awq, stages.quantize_gptq, stages.quantize_hqq, "
-            "stages.quantize_smoothquant; print('torch' in sys.modules)")
+            "stages.quantize_rtn, stages.quantize_smoothquant; print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"

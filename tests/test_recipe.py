@@ -158,15 +158,15 @@ def test_library_folder_on_search_path(tmp_path):
 
 @settings(max_examples=25, deadline=None)
 @given(bits=st.sampled_from([2, 3, 4, 8]), group=st.sampled_from([-1, 32, 64, 128]),
-       sym=st.booleans())
-def test_override_values_reach_stage_config(tmp_path_factory, bits, group, sym):
+       scheme=st.sampled_from(["asym_z", "asym_a", "sym_f", "sym_r"]))
+def test_override_values_reach_stage_config(tmp_path_factory, bits, group, scheme):
     tmp = tmp_path_factory.mktemp("h")
     path = write_recipe(tmp, BASE)
     cfg = to_plain(compose_recipe(path, [f"params.bits={bits}", f"params.group_size={group}",
-                                         f"+stages.quantize.with.symmetric={str(sym).lower()}"]))
+                                         f"+stages.quantize.with.scheme={scheme}"]))
     plan = build_plan(validate_shape(cfg, str(path)), cfg, str(path))
     qcfg = plan.stages["quantize"].config
-    assert (qcfg.bits, qcfg.group_size, qcfg.symmetric) == (bits, group, sym)
+    assert (qcfg.bits, qcfg.group_size, qcfg.scheme) == (bits, group, scheme)
 
 
 def test_cli_error_has_no_traceback(tmp_path):

@@ -256,8 +256,8 @@ def model_config_from_inputs(inputs_meta: dict[str, Any], slot: str = "model") -
     if ref is None:
         return None
     folder = None
-    if hasattr(ref, "model_dir"):
-        folder = ref.model_dir
+    if hasattr(ref, "base_model_dir"):
+        folder = ref.base_model_dir
     elif isinstance(ref, dict):
         meta = ref.get("meta", ref)
         folder = meta.get("model_dir") or meta.get("base_model") or ref.get("path")

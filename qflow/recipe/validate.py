@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from ..errors import RecipeError, closest, did_you_mean
 from .schema import Gate, ModelSection, Recipe, StageSpec
@@ -46,6 +47,9 @@ def describe_errors(exc: ValidationError, prefix: tuple[Any, ...],
             best = closest(key, valid)
             clauses.append(f"{where}: unknown key '{key}'")
             fixes.append(f"did you mean '{best}'?" if best else f"valid keys here: {', '.join(sorted(valid))}")
+        elif kind == "renamed_key":
+            clauses.append(f"{where}: {err['msg']}")
+            fixes.append(err["ctx"]["fix"])
         elif kind == "missing":
             clauses.append(f"{where}: required key is missing")
             fixes.append(f"add '{loc[-1]}' to {yaml_path(loc[:-1]) or 'the top level'}")
@@ -60,6 +64,20 @@ def describe_errors(exc: ValidationError, prefix: tuple[Any, ...],
     if len(exc.errors()) > 6:
         clauses.append(f"and {len(exc.errors()) - 6} more")
     return "; ".join(clauses), "; ".join(dict.fromkeys(fixes))
+
+
+def reject_renamed_keys(data: Any, renamed: dict[str, tuple[str, str]], title: str) -> Any:
+    """For a Config's ``mode="before"`` validator: ``data`` unchanged, or a ValidationError located at
+    each old key of ``renamed`` (old key -> (new key, how to write it now)) that ``data`` still uses."""
+    if not isinstance(data, dict):
+        return data
+    found = [InitErrorDetails(type=PydanticCustomError("renamed_key", "'{old}' was replaced by '{new}'",
+                                                       {"old": old, "new": new, "fix": fix}),
+                              loc=(old,), input=data[old])
+             for old, (new, fix) in renamed.items() if old in data]
+    if found:
+        raise ValidationError.from_exception_data(title, found)
+    return data
 
 
 def _recipe_fields_at(loc: tuple[Any, ...]) -> list[str]:

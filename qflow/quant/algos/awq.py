@@ -69,10 +69,10 @@ class AWQOptions:
     zero_point: bool = True
     n_grid: int = 20
     max_shrink: float = 0.5
-    n_sample_token: int = 512
+    n_clip_tokens: int = 512                  # tokens sampled for the clip search (step 4)
     duo_scaling: bool = False
     apply_clip: bool = True
-    n_search_tokens: int | None = None
+    n_search_tokens: int | None = None        # tokens for the scale search's module loss (step 2; None = all)
     then: str = "rtn"                         # "rtn" | "gptq"
     gptq: dict[str, Any] = field(default_factory=dict)   # GPTQOptions fields for then="gptq"
     scale_dtype: str = "float16"
@@ -240,15 +240,15 @@ class ClipSearch:
     err_best: torch.Tensor         # [out, n_groups]
 
 
-def sample_tokens(x: torch.Tensor, n_sample_token: int) -> torch.Tensor:
-    """``x`` rows ``[::max(1, n_tok // n_sample_token)]`` (AutoAWQ's guard on llm-awq's step)."""
+def sample_tokens(x: torch.Tensor, n_clip_tokens: int) -> torch.Tensor:
+    """``x`` rows ``[::max(1, n_tok // n_clip_tokens)]`` (AutoAWQ's guard on llm-awq's step)."""
     x2 = x.reshape(-1, x.shape[-1])
-    return x2[0::max(1, x2.shape[0] // n_sample_token)]
+    return x2[0::max(1, x2.shape[0] // n_clip_tokens)]
 
 
 @torch.no_grad()
 def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, *, n_grid: int = 20,
-                max_shrink: float = 0.5, n_sample_token: int = 512, row_batch: int | None = None,
+                max_shrink: float = 0.5, n_clip_tokens: int = 512, row_batch: int | None = None,
                 max_elements: int = 1 << 24) -> ClipSearch:
     """Per (row, group) clamp threshold minimizing the group's partial-output MSE (llm-awq ``auto_clip_layer``).
 
@@ -264,7 +264,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, *, n_grid: in
     if cols % g:
         raise StageError(f"clip search needs in_features {cols} divisible by group_size {g}", where="awq clip")
     ng = cols // g
-    xs = sample_tokens(x, n_sample_token).float()                       # [T, in]
+    xs = sample_tokens(x, n_clip_tokens).float()                        # [T, in]
     xg = xs.reshape(xs.shape[0], ng, g).permute(1, 0, 2).contiguous()   # [ng, T, G]
     n_steps = int(max_shrink * n_grid)
     factors = [1 - i / n_grid for i in range(n_steps)]
@@ -383,7 +383,7 @@ def clip_block(block: Block, opts: AWQOptions, feats: dict[str, torch.Tensor]) -
             continue
         lin = block.linear(name)
         clip = search_clip(lin.weight.data, feats[block.adapter.canonical_input(name)], spec, n_grid=opts.n_grid,
-                           max_shrink=opts.max_shrink, n_sample_token=opts.n_sample_token)
+                           max_shrink=opts.max_shrink, n_clip_tokens=opts.n_clip_tokens)
         apply_clip(lin, clip.max_val, spec.effective_group(lin.in_features))
         out.append((name, clip))
     return out

@@ -195,6 +195,66 @@ class Activations:
     module_outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # sub-module -> [N, T, out]
 
 
+class _PassHooks:
+    """The forward hooks of one :meth:`Block.run` pass and what they collect.
+
+    An input hook checks a linear's input, keeps it (rows ``b0:b1`` of the current
+    mini-batch) and/or streams it to ``on_input``, and stops the forward once every
+    target linear has been seen, unless the pass needs the block's or a sub-module's
+    outputs. An output hook keeps a sub-module's output.
+    """
+
+    def __init__(self, block_name: str, n_rows: int, *, keep: list[str], streamed: list[str],
+                 on_input: Callable[[str, torch.Tensor], None] | None, module_outputs: list[str],
+                 outputs: bool) -> None:
+        self.block_name = block_name
+        self.n_rows = n_rows
+        self.keep = list(dict.fromkeys(keep))
+        self.streamed = list(dict.fromkeys(streamed))
+        self.targets = list(dict.fromkeys(self.keep + self.streamed))
+        self.module_outputs = module_outputs
+        self.on_input = on_input
+        self.full_pass = outputs or bool(module_outputs)
+        self.acts = Activations()
+        self.seen: set[str] = set()
+        self.span = (0, 0)
+
+    def start_batch(self, b0: int, b1: int) -> None:
+        self.span = (b0, b1)
+        self.seen.clear()
+
+    def input_hook(self, rel: str) -> Callable[..., None]:
+        def hook(module, args):
+            x = args[0]
+            if not all_finite(x):
+                raise StageError(f"non-finite activations at the input of {rel}", where=self.block_name,
+                                 fix="check the calibration data and the float model (fp16 overflow?)")
+            b0, b1 = self.span
+            if rel in self.keep:
+                buf = self.acts.inputs.get(rel)
+                if buf is None:
+                    buf = torch.empty((self.n_rows, *x.shape[1:]), dtype=x.dtype)
+                    self.acts.inputs[rel] = buf
+                buf[b0:b1] = x
+            if rel in self.streamed and self.on_input is not None:
+                self.on_input(rel, x.reshape(-1, x.shape[-1]))
+            self.seen.add(rel)
+            if not self.full_pass and len(self.seen) == len(self.targets):
+                raise _StopForward
+        return hook
+
+    def output_hook(self, rel: str) -> Callable[..., None]:
+        def hook(module, args, out):
+            y = _first(out)
+            b0, b1 = self.span
+            buf = self.acts.module_outputs.get(rel)
+            if buf is None:
+                buf = torch.empty((self.n_rows, *y.shape[1:]), dtype=y.dtype)
+                self.acts.module_outputs[rel] = buf
+            buf[b0:b1] = y
+        return hook
+
+
 @dataclass
 class Block:
     """A decoder block being quantized, with its calibration inputs and helpers."""
@@ -240,56 +300,17 @@ class Block:
             raise StageError("this method has no calibration inputs", where=self.name)
         call = forward or (lambda x: _first(self.module(x, **self.kwargs)))
         canon = self.adapter.canonical_input
-        keep = list(dict.fromkeys(canon(n) for n in capture))
-        streamed = list(dict.fromkeys(canon(n) for n in stream))
-        targets = list(dict.fromkeys(keep + streamed))
-        mod_outs = list(dict.fromkeys(module_outputs))
-        full_pass = outputs or bool(mod_outs)
-        acts = Activations()
-        seen: set[str] = set()
-        handles = []
-        span = (0, 0)
-
-        def make(rel: str):
-            def hook(module, args):
-                x = args[0]
-                if not all_finite(x):
-                    raise StageError(f"non-finite activations at the input of {rel}", where=self.name,
-                                     fix="check the calibration data and the float model (fp16 overflow?)")
-                b0, b1 = span
-                if rel in keep:
-                    buf = acts.inputs.get(rel)
-                    if buf is None:
-                        buf = torch.empty((data.shape[0], *x.shape[1:]), dtype=x.dtype)
-                        acts.inputs[rel] = buf
-                    buf[b0:b1] = x
-                if rel in streamed and on_input is not None:
-                    on_input(rel, x.reshape(-1, x.shape[-1]))
-                seen.add(rel)
-                if not full_pass and len(seen) == len(targets):
-                    raise _StopForward
-            return hook
-
-        def make_out(rel: str):
-            def hook(module, args, out):
-                y = _first(out)
-                b0, b1 = span
-                buf = acts.module_outputs.get(rel)
-                if buf is None:
-                    buf = torch.empty((data.shape[0], *y.shape[1:]), dtype=y.dtype)
-                    acts.module_outputs[rel] = buf
-                buf[b0:b1] = y
-            return hook
-
-        for rel in targets:
-            handles.append(self.linear(rel).register_forward_pre_hook(make(rel)))
-        for rel in mod_outs:
-            handles.append(self.module.get_submodule(rel).register_forward_hook(make_out(rel)))
+        hooks = _PassHooks(self.name, data.shape[0], keep=[canon(n) for n in capture],
+                           streamed=[canon(n) for n in stream], on_input=on_input,
+                           module_outputs=list(dict.fromkeys(module_outputs)), outputs=outputs)
+        handles = [self.linear(rel).register_forward_pre_hook(hooks.input_hook(rel)) for rel in hooks.targets]
+        handles += [self.module.get_submodule(rel).register_forward_hook(hooks.output_hook(rel))
+                    for rel in hooks.module_outputs]
+        acts = hooks.acts
         try:
             for b0 in range(0, data.shape[0], self.batch_size):
                 b1 = min(data.shape[0], b0 + self.batch_size)
-                span = (b0, b1)
-                seen.clear()
+                hooks.start_batch(b0, b1)
                 try:
                     out = call(data[b0:b1])
                 except _StopForward:
@@ -304,7 +325,7 @@ class Block:
         finally:
             for h in handles:
                 h.remove()
-        missing = [r for r in targets if r not in seen]
+        missing = [r for r in hooks.targets if r not in hooks.seen]
         if missing:
             raise StageError(f"the block never called {', '.join(missing)}", where=self.name,
                              fix="the architecture adapter does not match this model")
@@ -351,18 +372,9 @@ def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.T
         check_calibration(ids, model, min_tokens=min_tokens)
 
     generator = ctx.torch_generator(f"blockwise:{method}") if hasattr(ctx, "torch_generator") else torch.Generator()
-    state = resume.load()
+    state = resume.load()  # before the writer opens the folder: a stale state's shards are deleted here
     writer = CheckpointWriter(resume.ir_dir, base_model=base_model, method=method, meta=meta)
-    records: list[dict[str, Any]] = []
-    start = 0
-    inputs: torch.Tensor | None = None
-    if state is not None:
-        writer.restore(state["writer"])
-        start = int(state["next_block"])
-        inputs = state["inputs"]
-        records = list(state["records"])
-        generator.set_state(state["generator"])
-        ctx.log.info("resuming %s at block %d/%d from %s", method, start, n_blocks, resume.path)
+    start, inputs, records = _restore(ctx, state, writer, generator, method, n_blocks, resume.path)
 
     loader = block_loader(model)  # None: the whole model is in memory
     with torch.no_grad():
@@ -383,14 +395,7 @@ def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.T
                               writer=writer, inputs=inputs, kwargs=kwargs_per_block[i], batch_size=batch_size,
                               generator=generator, records=records, is_last=i == n_blocks - 1)
                 process(block)
-                if ids is not None and not block.is_last:
-                    if block.next_inputs is None:
-                        if propagate == "fp":
-                            raise RuntimeError(f"{method}: propagate='fp' but process() set no next_inputs")
-                        block.next_inputs = block.run(outputs=True).outputs
-                    inputs = block.next_inputs
-                else:
-                    inputs = None
+                inputs = _next_inputs(block, calibrated=ids is not None, propagate=propagate, method=method)
                 del block
                 if loader is not None:
                     loader.release(i)
@@ -409,6 +414,30 @@ def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.T
     ctx.log_metric("peak_rss_mb", rss / 2**20)
     ctx.log_metric("quantize_seconds", seconds)
     return BlockwiseResult(out_dir, records, seconds, start, rss)
+
+
+def _restore(ctx: Any, state: dict[str, Any] | None, writer: CheckpointWriter, generator: torch.Generator,
+             method: str, n_blocks: int, state_path: Path) -> tuple[int, torch.Tensor | None, list[dict[str, Any]]]:
+    """(first block to run, its inputs, records so far): a saved resume state put back into ``writer``
+    and ``generator``, or a fresh start (block 0, inputs still to capture) when there is none."""
+    if state is None:
+        return 0, None, []
+    writer.restore(state["writer"])
+    generator.set_state(state["generator"])
+    start = int(state["next_block"])
+    ctx.log.info("resuming %s at block %d/%d from %s", method, start, n_blocks, state_path)
+    return start, state["inputs"], list(state["records"])
+
+
+def _next_inputs(block: Block, *, calibrated: bool, propagate: str, method: str) -> torch.Tensor | None:
+    """The next block's inputs once ``process(block)`` is done (None without calibration or after the last)."""
+    if not calibrated or block.is_last:
+        return None
+    if block.next_inputs is None:
+        if propagate == "fp":
+            raise RuntimeError(f"{method}: propagate='fp' but process() set no next_inputs")
+        block.next_inputs = block.run(outputs=True).outputs
+    return block.next_inputs
 
 
 def write_records(ctx: Any, records: list[dict[str, Any]], name: str = "layers.json") -> None:

@@ -47,8 +47,8 @@ def open_float_model(cfg: Any, model: Any, *, lazy: bool = True):
     from qflow.models.loading import load_model
 
     if lazy:
-        return load_model_lazy(model.model_dir, dtype="float32", attn_implementation=cfg.attn_implementation)
-    net, _ = load_model(model.model_dir, dtype="float32", attn_implementation=cfg.attn_implementation)
+        return load_model_lazy(model.base_model_dir, dtype="float32", attn_implementation=cfg.attn_implementation)
+    net, _ = load_model(model.base_model_dir, dtype="float32", attn_implementation=cfg.attn_implementation)
     return net, get_adapter(net)
 
 

@@ -160,10 +160,9 @@ def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float, retries: int) -> t
         "(check the activations for NaN/Inf, use more calibration tokens, or raise percdamp)")
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
-                  percdamp: float = 0.01, act_order: bool = True, static_groups: bool = True,
-                  max_damp_retries: int = 3) -> GPTQResult:
-    """GPTQ-quantize ``W [out, in]`` given the input Hessian ``H [in, in]`` (METHODS.md §5)."""
+def _validated(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int, percdamp: float,
+               max_damp_retries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 working copies of ``W`` and ``H``; ValueError for any argument :func:`gptq_quantize` cannot take."""
     if W.dim() != 2:
         raise ValueError(f"gptq_quantize: W must be 2-D [out, in], got shape {tuple(W.shape)}")
     out, cols = W.shape
@@ -187,53 +186,69 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_si
         raise ValueError("gptq_quantize: W contains non-finite values")
     if not _all_finite(H):
         raise ValueError("gptq_quantize: H contains non-finite values (NaN/Inf in calibration statistics)")
+    return W, H
 
-    G = spec.group_size
-    grouped = G > 0
-    qmax = float(spec.qmax)
-    spec_pc = spec.model_copy(update={"group_size": -1}) if grouped else spec
-    n_groups = spec.n_groups(cols)
 
-    # per-row (or per-tensor) params once, from the original W
-    if not grouped:
-        scale, zero = compute_params(W, spec)
-        s_fixed = scale[:, 0].contiguous()
-        z_fixed = zero[:, 0].contiguous()
+class _ColumnParams:
+    """The ``(scale, zero)`` rows ``[out]`` that quantize each working column, in quantization order.
 
-    dead = H.diagonal() == 0
-    if bool(dead.any()):
-        H.diagonal()[dead] = 1.0
-        W[:, dead] = 0.0
+    Three cases, as in the reference: no groups (one pair per row, or per tensor,
+    taken from the original W); static groups (every group's pair taken before
+    act-order, looked up through the permutation); dynamic groups (a group's pair
+    is taken from the working matrix ``WT`` when its first column comes up, so it
+    holds every completed lazy block's update). ``scale``/``zero`` are the
+    ``[out, n_groups]`` tables the result reports.
+    """
 
-    if grouped and static_groups:
-        scale, zero = compute_params(W, spec)        # original column order, after dead zeroing
-        sT = scale.t().contiguous()
-        zT = zero.t().contiguous()
-    elif grouped:
-        scale = torch.zeros(out, n_groups, dtype=torch.float32, device=W.device)
-        zero = torch.zeros(out, n_groups, dtype=torch.float32, device=W.device)
+    def __init__(self, spec: QuantSpec, WT: torch.Tensor, *, fixed: tuple[torch.Tensor, torch.Tensor] | None,
+                 static: tuple[torch.Tensor, torch.Tensor] | None, perm: torch.Tensor | None) -> None:
+        cols, out = WT.shape
+        self.WT = WT
+        self.G = spec.group_size
+        self.col_group: list[int] | None = None
+        self.spec_pc: QuantSpec | None = None
+        if fixed is not None:
+            self.scale, self.zero = fixed
+            self.s_col = self.scale[:, 0].contiguous()
+            self.z_col = self.zero[:, 0].contiguous()
+        elif static is not None:
+            self.scale, self.zero = static
+            self.sT = self.scale.t().contiguous()
+            self.zT = self.zero.t().contiguous()
+            src = perm.tolist() if perm is not None else range(cols)
+            self.col_group = [j // self.G for j in src]
+        else:
+            n_groups = spec.n_groups(cols)
+            self.scale = torch.zeros(out, n_groups, dtype=torch.float32, device=WT.device)
+            self.zero = torch.zeros(out, n_groups, dtype=torch.float32, device=WT.device)
+            self.spec_pc = spec.model_copy(update={"group_size": -1})
 
-    perm = invperm = None
-    if act_order:
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-        invperm = torch.argsort(perm)
-        W = W[:, perm]
-        H = H[perm[:, None], perm]
+    def at(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero)`` for working column ``c``; called for c = 0, 1, ... in order."""
+        if self.col_group is not None:
+            g = self.col_group[c]
+            return self.sT[g], self.zT[g]
+        if self.spec_pc is not None and c % self.G == 0:
+            s, z = compute_params(self.WT[c:c + self.G].t(), self.spec_pc)
+            self.s_col = s[:, 0].contiguous()
+            self.z_col = z[:, 0].contiguous()
+            self.scale[:, c // self.G] = self.s_col
+            self.zero[:, c // self.G] = self.z_col
+        return self.s_col, self.z_col
 
-    U, damp_used = _inverse_cholesky_upper(H, percdamp, max_damp_retries)
-    del H
+
+def _quantize_columns(WT: torch.Tensor, U: torch.Tensor, params: _ColumnParams, block_size: int,
+                      qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes ``[in, out]`` uint8, loss) for the working columns (rows of ``WT``, updated in place).
+
+    Lazy batches of ``block_size`` columns; inside a batch, sub-blocks of ``_SUB``
+    columns take their error feedback as one matmul, the columns inside a sub-block
+    rank-1 updates; a finished batch updates every later column at once.
+    """
+    cols, out = WT.shape
     dvals = U.diagonal().tolist()
-
-    WT = W.t().contiguous()                          # [in, out]; row c = working column c
-    del W
     codesT = torch.empty(cols, out, dtype=torch.uint8, device=WT.device)
-    if grouped and static_groups:
-        src = perm.tolist() if perm is not None else range(cols)
-        col_group = [j // G for j in src]
     loss = torch.zeros((), dtype=torch.float64, device=WT.device)
-
-    if not grouped:
-        s_col, z_col = s_fixed, z_fixed
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = WT[i1:i2].clone()
@@ -242,16 +257,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_si
             j2 = min(j1 + _SUB, i2)
             for c in range(j1, j2):
                 i = c - i1
-                if grouped:
-                    if static_groups:
-                        g = col_group[c]
-                        s_col, z_col = sT[g], zT[g]
-                    elif c % G == 0:
-                        s, z = compute_params(WT[c:c + G].t(), spec_pc)
-                        s_col = s[:, 0].contiguous()
-                        z_col = z[:, 0].contiguous()
-                        scale[:, c // G] = s_col
-                        zero[:, c // G] = z_col
+                s_col, z_col = params.at(c)
                 w = W1[i]
                 q = torch.round(w / s_col).add_(z_col).clamp_(0.0, qmax)
                 codesT[c] = q
@@ -264,17 +270,43 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_si
         if i2 < cols:
             WT[i2:].addmm_(U[i1:i2, i2:].t(), Err, alpha=-1.0)
         loss += Err.double().pow(2).sum() * 0.5
+    return codesT, loss
 
-    if perm is not None:
-        codes = codesT[invperm].t().contiguous()
-    else:
-        codes = codesT.t().contiguous()
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
+                  percdamp: float = 0.01, act_order: bool = True, static_groups: bool = True,
+                  max_damp_retries: int = 3) -> GPTQResult:
+    """GPTQ-quantize ``W [out, in]`` given the input Hessian ``H [in, in]`` (METHODS.md §5)."""
+    W, H = _validated(W, H, spec, block_size, percdamp, max_damp_retries)
+    cols = W.shape[1]
+    G = spec.group_size
+    fixed = compute_params(W, spec) if G <= 0 else None          # per row (or tensor), from the original W
+    dead = H.diagonal() == 0
+    if bool(dead.any()):
+        H.diagonal()[dead] = 1.0
+        W[:, dead] = 0.0
+    static = compute_params(W, spec) if G > 0 and static_groups else None  # original column order, dead zeroed
+
+    perm = invperm = None
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        invperm = torch.argsort(perm)
+        W = W[:, perm]
+        H = H[perm[:, None], perm]
+
+    U, damp_used = _inverse_cholesky_upper(H, percdamp, max_damp_retries)
+    del H
+    WT = W.t().contiguous()                          # [in, out]; row c = working column c
+    del W
+    params = _ColumnParams(spec, WT, fixed=fixed, static=static, perm=perm)
+    codesT, loss = _quantize_columns(WT, U, params, block_size, float(spec.qmax))
+    codes = (codesT[invperm] if perm is not None else codesT).t().contiguous()
 
     g_idx = None
-    if grouped and act_order and not static_groups:
+    if G > 0 and act_order and not static_groups:
         gi = (invperm // G).to(torch.int32)
         default = (torch.arange(cols, device=gi.device) // G).to(torch.int32)
         if not torch.equal(gi, default):
             g_idx = gi
-    return GPTQResult(codes=codes, scale=scale, zero=zero, g_idx=g_idx, loss=float(loss),
+    return GPTQResult(codes=codes, scale=params.scale, zero=params.zero, g_idx=g_idx, loss=float(loss),
                       damp=damp_used, perm=perm)

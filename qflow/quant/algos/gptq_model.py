@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,9 @@ from ...errors import StageError
 from ...models.adapters import ArchAdapter
 from ..spec import QuantSpec
 from .blockwise import Block, run_blockwise, write_records
+
+if TYPE_CHECKING:
+    from .gptq import HessianAccumulator
 
 
 @dataclass(frozen=True)
@@ -56,12 +59,10 @@ class GPTQOptions:
                          scale_dtype=self.scale_dtype)
 
 
-def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None) -> None:
-    """GPTQ-quantize every linear of ``block`` in place (weights become their dequantized values)."""
-    from .gptq import HessianAccumulator, dequantize_result, gptq_quantize
-
+def _sub_steps(block: Block, opts: GPTQOptions, spec: QuantSpec) -> tuple[list[str], list[list[str]]]:
+    """(the block's linears, its sequential sub-steps); StageError unless the sub-steps cover the
+    linears and every linear's shape fits ``spec``."""
     adapter: ArchAdapter = block.adapter
-    spec = spec or opts.spec()
     names = adapter.linear_names(block.module)
     groups = adapter.sequential_groups(block.module) if opts.true_sequential else [names]
     covered = sorted(n for g in groups for n in g)
@@ -73,6 +74,38 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
         if problem:
             raise StageError(f"{block.full_name(name)}: {problem}", where="quantize.gptq.group_size",
                              fix="choose a group size that divides every layer width")
+    return names, groups
+
+
+def _quantize_sub_step(block: Block, group: list[str], hessians: dict[str, HessianAccumulator], spec: QuantSpec,
+                       opts: GPTQOptions, hessian_seconds: float) -> None:
+    """GPTQ-quantize the linears of one sub-step in place and add them to the checkpoint."""
+    from .gptq import dequantize_result, gptq_quantize
+
+    for name in group:
+        t1 = time.perf_counter()
+        lin = block.linear(name)
+        H = hessians[block.adapter.canonical_input(name)].H
+        try:
+            res = gptq_quantize(lin.weight.data.float(), H, spec, block_size=opts.block_size,
+                                percdamp=opts.percdamp, act_order=opts.act_order,
+                                static_groups=opts.static_groups)
+        except ValueError as exc:
+            raise StageError(f"GPTQ failed: {exc}", where=block.full_name(name),
+                             fix="use more calibration tokens or a larger percdamp") from exc
+        lin.weight.data = dequantize_result(res, spec).to(lin.weight.dtype)
+        block.writer.add_quantized(block.full_name(name), spec, res.codes, res.scale, res.zero, res.g_idx)
+        block.record(layer=block.full_name(name), gptq_loss=res.loss, damp=res.damp,
+                     hessian_seconds=hessian_seconds, quantize_seconds=time.perf_counter() - t1)
+
+
+def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None) -> None:
+    """GPTQ-quantize every linear of ``block`` in place (weights become their dequantized values)."""
+    from .gptq import HessianAccumulator
+
+    adapter: ArchAdapter = block.adapter
+    spec = spec or opts.spec()
+    names, groups = _sub_steps(block, opts, spec)
     attn = set(adapter.attn_linears)
     done: set[str] = set()
     mid: torch.Tensor | None = None      # residual stream after the (quantized) attention half
@@ -112,22 +145,7 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
         else:
             acts = block.run(stream=group, capture=keep, on_input=on_input)
         kept = acts.inputs.get(keep[0]) if keep else None
-        t_h = time.perf_counter() - t0
-        for name in group:
-            t1 = time.perf_counter()
-            lin = block.linear(name)
-            H = accs[adapter.canonical_input(name)].H
-            try:
-                res = gptq_quantize(lin.weight.data.float(), H, spec, block_size=opts.block_size,
-                                    percdamp=opts.percdamp, act_order=opts.act_order,
-                                    static_groups=opts.static_groups)
-            except ValueError as exc:
-                raise StageError(f"GPTQ failed: {exc}", where=block.full_name(name),
-                                 fix="use more calibration tokens or a larger percdamp") from exc
-            lin.weight.data = dequantize_result(res, spec).to(lin.weight.dtype)
-            block.writer.add_quantized(block.full_name(name), spec, res.codes, res.scale, res.zero, res.g_idx)
-            block.record(layer=block.full_name(name), gptq_loss=res.loss, damp=res.damp,
-                         hessian_seconds=t_h, quantize_seconds=time.perf_counter() - t1)
+        _quantize_sub_step(block, group, accs, spec, opts, hessian_seconds=time.perf_counter() - t0)
         done.update(group)
         accs.clear()
         if kept is not None:

@@ -59,6 +59,78 @@ def _store_scale(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return torch.where(torch.isfinite(s) & (s > 0), s, torch.full_like(s, _TINY))
 
 
+class _ZeroProblem:
+    """The half-quadratic zero-point problem of one grouped weight ``wg [R, ng, g]`` at a fixed scale.
+
+    Rows are processed in chunks so the elementwise passes stay in cache; a
+    partial last group (``pad`` repeated columns) counts its valid columns only.
+    """
+
+    def __init__(self, wg: torch.Tensor, scale: torch.Tensor, *, pad: int, n_valid: float, qmax: float,
+                 lp_norm: float) -> None:
+        R, ng, g = wg.shape
+        self.wg, self.scale, self.qmax, self.lp_norm, self.n_valid = wg, scale, qmax, lp_norm, n_valid
+        self.wd = wg / scale                                             # W in code units
+        self.vmask = self.count = None
+        if pad:
+            valid = torch.ones(ng, g, dtype=torch.bool, device=wg.device)
+            valid[-1, g - pad:] = False
+            self.count = valid.sum(dim=-1, keepdim=True).to(torch.float32)  # [ng, 1]
+            self.vmask = valid.to(torch.float32)
+        rows = max(1, (1 << 17) // (ng * g))
+        self.chunks = [(r0, min(r0 + rows, R)) for r0 in range(0, R, rows)]
+        shape = (min(rows, R), ng, g)
+        self.bufs = [torch.empty(shape, dtype=torch.float32, device=wg.device) for _ in range(4)]
+
+    def step(self, z: torch.Tensor, b: float, update: bool) -> tuple[float, torch.Tensor | None]:
+        """Mean-abs error at zero ``z`` and (if ``update``) the half-quadratic zero update."""
+        qmax, lp_norm, vmask = self.qmax, self.lp_norm, self.vmask
+        total = torch.zeros((), dtype=torch.float64, device=z.device)
+        z_new = torch.empty_like(z) if update else None
+        for r0, r1 in self.chunks:
+            n = r1 - r0
+            wq, diff, ax, sh = (buf[:n] for buf in self.bufs)
+            zc, sc, wdc = z[r0:r1], self.scale[r0:r1], self.wd[r0:r1]
+            torch.add(wdc, zc, out=wq).round_().clamp_(0.0, qmax)
+            torch.sub(wq, zc, out=diff).mul_(sc).sub_(self.wg[r0:r1]).neg_()  # W - W_r
+            torch.abs(diff, out=ax)
+            total += (ax * vmask).sum() if vmask is not None else ax.sum(dtype=torch.float64)
+            if update:
+                if lp_norm == 1:
+                    sh.copy_(ax).sub_(1.0 / b)
+                else:
+                    torch.pow(ax, lp_norm - 1, out=sh).mul_(-1.0 / b).add_(ax)
+                sh.relu_().copysign_(diff)                                     # W_e = shrink(W - W_r)
+                sh.div_(sc).add_(wq).sub_(wdc)                                 # W_q - (W - W_e)/s
+                if vmask is not None:
+                    z_new[r0:r1] = (sh * vmask).sum(dim=-1, keepdim=True) / self.count
+                else:
+                    z_new[r0:r1] = sh.mean(dim=-1, keepdim=True)
+        return float(total) / self.n_valid, z_new
+
+    def best_zero(self, z: torch.Tensor, *, beta: float, kappa: float, iters: int,
+                  early_stop: bool) -> tuple[torch.Tensor, list[float]]:
+        """The best zero seen from ``z`` on (``β`` grows by ``κ`` each iteration) and the errors logged."""
+        errors: list[float] = []
+        best = float("inf")
+        z_best = z
+        b = float(beta)
+        for t in range(iters):
+            err, z_next = self.step(z, b, update=t < iters - 1)
+            if err < best:
+                best, z_best = err, z
+                errors.append(err)
+            elif early_stop:
+                break
+            else:
+                errors.append(err)
+            if z_next is None:
+                break
+            z = z_next
+            b *= kappa
+        return z_best, errors
+
+
 def hqq_quantize(W: torch.Tensor, spec: QuantSpec, *, lp_norm: float = 0.7, beta: float = 10.0,
                  kappa: float = 1.01, iters: int = 20, early_stop: bool = True) -> HQQResult:
     """HQQ zero-point optimization of ``W [out, in]`` under ``spec``
@@ -84,15 +156,6 @@ def hqq_quantize(W: torch.Tensor, spec: QuantSpec, *, lp_norm: float = 0.7, beta
     qmax = float(spec.qmax)
     wg = grouped(W, spec)                            # [R, ng, g]; partial group padded by repetition
     R, ng, g = wg.shape
-    pad = ng * g - cols if spec.group_size > 0 else 0
-    vmask = count = None
-    n_valid = float(R * cols) if spec.group_size != 0 else float(W.numel())
-    if pad:
-        valid = torch.ones(ng, g, dtype=torch.bool, device=W.device)
-        valid[-1, g - pad:] = False
-        count = valid.sum(dim=-1, keepdim=True).to(torch.float32)      # [ng, 1]
-        vmask = valid.to(torch.float32)
-
     lo = wg.amin(dim=-1, keepdim=True)
     hi = wg.amax(dim=-1, keepdim=True)
     rng = hi - lo
@@ -101,62 +164,16 @@ def hqq_quantize(W: torch.Tensor, spec: QuantSpec, *, lp_norm: float = 0.7, beta
     z = -lo / scale
     if spec.bits == 4:
         z = torch.round(z)
-    wd = wg / scale                                  # W in code units
 
-    # Work on row chunks so the elementwise passes stay in cache.
-    rows = max(1, (1 << 17) // (ng * g))
-    chunks = [(r0, min(r0 + rows, R)) for r0 in range(0, R, rows)]
-    shape = (min(rows, R), ng, g)
-    bufs = [torch.empty(shape, dtype=torch.float32, device=W.device) for _ in range(4)]
-
-    def step(z: torch.Tensor, b: float, update: bool) -> tuple[float, torch.Tensor | None]:
-        """Mean-abs error at zero ``z`` and (if ``update``) the half-quadratic zero update."""
-        total = torch.zeros((), dtype=torch.float64, device=W.device)
-        z_new = torch.empty_like(z) if update else None
-        for r0, r1 in chunks:
-            n = r1 - r0
-            wq, diff, ax, sh = (buf[:n] for buf in bufs)
-            zc, sc, wdc = z[r0:r1], scale[r0:r1], wd[r0:r1]
-            torch.add(wdc, zc, out=wq).round_().clamp_(0.0, qmax)
-            torch.sub(wq, zc, out=diff).mul_(sc).sub_(wg[r0:r1]).neg_()      # W - W_r
-            torch.abs(diff, out=ax)
-            total += (ax * vmask).sum() if vmask is not None else ax.sum(dtype=torch.float64)
-            if update:
-                if lp_norm == 1:
-                    sh.copy_(ax).sub_(1.0 / b)
-                else:
-                    torch.pow(ax, lp_norm - 1, out=sh).mul_(-1.0 / b).add_(ax)
-                sh.relu_().copysign_(diff)                                     # W_e = shrink(W - W_r)
-                sh.div_(sc).add_(wq).sub_(wdc)                                 # W_q - (W - W_e)/s
-                if vmask is not None:
-                    z_new[r0:r1] = (sh * vmask).sum(dim=-1, keepdim=True) / count
-                else:
-                    z_new[r0:r1] = sh.mean(dim=-1, keepdim=True)
-        return float(total) / n_valid, z_new
-
-    errors: list[float] = []
-    best = float("inf")
-    z_best = z
-    b = float(beta)
-    for t in range(iters):
-        err, z_next = step(z, b, update=t < iters - 1)
-        if err < best:
-            best, z_best = err, z
-            errors.append(err)
-        elif early_stop:
-            break
-        else:
-            errors.append(err)
-        if z_next is None:
-            break
-        z = z_next
-        b *= kappa
+    solver = _ZeroProblem(wg, scale, pad=ng * g - cols if spec.group_size > 0 else 0, qmax=qmax, lp_norm=lp_norm,
+                           n_valid=float(R * cols) if spec.group_size != 0 else float(W.numel()))
+    z_best, errors = solver.best_zero(z, beta=beta, kappa=kappa, iters=iters, early_stop=early_stop)
 
     if spec.zero_float:
         zero = z_best.to(torch.float16).float()
     else:
         zero = torch.round(z_best).clamp_(0.0, qmax)
-    codes_g = torch.round(wd + zero).clamp_(0.0, qmax).to(torch.uint8)
+    codes_g = torch.round(solver.wd + zero).clamp_(0.0, qmax).to(torch.uint8)
     if spec.group_size == 0:
         codes = codes_g.reshape(out, cols)
     else:
