@@ -62,7 +62,7 @@ def _run(args) -> int:
         from .engine.sweep import run_sweep
 
         return run_sweep(args.recipe, args.overrides, opts, as_json=args.json, jobs=args.jobs,
-                         objective=args.objective, constraints=args.constraint)
+                         objective=args.objective, constraints=args.constraint, report=_sweep_report)
     plan = load_plan(args.recipe, args.overrides, opts)
     result = execute(plan, opts, args.overrides)
     if args.json:
@@ -72,9 +72,16 @@ def _run(args) -> int:
     return 0 if result.status == "ok" else 1
 
 
+def _sweep_report(points: list[dict], folder: Path) -> Path | None:
+    """The Pareto report of a sweep's points (the engine takes it as a callback: it knows no evaluation)."""
+    from .evaluation.report import pareto_report_for_points
+
+    return pareto_report_for_points(points, folder)
+
+
 def print_summary(result, dry_run: bool = False, stream=None) -> None:
     stream = stream or sys.stdout
-    from .quant.memory import format_bytes
+    from .units import format_bytes
 
     rows = [("stage", "uses", "status", "est. peak" if dry_run else "seconds", "key")]
     for sid, r in result.stages.items():
@@ -116,7 +123,8 @@ def _fmt(v) -> str:
 
 def cmd_explain(args) -> int:
     from .engine.cache import CacheStore
-    from .engine.runner import RunOptions, closest_entry, compute_keys, environment, load_plan, resolve_device
+    from .engine.keys import closest_entry, compute_keys, environment, resolve_device
+    from .engine.runner import RunOptions, load_plan
 
     opts = RunOptions(runs_root=_runs_root(args), libraries=args.lib or [], allow_env=args.allow_env or [])
     plan = load_plan(args.recipe, args.overrides, opts)
@@ -365,7 +373,7 @@ def cmd_sync(args) -> int:
     from .engine.sync import sync_pending
 
     root = Path(args.sync_runs_dir) if args.sync_runs_dir else _runs_root(args)
-    rows = sync_pending(root)
+    rows = sync_pending(root, report=_sweep_report)
     if args.json:
         print(json.dumps(rows, default=str))
     elif not rows:

@@ -150,7 +150,7 @@ class ExportGGUF(Stage):
         from qflow.models.sources import convert_gguf
 
         ref, tok = reference_model(ckpt)
-        ids = eval_windows(cfg.verify_data, tok, cfg.verify_windows, ctx.runs_root / "cache")
+        ids = eval_windows(cfg.verify_data, tok, cfg.verify_windows, ctx.memo_dir)
         folder = ctx.scratch / "gguf-as-hf"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)

@@ -132,7 +132,7 @@ class ExportOnnx(Stage):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
-        ids = token_windows(cfg.data, tok, cfg.n_windows, ctx.runs_root / "cache", where=f"{where}.with")
+        ids = token_windows(cfg.data, tok, cfg.n_windows, ctx.memo_dir, where=f"{where}.with")
         has_nbits = bool(info.linear_kinds.get("nbits"))
         levels = sorted(set(info.variants)) if has_nbits else [0]   # accuracy_level only acts on MatMulNBits
         with ctx.progress(len(ids) * (1 + len(levels)), "round trip") as bar:

@@ -136,7 +136,7 @@ class ExportSafetensors(Stage):
         from qflow.export.verify import compare_logits, eval_windows, reference_model
 
         ref, tok = reference_model(ckpt)
-        ids = eval_windows(cfg.verify_data, tok, cfg.verify_windows, ctx.runs_root / "cache")
+        ids = eval_windows(cfg.verify_data, tok, cfg.verify_windows, ctx.memo_dir)
         use_ct = cfg.reader == "compressed-tensors" or (
             cfg.reader == "auto" and cfg.layout == "compressed-tensors" and readers.compressed_tensors_available())
         if use_ct:

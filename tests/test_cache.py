@@ -14,8 +14,9 @@ import pytest
 
 from qflow.artifacts import Artifact, EvalReport
 from qflow.engine.cache import CacheStore, canonical_json, diff_ingredients, make_key
+from qflow.engine.keys import compute_keys, environment
 from qflow.engine.plan import build_plan
-from qflow.engine.runner import RunOptions, compute_keys, environment, execute
+from qflow.engine.runner import RunOptions, execute
 from qflow.recipe.validate import validate_shape
 from qflow.registry import Stage, StageConfig, register
 
