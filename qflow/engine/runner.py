@@ -4,7 +4,7 @@
 (``plan_from_config``), so Hydra's multirun (sweepers, launchers) can call it
 from a task function; ``run_recipe`` composes a recipe file first. Keys are
 computed in ``keys.py``, capability checks and memory estimates in
-``preflight.py``.
+``preflight.py``; ``record.py`` writes the run to MLflow.
 """
 
 from __future__ import annotations
@@ -30,14 +30,8 @@ from .cache import CacheStore, Entry, flatten
 from .context import StageContext
 from .keys import Keys, compute_keys, environment, resolve_device
 from .plan import Plan, PlannedStage, build_plan
-from .preflight import (
-    Outputs,
-    estimate_peak,
-    estimate_peaks,
-    memory_warning,
-    preflight,
-    upstream_of,
-)
+from .preflight import Outputs, estimate_peak, estimate_peaks, memory_warning, preflight, upstream_of
+from .record import end_interrupted, finish_tracking, make_tracker, safe
 
 
 @dataclass
@@ -276,7 +270,7 @@ def execute(plan: Plan, opts: RunOptions, overrides: list[str] | None = None) ->
         return _execute(plan, opts, overrides, started)
     except BaseException as exc:
         for tracker in started:
-            _end_interrupted(tracker, opts, "FAILED" if isinstance(exc, Exception) else "KILLED")
+            end_interrupted(tracker, "FAILED" if isinstance(exc, Exception) else "KILLED")
         raise
 
 
@@ -293,12 +287,12 @@ def _execute(plan: Plan, opts: RunOptions, overrides: list[str] | None, started:
     store.clean_tmp()  # only folders whose owner is gone (never on --dry-run)
     run_dir = _new_run_dir(runs_root, opts.run_name or plan.recipe.name)
     _write_yaml(run_dir / "recipe.resolved.yaml", plan.resolved)
-    tracker = _make_tracker(opts, plan, run_dir)
+    tracker = make_tracker(opts.track, opts.runs_root, plan.recipe.name, run_dir)
     started.append(tracker)
-    run_id = _safe(tracker.start, opts, run_name=run_dir.name,
-                   tags={"qflow.recipe": plan.source, "qflow.version": __version__},
-                   parent_run_id=opts.parent_run_id)
-    _safe(tracker.log_params, opts, {k: v for k, v in flatten(plan.resolved).items()})
+    run_id = safe(tracker.start, run_name=run_dir.name,
+                  tags={"qflow.recipe": plan.source, "qflow.version": __version__},
+                  parent_run_id=opts.parent_run_id)
+    safe(tracker.log_params, {k: v for k, v in flatten(plan.resolved).items()})
 
     results: dict[str, StageResult] = {}
     outputs: Outputs = {}
@@ -330,7 +324,7 @@ def _execute(plan: Plan, opts: RunOptions, overrides: list[str] | None, started:
          "keys": {sid: r.key for sid, r in results.items()},
          "memo_keys": sorted({k for r in results.values() for k in r.memo_keys}),
          "finished_at": time.time()}, indent=1, default=str))
-    _finish_tracking(tracker, opts, result, run_dir)
+    finish_tracking(tracker, result, run_dir)
     return result
 
 
@@ -432,63 +426,6 @@ def _collect(sid: str, res: StageResult, st: PlannedStage, metrics: dict[str, fl
         problem = gate.check(value)
         gates.append({"stage": sid, "metric": metric, "passed": problem is None, "value": value,
                       "bound": gate.model_dump(exclude_none=True), **({"reason": problem} if problem else {})})
-
-
-def _make_tracker(opts: RunOptions, plan: Plan, run_dir: Path):
-    from ..tracking import Tracker
-
-    if not opts.track:
-        return Tracker.null()
-    return Tracker(opts.runs_root, plan.recipe.name, run_dir=run_dir)
-
-
-def _safe(fn, opts: RunOptions, *args, **kwargs):
-    """Tracking must never lose a run: the first MLflow failure prints one warning and queues the
-    run for `qflow sync` (``Tracker.fail``); later calls are skipped instead of each waiting on a
-    store that is down."""
-    tracker = getattr(fn, "__self__", None)
-    if getattr(tracker, "unavailable", None):
-        return None
-    try:
-        return fn(*args, **kwargs)
-    except Exception as exc:
-        print(tracker.fail(exc), file=sys.stderr, flush=True)
-        return None
-
-
-def _end_interrupted(tracker, opts: RunOptions, status: str) -> None:
-    """An interrupted run ends as ``status`` in MLflow, or in its queue entry when MLflow is down."""
-    if not tracker.enabled:
-        return
-    if tracker.unavailable:
-        tracker.queue(status=status)
-    else:
-        _safe(tracker.end, opts, status)
-        if tracker.unavailable:  # the end call itself failed
-            tracker.queue(status=status)
-
-
-def _finish_tracking(tracker, opts: RunOptions, result: RunResult, run_dir: Path) -> None:
-    if not tracker.enabled:
-        return
-    tags = {"qflow.status": result.status}
-    for sid, r in result.stages.items():
-        tags[f"qflow.stage.{sid}.key"] = r.key or ""
-        tags[f"qflow.stage.{sid}.status"] = r.status
-        tags.update(r.tags)
-    for g in result.gates:
-        tags[f"qflow.gate.{g['stage']}.{g['metric']}"] = "passed" if g["passed"] else f"failed: {g.get('reason')}"
-    if any(not g["passed"] for g in result.gates):
-        tags["qflow.gates"] = "failed"
-    _safe(tracker.log_metrics, opts, result.metrics)
-    _safe(tracker.set_tags, opts, tags)
-    _safe(tracker.log_artifact, opts, run_dir / "recipe.resolved.yaml")
-    _safe(tracker.log_artifact, opts, run_dir / "summary.json")
-    _safe(tracker.log_artifacts, opts, run_dir / "artifacts", "artifacts")
-    status = "FINISHED" if result.status == "ok" else "FAILED"
-    _safe(tracker.end, opts, status)
-    if tracker.unavailable:  # down at the start or failed on the way: `qflow sync` uploads the folder later
-        tracker.queue(tags=tags, status=status)
 
 
 def _write_yaml(path: Path, data: dict[str, Any]) -> None:
