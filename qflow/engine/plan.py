@@ -173,9 +173,9 @@ def _section_stage_name(section: str, broken: dict[str, str], source: str) -> st
     """The name of the stage that the recipe's top-level ``section`` becomes."""
     cls = section_stage(section)
     if cls is None:
-        hint = f" Broken stage modules (failed to import): {'; '.join(f'{m}: {e}' for m, e in broken.items())}" \
-            if broken else ""
-        raise PlanError(f"no registered stage reads the recipe's '{section}:' section.{hint}", where=f"{source}: {section}",
+        failed = "".join(f" Broken stage module {module}: {error}." for module, error in broken.items())
+        raise PlanError(f"no registered stage is built from the recipe's '{section}:' section.{failed}",
+                        where=f"{source}: {section}",
                         fix=f"install qflow with `make setup` (its stages declare recipe_section = '{section}'), "
                             f"or list the stage under stages:")
     return cls.name
