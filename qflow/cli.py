@@ -62,7 +62,7 @@ def _run(args) -> int:
         from .engine.sweep import run_sweep
 
         return run_sweep(args.recipe, args.overrides, opts, as_json=args.json, jobs=args.jobs,
-                         objective=args.objective, constraints=args.constraint)
+                         objective=args.objective, constraints=args.constraint, report=_sweep_report)
     plan = load_plan(args.recipe, args.overrides, opts)
     result = execute(plan, opts, args.overrides)
     if args.json:
@@ -72,9 +72,17 @@ def _run(args) -> int:
     return 0 if result.status == "ok" else 1
 
 
-def print_summary(result, dry_run: bool = False, stream=None) -> None:
-    stream = stream or sys.stdout
-    from .quant.memory import format_bytes
+def _sweep_report(points: list[dict], folder: Path) -> Path | None:
+    """The Pareto report of a sweep's points (the engine takes it as a callback: it knows no evaluation)."""
+    from .evaluation.report import pareto_report_for_points
+
+    return pareto_report_for_points(points, folder)
+
+
+def print_summary(result, dry_run: bool = False) -> None:
+    from .units import format_bytes
+
+    stream = sys.stdout
 
     rows = [("stage", "uses", "status", "est. peak" if dry_run else "seconds", "key")]
     for sid, r in result.stages.items():
@@ -116,7 +124,8 @@ def _fmt(v) -> str:
 
 def cmd_explain(args) -> int:
     from .engine.cache import CacheStore
-    from .engine.runner import RunOptions, closest_entry, compute_keys, environment, load_plan, resolve_device
+    from .engine.keys import closest_entry, compute_keys, environment, resolve_device
+    from .engine.runner import RunOptions, load_plan
 
     opts = RunOptions(runs_root=_runs_root(args), libraries=args.lib or [], allow_env=args.allow_env or [])
     plan = load_plan(args.recipe, args.overrides, opts)
@@ -365,7 +374,7 @@ def cmd_sync(args) -> int:
     from .engine.sync import sync_pending
 
     root = Path(args.sync_runs_dir) if args.sync_runs_dir else _runs_root(args)
-    rows = sync_pending(root)
+    rows = sync_pending(root, report=_sweep_report)
     if args.json:
         print(json.dumps(rows, default=str))
     elif not rows:
@@ -391,25 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", help="output root (default: $QFLOW_RUNS_DIR or ./runs)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
-
-    r = sub.add_parser("run", help="run a recipe (or a sweep with -m)")
-    r.add_argument("recipe")
-    r.add_argument("overrides", nargs="*", help="Hydra overrides: key=value, +key=value, ~key")
-    r.add_argument("-m", "--multirun", action="store_true", help="sweep over comma lists / range() / choice()")
-    r.add_argument("-j", "--jobs", type=int, default=1, help="parallel sweep points (local)")
-    r.add_argument("--objective", help="sweep objective METRIC[:min|max], e.g. evaluate/kl_mean:min (Optuna)")
-    r.add_argument("--constraint", action="append", help="sweep constraint, e.g. evaluate/bpw_quantized<=3.5")
-    r.add_argument("--dry-run", action="store_true", help="print the plan, its keys and cache status")
-    r.add_argument("--only", metavar="ID", help="run only this stage (upstream from the cache)")
-    r.add_argument("--from", dest="from_", metavar="ID", help="recompute this stage and everything after it")
-    r.add_argument("--force", metavar="ID", action="append", help="recompute this stage even if cached")
-    r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    r.add_argument("--no-track", action="store_true", help="do not write to MLflow")
-    r.add_argument("--lib", action="append", help="recipe library: folder, pkg://module or git+URL[@ref]")
-    r.add_argument("--allow-env", action="append", metavar="NAME",
-                   help="let the recipe read this environment variable with ${oc.env:NAME} (redacted when tracked)")
-    r.add_argument("-q", "--quiet", action="store_true")
-    r.set_defaults(fn=cmd_run)
+    _add_run(sub)
 
     e = sub.add_parser("explain", help="per stage: cache hit or miss, and what changed")
     e.add_argument("recipe")
@@ -433,18 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("-o", "--output")
     sc.set_defaults(fn=cmd_schema)
 
-    c = sub.add_parser("cache", help="inspect and maintain the cache")
-    csub = c.add_subparsers(dest="cache_cmd", required=True)
-    cl = csub.add_parser("ls")
-    cl.add_argument("--json", action="store_true")
-    cg = csub.add_parser("gc")
-    cg.add_argument("--keep", type=int, default=10, help="keep entries used by the last N runs")
-    cg.add_argument("--dry-run", action="store_true")
-    cg.add_argument("--stale-days", type=float, default=7.0,
-                    help="also remove scratch (resume state) of uncommitted keys and quarantined entries this old")
-    cv = csub.add_parser("verify", help="re-hash every entry")
-    cv.add_argument("--fix", action="store_true", help="remove corrupt and broken entries")
-    c.set_defaults(fn=cmd_cache)
+    _add_cache(sub)
 
     sw = sub.add_parser("sweep", help="sweep bookkeeping")
     swsub = sw.add_subparsers(dest="sweep_cmd", required=True)
@@ -476,6 +456,42 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=5000)
     u.set_defaults(fn=cmd_ui)
     return p
+
+
+def _add_run(sub) -> None:
+    r = sub.add_parser("run", help="run a recipe (or a sweep with -m)")
+    r.add_argument("recipe")
+    r.add_argument("overrides", nargs="*", help="Hydra overrides: key=value, +key=value, ~key")
+    r.add_argument("-m", "--multirun", action="store_true", help="sweep over comma lists / range() / choice()")
+    r.add_argument("-j", "--jobs", type=int, default=1, help="parallel sweep points (local)")
+    r.add_argument("--objective", help="sweep objective METRIC[:min|max], e.g. evaluate/kl_mean:min (Optuna)")
+    r.add_argument("--constraint", action="append", help="sweep constraint, e.g. evaluate/bpw_quantized<=3.5")
+    r.add_argument("--dry-run", action="store_true", help="print the plan, its keys and cache status")
+    r.add_argument("--only", metavar="ID", help="run only this stage (upstream from the cache)")
+    r.add_argument("--from", dest="from_", metavar="ID", help="recompute this stage and everything after it")
+    r.add_argument("--force", metavar="ID", action="append", help="recompute this stage even if cached")
+    r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    r.add_argument("--no-track", action="store_true", help="do not write to MLflow")
+    r.add_argument("--lib", action="append", help="recipe library: folder, pkg://module or git+URL[@ref]")
+    r.add_argument("--allow-env", action="append", metavar="NAME",
+                   help="let the recipe read this environment variable with ${oc.env:NAME} (redacted when tracked)")
+    r.add_argument("-q", "--quiet", action="store_true")
+    r.set_defaults(fn=cmd_run)
+
+
+def _add_cache(sub) -> None:
+    c = sub.add_parser("cache", help="inspect and maintain the cache")
+    csub = c.add_subparsers(dest="cache_cmd", required=True)
+    cl = csub.add_parser("ls")
+    cl.add_argument("--json", action="store_true")
+    cg = csub.add_parser("gc")
+    cg.add_argument("--keep", type=int, default=10, help="keep entries used by the last N runs")
+    cg.add_argument("--dry-run", action="store_true")
+    cg.add_argument("--stale-days", type=float, default=7.0,
+                    help="also remove scratch (resume state) of uncommitted keys and quarantined entries this old")
+    cv = csub.add_parser("verify", help="re-hash every entry")
+    cv.add_argument("--fix", action="store_true", help="remove corrupt and broken entries")
+    c.set_defaults(fn=cmd_cache)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,10 +51,6 @@ class SourceError(QflowError):
     """A model or text source cannot be resolved (missing file, offline hub...)."""
 
 
-class GateFailed(QflowError):
-    """A quality gate in the recipe was not met."""
-
-
 def closest(word: str, options: Iterable[str]) -> str | None:
     """The option closest to ``word`` (for "did you mean" hints), or None."""
     matches = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)

@@ -1,10 +1,11 @@
 """Stage base class, ``@register``, and discovery.
 
-Stages are found through the entry-point group ``qflow.stages`` (each entry
-names a module whose import registers its stages) plus the built-in
-``stages/`` package. A module that fails to import is reported as *broken*
-with its error, never dropped silently. Stage modules must not import torch
-at module level so that ``qflow ls`` stays fast.
+Stages are found through the entry-point group ``qflow.stages``: each entry
+names a module whose import registers its stages, and pyproject.toml lists
+every module of the built-in ``stages/`` package (``make setup`` installs
+qflow, and so its entry points). A module that fails to import is reported
+as *broken* with its error, never dropped silently. Stage modules must not
+import torch at module level so that ``qflow ls`` stays fast.
 
 Example::
 
@@ -25,10 +26,9 @@ Example::
 from __future__ import annotations
 
 import importlib
-import pkgutil
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -43,6 +43,20 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """What the engine knows, before a stage runs, of one stage it depends on directly or not.
+
+        Upstream("model", "model.load", {"source": "zoo:smollm2-135m", "dtype": "float32"},
+                 {"model": ModelRef("/models/smollm2")})   # outputs stay empty until it has run
+    """
+
+    stage_id: str
+    uses: str
+    config: dict[str, Any]                                       # its resolved Config, as JSON
+    outputs: dict[str, Artifact] = field(default_factory=dict)   # its artifacts once cached (or run)
+
+
 class Stage:
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1
@@ -50,11 +64,12 @@ class Stage:
     inputs: ClassVar[dict[str, type[Artifact]]] = {}
     optional_inputs: ClassVar[frozenset[str]] = frozenset()
     outputs: ClassVar[dict[str, type[Artifact]]] = {}
-    # capability flags checked before anything runs
+    # the top-level recipe section this stage is built from when the recipe does not list it
+    # (model.load: "model"); the plan adds it under the section's name
+    recipe_section: ClassVar[str | None] = None
+    # capability flags, checked by the engine's preflight before any stage starts
     requires_packages: ClassVar[tuple[str, ...]] = ()
-    requires_gpu: ClassVar[bool] = False
-    # False for stages whose output must never be cached (e.g. timing-only)
-    cacheable: ClassVar[bool] = True
+    requires_gpu: ClassVar[bool] = False   # refused unless the run's device is a CUDA GPU
 
     def run(self, ctx: Any, cfg: Any, **inputs: Artifact) -> dict[str, Artifact]:
         raise NotImplementedError(f"stage {self.name} does not implement run()")
@@ -68,15 +83,15 @@ class Stage:
         """Problems found before anything runs (override); each a one-line message."""
         return []
 
-    def estimate_peak_bytes(self, cfg: Any, inputs_meta: dict[str, Any] | None = None,
-                            model_config: dict[str, Any] | None = None) -> int | None:
+    def estimate_peak_bytes(self, cfg: Any, inputs_meta: dict[str, Any], upstream: Sequence[Upstream]) -> int | None:
         """Rough peak memory of ``run`` in bytes (override), or None when unknown.
 
-        ``inputs_meta``: per input slot the cached upstream artifact, or
-        ``{"planned": <upstream stage config>}`` when it is not computed yet;
-        ``model_config``: the recipe model's ``config.json`` once the model stage
-        has run. Used by ``--dry-run``, the pre-stage memory warning and ``-j N``
-        sweeps (``qflow.quant.memory`` has the building blocks).
+        ``inputs_meta``: per input slot the upstream artifact, or ``{"planned":
+        <upstream stage config>}`` when it is not computed yet; ``upstream``: every
+        stage this one depends on, directly or not, nearest first (e.g. the model
+        stage's ``ModelRef`` once it has run, for the model's ``config.json``).
+        Used by ``--dry-run``, the pre-stage memory warning and ``-j N`` sweeps
+        (``qflow.models.memory`` has the building blocks).
         """
         return None
 
@@ -108,6 +123,9 @@ def register(name: str):
         existing = _REGISTRY.stages.get(name)
         if existing is not None and existing.__qualname__ != cls.__qualname__:
             raise ValueError(f"stage {name!r} registered twice ({existing.__module__} and {cls.__module__})")
+        rival = cls.recipe_section and _section_stage(cls.recipe_section)
+        if rival and rival.name != name:
+            raise ValueError(f"stages {rival.name!r} and {name!r} both declare recipe_section {cls.recipe_section!r}")
         cls.name = name
         _REGISTRY.stages[name] = cls
         _REGISTRY.origins[name] = cls.__module__
@@ -125,22 +143,17 @@ def _import(module: str) -> None:
 
 
 def discover() -> Registry:
-    """Import every stage module once (entry points + built-in ``stages`` package)."""
+    """Import every stage module named in the ``qflow.stages`` entry points, once."""
     global _discovered
     if _discovered:
         return _REGISTRY
     _discovered = True
-    modules: list[str] = []
     from importlib.metadata import entry_points
 
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        modules.append(ep.value.split(":")[0])
-    try:
-        import stages as builtin
-
-        modules += [f"stages.{m.name}" for m in pkgutil.iter_modules(builtin.__path__) if not m.name.startswith("_")]
-    except ImportError as exc:
-        _REGISTRY.broken["stages"] = f"built-in stages package not importable: {exc}"
+    modules = [ep.value.split(":")[0] for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    if not modules:
+        _REGISTRY.broken[ENTRY_POINT_GROUP] = ("no module declares the entry-point group qflow.stages, so no stage "
+                                               "is known: install qflow with `make setup` (pip install -e .)")
     for module in dict.fromkeys(modules):
         _import(module)
     return _REGISTRY
@@ -148,3 +161,16 @@ def discover() -> Registry:
 
 def get(name: str) -> type[Stage] | None:
     return discover().stages.get(name)
+
+
+def _section_stage(section: str) -> type[Stage] | None:
+    return next((cls for cls in _REGISTRY.stages.values() if cls.recipe_section == section), None)
+
+
+def section_stage(section: str) -> type[Stage] | None:
+    """The stage built from the recipe's top-level ``section`` when the recipe does not list it, or None.
+
+        section_stage("model")   # the model.load stage class
+    """
+    discover()
+    return _section_stage(section)

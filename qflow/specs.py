@@ -1,4 +1,4 @@
-"""Small shared config pieces used by several stages (pydantic, no heavy imports)."""
+"""Small shared config pieces used by several stages and commands (pydantic, no heavy imports)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import re
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from .errors import RecipeError
 
 
 def _compiles(pattern: str) -> str:
@@ -34,3 +36,21 @@ class DataSpec(BaseModel):
     field: str = "text"
     add_special_tokens: bool = False
 
+
+
+_NUMBER = r"[-+]?(?:inf|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
+_CONSTRAINT = re.compile(rf"^\s*([\w./-]+)\s*(<=|>=|<|>|==)\s*({_NUMBER})\s*$")
+
+
+def parse_constraint(text: str, where: str = "constraints") -> tuple[str, str, float]:
+    """``METRIC OP BOUND`` as (metric, op, bound); the bound is a number, ``inf`` or ``-inf``.
+
+        parse_constraint("evaluate/bpw_quantized<=4.5")  # ("evaluate/bpw_quantized", "<=", 4.5)
+        parse_constraint("kl_mean < inf")                # ("kl_mean", "<", inf)
+    """
+    m = _CONSTRAINT.match(text)
+    if not m:
+        raise RecipeError(f"cannot parse constraint {text!r}", where=where,
+                          fix="write METRIC<=VALUE, e.g. evaluate/bpw_quantized<=4.5 (also >=, <, >, ==; "
+                              "VALUE a number, inf or -inf)")
+    return m.group(1), m.group(2), float(m.group(3))

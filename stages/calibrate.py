@@ -47,10 +47,10 @@ class Calibrate(Stage):
 
         return text_source_problems(cfg.data.source, "with.data")
 
-    def estimate_peak_bytes(self, cfg, inputs_meta=None, model_config=None):
-        from qflow.quant.memory import model_config_of, whole_model_bytes
+    def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
+        from qflow.models.memory import model_config_of, whole_model_bytes
 
-        return whole_model_bytes(model_config_of(inputs_meta, model_config), copies=1, batch_size=cfg.batch_size,
+        return whole_model_bytes(model_config_of(inputs_meta, upstream), copies=1, batch_size=cfg.batch_size,
                                  seq_len=cfg.data.seq_len, logit_copies=4)
 
     def run(self, ctx, cfg, model):
@@ -61,11 +61,10 @@ class Calibrate(Stage):
         from safetensors.torch import save_file
 
         from qflow.data.tokens import token_windows, windows_fingerprint
-        from qflow.errors import StageError
         from qflow.models.loading import load_model
 
         net, tok = load_model(model.base_model_dir, dtype="float32")
-        ids = token_windows(cfg.data, tok, cfg.n_samples, ctx.runs_root / "cache", where=f"stages.{ctx.stage_id}.with")
+        ids = token_windows(cfg.data, tok, cfg.n_samples, ctx.memo_dir, where=f"stages.{ctx.stage_id}.with")
         out = ctx.output("calib")
         torch.save(ids, out / "ids.pt")
         info = {"source": cfg.data.source, "seq_len": cfg.data.seq_len, "n_samples": int(ids.shape[0]),

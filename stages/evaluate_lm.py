@@ -83,11 +83,11 @@ class EvaluateLM(Stage):
 
         return text_source_problems(cfg.data.source, "with.data")
 
-    def estimate_peak_bytes(self, cfg, inputs_meta=None, model_config=None):
-        from qflow.quant.memory import whole_model_bytes
+    def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
+        from qflow.models.memory import model_config_of, whole_model_bytes
 
         # the float reference and the quantized model side by side
-        return whole_model_bytes(model_config, copies=2, batch_size=cfg.batch_size,
+        return whole_model_bytes(model_config_of(inputs_meta, upstream), copies=2, batch_size=cfg.batch_size,
                                  seq_len=cfg.data.seq_len, logit_copies=6)
 
     def run(self, ctx, cfg, model, calib=None):
@@ -106,11 +106,10 @@ class EvaluateLM(Stage):
 
         base_dir = model.base_model_dir
         fp_model, tok = load_model(base_dir, dtype=cfg.dtype, device=ctx.device)
-        cache_root = ctx.runs_root / "cache"
-        ids = token_windows(cfg.data, tok, cfg.n_windows, cache_root, where=f"stages.{ctx.stage_id}.with")
+        ids = token_windows(cfg.data, tok, cfg.n_windows, ctx.memo_dir, where=f"stages.{ctx.stage_id}.with")
         fingerprint = windows_fingerprint(ids)
         protocol = eval_protocol(source=cfg.data.source,
-                                 text_fingerprint=text_fingerprint_source(cfg.data.source, cache_root, cfg.data.field),
+                                 text_fingerprint=text_fingerprint_source(cfg.data.source, ctx.memo_dir, cfg.data.field),
                                  seq_len=cfg.data.seq_len, n_windows=int(ids.shape[0]), windows_sha256=fingerprint,
                                  add_special_tokens=cfg.data.add_special_tokens, tokenizer=tok, kl_topk=cfg.topk,
                                  dtype=cfg.dtype, kl_exact=cfg.kl_exact)

@@ -143,7 +143,7 @@ class ExportGGUF(Stage):
         from qflow.models.loading import load_model
         from qflow.models.gguf_import import convert_gguf
 
-        ref, tok, ids = verify_setup(ckpt, cfg.verify_data, cfg.verify_windows, ctx.runs_root / "cache")
+        ref, tok, ids = verify_setup(ckpt, cfg.verify_data, cfg.verify_windows, ctx.memo_dir)
         folder = ctx.scratch / "gguf-as-hf"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)

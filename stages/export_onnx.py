@@ -160,7 +160,7 @@ def _roundtrip(ctx, cfg, ckpt, base_dir, info, metrics: dict) -> dict:
     from qflow.export.onnx_check import reference_logits, roundtrip
 
     tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
-    ids = token_windows(cfg.data, tok, cfg.n_windows, ctx.runs_root / "cache", where=f"stages.{ctx.stage_id}.with")
+    ids = token_windows(cfg.data, tok, cfg.n_windows, ctx.memo_dir, where=f"stages.{ctx.stage_id}.with")
     has_nbits = bool(info.linear_kinds.get("nbits"))
     levels = sorted(set(info.variants)) if has_nbits else [0]   # accuracy_level only acts on MatMulNBits
     with ctx.progress(len(ids) * (1 + len(levels)), "round trip") as bar:

@@ -132,7 +132,7 @@ class ExportSafetensors(Stage):
         from qflow.export import readers
         from qflow.export.verify import compare_logits, verify_setup
 
-        ref, tok, ids = verify_setup(ckpt, cfg.verify_data, cfg.verify_windows, ctx.runs_root / "cache")
+        ref, tok, ids = verify_setup(ckpt, cfg.verify_data, cfg.verify_windows, ctx.memo_dir)
         use_ct = cfg.reader == "compressed-tensors" or (
             cfg.reader == "auto" and cfg.layout == "compressed-tensors" and readers.compressed_tensors_available())
         if use_ct:

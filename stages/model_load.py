@@ -18,6 +18,7 @@ class ModelLoad(Stage):
     """
 
     version = 1
+    recipe_section = "model"
 
     class Config(StageConfig):
         source: str
@@ -35,7 +36,7 @@ class ModelLoad(Stage):
     def run(self, ctx, cfg):
         from qflow.models.sources import resolve_model
 
-        resolved = resolve_model(cfg.source, ctx.runs_root / "cache")
+        resolved = resolve_model(cfg.source, ctx.memo_dir)
         ctx.log.info("model %s -> %s", cfg.source, resolved.path)
         return {"model": ModelRef(resolved.path, external=True, source=cfg.source,
                                   fingerprint=resolved.fingerprint, dtype=cfg.dtype)}

@@ -77,10 +77,10 @@ class GPTQ(Stage):
 
         return check_group_size(model_config_from_inputs(inputs_meta), cfg.group_size, where="group_size")
 
-    def estimate_peak_bytes(self, cfg, inputs_meta=None, model_config=None):
-        from qflow.quant.memory import estimate_calibrated
+    def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
+        from qflow.models.memory import estimate_calibrated
 
-        return estimate_calibrated(cfg, inputs_meta, model_config, hessians=True)
+        return estimate_calibrated(cfg, inputs_meta, upstream, hessians=True)
 
     def run(self, ctx, cfg, model, calib):
         from qflow.quant.algos.gptq_model import quantize_model_gptq

@@ -75,10 +75,10 @@ class HQQ(Stage):
 
         return check_group_size(model_config_from_inputs(inputs_meta), cfg.group_size, where="group_size")
 
-    def estimate_peak_bytes(self, cfg, inputs_meta=None, model_config=None):
-        from qflow.quant.memory import estimate_streaming
+    def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
+        from qflow.models.memory import estimate_streaming
 
-        return estimate_streaming(inputs_meta, model_config)
+        return estimate_streaming(inputs_meta, upstream)
 
     def run(self, ctx, cfg, model):
         from qflow.errors import StageError

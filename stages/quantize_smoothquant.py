@@ -75,10 +75,10 @@ class SmoothQuant(Stage):
 
         return check_group_size(model_config_from_inputs(inputs_meta), -1)
 
-    def estimate_peak_bytes(self, cfg, inputs_meta=None, model_config=None):
-        from qflow.quant.memory import estimate_calibrated
+    def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
+        from qflow.models.memory import estimate_calibrated
 
-        return estimate_calibrated(cfg, inputs_meta, model_config)
+        return estimate_calibrated(cfg, inputs_meta, upstream)
 
     def run(self, ctx, cfg, model, calib):
         from qflow.quant.algos.smoothquant_model import collect_act_max, quantize_model_smoothquant

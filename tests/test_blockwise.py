@@ -62,7 +62,7 @@ def calib_ids(n: int = 12, seq_len: int = 48, vocab: int = 97, seed: int = 1) ->
 def make_ctx(root: Path, *, scratch: Path | None = None) -> StageContext:
     root = Path(root)
     return StageContext(stage_id="quantize", uses="quantize.test", key="k", out_dir=root / "out",
-                        scratch=scratch or root / "scratch", run_dir=root / "run", runs_root=root, quiet=True)
+                        scratch=scratch or root / "scratch", run_dir=root / "run", memo_dir=root / "cache", quiet=True)
 
 
 def same_tree(a: Path, b: Path) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,12 +13,15 @@ import pytest
 
 from qflow.artifacts import Artifact, EvalReport
 from qflow.engine.cache import CacheStore, canonical_json, diff_ingredients, make_key
+from qflow.engine.keys import compute_keys, environment
 from qflow.engine.plan import build_plan
-from qflow.engine.runner import RunOptions, compute_keys, environment, execute
+from qflow.engine.runner import RunOptions, execute
+from qflow.errors import PlanError
 from qflow.recipe.validate import validate_shape
 from qflow.registry import Stage, StageConfig, register
 
 CALLS: list[str] = []
+MEMO_DIRS: list[Path] = []
 
 
 class _Cfg(StageConfig):
@@ -37,6 +39,7 @@ class _Source(Stage):
 
     def run(self, ctx, cfg):
         CALLS.append(ctx.stage_id)
+        MEMO_DIRS.append(ctx.memo_dir)
         out = ctx.output("report")
         (out / "value.txt").write_text(str(cfg.value))
         ctx.log_metric("value", cfg.value)
@@ -64,6 +67,26 @@ class _Sink(Stage):
         (out / "value.txt").write_text(str(up + cfg.value))
         ctx.log_metric("total", up + cfg.value)
         return {"report": EvalReport(out)}
+
+
+@register("test.gpu")
+class _NeedsGPU(_Source):
+    """A toy stage that declares it needs a CUDA GPU."""
+
+    requires_gpu = True
+
+
+@register("test.estimate")
+class _Estimate(_Sink):
+    """A toy stage whose memory estimate lists what the engine tells it about its upstream."""
+
+    def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
+        ESTIMATED.append([(u.stage_id, u.uses, u.config["value"], sorted(u.outputs)) for u in upstream])
+        values = [u.outputs["report"].meta["value"] for u in upstream if u.outputs and "value" in u.outputs["report"].meta]
+        return 2**20 * values[0] if values else None
+
+
+ESTIMATED: list[list] = []
 
 
 def toy_plan(a: int = 1, b: int = 10, fail_b: bool = False, order_swap: bool = False):
@@ -116,6 +139,54 @@ def test_second_run_is_cached_and_only_changes_recompute(tmp_path):
     assert CALLS == ["a", "b", "b"]
     r4 = execute(toy_plan(), RunOptions(runs_root=tmp_path, track=False, quiet=True, force=["a"]))
     assert r4.stages["a"].status == "ran" and r4.stages["b"].status == "cached"
+
+
+def test_stages_keep_memos_in_the_old_cache_folder(tmp_path):
+    """ctx.memo_dir is the folder stages used as runs_root/cache before, so what they memoised stays valid."""
+    MEMO_DIRS.clear()
+    execute(toy_plan(), RunOptions(runs_root=tmp_path, track=False, quiet=True))
+    assert MEMO_DIRS == [tmp_path / "cache"]
+
+
+def test_dry_run_only_lists_the_other_stages_as_skipped_or_cached(tmp_path):
+    def dry(only):
+        result = execute(toy_plan(), RunOptions(runs_root=tmp_path, track=False, quiet=True, dry_run=True, only=only))
+        return {sid: r.status for sid, r in result.stages.items()}, result.stages
+
+    statuses, stages = dry("b")  # nothing cached: a run with --only b would fail on a
+    assert statuses == {"a": "skipped", "b": "will run"} and "not cached" in stages["a"].error
+    statuses, stages = dry("a")
+    assert statuses == {"a": "will run", "b": "skipped"} and stages["b"].error is None
+    execute(toy_plan(), RunOptions(runs_root=tmp_path, track=False, quiet=True, only="a"))
+    assert dry("b")[0] == {"a": "cached", "b": "will run"}
+    assert dry("a")[0] == {"a": "cached", "b": "skipped"}
+
+
+def test_a_stage_that_needs_a_gpu_is_refused_before_anything_runs(tmp_path):
+    data = {"name": "gpu", "device": "cpu", "stages": {"a": {"uses": "test.source"},
+                                                       "g": {"uses": "test.gpu", "with": {"value": 2}}}}
+    plan = build_plan(validate_shape(data, "gpu.yaml"), data, "gpu.yaml")
+    CALLS.clear()
+    with pytest.raises(PlanError) as err:
+        execute(plan, RunOptions(runs_root=tmp_path, track=False, quiet=True))
+    assert "stages.g (test.gpu) needs a CUDA GPU" in str(err.value) and "device: cpu" in str(err.value)
+    assert CALLS == [] and not (tmp_path / "runs").exists()
+
+
+def test_estimates_see_the_whole_cached_ancestry(tmp_path):
+    """c's input is b (not cached); the engine still hands it a's cached output, nearest stage first."""
+    data = {"name": "est", "stages": {"a": {"uses": "test.source", "with": {"value": 3}},
+                                      "b": {"uses": "test.sink", "needs": ["a"]},
+                                      "c": {"uses": "test.estimate", "needs": ["b"]}}}
+    plan = build_plan(validate_shape(data, "est.yaml"), data, "est.yaml")
+    opts = RunOptions(runs_root=tmp_path, track=False, quiet=True)
+    ESTIMATED.clear()
+    assert execute(plan, RunOptions(**{**vars(opts), "dry_run": True})).stages["c"].peak_estimate_bytes is None
+    execute(plan, RunOptions(**{**vars(opts), "only": "a"}))
+    ESTIMATED.clear()
+    dry = execute(plan, RunOptions(**{**vars(opts), "dry_run": True}))
+    assert dry.stages["c"].peak_estimate_bytes == 3 * 2**20
+    assert ESTIMATED == [[("b", "test.sink", 1, []), ("a", "test.source", 3, ["report"])]]
 
 
 def test_failure_leaves_no_entry_and_resume_reuses_upstream(tmp_path):

@@ -58,6 +58,12 @@ def test_dry_run_lists_plan_and_cache_status(recipe, runs_dir):
     done = run_cli("run", str(recipe), "--dry-run", "--json", runs_dir=runs_dir, check=True)
     out = parse_json_stdout(done)
     assert [s["status"] for s in out["stages"].values()] == ["will run"] * 4
+    # --only: the other stages are skipped (the uncached upstream ones say that the run would fail)
+    only = parse_json_stdout(run_cli("run", str(recipe), "--dry-run", "--only", "quantize", "--json",
+                                     runs_dir=runs_dir, check=True))["stages"]
+    assert {sid: s["status"] for sid, s in only.items()} == {
+        "model": "skipped", "calibrate": "skipped", "quantize": "will run", "evaluate": "skipped"}
+    assert "not cached" in only["calibrate"]["error"] and "error" not in only["evaluate"]
 
 
 def test_failed_gate_exits_nonzero_keeps_artifacts(tmp_path, tiny_model_dir, runs_dir):

@@ -24,7 +24,7 @@ from .conftest import SESSION_CACHE
 def make_ctx(tmp_path: Path, stage_id: str, uses: str, runs_root: Path = SESSION_CACHE.parent) -> StageContext:
     base = tmp_path / stage_id
     return StageContext(stage_id=stage_id, uses=uses, key=None, out_dir=base / "out", scratch=base / "scratch",
-                        run_dir=tmp_path / "run", runs_root=runs_root, quiet=True)
+                        run_dir=tmp_path / "run", memo_dir=runs_root / "cache", quiet=True)
 
 
 def run_stage(tmp_path: Path, uses: str, config: dict, stage_id: str | None = None, **inputs):

@@ -554,7 +554,7 @@ def test_stage_export_onnx(rtn_ckpt, tiny_model_dir, tmp_path):
     cfg = stage_cls.Config(data={"source": "zoo:lee-news", "seq_len": 32}, n_windows=2, kv_tokens=4,
                            prompt_len=16, gen_tokens=4, warmup=1, repeats=1, multi_threaded=False)
     ctx = StageContext(stage_id="export", uses="export.onnx", key=None, out_dir=tmp_path / "out",
-                       scratch=tmp_path / "scratch", run_dir=tmp_path / "run", runs_root=tmp_path / "runs",
+                       scratch=tmp_path / "scratch", run_dir=tmp_path / "run", memo_dir=tmp_path / "runs" / "cache",
                        quiet=True)
     logging.getLogger("qflow").setLevel(logging.WARNING)
     model = QuantizedCheckpoint(rtn_ckpt.path, base_model=str(tiny_model_dir), method="test")

@@ -375,7 +375,7 @@ def make_ctx(tmp_path: Path, stage_id: str = "export", key: str | None = "f" * 6
     from qflow.engine.context import StageContext
 
     return StageContext(stage_id=stage_id, uses="x", key=key, out_dir=tmp_path / "out", scratch=tmp_path / "scratch",
-                        run_dir=tmp_path / "run", runs_root=tmp_path / "runs", quiet=True)
+                        run_dir=tmp_path / "run", memo_dir=tmp_path / "runs" / "cache", quiet=True)
 
 
 def test_verify_setup_is_shared_by_the_export_stages(irs, tmp_path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qflow.quant.memory import calibrated_stage_bytes, model_params, streaming_stage_bytes, whole_model_bytes
+from qflow.models.memory import calibrated_stage_bytes, model_params, streaming_stage_bytes, whole_model_bytes
 
 from .conftest import parse_json_stdout, run_cli, write_recipe
 

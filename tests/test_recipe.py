@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qflow import registry
 from qflow.engine.plan import build_plan
 from qflow.engine.runner import RunOptions, load_plan
 from qflow.errors import PlanError, RecipeError
@@ -60,6 +61,30 @@ def test_plan_order_and_implicit_model(tmp_path):
     assert plan.order() == ["model", "calibrate", "quantize", "evaluate"]
     assert plan.stages["quantize"].bindings == {"model": ("model", "model")}
     assert plan.stages["evaluate"].bindings == {"model": ("quantize", "model")}
+
+
+def test_the_model_section_becomes_the_stage_that_declares_it(tmp_path):
+    """The plan asks the registry which stage the recipe's model: section becomes; a second claim is refused."""
+    plan = plan_of(tmp_path, BASE)
+    declared = registry.section_stage("model")
+    assert declared is not None and declared.recipe_section == "model"
+    assert plan.stages["model"].implicit and plan.stages["model"].cls is declared
+    rival = type("RivalModelLoad", (registry.Stage,), {"recipe_section": "model", "__module__": __name__})
+    with pytest.raises(ValueError, match="both declare recipe_section 'model'"):
+        registry.register("test.rival_model")(rival)
+    assert registry.get("test.rival_model") is None and registry.section_stage("model") is declared
+
+
+def test_every_builtin_stage_module_is_an_entry_point():
+    """The registry finds stages only through the qflow.stages entry points (it may not import the
+    stages package, a layer above it), so pyproject.toml must name every module of stages/."""
+    import tomllib
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["qflow.stages"]
+    modules = {f"stages.{p.stem}" for p in (REPO / "stages").glob("*.py") if not p.name.startswith("_")}
+    assert set(declared.values()) == modules
+    reg = registry.discover()
+    assert not reg.broken and set(reg.origins.values()) >= modules
 
 
 def _err(tmp_path, text, overrides=None) -> str:

@@ -3,8 +3,9 @@
 A stage never touches the cache or MLflow directly. It writes its outputs
 under ``ctx.output(slot)`` (a scratch folder the engine commits atomically on
 success), keeps resumable state under ``ctx.scratch`` (kept across a crash,
-removed after commit), and reports through ``ctx.log_metric`` /
-``ctx.log_artifact`` / ``ctx.progress``.
+removed after commit), keeps what it derives from outside sources and shares
+with later runs (tokenized text, converted models) under ``ctx.memo_dir``, and
+reports through ``ctx.log_metric`` / ``ctx.log_artifact`` / ``ctx.progress``.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class StageContext:
     out_dir: Path                   # scratch outputs, committed by the engine on success
     scratch: Path                   # resumable state, survives a crash for the same key
     run_dir: Path                   # this run's folder (reports, logs)
-    runs_root: Path                 # the output root (runs/)
+    memo_dir: Path                  # shared, content-keyed folder for what stages derive from sources
     device: str = "cpu"
     seed: int = 0
     quiet: bool = False

@@ -5,7 +5,8 @@ Wiring rule for an input slot of a stage (first match wins):
 2. an output with the same name among ``needs`` (in order) whose type fits;
 3. the single output among ``needs`` whose type fits;
 4. for a ``ModelRef`` slot, the implicit ``model`` stage built from the recipe's
-   ``model:`` section (``uses: model.load``).
+   ``model:`` section (the registered stage whose ``recipe_section`` is ``model``:
+   ``model.load``).
 A slot that stays unbound is an error unless the stage marks it optional.
 """
 
@@ -20,9 +21,9 @@ from ..artifacts import ModelRef
 from ..errors import PlanError, did_you_mean
 from ..recipe.schema import Gate, Recipe, StageSpec
 from ..recipe.validate import unknown_stage, validate_stage_config
-from ..registry import Stage, discover
+from ..registry import Stage, discover, section_stage
 
-IMPLICIT_MODEL = "model"
+IMPLICIT_MODEL = "model"   # the recipe section, and the id of the stage the plan builds from it
 
 
 @dataclass
@@ -128,7 +129,8 @@ def build_plan(recipe: Recipe, resolved: dict[str, Any], source: str) -> Plan:
 
     uses_model = IMPLICIT_MODEL not in specs and recipe.model is not None
     if uses_model:
-        specs = {IMPLICIT_MODEL: StageSpec(uses="model.load", **{"with": recipe.model.model_dump()}), **specs}
+        specs = {IMPLICIT_MODEL: StageSpec(uses=_section_stage_name(IMPLICIT_MODEL, reg.broken, source),
+                                           **{"with": recipe.model.model_dump()}), **specs}
 
     for sid, spec in specs.items():
         cls = reg.stages.get(spec.uses)
@@ -149,10 +151,11 @@ def build_plan(recipe: Recipe, resolved: dict[str, Any], source: str) -> Plan:
                                    implicit=(sid == IMPLICIT_MODEL and uses_model))
 
     # wiring
+    implicit_model = _model_output(stages.get(IMPLICIT_MODEL))
     for sid, st in stages.items():
         spec = specs[sid]
         for slot, want in st.cls.inputs.items():
-            bound = _bind(sid, slot, want, spec, stages, source, has_model=IMPLICIT_MODEL in stages)
+            bound = _bind(sid, slot, want, spec, stages, source, implicit_model=implicit_model)
             if bound is not None:
                 st.bindings[slot] = bound
         for slot in spec.inputs:
@@ -166,8 +169,28 @@ def build_plan(recipe: Recipe, resolved: dict[str, Any], source: str) -> Plan:
     return Plan(recipe=recipe, source=source, stages=stages, resolved=resolved)
 
 
+def _section_stage_name(section: str, broken: dict[str, str], source: str) -> str:
+    """The name of the stage that the recipe's top-level ``section`` becomes."""
+    cls = section_stage(section)
+    if cls is None:
+        failed = "".join(f" Broken stage module {module}: {error}." for module, error in broken.items())
+        raise PlanError(f"no registered stage is built from the recipe's '{section}:' section.{failed}",
+                        where=f"{source}: {section}",
+                        fix=f"install qflow with `make setup` (its stages declare recipe_section = '{section}'), "
+                            f"or list the stage under stages:")
+    return cls.name
+
+
+def _model_output(model: PlannedStage | None) -> tuple[str, str] | None:
+    """(stage id, output) of the model stage that ``ModelRef`` inputs fall back on, if there is one."""
+    if model is None:
+        return None
+    slot = next((o for o, t in model.cls.outputs.items() if issubclass(t, ModelRef)), None)
+    return (model.id, slot) if slot else None
+
+
 def _bind(sid: str, slot: str, want: type, spec: StageSpec, stages: dict[str, PlannedStage], source: str,
-          *, has_model: bool) -> tuple[str, str] | None:
+          *, implicit_model: tuple[str, str] | None) -> tuple[str, str] | None:
     where = f"stages.{sid}"
     if slot in spec.inputs:
         ref = spec.inputs[slot]
@@ -197,8 +220,8 @@ def _bind(sid: str, slot: str, want: type, spec: StageSpec, stages: dict[str, Pl
         listing = ", ".join(f"{n}.{o}" for n, o in candidates)
         raise PlanError(f"{where}: input '{slot}' ({want.__name__}) could come from several stages: {listing}",
                         where=source, fix=f"choose one with inputs: {{{slot}: STAGE.OUTPUT}}")
-    if issubclass(ModelRef, want) and has_model and sid != IMPLICIT_MODEL:
-        return (IMPLICIT_MODEL, "model")
+    if issubclass(ModelRef, want) and implicit_model and sid != implicit_model[0]:
+        return implicit_model
     if slot in stages[sid].cls.optional_inputs:
         return None
     # a need that produces the slot name with a wrong type is the most likely mistake

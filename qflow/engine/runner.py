@@ -1,37 +1,37 @@
-"""Run a plan: keys, cache hits, stage execution, gates, tracking.
+"""Run a plan: cache hits, stage execution, gates, the run's summary and tracking.
 
-``execute(cfg_dict, ...)`` is a function of a composed config so Hydra's
-multirun (sweepers, launchers) can call it as a task function; ``run_recipe``
-composes a recipe file first.
+``execute(plan, opts)`` runs a plan built from a composed config
+(``plan_from_config``), so Hydra's multirun (sweepers, launchers) can call it
+from a task function; ``run_recipe`` composes a recipe file first. Keys are
+computed in ``keys.py``, capability checks and memory estimates in
+``preflight.py``; ``record.py`` writes the run to MLflow.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
 import shutil
 import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..artifacts import Artifact
-from ..errors import GateFailed, PlanError, QflowError, StageError
+from ..errors import PlanError, QflowError, StageError
 from ..recipe.compose import compose_recipe, to_plain
 from ..recipe.safety import redact
 from ..recipe.validate import validate_shape
-from .cache import CacheStore, Entry, diff_ingredients, flatten, make_key
+from .cache import CacheStore, Entry, flatten
 from .context import StageContext
+from .keys import Keys, compute_keys, environment, resolve_device
 from .plan import Plan, PlannedStage, build_plan
-
-log = logging.getLogger(__name__)
+from .preflight import Outputs, estimate_peak, estimate_peaks, memory_warning, preflight, upstream_of
+from .record import end_interrupted, finish_tracking, make_tracker, safe
 
 
 @dataclass
@@ -47,14 +47,13 @@ class RunOptions:
     allow_env: list[str] = field(default_factory=list)   # names ${oc.env:NAME} may read (--allow-env)
     parent_run_id: str | None = None
     run_name: str | None = None
-    out_stream: Any = None  # where the summary goes (stderr with --json)
 
 
 @dataclass
 class StageResult:
     id: str
     uses: str
-    status: str            # planned | ran | cached | failed | skipped
+    status: str            # ran | cached | failed | skipped; "will run" in a dry run
     key: str | None
     seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
@@ -107,60 +106,6 @@ def load_plan(recipe_path: str, overrides: list[str], opts: RunOptions) -> Plan:
     return plan_from_config(to_plain(cfg), str(recipe_path))
 
 
-def environment(device: str) -> dict[str, str]:
-    """Facts that change numbers (part of every key)."""
-    try:
-        tv = metadata.version("torch")
-        torch_mm = ".".join(tv.split("+")[0].split(".")[:2])
-    except metadata.PackageNotFoundError:
-        torch_mm = "none"
-    backend = os.environ.get("QFLOW_KERNEL_BACKEND", "auto")
-    return {"torch": torch_mm, "device": device, "kernel_backend": backend}
-
-
-def resolve_device(wanted: str) -> str:
-    if wanted == "cpu":
-        return "cpu"
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if wanted == "cuda":
-        raise PlanError("the recipe asks for device: cuda but no CUDA GPU is available", where="device",
-                        fix="set device: cpu (or auto) or run on a machine with a GPU")
-    return "cpu"
-
-
-def compute_keys(plan: Plan, store: CacheStore, env: dict[str, str]) -> dict[str, tuple[str, dict[str, Any]]]:
-    keys: dict[str, tuple[str, dict[str, Any]]] = {}
-    for sid, st in plan.stages.items():
-        ingredients = {
-            "stage": st.uses,
-            "version": st.cls.version,
-            "qflow": __version__,
-            "config": st.config.model_dump(mode="json"),
-            "inputs": {slot: f"{keys[src][0]}:{out}" for slot, (src, out) in sorted(st.bindings.items())},
-            "external": st.cls.fingerprint_sources(st.config, store.root) if hasattr(st.cls, "fingerprint_sources") else {},
-            "env": env,
-        }
-        # the key hashes the real values; the manifest keeps them with environment values redacted
-        keys[sid] = (make_key(ingredients), redact(ingredients))
-    return keys
-
-
-def closest_entry(store: CacheStore, ingredients: dict[str, Any]) -> tuple[Entry | None, list[str]]:
-    """The cached entry of the same stage whose ingredients differ least, and the differences."""
-    best: tuple[int, Entry | None, list[str]] = (10**9, None, [])
-    for entry in store.entries():
-        old = entry.manifest.get("ingredients")
-        if not old or old.get("stage") != ingredients["stage"]:
-            continue
-        lines = diff_ingredients(old, ingredients)
-        if len(lines) < best[0]:
-            best = (len(lines), entry, lines)
-    return best[1], best[2]
-
-
 # ---- execution ----------------------------------------------------------------
 
 class _PeakRSS:
@@ -202,89 +147,6 @@ def _restore_artifacts(entry: Entry, sid: str, run_dir: Path) -> None:
         shutil.copytree(kept, run_dir / "artifacts" / sid, dirs_exist_ok=True)
 
 
-def _cached_inputs(plan: Plan, st: PlannedStage, store: CacheStore, keys: dict[str, tuple[str, dict[str, Any]]],
-                   *, planned: bool = False) -> dict[str, Any]:
-    """Per input slot of ``st``, the upstream artifact when it is already cached; with ``planned``,
-    ``{"planned": <upstream stage config>}`` for the slots that are not (for estimates)."""
-    out: dict[str, Any] = {}
-    for slot, (src, name) in st.bindings.items():
-        entry = store.get(keys[src][0])
-        if entry is not None and (entry.outputs / name / "artifact.json").is_file():
-            out[slot] = Artifact.load(entry.outputs / name)
-        elif planned:
-            out[slot] = {"planned": plan.stages[src].config.model_dump(mode="json")}
-    return out
-
-
-def preflight(plan: Plan, store: CacheStore, keys: dict[str, tuple[str, dict[str, Any]]]) -> None:
-    """Capability checks of every stage, before the first one starts.
-
-    A stage's ``check(cfg, inputs)`` sees the upstream artifacts that are already
-    cached (e.g. the model folder, for group-size checks); the runner calls it
-    again with the real inputs right before the stage runs.
-    """
-    import importlib.util
-
-    problems = []
-    for sid, st in plan.stages.items():
-        for pkg in st.cls.requires_packages:
-            if importlib.util.find_spec(pkg) is None:
-                problems.append(f"stages.{sid} ({st.uses}) needs the Python package '{pkg}' (pip install {pkg})")
-        for msg in st.cls().check(st.config, _cached_inputs(plan, st, store, keys)):
-            problems.append(f"stages.{sid} ({st.uses}): {msg}")
-    if problems:
-        raise PlanError("; ".join(problems), where=plan.source, fix="fix the listed problems before running")
-
-
-def _model_config(plan: Plan, store: CacheStore, keys: dict[str, tuple[str, dict[str, Any]]],
-                  outputs: dict[str, dict[str, Artifact]] | None = None) -> dict[str, Any] | None:
-    """``config.json`` of the recipe's model once its ``model.load`` stage has run (else None)."""
-    from ..models.adapters import model_config_from_inputs
-
-    for sid, st in plan.stages.items():
-        if st.uses != "model.load":
-            continue
-        if outputs and sid in outputs:
-            return model_config_from_inputs({"model": next(iter(outputs[sid].values()))})
-        entry = store.get(keys[sid][0])
-        if entry is not None and (entry.outputs / "model" / "artifact.json").is_file():
-            return model_config_from_inputs({"model": Artifact.load(entry.outputs / "model")})
-    return None
-
-
-def estimate_peaks(plan: Plan, store: CacheStore, keys: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, int | None]:
-    """Each stage's peak-memory estimate (bytes, None when unknown) from what is cached and planned."""
-    model_config = _model_config(plan, store, keys)
-    out: dict[str, int | None] = {}
-    for sid, st in plan.stages.items():
-        meta = _cached_inputs(plan, st, store, keys, planned=True)
-        try:
-            out[sid] = st.cls().estimate_peak_bytes(st.config, meta, model_config)
-        except Exception as exc:  # an estimate must never stop a run
-            log.debug("peak estimate of %s failed: %s", sid, exc)
-            out[sid] = None
-    return out
-
-
-def _warn_if_short_of_memory(sid: str, st: PlannedStage, inputs: dict[str, Artifact],
-                             model_config: dict[str, Any] | None, opts: "RunOptions") -> int | None:
-    from ..quant.memory import format_bytes
-
-    try:
-        estimate = st.cls().estimate_peak_bytes(st.config, inputs, model_config)
-    except Exception:
-        return None
-    if estimate:
-        import psutil
-
-        available = psutil.virtual_memory().available
-        if estimate > available:
-            _say(opts, f"[{sid}] warning: estimated peak memory {format_bytes(estimate)} exceeds the "
-                       f"{format_bytes(available)} available; the stage may be killed (lower batch_size / "
-                       f"n_samples, or free memory)")
-    return estimate
-
-
 def _load_outputs(entry: Entry, st: PlannedStage) -> dict[str, Artifact]:
     outs = {}
     for slot in st.cls.outputs:
@@ -313,11 +175,8 @@ def _run_stage(st: PlannedStage, key: str, ingredients: dict[str, Any], inputs: 
     with store.lock(key):
         entry = None if force else _verified_hit(store, st, key)
         if entry is not None:
-            result.status = "cached"
-            result.metrics = dict(entry.manifest.get("metrics", {}))
-            result.tags = dict((entry.manifest.get("info") or {}).get("tags") or {})
             _restore_artifacts(entry, st.id, run_dir)
-            return result, _load_outputs(entry, st)
+            return _cached_result(st, key, entry), _load_outputs(entry, st)
         tmp = store.new_tmp(key)
         scratch = store.scratch_path(key)
         scratch.mkdir(parents=True, exist_ok=True)
@@ -329,7 +188,7 @@ def _run_stage(st: PlannedStage, key: str, ingredients: dict[str, Any], inputs: 
             return path
 
         ctx = StageContext(stage_id=st.id, uses=st.uses, key=key, out_dir=tmp / "outputs", scratch=scratch,
-                           run_dir=run_dir, runs_root=opts.runs_root, device=device, seed=seed,
+                           run_dir=run_dir, memo_dir=store.root, device=device, seed=seed,
                            quiet=opts.quiet, memo_fn=memo)
         try:
             stage = st.cls()
@@ -411,7 +270,7 @@ def execute(plan: Plan, opts: RunOptions, overrides: list[str] | None = None) ->
         return _execute(plan, opts, overrides, started)
     except BaseException as exc:
         for tracker in started:
-            _end_interrupted(tracker, opts, "FAILED" if isinstance(exc, Exception) else "KILLED")
+            end_interrupted(tracker, "FAILED" if isinstance(exc, Exception) else "KILLED")
         raise
 
 
@@ -419,95 +278,44 @@ def _execute(plan: Plan, opts: RunOptions, overrides: list[str] | None, started:
     runs_root = Path(opts.runs_root)
     store = CacheStore(runs_root / "cache")
     device = resolve_device(plan.recipe.device)
-    env = environment(device)
-    keys = compute_keys(plan, store, env)
-    for flag, sid in (("--only", opts.only), ("--from", opts.from_), *[("--force", f) for f in opts.force]):
-        if sid is not None and sid not in plan.stages:
-            raise PlanError(f"{flag} {sid}: no such stage", where=plan.source,
-                            fix=f"choose one of: {', '.join(plan.stages)}")
-
-    selected = set(plan.stages)
-    forced = set(opts.force)
-    if opts.only:
-        selected = {opts.only}
-    if opts.from_:
-        forced |= plan.downstream(opts.from_)
-
-    preflight(plan, store, keys)
+    keys = compute_keys(plan, store, environment(device))
+    selected, forced = _selection(plan, opts)
+    preflight(plan, store, keys, device)
     if opts.dry_run:
-        estimates = estimate_peaks(plan, store, keys)
-        stages = {}
-        for sid, st in plan.stages.items():
-            key = keys[sid][0]
-            cached = store.get(key) is not None and sid not in forced
-            status = "cached" if cached else ("will run" if sid in selected or not cached else "skipped")
-            stages[sid] = StageResult(sid, st.uses, status, key, peak_estimate_bytes=estimates[sid])
-        return RunResult(Path(""), None, stages, {}, "ok", name=plan.recipe.name)
+        return _dry_run(plan, store, keys, selected, forced, opts)
 
     store.clean_tmp()  # only folders whose owner is gone (never on --dry-run)
     run_dir = _new_run_dir(runs_root, opts.run_name or plan.recipe.name)
     _write_yaml(run_dir / "recipe.resolved.yaml", plan.resolved)
-    tracker = _make_tracker(opts, plan, run_dir)
+    tracker = make_tracker(opts.track, opts.runs_root, plan.recipe.name, run_dir)
     started.append(tracker)
-    run_id = _safe(tracker.start, opts, run_name=run_dir.name,
-                   tags={"qflow.recipe": plan.source, "qflow.version": __version__},
-                   parent_run_id=opts.parent_run_id)
-    _safe(tracker.log_params, opts, {k: v for k, v in flatten(plan.resolved).items()})
+    run_id = safe(tracker.start, run_name=run_dir.name,
+                  tags={"qflow.recipe": plan.source, "qflow.version": __version__},
+                  parent_run_id=opts.parent_run_id)
+    safe(tracker.log_params, {k: v for k, v in flatten(plan.resolved).items()})
 
     results: dict[str, StageResult] = {}
-    outputs: dict[str, dict[str, Artifact]] = {}
+    outputs: Outputs = {}
     metrics: dict[str, float] = {}
     gates: list[dict[str, Any]] = []
     failed = False
     for sid, st in plan.stages.items():
         key, ingredients = keys[sid]
-        if failed:
-            results[sid] = StageResult(sid, st.uses, "skipped", key, error="an upstream stage failed")
-            continue
         missing_up = [src for src, _ in st.bindings.values() if src not in outputs]
-        if missing_up:
-            results[sid] = StageResult(sid, st.uses, "skipped", key, error=f"inputs from {missing_up} unavailable")
-            continue
-        if sid not in selected:
-            entry = None
-            if store.inspect(key) is not None:  # don't wait on the lock of a key that another run computes
-                with store.lock(key):
-                    entry = _verified_hit(store, st, key)
-            if entry is None:
-                if any(sid in plan.upstream(s) for s in selected):
-                    failed = True
-                    results[sid] = StageResult(sid, st.uses, "failed", key,
-                                               error=f"--only {opts.only}: upstream stage '{sid}' is not cached "
-                                                     f"(or its entry was damaged); run the recipe without --only first")
-                else:
-                    results[sid] = StageResult(sid, st.uses, "skipped", key)
-                continue
-            results[sid] = StageResult(sid, st.uses, "cached", key, metrics=dict(entry.manifest.get("metrics", {})),
-                                       tags=dict((entry.manifest.get("info") or {}).get("tags") or {}))
-            outputs[sid] = _load_outputs(entry, st)
-            _restore_artifacts(entry, sid, run_dir)
-            _collect(sid, results[sid], st, metrics, gates)
-            continue
-        inputs = {slot: outputs[src][out] for slot, (src, out) in st.bindings.items()}
-        _say(opts, f"[{sid}] {st.uses}  key {key[:12]}")
-        estimate = _warn_if_short_of_memory(sid, st, inputs, _model_config(plan, store, keys, outputs), opts)
-        try:
-            res, outs = _run_stage(st, key, ingredients, inputs, store, run_dir, opts, device,
-                                   plan.recipe.seed, force=sid in forced)
-        except QflowError as exc:
-            res, outs = StageResult(sid, st.uses, "failed", key, error=str(exc)), None
-            _say(opts, f"[{sid}] failed: {exc}")
-        except Exception as exc:  # qflow's own bug: keep the traceback
-            traceback.print_exc(file=sys.stderr)
-            res, outs = StageResult(sid, st.uses, "failed", key, error=f"{type(exc).__name__}: {exc}"), None
-        res.peak_estimate_bytes = estimate
+        if failed:
+            res, outs = StageResult(sid, st.uses, "skipped", key, error="an upstream stage failed"), None
+        elif missing_up:
+            res, outs = StageResult(sid, st.uses, "skipped", key, error=f"inputs from {missing_up} unavailable"), None
+        elif sid not in selected:
+            res, outs = _reuse(plan, st, key, store, run_dir, selected, opts)
+        else:
+            res, outs = _run_selected(plan, st, key, ingredients, outputs, store, run_dir, opts, device,
+                                      force=sid in forced)
         results[sid] = res
-        if outs is None:
-            failed = True
-            continue
-        outputs[sid] = outs
-        _say(opts, f"[{sid}] {res.status} in {res.seconds:.1f}s")
-        _collect(sid, res, st, metrics, gates)
+        failed = failed or res.status == "failed"
+        if outs is not None:
+            outputs[sid] = outs
+            _collect(sid, res, st, metrics, gates)
 
     status = "failed" if failed or any(not g["passed"] for g in gates) else "ok"
     result = RunResult(run_dir, run_id, results, metrics, status, gates, name=plan.recipe.name)
@@ -516,8 +324,94 @@ def _execute(plan: Plan, opts: RunOptions, overrides: list[str] | None, started:
          "keys": {sid: r.key for sid, r in results.items()},
          "memo_keys": sorted({k for r in results.values() for k in r.memo_keys}),
          "finished_at": time.time()}, indent=1, default=str))
-    _finish_tracking(tracker, opts, result, run_dir)
+    finish_tracking(tracker, result, run_dir)
     return result
+
+
+def _selection(plan: Plan, opts: RunOptions) -> tuple[set[str], set[str]]:
+    """(the stages this run may compute, the stages it recomputes even when cached) from --only/--from/--force."""
+    for flag, sid in (("--only", opts.only), ("--from", opts.from_), *[("--force", f) for f in opts.force]):
+        if sid is not None and sid not in plan.stages:
+            raise PlanError(f"{flag} {sid}: no such stage", where=plan.source,
+                            fix=f"choose one of: {', '.join(plan.stages)}")
+    selected = {opts.only} if opts.only else set(plan.stages)
+    forced = set(opts.force)
+    if opts.from_:
+        forced |= plan.downstream(opts.from_)
+    return selected, forced
+
+
+def _dry_run(plan: Plan, store: CacheStore, keys: Keys, selected: set[str], forced: set[str],
+             opts: RunOptions) -> RunResult:
+    """What a run would do, stage by stage: "cached", "will run" or "skipped" (outside --only), with estimates."""
+    estimates = estimate_peaks(plan, store, keys)
+    stages = {}
+    for sid, st in plan.stages.items():
+        key = keys[sid][0]
+        in_cache = store.get(key) is not None
+        error = None
+        if sid in selected:
+            status = "cached" if in_cache and sid not in forced else "will run"
+        elif in_cache:
+            status = "cached"   # a stage outside --only is read from the cache, --force or not
+        else:
+            status = "skipped"
+            if any(sid in plan.upstream(s) for s in selected):
+                error = _not_cached_upstream(opts, sid)
+        stages[sid] = StageResult(sid, st.uses, status, key, error=error, peak_estimate_bytes=estimates[sid])
+    return RunResult(Path(""), None, stages, {}, "ok", name=plan.recipe.name)
+
+
+def _not_cached_upstream(opts: RunOptions, sid: str) -> str:
+    return (f"--only {opts.only}: upstream stage '{sid}' is not cached (or its entry was damaged); "
+            f"run the recipe without --only first")
+
+
+def _reuse(plan: Plan, st: PlannedStage, key: str, store: CacheStore, run_dir: Path, selected: set[str],
+           opts: RunOptions) -> tuple[StageResult, dict[str, Artifact] | None]:
+    """A stage outside --only: its cached outputs; without them, "failed" when a selected stage needs
+    it, else "skipped"."""
+    entry = None
+    if store.inspect(key) is not None:  # don't wait on the lock of a key that another run computes
+        with store.lock(key):
+            entry = _verified_hit(store, st, key)
+    if entry is None:
+        if any(st.id in plan.upstream(s) for s in selected):
+            return StageResult(st.id, st.uses, "failed", key, error=_not_cached_upstream(opts, st.id)), None
+        return StageResult(st.id, st.uses, "skipped", key), None
+    _restore_artifacts(entry, st.id, run_dir)
+    return _cached_result(st, key, entry), _load_outputs(entry, st)
+
+
+def _cached_result(st: PlannedStage, key: str, entry: Entry) -> StageResult:
+    return StageResult(st.id, st.uses, "cached", key, metrics=dict(entry.manifest.get("metrics", {})),
+                       tags=dict((entry.manifest.get("info") or {}).get("tags") or {}))
+
+
+def _run_selected(plan: Plan, st: PlannedStage, key: str, ingredients: dict[str, Any], outputs: Outputs,
+                  store: CacheStore, run_dir: Path, opts: RunOptions, device: str,
+                  force: bool) -> tuple[StageResult, dict[str, Artifact] | None]:
+    """A selected stage: a verified cache hit, or a run; a failure is reported in the result."""
+    sid = st.id
+    inputs = {slot: outputs[src][out] for slot, (src, out) in st.bindings.items()}
+    _say(opts, f"[{sid}] {st.uses}  key {key[:12]}")
+    estimate = estimate_peak(st, inputs, upstream_of(plan, sid, outputs))
+    warning = memory_warning(sid, estimate)
+    if warning:
+        _say(opts, warning)
+    try:
+        res, outs = _run_stage(st, key, ingredients, inputs, store, run_dir, opts, device,
+                               plan.recipe.seed, force=force)
+    except QflowError as exc:
+        res, outs = StageResult(sid, st.uses, "failed", key, error=str(exc)), None
+        _say(opts, f"[{sid}] failed: {exc}")
+    except Exception as exc:  # qflow's own bug: keep the traceback
+        traceback.print_exc(file=sys.stderr)
+        res, outs = StageResult(sid, st.uses, "failed", key, error=f"{type(exc).__name__}: {exc}"), None
+    res.peak_estimate_bytes = estimate
+    if outs is not None:
+        _say(opts, f"[{sid}] {res.status} in {res.seconds:.1f}s")
+    return res, outs
 
 
 def _collect(sid: str, res: StageResult, st: PlannedStage, metrics: dict[str, float], gates: list) -> None:
@@ -532,63 +426,6 @@ def _collect(sid: str, res: StageResult, st: PlannedStage, metrics: dict[str, fl
         problem = gate.check(value)
         gates.append({"stage": sid, "metric": metric, "passed": problem is None, "value": value,
                       "bound": gate.model_dump(exclude_none=True), **({"reason": problem} if problem else {})})
-
-
-def _make_tracker(opts: RunOptions, plan: Plan, run_dir: Path):
-    from ..tracking import Tracker
-
-    if not opts.track:
-        return Tracker.null()
-    return Tracker(opts.runs_root, plan.recipe.name, run_dir=run_dir)
-
-
-def _safe(fn, opts: RunOptions, *args, **kwargs):
-    """Tracking must never lose a run: the first MLflow failure prints one warning and queues the
-    run for `qflow sync` (``Tracker.fail``); later calls are skipped instead of each waiting on a
-    store that is down."""
-    tracker = getattr(fn, "__self__", None)
-    if getattr(tracker, "unavailable", None):
-        return None
-    try:
-        return fn(*args, **kwargs)
-    except Exception as exc:
-        print(tracker.fail(exc), file=sys.stderr, flush=True)
-        return None
-
-
-def _end_interrupted(tracker, opts: RunOptions, status: str) -> None:
-    """An interrupted run ends as ``status`` in MLflow, or in its queue entry when MLflow is down."""
-    if not tracker.enabled:
-        return
-    if tracker.unavailable:
-        tracker.queue(status=status)
-    else:
-        _safe(tracker.end, opts, status)
-        if tracker.unavailable:  # the end call itself failed
-            tracker.queue(status=status)
-
-
-def _finish_tracking(tracker, opts: RunOptions, result: RunResult, run_dir: Path) -> None:
-    if not tracker.enabled:
-        return
-    tags = {"qflow.status": result.status}
-    for sid, r in result.stages.items():
-        tags[f"qflow.stage.{sid}.key"] = r.key or ""
-        tags[f"qflow.stage.{sid}.status"] = r.status
-        tags.update(r.tags)
-    for g in result.gates:
-        tags[f"qflow.gate.{g['stage']}.{g['metric']}"] = "passed" if g["passed"] else f"failed: {g.get('reason')}"
-    if any(not g["passed"] for g in result.gates):
-        tags["qflow.gates"] = "failed"
-    _safe(tracker.log_metrics, opts, result.metrics)
-    _safe(tracker.set_tags, opts, tags)
-    _safe(tracker.log_artifact, opts, run_dir / "recipe.resolved.yaml")
-    _safe(tracker.log_artifact, opts, run_dir / "summary.json")
-    _safe(tracker.log_artifacts, opts, run_dir / "artifacts", "artifacts")
-    status = "FINISHED" if result.status == "ok" else "FAILED"
-    _safe(tracker.end, opts, status)
-    if tracker.unavailable:  # down at the start or failed on the way: `qflow sync` uploads the folder later
-        tracker.queue(tags=tags, status=status)
 
 
 def _write_yaml(path: Path, data: dict[str, Any]) -> None:

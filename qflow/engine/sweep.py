@@ -12,6 +12,9 @@ Launchers: the default runs points one after another; ``-j N`` uses the joblib
 launcher (N worker processes, capped by the memory estimate); any
 ``hydra/launcher=...`` override (``ray``, ``submitit_slurm``) is passed through.
 Sweepers: ``hydra/sweeper=optuna`` with the recipe's ``sweep.objective``.
+The caller may pass ``report(points, folder)``, which writes a report of the
+finished points into ``folder`` (the CLI passes the Pareto report of
+``qflow.evaluation``); it is logged with the parent run.
 
 A recipe may declare its sweep::
 
@@ -28,29 +31,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import RecipeError
+from ..specs import parse_constraint
 
-_CONSTRAINT = re.compile(r"^\s*([\w./-]+)\s*(<=|>=|<|>|==)\s*([-+0-9.eE]+)\s*$")
-
-
-def parse_constraint(text: str) -> tuple[str, str, float]:
-    m = _CONSTRAINT.match(text)
-    if not m:
-        raise RecipeError(f"cannot parse sweep constraint {text!r}", where="sweep.constraints",
-                          fix="write METRIC<=VALUE, e.g. evaluate/bpw_quantized<=3.5")
-    return m.group(1), m.group(2), float(m.group(3))
+SweepReport = Callable[[list[dict[str, Any]], Path], "Path | None"]   # (points, folder) -> the report folder
 
 
 def constraint_ok(metrics: dict[str, float], constraint: str) -> bool:
-    name, op, bound = parse_constraint(constraint)
+    name, op, bound = parse_constraint(constraint, where="sweep.constraints")
     if name not in metrics:
         return False
     v = metrics[name]
@@ -150,7 +144,8 @@ def estimate_point_bytes(recipe: str, overrides: list[str], opts) -> int | None:
     except Exception:
         return None
     from .cache import CacheStore
-    from .runner import compute_keys, environment, estimate_peaks, resolve_device
+    from .keys import compute_keys, environment, resolve_device
+    from .preflight import estimate_peaks
 
     store = CacheStore(Path(opts.runs_root) / "cache")
     keys = compute_keys(plan, store, environment(resolve_device(plan.recipe.device)))
@@ -159,7 +154,8 @@ def estimate_point_bytes(recipe: str, overrides: list[str], opts) -> int | None:
 
 
 def run_sweep(recipe: str, overrides: list[str], opts, *, as_json: bool = False, jobs: int = 1,
-              objective: str | None = None, constraints: list[str] | None = None) -> int:
+              objective: str | None = None, constraints: list[str] | None = None,
+              report: SweepReport | None = None) -> int:
     import hydra
 
     from ..recipe.compose import _yaml_preflight, audit_multirun, recipe_file, search_path, searchpath_override
@@ -187,7 +183,7 @@ def run_sweep(recipe: str, overrides: list[str], opts, *, as_json: bool = False,
     if constraints:
         sweep_cfg["constraints"] = list(sweep_cfg.get("constraints", [])) + list(constraints)
     for c in sweep_cfg.get("constraints", []):
-        parse_constraint(c)
+        parse_constraint(c, where="sweep.constraints")
     if sweep_cfg.get("direction", "minimize") not in ("minimize", "maximize"):
         raise RecipeError(f"unknown sweep direction {sweep_cfg['direction']!r}", where=f"{recipe}: sweep.direction",
                           fix="use minimize or maximize (or --objective METRIC:min|max)")
@@ -212,7 +208,7 @@ def run_sweep(recipe: str, overrides: list[str], opts, *, as_json: bool = False,
     if any(o.startswith("hydra/sweeper=optuna") for o in overrides) and sweep_cfg.get("objective"):
         argv.append(f"hydra.sweeper.direction={sweep_cfg.get('direction', 'minimize')}")
     audit_multirun(path, argv[2:])   # nothing in the recipe or its libraries may run code (recipe/safety.py)
-    opts_dict = {k: v for k, v in vars(opts).items() if k != "out_stream"}
+    opts_dict = dict(vars(opts))
     opts_dict["runs_root"] = str(runs_root)
     opts_dict["parent_run_id"] = None
     task = SweepTask(str(path), opts_dict, str(sweep_dir), sweep_cfg)
@@ -230,7 +226,7 @@ def run_sweep(recipe: str, overrides: list[str], opts, *, as_json: bool = False,
                               where=recipe, fix="check the sweep overrides (key=a,b  key=range(1,4)  key=choice(a,b))") from None
     finally:
         sys.argv = old_argv
-    return _finish(sweep_dir, path, overrides, sweep_cfg, opts, as_json)
+    return _finish(sweep_dir, path, overrides, sweep_cfg, opts, as_json, report)
 
 
 def load_points(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -240,10 +236,12 @@ def load_points(sweep_dir: Path) -> list[dict[str, Any]]:
     return points
 
 
-def _finish(sweep_dir: Path, recipe: Path, overrides: list[str], sweep_cfg: dict[str, Any], opts, as_json: bool) -> int:
+def _finish(sweep_dir: Path, recipe: Path, overrides: list[str], sweep_cfg: dict[str, Any], opts, as_json: bool,
+            report: SweepReport | None) -> int:
     points = load_points(sweep_dir)
     _write_table(points, sweep_dir / "summary.csv")
-    parent_id = log_sweep(Path(opts.runs_root), sweep_dir, recipe, overrides, sweep_cfg, points) if opts.track else None
+    parent_id = log_sweep(Path(opts.runs_root), sweep_dir, recipe, overrides, sweep_cfg, points,
+                          report=report) if opts.track else None
     out = {"sweep_dir": str(sweep_dir), "mlflow_parent_run_id": parent_id, "points": points}
     best = best_point(points, sweep_cfg)
     if best is not None:
@@ -270,8 +268,10 @@ def best_point(points: list[dict[str, Any]], sweep_cfg: dict[str, Any]) -> dict[
 
 
 def log_sweep(runs_root: Path, sweep_dir: Path, recipe: Path, overrides: list[str], sweep_cfg: dict[str, Any],
-              points: list[dict[str, Any]], existing: dict[str, Any] | None = None) -> str | None:
-    """Write a finished sweep to MLflow: a parent run and one nested run per point; the parent's id.
+              points: list[dict[str, Any]], existing: dict[str, Any] | None = None,
+              report: SweepReport | None = None) -> str | None:
+    """Write a finished sweep to MLflow: a parent run, one nested run per point and ``report``'s folder
+    (written into ``<sweep_dir>/pareto``, logged as ``pareto/``); the parent's id.
 
     The first MLflow failure prints one warning, skips the remaining calls and
     queues the sweep in ``<sweep_dir>/mlflow-pending.json``; ``qflow sync`` calls
@@ -298,10 +298,10 @@ def log_sweep(runs_root: Path, sweep_dir: Path, recipe: Path, overrides: list[st
         best = best_point(points, sweep_cfg)
         if best is not None:
             _safe(tracker.set_tags, {"qflow.sweep.best_job": best["job"], "qflow.sweep.best_overrides": " ".join(best["overrides"])})
-        if tracker.run_id and not tracker.unavailable:
-            report = _pareto_report(points, sweep_dir)
-            if report:
-                _safe(tracker.log_artifacts, report, "pareto")
+        if report is not None and tracker.run_id and not tracker.unavailable:
+            folder = report(points, sweep_dir / "pareto")
+            if folder:
+                _safe(tracker.log_artifacts, folder, "pareto")
         _safe(tracker.end, status)
     except BaseException as exc:
         status = "FAILED" if isinstance(exc, Exception) else "KILLED"
@@ -370,14 +370,6 @@ def _write_table(points: list[dict[str, Any]], path: Path) -> None:
         w.writerow(["job", "status", "overrides", *metric_names])
         for p in points:
             w.writerow([p["job"], p["status"], " ".join(p["overrides"]), *[p["metrics"].get(m, "") for m in metric_names]])
-
-
-def _pareto_report(points: list[dict[str, Any]], sweep_dir: Path) -> Path | None:
-    try:
-        from ..evaluation.report import pareto_report_for_points
-    except ImportError:
-        return None
-    return pareto_report_for_points(points, sweep_dir / "pareto")
 
 
 def _print_points(points, best, sweep_dir, parent_id) -> None:

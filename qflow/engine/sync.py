@@ -16,10 +16,13 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..tracking import (PENDING_FILE, RUN_DIR_TAG, SYNCED_FILE, TERMINAL, Tracker, TrackingUnavailable, probe,
                        tracking_uri, write_json)
+
+if TYPE_CHECKING:
+    from .sweep import SweepReport
 
 
 def _alive(pid: int | None) -> bool:
@@ -38,8 +41,10 @@ def pending_runs(runs_root: Path) -> list[Path]:
     return [p.parent for kind in ("runs", "sweeps") for p in sorted((root / kind).glob(f"*/{PENDING_FILE}"))]
 
 
-def sync_pending(runs_root: Path) -> list[dict[str, Any]]:
+def sync_pending(runs_root: Path, report: "SweepReport | None" = None) -> list[dict[str, Any]]:
     """Upload every queued run and sweep folder to the tracking store; one dict per folder.
+
+    ``report`` writes a sweep's report (as in ``run_sweep``) before it is uploaded.
 
     Idempotent: the MLflow run carries the tag ``qflow.run_dir`` and its id is
     kept in ``<run_dir>/mlflow-run.json``, so a second sync (or a sync that was
@@ -64,8 +69,10 @@ def sync_pending(runs_root: Path) -> list[dict[str, Any]]:
             out.append({"run_dir": str(run_dir), "status": "skipped", "reason": f"still running (pid {record['pid']})"})
             continue
         try:
-            sync = _sync_sweep if record.get("kind") == "sweep" else _sync_one
-            out.append(sync(runs_root, run_dir, record, uri))
+            if record.get("kind") == "sweep":
+                out.append(_sync_sweep(runs_root, run_dir, record, uri, report))
+            else:
+                out.append(_sync_one(runs_root, run_dir, record, uri))
         except Exception as exc:  # one bad folder must not stop the others; it stays queued
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             out.append({"run_dir": str(run_dir), "status": "failed", "reason": f"{type(exc).__name__}: {first}"})
@@ -132,7 +139,8 @@ def _sync_one(runs_root: Path, run_dir: Path, record: dict[str, Any], uri: str) 
             "artifacts": artifacts}
 
 
-def _sync_sweep(runs_root: Path, sweep_dir: Path, record: dict[str, Any], uri: str) -> dict[str, Any]:
+def _sync_sweep(runs_root: Path, sweep_dir: Path, record: dict[str, Any], uri: str,
+                report: "SweepReport | None") -> dict[str, Any]:
     """Replay the sweep's MLflow logging from its folder, reusing the parent and points already uploaded."""
     from .sweep import load_points, log_sweep
 
@@ -146,7 +154,8 @@ def _sync_sweep(runs_root: Path, sweep_dir: Path, record: dict[str, Any], uri: s
                 points[int(job)] = (run.info.run_id, run.info.status)
     found = load_points(sweep_dir)
     parent_id = log_sweep(runs_root, sweep_dir, Path(record["recipe"]), record.get("overrides", []),
-                          record.get("sweep", {}), found, existing={"parent": parent, "points": points})
+                          record.get("sweep", {}), found, existing={"parent": parent, "points": points},
+                          report=report)
     if parent_id is None:  # log_sweep printed the failure and left the sweep queued
         return {"run_dir": str(sweep_dir), "status": "failed", "reason": "MLflow failed during the upload"}
     write_json(sweep_dir / SYNCED_FILE, {"run_id": parent_id, "experiment": record["experiment"], "uri": uri,

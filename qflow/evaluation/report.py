@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import QflowError
+from ..specs import parse_constraint
 from .pareto import check_objectives, pareto_front, parse_objectives
 from .protocol import TAG as PROTOCOL_TAG
 
 DEFAULT_OBJECTIVES = {"bpw_quantized": "min", "kl_mean": "min"}
 REPORT_EXPERIMENT = "qflow-reports"
 UNKNOWN_PROTOCOL = "unknown"
-_CONSTRAINT = re.compile(r"^\s*([\w./-]+)\s*(<=|>=|<|>|==)\s*([-+0-9.eEinf]+)\s*$")
 _OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b,
         ">": lambda a, b: a > b, "==": lambda a, b: a == b}
 
@@ -67,14 +67,6 @@ def resolve_metric(name: str, keys: Iterable[str]) -> str | None:
     if not matches:
         return None
     return next((k for k in matches if k.startswith("evaluate/")), matches[0])
-
-
-def parse_constraint(text: str) -> tuple[str, str, float]:
-    m = _CONSTRAINT.match(text)
-    if not m:
-        raise QflowError(f"cannot parse constraint {text!r}", where="qflow report --constraint",
-                         fix="write METRIC<=VALUE, e.g. evaluate/bpw_quantized<=4.5 (also >=, <, >, ==)")
-    return m.group(1), m.group(2), float(m.group(3))
 
 
 def _metric_value(p: Point, name: str) -> float | None:
@@ -334,7 +326,7 @@ def cli_report(args, runs_root: Path) -> int:
         raise QflowError(str(exc), where="qflow report --objectives",
                          fix="write metric:min|max pairs, e.g. bpw_quantized:min,kl_mean:min") from None
     for c in args.constraint or []:
-        parse_constraint(c)
+        parse_constraint(c, where="qflow report --constraint")
     kind, points = load_target(args.target, runs_root)
     folder = Path(args.output) if args.output else runs_root / "reports" / _safe_name(args.target)
     report = build_report(points, folder, objectives, args.constraint or [],

@@ -1,19 +1,24 @@
 """Peak-memory estimates of the quantize and evaluate stages, before anything runs.
 
-    cfg = model_config_from_inputs(inputs_meta)        # config.json of the model
-    calibrated_stage_bytes(cfg, n_samples=32, seq_len=512, hessians=True)
+    config = model_config_of(inputs_meta, upstream)    # config.json of the model
+    calibrated_stage_bytes(config, n_samples=32, seq_len=512, hessians=True)
 
 The figures are rough upper estimates of the resident set, from the model's
 config alone: what the process keeps (the Python/torch runtime, the weights it
-holds) plus the largest working set of one step. ``qflow run --dry-run`` prints
-them, the runner warns before a stage whose estimate exceeds the available
-memory, and ``qflow run -m -j N`` runs at most as many points at once as the
-available memory holds.
+holds) plus the largest working set of one step. Stages call these from
+``Stage.estimate_peak_bytes``; ``qflow run --dry-run`` prints them, the runner
+warns before a stage whose estimate exceeds the available memory, and
+``qflow run -m -j N`` runs at most as many points at once as the available
+memory holds.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
+
+from ..artifacts import ModelRef
+from ..registry import Upstream
+from .adapters import model_config_from_inputs
 
 RUNTIME_BYTES = 600 * 2**20  # python + torch + transformers + numba + compiled kernels on CPU
 F32 = 4
@@ -100,30 +105,33 @@ def calibration_shape(inputs_meta: dict[str, Any], slot: str = "calib") -> tuple
     return (int(n), int(seq)) if n and seq else None
 
 
-def format_bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+def model_config_of(inputs_meta: dict[str, Any] | None, upstream: Sequence[Upstream] = ()) -> dict[str, Any] | None:
+    """``config.json`` of the model a stage works on: from its ``model`` input once that is an artifact,
+    else from the nearest model among the outputs of the stages upstream (None before any has run)."""
+    ref = (inputs_meta or {}).get("model")
+    if ref is not None and not (isinstance(ref, dict) and "planned" in ref):
+        config = model_config_from_inputs({"model": ref})
+        if config:
+            return config
+    for stage in upstream:
+        for artifact in stage.outputs.values():
+            if isinstance(artifact, ModelRef):
+                config = model_config_from_inputs({"model": artifact})
+                if config:
+                    return config
+    return None
 
 
-def model_config_of(inputs_meta: dict[str, Any] | None, model_config: dict[str, Any] | None) -> dict[str, Any] | None:
-    if model_config:
-        return model_config
-    from ..models.adapters import model_config_from_inputs
-
-    return model_config_from_inputs(inputs_meta or {})
-
-
-def estimate_calibrated(cfg: Any, inputs_meta: dict[str, Any] | None, model_config: dict[str, Any] | None,
+def estimate_calibrated(cfg: Any, inputs_meta: dict[str, Any], upstream: Sequence[Upstream],
                         *, hessians: bool = False) -> int | None:
     """``Stage.estimate_peak_bytes`` of a block-wise calibration-based quantize stage."""
-    shape = calibration_shape(inputs_meta or {})
+    shape = calibration_shape(inputs_meta)
     if shape is None:
         return None
-    return calibrated_stage_bytes(model_config_of(inputs_meta, model_config), n_samples=shape[0], seq_len=shape[1],
+    return calibrated_stage_bytes(model_config_of(inputs_meta, upstream), n_samples=shape[0], seq_len=shape[1],
                                   hessians=hessians, batch_size=getattr(cfg, "batch_size", 8))
 
 
-def estimate_streaming(inputs_meta: dict[str, Any] | None, model_config: dict[str, Any] | None) -> int | None:
+def estimate_streaming(inputs_meta: dict[str, Any], upstream: Sequence[Upstream]) -> int | None:
     """``Stage.estimate_peak_bytes`` of a stage that quantizes one weight at a time (RTN, HQQ)."""
-    return streaming_stage_bytes(model_config_of(inputs_meta, model_config))
+    return streaming_stage_bytes(model_config_of(inputs_meta, upstream))
