@@ -91,7 +91,7 @@ class AWQ(Stage):
     Folded norm weights are stored as float deltas in the checkpoint.
     """
 
-    version = 1
+    version = 2                 # 2: the checkpoint records its fold factors (ir.json "folds")
     Config = AWQConfig
     inputs = {"model": ModelRef, "calib": CalibSet}
     outputs = {"model": QuantizedCheckpoint}

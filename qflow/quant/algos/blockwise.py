@@ -381,7 +381,8 @@ def _publish_tree(src: Path, dest: Path) -> None:
 
 
 def _shards_present(ir_dir: Path, writer_state: dict[str, Any]) -> bool:
-    shards = {r["shard"] for r in writer_state["layers"].values()} | set(writer_state["floats"].values())
+    shards = ({r["shard"] for r in writer_state["layers"].values()} | set(writer_state["floats"].values())
+              | {f["shard"] for f in writer_state.get("folds", {}).values()})
     return all((ir_dir / s).is_file() for s in shards)
 
 
