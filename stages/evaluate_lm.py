@@ -168,14 +168,20 @@ class EvaluateLM(Stage):
             metrics |= speed
             ctx.info["tags"] = {"qflow.speed.path": speed_info["path"]}
 
+        protocol["calibration"] = self._calibration(ckpt, calib)
+        protocol["summary"] = (f"protocol {protocol['hash']}: {protocol['n_windows']} x {protocol['seq_len']}-token "
+                               f"windows of {protocol['source']} (evaluation); calibration: {protocol['calibration']}")
+        ctx.log.info("%s", protocol["summary"])
+
         for k, v in metrics.items():
             if v != v or v in (float("inf"), float("-inf")):
                 ctx.log.warning("metric %s is %s", k, v)
         ctx.log_metrics(metrics)
-        ctx.info["tags"] = {**ctx.info.get("tags", {}), TAG: protocol["hash"]}
+        ctx.info["tags"] = {**ctx.info.get("tags", {}), TAG: protocol["hash"], "qflow.protocol": protocol["summary"]}
 
         out = ctx.output("report")
-        doc = {"metrics": metrics, "protocol": protocol, "protocol_hash": protocol["hash"], "size": size_info,
+        doc = {"metrics": metrics, "protocol": protocol, "protocol_hash": protocol["hash"],
+               "protocol_summary": protocol["summary"], "size": size_info,
                "speed": speed_info, "layers": {"inputs": layer_source, "n_layers": len(rows)}}
         (out / "metrics.json").write_text(json.dumps(doc, indent=1, default=str))
         torch.save({"kl": comparison.kl, "nll": comparison.nll, "nll_fp": comparison.nll_fp}, out / "per_token.pt")
@@ -183,6 +189,22 @@ class EvaluateLM(Stage):
         return {"report": EvalReport(out, protocol=protocol, protocol_hash=protocol["hash"])}
 
     # ---- parts ------------------------------------------------------------------
+
+    @staticmethod
+    def _calibration(ckpt, calib) -> str:
+        """What the checkpoint was calibrated on (its meta), else the wired calibration set, in words."""
+        import json
+
+        meta = ckpt.meta if ckpt is not None else {}
+        if meta.get("calib_shape"):
+            n, length = meta["calib_shape"][:2]
+            return f"{n} x {length}-token windows of {meta.get('calib_source') or 'unrecorded text'}"
+        if ckpt is not None:
+            return "none (calibration-free method)"
+        if calib is not None and (calib.path / "info.json").is_file():
+            info = json.loads((calib.path / "info.json").read_text())
+            return f"{info.get('n_samples')} x {info.get('seq_len')}-token windows of {info.get('source')} (not used)"
+        return "none (float model)"
 
     @staticmethod
     def _layer_report(ctx, cfg, fp_model, q_model, ckpt, ids, calib):

@@ -136,6 +136,10 @@ def test_stage_labels_the_reference_path_and_noisy_speed(tmp_path, tiny_model_di
     assert "reference path" in doc["speed"]["path"]
     html = (out["report"].path / "report.html").read_text()
     assert "qflow reference path" in html and "NOISY" in html and "speed ratio" not in html
+    # what the protocol hash means, in words: evaluation windows and calibration set
+    summary = f"protocol {doc['protocol_hash']}: 3 x 64-token windows of zoo:lee-news (evaluation); " \
+              "calibration: none (calibration-free method)"
+    assert doc["protocol_summary"] == summary and ctx.info["tags"]["qflow.protocol"] == summary and summary in html
 
 
 # ---- per-layer: recorded fold factors -------------------------------------------------------------

@@ -47,7 +47,8 @@ def write_run_report(folder: Path, *, title: str, metrics: dict[str, float], pro
             for name, label in HEADLINE if name in metrics]
     parts.append(H.section("Headline metrics", H.table(("metric", "name", "value"), rows),
                            H.note("CIs: paired bootstrap over windows (1000 resamples, seeded).")))
-    parts.append(H.section("Protocol", H.table(("field", "value"), [(k, v) for k, v in protocol.items()]),
+    parts.append(H.section("Protocol", H.note(protocol.get("summary", "")),
+                           H.table(("field", "value"), [(k, v) for k, v in protocol.items() if k != "summary"]),
                            H.note("Numbers are comparable only between runs with the same protocol hash.")))
     if size:
         parts.append(H.section("Size", H.table(("field", "value"), [(k, v) for k, v in size.items()])))
