@@ -183,8 +183,8 @@ def test_failing_gate_keeps_report_artifacts_and_report_reads_the_run(tmp_path, 
     done = run_cli("run", str(recipe), runs_dir=runs_dir)
     assert done.returncode == 1, done.stderr
     for shown in ("evaluate/ppl ", "evaluate/ppl_ratio", "evaluate/kl_mean ", "evaluate/top1_agree",
-                  "evaluate/bpw_quantized", "evaluate/bpw_model", "evaluate/size_bytes", "evaluate/prefill_tps_ratio",
-                  "evaluate/decode_tps_ratio", "gate FAIL evaluate/kl_mean"):
+                  "evaluate/bpw_quantized", "evaluate/bpw_model", "evaluate/size_bytes", "evaluate/prefill_tps_refpath",
+                  "evaluate/decode_tps_refpath", "gate FAIL evaluate/kl_mean"):
         assert shown in done.stdout, shown
     assert "dequantize-then-matmul" in done.stderr          # the speed line says which path ran
     run_dir = Path(next(line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith("run folder")))
