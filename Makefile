@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export MLFLOW_ENABLE_ASYNC_LOGGING ?= false
 
-.PHONY: setup run test test-slow native bench clean
+.PHONY: setup run test test-slow test-all native bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ test: setup native
 
 test-slow: setup native
 	$(PY) -m pytest -q -m slow --durations=15
+
+# nightly-style: the whole suite, slow tests included (-m '' clears the default `not slow`);
+# must pass before an issue touching methods is resolved
+test-all: setup native
+	$(PY) -m pytest -q -m '' --durations=25
 
 native: setup
 	$(PY) native/build.py

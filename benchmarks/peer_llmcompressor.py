@@ -29,8 +29,9 @@ reported in its row; the run goes on.
 
 Usage (from the repository root, with qflow's venv)::
 
-    .venv/bin/python benchmarks/peer_llmcompressor.py                       # W4+W3 x rtn,awq,gptq
-    .venv/bin/python benchmarks/peer_llmcompressor.py --bits 4 --n-eval-windows 16
+    .venv/bin/python benchmarks/peer_llmcompressor.py                       # W4+W3 x rtn,awq,gptq, protocol full
+    .venv/bin/python benchmarks/peer_llmcompressor.py --protocol ci         # recipes/lib/protocol/ci.yaml sizes
+    .venv/bin/python benchmarks/peer_llmcompressor.py --bits 4 --n-eval-windows 16   # custom sizes
     .venv/bin/python benchmarks/peer_llmcompressor.py --methods gptq --bits 3 --skip-install
 
 Notes on what is compared:
@@ -80,6 +81,19 @@ LLMC_PIN = "0.14.0.1"
 RESULTS = HERE / "RESULTS.md"
 SECTION = "## Peer: llm-compressor"
 RECIPES = {"rtn": "recipes/llama-rtn.yaml", "awq": "recipes/llama-awq.yaml", "gptq": "recipes/llama-gptq.yaml"}
+
+
+PROTOCOLS = {p.stem: p for p in sorted((ROOT / "recipes" / "lib" / "protocol").glob("*.yaml"))}
+ALL_EVAL_WINDOWS = 147      # zoo:lee-news at 512 tokens (a preset's null = all of them)
+
+
+def protocol_preset(name: str) -> dict:
+    """``n_calib`` and ``n_eval_windows`` of ``recipes/lib/protocol/<name>.yaml`` (the recipes' own source)."""
+    import yaml
+
+    params = yaml.safe_load(PROTOCOLS[name].read_text())["params"]
+    return {"n_calib": int(params["n_calib"]),
+            "n_eval_windows": ALL_EVAL_WINDOWS if params["n_eval_windows"] is None else int(params["n_eval_windows"])}
 
 
 def _drop_export(method: str) -> list[str]:
@@ -330,8 +344,9 @@ def report(rows, args, inputs, versions, started, elapsed, loads, date) -> str:
     patched = any(r["peer"].get("result", {}).get("pin_memory_patched") for r in rows if r["peer"].get("ok"))
     cpu = platform.processor() or platform.machine()
     lines = [
-        f"### {date}: W{','.join(map(str, args.bits))} g{GROUP} asym, n_calib={args.n_calib}, "
-        f"n_eval_windows={args.n_eval_windows}",
+        f"### {date}: W{','.join(map(str, args.bits))} g{GROUP} asym, protocol {args.protocol}"
+        f"{'' if protocol_preset(args.protocol) == {'n_calib': args.n_calib, 'n_eval_windows': args.n_eval_windows} else ' (custom sizes)'}, "
+        f"n_calib={args.n_calib}, n_eval_windows={args.n_eval_windows}",
         "",
         f"Machine: {os.cpu_count()}-core CPU ({cpu}), no GPU, shared with other jobs: 1-min load average "
         f"{min(loads):.1f}-{max(loads):.1f} during the run (timings are noisy; qflow and the peer ran back to back "
@@ -389,8 +404,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", default="rtn,awq,gptq")
     p.add_argument("--bits", default="4,3")
-    p.add_argument("--n-calib", type=int, default=16, help="calibration windows of 512 tokens, both tools")
-    p.add_argument("--n-eval-windows", type=int, default=32, help="evaluation windows (147 = all)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="full",
+                   help="recipes/lib/protocol preset: calibration and evaluation windows (full: the numbers to quote)")
+    p.add_argument("--n-calib", type=int, default=None, help="calibration windows of 512 tokens, both tools "
+                   "(default: the protocol's; a value here makes the protocol custom)")
+    p.add_argument("--n-eval-windows", type=int, default=None, help="evaluation windows (default: the protocol's)")
     p.add_argument("--skip-install", action="store_true", help="use benchmarks/.peer-venv as it is")
     p.add_argument("--runs-dir", type=Path, default=None, help="qflow runs dir (default: a fresh runs/peer-bench-<time>)")
     p.add_argument("--qflow-override", action="append", default=[], help="extra qflow override, e.g. params.n_search_tokens=null")
@@ -400,6 +418,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-results", action="store_true", help="print only, do not append to RESULTS.md")
     p.add_argument("--date", default=_dt.date.today().isoformat())
     args = p.parse_args(argv)
+    preset = protocol_preset(args.protocol)
+    if args.n_calib is None:
+        args.n_calib = preset["n_calib"]
+    if args.n_eval_windows is None:
+        args.n_eval_windows = preset["n_eval_windows"]
+    # the preset also sets qflow's AWQ search size (n_search_tokens); explicit overrides still come later
+    args.qflow_override = [f"lib/protocol={args.protocol}"] + args.qflow_override
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.bits = [int(b) for b in str(args.bits).split(",") if b.strip()]
     if not args.qflow_full_eval:

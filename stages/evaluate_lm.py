@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from qflow.artifacts import CalibSet, EvalReport, ModelRef
 from qflow.registry import Stage, StageConfig, register
@@ -26,12 +26,24 @@ class EvaluateConfig(StageConfig):
     layer_report: bool = True
     layer_windows: int = Field(2, ge=1)
     layer_tokens: int = Field(512, ge=8)          # tokens per window for the per-layer pass
-    # speed: quantized (QLinear, dequantize every forward) vs float, side by side in this run
+    # speed: float vs qflow's reference path (QLinear, dequantize every forward), side by side in this run;
+    # rounds repeat until every median's 95% CI is within speed_target_rel_ci, or the budget runs out
     speed: bool = True
     speed_prefill_tokens: int = Field(512, ge=1)
     speed_decode_tokens: int = Field(32, ge=0)
-    speed_repeats: int = Field(3, ge=1)
     speed_warmup: int = Field(1, ge=0)
+    speed_budget_seconds: float = Field(45.0, gt=0)
+    speed_target_rel_ci: float = Field(0.05, gt=0, lt=1)
+    speed_min_repeats: int = Field(6, ge=1)
+    speed_max_repeats: int = Field(100, ge=1)
+    speed_repeats: int | None = Field(None, ge=1)  # a fixed number of rounds (no adaptive stop)
+
+    @model_validator(mode="after")
+    def _speed_repeats_order(self):
+        if self.speed_min_repeats > self.speed_max_repeats:
+            raise ValueError(f"speed_min_repeats ({self.speed_min_repeats}) exceeds speed_max_repeats "
+                             f"({self.speed_max_repeats}); lower the first or raise the second")
+        return self
 
 
 @register("evaluate.lm")
@@ -61,12 +73,16 @@ class EvaluateLM(Stage):
     > 0 (cheap); top1_agree, top5_overlap; size (qflow/evaluation/size.py):
     size_bytes_checkpoint (measured, on disk), size_bytes_deploy (estimate: unquantized
     tensors at ``float_dtype``), bpw_quantized (nominal), bpw_quantized_measured,
-    bpw_model, compression_vs_fp16/fp32; prefill_tps, decode_tps (+ ``_fp``, ``_ratio``)
-    when ``speed`` is on. Artifacts: metrics.json, layers.csv/json, layer_sqnr.png,
+    bpw_model, compression_vs_fp16/fp32; when ``speed`` is on: prefill_tps_fp, decode_tps_fp
+    (float) and prefill_tps_refpath, decode_tps_refpath (qflow's dequantize-then-matmul reference
+    path, not a deployment speed: no ratio is reported), speed_samples, speed_noisy,
+    speed_rel_ci_max (rounds repeat until each median's 95% CI is within ``speed_target_rel_ci``,
+    at most ``speed_budget_seconds``; ``speed_repeats: N`` fixes the count). Artifacts: metrics.json, layers.csv/json, layer_sqnr.png,
     kl_hist.png, report.html (also written to the run folder).
     """
 
-    version = 3           # 3: kl_* exact full-vocabulary KL, kl_topk_* the estimate; bpw at the deployment dtype
+    version = 4           # 3: exact KL, kl_topk_* estimate, bpw at the deployment dtype; 4: adaptive speed
+                          # pass (*_refpath, no ratio), protocol summary, per-layer SQNR from recorded folds
     Config = EvaluateConfig
     inputs = {"model": ModelRef, "calib": CalibSet}
     optional_inputs = frozenset({"calib"})
@@ -165,15 +181,21 @@ class EvaluateLM(Stage):
             metrics |= speed
             ctx.info["tags"] = {"qflow.speed.path": speed_info["path"]}
 
+        protocol["calibration"] = self._calibration(ckpt, calib)
+        protocol["summary"] = (f"protocol {protocol['hash']}: {protocol['n_windows']} x {protocol['seq_len']}-token "
+                               f"windows of {protocol['source']} (evaluation); calibration: {protocol['calibration']}")
+        ctx.log.info("%s", protocol["summary"])
+
         for k, v in metrics.items():
             if v != v or v in (float("inf"), float("-inf")):
                 ctx.log.warning("metric %s is %s", k, v)
         ctx.log_metrics(metrics)
-        ctx.info["tags"] = {**ctx.info.get("tags", {}), TAG: protocol["hash"], 
-                           **metric_tags(metrics, cfg.float_dtype, cfg.topk)}
+        ctx.info["tags"] = {**ctx.info.get("tags", {}), TAG: protocol["hash"], "qflow.protocol": protocol["summary"],
+                            **metric_tags(metrics, cfg.float_dtype, cfg.topk)}
 
         out = ctx.output("report")
-        doc = {"metrics": metrics, "protocol": protocol, "protocol_hash": protocol["hash"], "size": size_info,
+        doc = {"metrics": metrics, "protocol": protocol, "protocol_hash": protocol["hash"],
+               "protocol_summary": protocol["summary"], "size": size_info,
                "speed": speed_info, "layers": {"inputs": layer_source, "n_layers": len(rows)}}
         (out / "metrics.json").write_text(json.dumps(doc, indent=1, default=str))
         torch.save({"kl": comparison.kl, "kl_topk": comparison.kl_topk, "nll": comparison.nll,
@@ -182,6 +204,22 @@ class EvaluateLM(Stage):
         return {"report": EvalReport(out, protocol=protocol, protocol_hash=protocol["hash"])}
 
     # ---- parts ------------------------------------------------------------------
+
+    @staticmethod
+    def _calibration(ckpt, calib) -> str:
+        """What the checkpoint was calibrated on (its meta), else the wired calibration set, in words."""
+        import json
+
+        meta = ckpt.meta if ckpt is not None else {}
+        if meta.get("calib_shape"):
+            n, length = meta["calib_shape"][:2]
+            return f"{n} x {length}-token windows of {meta.get('calib_source') or 'unrecorded text'}"
+        if ckpt is not None:
+            return "none (calibration-free method)"
+        if calib is not None and (calib.path / "info.json").is_file():
+            info = json.loads((calib.path / "info.json").read_text())
+            return f"{info.get('n_samples')} x {info.get('seq_len')}-token windows of {info.get('source')} (not used)"
+        return "none (float model)"
 
     @staticmethod
     def _layer_report(ctx, cfg, fp_model, q_model, ckpt, ids, calib):
@@ -205,7 +243,7 @@ class EvaluateLM(Stage):
 
     @staticmethod
     def _speed(ctx, cfg, fp_model, q_model, ckpt, ids):
-        from qflow.evaluation.speed import kernel_path, measure_speed, prompt_ids
+        from qflow.evaluation.speed import RepeatPolicy, kernel_path, measure_speed, prompt_ids
         from qflow.quant.qlinear import QLinear
 
         if ckpt is not None:
@@ -220,12 +258,17 @@ class EvaluateLM(Stage):
                 q_model = apply_checkpoint(q_model, ckpt, mode="qlinear", cache_weight=False)
         path = kernel_path(q_model) if ckpt is not None else {"backend": "none", "path": "float model only"}
         prompt = prompt_ids(ids, cfg.speed_prefill_tokens).to(next(fp_model.parameters()).device)
+        policy = RepeatPolicy(min_repeats=cfg.speed_min_repeats, max_repeats=cfg.speed_max_repeats,
+                              budget_seconds=cfg.speed_budget_seconds, target_rel_ci=cfg.speed_target_rel_ci,
+                              fixed=cfg.speed_repeats)
         desc = f"speed [{path['path']}; kernels: {path['backend']}]"
-        with ctx.progress(cfg.speed_warmup + cfg.speed_repeats, desc) as bar:
+        with ctx.progress(policy.fixed, desc) as bar:
             metrics, info = measure_speed(fp_model, q_model if ckpt is not None else None, prompt,
-                                          decode_tokens=cfg.speed_decode_tokens, repeats=cfg.speed_repeats,
-                                          warmup=cfg.speed_warmup, progress=bar.update)
-        info |= {**path, "device": ctx.device, "dtype": cfg.dtype}
+                                          decode_tokens=cfg.speed_decode_tokens, warmup=cfg.speed_warmup,
+                                          policy=policy, progress=bar.update)
+        (ctx.log.warning if metrics["speed_noisy"] else ctx.log.info)("speed: %s", info["label"])
+        info = {"path": path["path"], "label": info.pop("label"), **info, **path, "device": ctx.device,
+                "dtype": cfg.dtype}
         return metrics, info
 
     @staticmethod

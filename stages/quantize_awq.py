@@ -100,7 +100,7 @@ class AWQ(Stage):
     Folded norm weights are stored as float deltas in the checkpoint.
     """
 
-    version = 2  # 2: n_sample_token renamed n_clip_tokens
+    version = 3  # 2: n_sample_token renamed n_clip_tokens; 3: the checkpoint records its fold factors
     Config = AWQConfig
     inputs = {"model": ModelRef, "calib": CalibSet}
     outputs = {"model": QuantizedCheckpoint}

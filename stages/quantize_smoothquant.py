@@ -65,7 +65,7 @@ class SmoothQuant(Stage):
     Uses the calibration set's ``max_abs`` statistics (recomputed from ``ids.pt`` when absent).
     """
 
-    version = 1
+    version = 2                 # 2: the checkpoint records its fold factors (ir.json "folds")
     Config = SmoothQuantConfig
     inputs = {"model": ModelRef, "calib": CalibSet}
     outputs = {"model": QuantizedCheckpoint}

@@ -111,9 +111,9 @@ def test_quantized_metrics_protocol_and_artifacts(evaluated):
     for name in ("ppl", "ppl_fp", "ppl_ratio", "kl_mean", "kl_median", "kl_p99", "kl_max", "top1_agree",
                  "kl_topk_mean", "kl_topk_median", "kl_topk_p99", "kl_topk_max", "kl_topk_mean_ci_low",
                  "kl_topk_mean_ci_high", "size_bytes_deploy", "size_bytes_checkpoint",
-                 "top5_overlap", "bpw_quantized", "bpw_model", "prefill_tps_ratio", "decode_tps_ratio",
+                 "top5_overlap", "bpw_quantized", "bpw_model", "prefill_tps_refpath", "decode_tps_refpath",
                  "ppl_diff_ci_low", "ppl_diff_ci_high", "kl_mean_ci_low", "kl_mean_ci_high",
-                 "bpw_quantized_measured", "compression_vs_fp16", "compression_vs_fp32", "prefill_tps", "decode_tps",
+                 "bpw_quantized_measured", "compression_vs_fp16", "compression_vs_fp32", "speed_samples",
                  "prefill_tps_fp", "decode_tps_fp"):
         assert name in m and math.isfinite(m[name]), name
     assert m["kl_mean"] > 0 and m["kl_mean_ci_low"] <= m["kl_mean"] <= m["kl_mean_ci_high"]

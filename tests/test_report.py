@@ -203,8 +203,8 @@ def test_failing_gate_keeps_report_artifacts_and_report_reads_the_run(tmp_path, 
     assert done.returncode == 1, done.stderr
     for shown in ("evaluate/ppl ", "evaluate/ppl_ratio", "evaluate/kl_mean ", "evaluate/top1_agree",
                   "evaluate/kl_topk_mean ", "evaluate/size_bytes_deploy ", "evaluate/size_bytes_checkpoint ",
-                  "evaluate/bpw_quantized", "evaluate/bpw_model", "evaluate/prefill_tps_ratio",
-                  "evaluate/decode_tps_ratio", "gate FAIL evaluate/kl_mean",
+                  "evaluate/bpw_quantized", "evaluate/bpw_model", "evaluate/prefill_tps_refpath",
+                  "evaluate/decode_tps_refpath", "gate FAIL evaluate/kl_mean",
                   "evaluate/kl_mean: KL (exact, full vocabulary)", "evaluate/kl_topk_mean: KL top-k estimate (lower bound)",
                   "evaluate/bpw_model: all parameters; quantized layers as stored, unquantized tensors at float16"):
         assert shown in done.stdout, shown

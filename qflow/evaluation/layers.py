@@ -7,22 +7,31 @@ similarity (flattened, and mean per token) in two modes:
 * **accumulated**: the quantized model's own output at the site (its input
   comes from the quantized model so far), against the float model's output.
 
-Both models run the same few windows (``[n, L]`` ids, one window at a time);
-forward hooks accumulate sums, so memory holds one window's float outputs, not
-every activation. SQNR of identical layers is ``inf`` (written ``"inf"``).
+Both models run the same windows (``[n, L]`` ids, one window at a time) in
+lock-step, decoder block by decoder block: the float model's forward runs with
+hooks, and right after its block ``i`` the quantized model's block ``i`` runs on
+the quantized model's own hidden state with the same block arguments (mask,
+positions). Cost per window: at most two forward passes (one per model, both
+stopped before the final norm and head) plus each quantized linear applied once
+more to the float input (isolated mode); memory holds one block's float
+outputs. SQNR of identical layers is ``inf`` (written ``"inf"``).
 
 Folded scales: methods that fold per-channel scales into neighbouring tensors
 (AWQ, SmoothQuant: the checkpoint then carries float deltas) quantize
-``diag(r)·W·diag(c)`` rather than ``W``. For such checkpoints a diagonal fit
-``Ŵ ≈ diag(r)·W·diag(c)`` (alternating least squares, geometric mean of r
-pinned to 1) maps the quantized layer back to the float layer's coordinates:
+``diag(r)·W·diag(c)`` rather than ``W``. Their checkpoints record the scales
+they folded (``Checkpoint.folds``; ``fold_factors`` gives ``r`` and ``c``
+exactly), which map the quantized layer back to the float layer's coordinates:
 weight SQNR uses ``Ŵ / (r cᵀ)``, isolated mode feeds ``x / c`` and divides the
-output by ``r``, accumulated mode divides by ``r``. Rows marked
-``fold_corrected`` used it; for other checkpoints r = c = 1.
+output by ``r``, accumulated mode divides by ``r``. Checkpoints written before
+folds were recorded (float deltas, no ``folds``) fall back to a diagonal
+least-squares fit ``Ŵ ≈ diag(r)·W·diag(c)`` (:func:`fit_fold`, geometric mean of
+r pinned to 1), which absorbs part of the rounding error into ``r, c`` (it reads
+about 0.7 dB optimistic at 3 bits). The ``fold`` column says which:
+``recorded``, ``fitted`` or ``none``; ``fold_corrected`` is true for the first two.
 
 Example::
 
-    rows = layer_report(fp_model, q_model, ckpt, ids[:2, :256])
+    rows = layer_report(fp_model, q_model, ckpt, ids[:2, :256])      # rows[i]["fold"]: "recorded"
     write_tables(rows, out_dir)      # layers.csv, layers.json
 """
 
@@ -116,49 +125,68 @@ def _ordered_sites(fp_model: nn.Module, ckpt) -> list[_Site]:
     return sorted((_Site(n, order[n], rec) for n, rec in ckpt.layers.items()), key=lambda s: s.order)
 
 
-class _Stop(Exception):
-    """Raised by the hook of a group's last site: the rest of the forward is not needed."""
-
-
-def _groups(sites: list[_Site], n_tokens: int, bytes_per_value: int, budget_bytes: int) -> list[list[_Site]]:
-    """Consecutive sites whose stored float outputs for one window fit ``budget_bytes``."""
-    groups: list[list[_Site]] = [[]]
-    used = 0
+def _decoder_blocks(model: nn.Module, sites: list[_Site]) -> tuple[str, list[nn.Module]]:
+    """The ``nn.ModuleList`` of decoder blocks that holds every site: (its name, its blocks)."""
+    stacks = set()
     for s in sites:
-        need = s.record.out_features * n_tokens * bytes_per_value
-        if groups[-1] and used + need > budget_bytes:
-            groups.append([])
-            used = 0
-        groups[-1].append(s)
-        used += need
-    return groups
+        parts = s.name.split(".")
+        for k in range(len(parts) - 1, 0, -1):
+            parent = ".".join(parts[:k - 1])
+            if parts[k - 1].isdigit() and isinstance(model.get_submodule(parent), nn.ModuleList):
+                stacks.add(parent)
+                break
+        else:
+            raise ValueError(f"per-layer report: {s.name} is not inside a stack of decoder blocks")
+    if len(stacks) != 1:
+        raise ValueError(f"per-layer report: quantized layers span several block stacks {sorted(stacks)}")
+    name = stacks.pop()
+    return name, list(model.get_submodule(name))
+
+
+class _Stop(Exception):
+    """Raised by a hook once the rest of a forward is not needed."""
+
+
+def _fold_factors(ckpt, w: torch.Tensor, w_hat: torch.Tensor, name: str, source: str):
+    if source == "recorded":
+        return ckpt.fold_factors(name)
+    if source == "fitted":
+        return fit_fold(w, w_hat)
+    return None, None
+
+
+def _hidden(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def layer_report(fp_model: nn.Module, q_model: nn.Module, ckpt, ids: torch.Tensor, *,
-                 budget_bytes: int = 512 * 2**20,
                  progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     """Rows (network order) of per-layer errors of ``q_model`` (``ckpt`` applied) against ``fp_model``.
 
-    The float outputs of one window are held until the quantized model reaches the
-    same site; when they would exceed ``budget_bytes`` the sites are split into groups,
-    one forward pair per group (each stopped after its group's last site).
+    The two models run in lock-step block by block (see the module doc): two forward
+    passes per window, one block's float outputs in memory.
     """
     sites = _ordered_sites(fp_model, ckpt)
-    fold = bool(ckpt.floats)
-    by_name = {s.name: s for s in sites}
+    source = "recorded" if getattr(ckpt, "folds", None) else "fitted" if ckpt.floats else "none"
     with torch.no_grad():
         for s in sites:
             w = fp_model.get_submodule(s.name).weight.detach().float().cpu()
             w_hat = ckpt.dequantized(s.name).float()
-            if fold:
-                s.row_scale, s.col_scale = fit_fold(w, w_hat)
-                w_hat = w_hat / (s.row_scale[:, None] * s.col_scale[None, :])
+            s.row_scale, s.col_scale = _fold_factors(ckpt, w, w_hat, s.name, source)
+            if s.row_scale is not None:
+                w_hat = w_hat / s.row_scale[:, None]
+            if s.col_scale is not None:
+                w_hat = w_hat / s.col_scale[None, :]
             s.weight_sqnr = sqnr_from_sums(float(w.double().pow(2).sum()),
                                            float((w.double() - w_hat.double()).pow(2).sum()))
 
+    stack, fp_blocks = _decoder_blocks(fp_model, sites)
+    q_blocks = list(q_model.get_submodule(stack))
+    last_block = max(int(s.name[len(stack) + 1:].split(".", 1)[0]) for s in sites)
     fp_out: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {}
 
-    def fp_hook(site: _Site, last: bool):
+    def fp_site_hook(site: _Site):
         q_mod = q_model.get_submodule(site.name)
 
         def hook(mod, args, out):
@@ -170,48 +198,73 @@ def layer_report(fp_model: nn.Module, q_model: nn.Module, ckpt, ids: torch.Tenso
             if site.row_scale is not None:
                 y_iso = y_iso / site.row_scale.to(y_iso.device, y_iso.dtype)
             site.iso.add(out, y_iso)
-            if last:
-                raise _Stop
         return hook
 
-    def q_hook(site: _Site, last: bool):
+    def q_site_hook(site: _Site):
         def hook(mod, args, out):
             y_hat = out.detach()
             if site.row_scale is not None:
                 y_hat = y_hat / site.row_scale.to(y_hat.device, y_hat.dtype)
             site.acc.add(fp_out.pop(site.name), y_hat)
-            if last:
+        return hook
+
+    def capture_args(i: int):
+        def hook(mod, args, kwargs):
+            state["args"], state["kwargs"] = args, kwargs
+        return hook
+
+    def step_quantized(i: int):
+        """After float block ``i``: quantized block ``i`` on the quantized hidden state, same arguments."""
+        def hook(mod, args, out):
+            a, kw = state.pop("args"), dict(state.pop("kwargs"))
+            if a:
+                a = (state["h_q"], *a[1:])
+            else:
+                kw["hidden_states"] = state["h_q"]
+            state["h_q"] = _hidden(q_blocks[i](*a, **kw))
+            fp_out.clear()
+            if i == last_block:
                 raise _Stop
         return hook
 
+    def q_block0_input(mod, args, kwargs):
+        state["h_q"] = args[0] if args else kwargs["hidden_states"]
+        raise _Stop
+
     device = next(fp_model.parameters()).device
-    value_bytes = next(fp_model.parameters()).element_size()
-    groups = _groups(sites, int(ids.shape[-1]), value_bytes, budget_bytes)
-    with torch.no_grad():
-        for g_i, group in enumerate(groups):
-            handles = []
-            for k, s in enumerate(group):
-                last = k == len(group) - 1
-                handles.append(fp_model.get_submodule(s.name).register_forward_hook(fp_hook(s, last)))
-                handles.append(q_model.get_submodule(s.name).register_forward_hook(q_hook(s, last)))
-            try:
-                for window in ids:
-                    batch = window[None].to(device)
-                    for model in (fp_model, q_model):
-                        try:
-                            model(input_ids=batch, use_cache=False)
-                        except _Stop:
-                            pass
-                    fp_out.clear()
-                    if progress and g_i == len(groups) - 1:
-                        progress(1)
-            finally:
-                for h in handles:
-                    h.remove()
-    return _rows(sites, fold)
+    handles = []
+    try:
+        for s in sites:
+            handles.append(fp_model.get_submodule(s.name).register_forward_hook(fp_site_hook(s)))
+            handles.append(q_model.get_submodule(s.name).register_forward_hook(q_site_hook(s)))
+        for i in range(last_block + 1):
+            handles.append(fp_blocks[i].register_forward_pre_hook(capture_args(i), with_kwargs=True))
+            handles.append(fp_blocks[i].register_forward_hook(step_quantized(i)))
+        with torch.no_grad():
+            for window in ids:
+                batch = window[None].to(device)
+                h0 = q_blocks[0].register_forward_pre_hook(q_block0_input, with_kwargs=True)
+                try:
+                    q_model(input_ids=batch, use_cache=False)    # embeddings only: stops at block 0
+                except _Stop:
+                    pass
+                finally:
+                    h0.remove()
+                try:
+                    fp_model(input_ids=batch, use_cache=False)
+                except _Stop:
+                    pass
+                state.clear()
+                fp_out.clear()
+                if progress:
+                    progress(1)
+    finally:
+        for h in handles:
+            h.remove()
+    return _rows(sites, source)
 
 
-def _rows(sites: list[_Site], fold: bool) -> list[dict[str, Any]]:
+def _rows(sites: list[_Site], fold: str) -> list[dict[str, Any]]:
     rows = []
     for i, s in enumerate(sites):
         spec = s.record.spec
@@ -222,7 +275,7 @@ def _rows(sites: list[_Site], fold: bool) -> list[dict[str, Any]]:
             "isolated_sqnr_db": s.iso.sqnr(), "isolated_cos": s.iso.cos(), "isolated_cos_token": s.iso.cos_token(),
             "accumulated_sqnr_db": s.acc.sqnr(), "accumulated_cos": s.acc.cos(),
             "accumulated_cos_token": s.acc.cos_token(),
-            "n_tokens": s.iso.n_tokens, "fold_corrected": fold,
+            "n_tokens": s.iso.n_tokens, "fold_corrected": fold != "none", "fold": fold,
         })
     ranked = sorted(rows, key=lambda r: (r["isolated_sqnr_db"], r["index"]))
     worst = {r["index"]: k + 1 for k, r in enumerate(ranked[:WORST_N])}
@@ -244,7 +297,7 @@ def _jsonable(v: Any) -> Any:
 
 COLUMNS = ("index", "layer", "format", "bits", "group_size", "act_bits", "weight_sqnr_db", "isolated_sqnr_db",
            "isolated_cos", "isolated_cos_token", "accumulated_sqnr_db", "accumulated_cos", "accumulated_cos_token",
-           "n_tokens", "fold_corrected", "worst_rank")
+           "n_tokens", "fold_corrected", "fold", "worst_rank")
 
 
 def write_tables(rows: list[dict[str, Any]], folder: Path, *, source: str = "") -> tuple[Path, Path]:

@@ -29,10 +29,14 @@ HEADLINE = (
     ("bpw_quantized", None), ("bpw_quantized_measured", None), ("bpw_model", None),
     ("size_bytes_deploy", None), ("size_bytes_checkpoint", None),
     ("compression_vs_fp16", None), ("compression_vs_fp32", None),
-    ("prefill_tps", "prefill tokens/s"), ("prefill_tps_fp", "prefill tokens/s, float"),
-    ("prefill_tps_ratio", "prefill speed ratio"), ("decode_tps", "decode tokens/s"),
-    ("decode_tps_fp", "decode tokens/s, float"), ("decode_tps_ratio", "decode speed ratio"),
+    ("prefill_tps_fp", "prefill tokens/s, float"),
+    ("prefill_tps_refpath", "prefill tokens/s, qflow reference path (dequantize-then-matmul; not deployment)"),
+    ("decode_tps_fp", "decode tokens/s, float"),
+    ("decode_tps_refpath", "decode tokens/s, qflow reference path (dequantize-then-matmul; not deployment)"),
+    ("speed_samples", "speed samples per series"), ("speed_noisy", "speed medians noisy (1 = yes)"),
 )
+SPEED_COLUMNS = ("series", "samples", "tps", "tps_ci_low", "tps_ci_high", "median_seconds", "rel_ci_half_width",
+                 "iqr_rel", "min_seconds", "max_seconds", "p90_seconds", "noisy")
 
 
 def write_run_report(folder: Path, *, title: str, metrics: dict[str, float], protocol: dict[str, Any],
@@ -62,15 +66,19 @@ def write_run_report(folder: Path, *, title: str, metrics: dict[str, float], pro
                      f"stores; size_bytes_checkpoint is measured on disk.")
     parts.append(H.section("Headline metrics", H.table(("metric", "name", "value"), rows),
                            *(H.note(n) for n in notes)))
-    parts.append(H.section("Protocol", H.table(("field", "value"), [(k, v) for k, v in protocol.items()]),
+    parts.append(H.section("Protocol", H.note(protocol.get("summary", "")),
+                           H.table(("field", "value"), [(k, v) for k, v in protocol.items() if k != "summary"]),
                            H.note("Numbers are comparable only between runs with the same protocol hash.")))
     if size:
         parts.append(H.section("Size", H.note(size.get("convention", "")),
                                H.table(("field", "value"), [(k, v) for k, v in size.items()])))
     if speed:
-        path = speed.get("path", "")
-        speed_rows = [(k, v) for k, v in speed.items() if k != "seconds"]
-        parts.append(H.section("Speed", H.note(path), H.table(("field", "value"), speed_rows)))
+        series = speed.get("series", {})
+        speed_rows = [(k, v) for k, v in speed.items() if k not in ("seconds", "series")]
+        parts.append(H.section(
+            "Speed (float vs qflow reference path)", H.note(speed.get("path", "")), H.note(speed.get("label", "")),
+            H.table(SPEED_COLUMNS, [(name, *(st.get(c, "") for c in SPEED_COLUMNS[1:])) for name, st in series.items()]),
+            H.table(("field", "value"), speed_rows)))
     else:
         parts.append(H.section("Speed", H.note("not measured (speed: false)")))
     if layer_rows:

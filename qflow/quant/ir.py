@@ -18,6 +18,16 @@ For each quantized linear ``NAME`` (a module path such as
 and ``float:PARAM`` entries for float tensors the method changed (AWQ folds
 scales into norms). Tensors are read lazily, one at a time, so a large
 checkpoint never sits in memory twice.
+
+Methods that fold per-channel scales (AWQ, SmoothQuant) record each fold as
+``fold:PREV`` (fp32 ``[n]``, the scales ``s``) with ``ir.json`` ``folds[PREV] =
+{"shard", "linears"}``: the output of module ``PREV`` (a norm, or the last ``n``
+output rows of a linear) was divided by ``s`` and the input columns of every
+linear in ``linears`` multiplied by ``s``. So a quantized linear holds
+``Q(diag(r)·W·diag(c))`` with ``c`` the product of the folds it reads and ``r``
+one over the fold it feeds (:meth:`Checkpoint.fold_factors`), which maps it
+back to the float model's coordinates exactly. Checkpoints written before
+folds were recorded have none (``folds == {}``).
 """
 
 from __future__ import annotations
@@ -114,6 +124,8 @@ class CheckpointWriter:
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_layers: list[tuple[str, QuantSpec, int, int, bool]] = []
         self._pending_floats: list[str] = []
+        self.folds: dict[str, dict[str, Any]] = {}
+        self._pending_folds: list[tuple[str, list[str]]] = []
         self._shards = sorted(p.name for p in self.path.glob("shard-*.safetensors"))
 
     def add_quantized(self, name: str, spec: QuantSpec, codes: torch.Tensor, scale: torch.Tensor,
@@ -126,6 +138,13 @@ class CheckpointWriter:
     def add_float(self, param: str, tensor: torch.Tensor) -> None:
         self._pending[f"float:{param}"] = tensor.detach().cpu().contiguous()
         self._pending_floats.append(param)
+
+    def add_fold(self, prev: str, linears: list[str], scales: torch.Tensor) -> None:
+        """Record that ``prev``'s output was divided by ``scales`` and ``linears``' input columns multiplied by them."""
+        if prev in self.folds or any(p == prev for p, _ in self._pending_folds):
+            raise ValueError(f"a fold into {prev} is already recorded")
+        self._pending[f"fold:{prev}"] = scales.detach().float().cpu().contiguous()
+        self._pending_folds.append((prev, list(linears)))
 
     def flush(self) -> str | None:
         """Write pending tensors to a new shard; returns its file name (None if nothing pending)."""
@@ -142,17 +161,22 @@ class CheckpointWriter:
             self.layers[name] = LayerRecord(name, spec, out, cols, shard, has_g)
         for p in self._pending_floats:
             self.floats[p] = shard
-        self._pending, self._pending_layers, self._pending_floats = {}, [], []
+        for prev, linears in self._pending_folds:
+            self.folds[prev] = {"shard": shard, "linears": linears}
+        self._pending, self._pending_layers, self._pending_floats, self._pending_folds = {}, [], [], []
         return shard
 
     def state(self) -> dict[str, Any]:
         """JSON-able index of what has been flushed (used to resume a stage)."""
-        return {"layers": {n: r.to_json() for n, r in self.layers.items()}, "floats": dict(self.floats)}
+        return {"layers": {n: r.to_json() for n, r in self.layers.items()}, "floats": dict(self.floats),
+                "folds": {p: dict(f) for p, f in self.folds.items()}}
 
     def restore(self, state: dict[str, Any]) -> None:
         self.layers = {n: LayerRecord.from_json(n, d) for n, d in state["layers"].items()}
         self.floats = dict(state["floats"])
-        keep = set(r.shard for r in self.layers.values()) | set(self.floats.values())
+        self.folds = {p: dict(f) for p, f in state.get("folds", {}).items()}
+        keep = (set(r.shard for r in self.layers.values()) | set(self.floats.values())
+                | {f["shard"] for f in self.folds.values()})
         for p in self.path.glob("shard-*.safetensors"):
             if p.name not in keep:
                 p.unlink()
@@ -184,6 +208,7 @@ class Checkpoint:
         self.meta: dict[str, Any] = index.get("meta", {})
         self.layers = {n: LayerRecord.from_json(n, d) for n, d in index["layers"].items()}
         self.floats: dict[str, str] = index["floats"]
+        self.folds: dict[str, dict[str, Any]] = index.get("folds", {})
 
     def _read(self, shard: str, key: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -205,6 +230,26 @@ class Checkpoint:
     def iter_floats(self) -> Iterator[tuple[str, torch.Tensor]]:
         for p in self.floats:
             yield p, self.float_tensor(p)
+
+    def fold_scale(self, prev: str) -> torch.Tensor:
+        """fp32 scales ``s`` of the fold recorded into ``prev`` (see the module doc)."""
+        return self._read(self.folds[prev]["shard"], f"fold:{prev}")
+
+    def fold_factors(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(r [out], c [in])`` with the stored layer ``≈ Q(diag(r)·W·diag(c))`` from the recorded folds
+        (``None`` for a side no fold touched)."""
+        rec = self.layers[name]
+        col = None
+        for prev, fold in self.folds.items():
+            if name in fold["linears"]:
+                s = self.fold_scale(prev)
+                col = s if col is None else col * s
+        row = None
+        if name in self.folds:
+            s = self.fold_scale(name)
+            row = torch.ones(rec.out_features)
+            row[rec.out_features - s.numel():] = 1.0 / s
+        return row, col
 
     def params(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes uint8 [out, in], scale fp32, zero fp32) of one layer."""

@@ -360,13 +360,20 @@ def search_block_scales(block: Block, opts: AWQOptions, acts: Activations) -> li
 
 
 def fold_block_scales(block: Block, searches: list[tuple[ScaleSite, ScaleSearch]],
-                      feats: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-    """Step 3: fold every site's scales and divide the cached inputs; returns the changed float tensors."""
+                      feats: dict[str, torch.Tensor],
+                      folds: list[tuple[str, list[str], torch.Tensor]] | None = None) -> list[tuple[str, torch.Tensor]]:
+    """Step 3: fold every site's scales and divide the cached inputs; returns the changed float tensors.
+
+    ``folds`` (when given) receives ``(prev, linears, s)`` per site, full names, for the checkpoint's record.
+    """
     adapter, mod = block.adapter, block.module
     changed: dict[str, torch.Tensor] = {}
     for site, res in searches:
         prev = mod.get_submodule(site.prev)
         fold_scale(prev, [block.linear(n) for n in site.linears], res.scales)
+        if folds is not None:
+            folds.append((block.full_name(site.prev), [block.full_name(n) for n in site.linears],
+                          res.scales.detach().float().clone()))
         key = adapter.canonical_input(site.input_of)
         if key in feats:
             feats[key] = feats[key] / res.scales.to(feats[key].dtype)
@@ -413,8 +420,11 @@ def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True) -> N
     acts.module_outputs.clear()
     t_search = time.perf_counter() - t0
     feats = acts.inputs
-    for pname, tensor in fold_block_scales(block, searches, feats):
+    folds: list[tuple[str, list[str], torch.Tensor]] = []
+    for pname, tensor in fold_block_scales(block, searches, feats, folds):
         block.writer.add_float(pname, tensor)
+    for prev, linears, scales in folds:  # exact fold factors for the per-layer report
+        block.writer.add_fold(prev, linears, scales)
     if opts.apply_clip:
         for name, clip in clip_block(block, opts, feats):
             block.record(layer=block.full_name(name), clip_err_unclipped=float(clip.err_unclipped.sum()),

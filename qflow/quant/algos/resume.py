@@ -100,5 +100,6 @@ class BlockState:
         return dest
 
     def _shards_present(self, writer_state: dict[str, Any]) -> bool:
-        shards = {r["shard"] for r in writer_state["layers"].values()} | set(writer_state["floats"].values())
+        shards = ({r["shard"] for r in writer_state["layers"].values()} | set(writer_state["floats"].values())
+                  | {f["shard"] for f in writer_state.get("folds", {}).values()})
         return all((self.ir_dir / s).is_file() for s in shards)

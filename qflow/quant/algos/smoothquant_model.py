@@ -88,8 +88,12 @@ def collect_act_max(model: nn.Module, adapter: ArchAdapter, ids: torch.Tensor, *
 
 @torch.no_grad()
 def smooth_block(block: nn.Module, prefix: str, adapter: ArchAdapter, act_max: dict[str, torch.Tensor],
-                 alpha: float) -> list[tuple[str, torch.Tensor]]:
-    """Fold SmoothQuant scales into one block in place; returns the changed norm tensors (name, value)."""
+                 alpha: float, folds: list[tuple[str, list[str], torch.Tensor]] | None = None
+                 ) -> list[tuple[str, torch.Tensor]]:
+    """Fold SmoothQuant scales into one block in place; returns the changed norm tensors (name, value).
+
+    ``folds`` (when given) receives ``(norm, linears, s)`` per site, full names, for the checkpoint's record.
+    """
     from .smoothquant import fold_into_norm, scale_linear_inputs, smooth_scales
 
     changed = []
@@ -114,14 +118,19 @@ def smooth_block(block: nn.Module, prefix: str, adapter: ArchAdapter, act_max: d
             changed.append((f"{prefix}.{site.norm}.bias", new_b.clone()))
         for lin in linears:
             lin.weight.data = scale_linear_inputs(lin.weight.data, s)
+        if folds is not None:
+            folds.append((f"{prefix}.{site.norm}", [f"{prefix}.{n}" for n in site.linears], s.detach().float().clone()))
     return changed
 
 
 def smoothquant_block(block: Block, opts: SmoothQuantOptions, act_max: dict[str, torch.Tensor]) -> None:
     spec = opts.spec()
     if opts.smooth:
-        for pname, tensor in smooth_block(block.module, block.name, block.adapter, act_max, opts.alpha):
+        folds: list[tuple[str, list[str], torch.Tensor]] = []
+        for pname, tensor in smooth_block(block.module, block.name, block.adapter, act_max, opts.alpha, folds):
             block.writer.add_float(pname, tensor)
+        for prev, linears, scales in folds:  # exact fold factors for the per-layer report
+            block.writer.add_fold(prev, linears, scales)
     for rel, lin in block.adapter.linears(block.module).items():
         w = lin.weight.data.float()
         scale, zero = dispatch.compute_params(w, spec)
