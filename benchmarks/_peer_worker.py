@@ -28,7 +28,7 @@ Steps:
    weight, and must carry one scale per group; the logits of the peer's own model
    must match a plain float model holding those dequantized weights. Any failure
    exits non-zero with the reason (a silent no-op cannot flatter qflow).
-4. Evaluate (METHODS.md section 11/13 default protocol) on the given windows, in lockstep
+4. Evaluate (docs/METHODS.md section 11/13 default protocol) on the given windows, in lockstep
    with the float model loaded from the same folder: PPL = exp(mean NLL over every
    scored token, 511 per window), KL(p_fp || p_q) over the full vocabulary, and the
    same top-k + tail estimate that qflow's ``evaluate.lm`` reports as ``kl_topk_*``

@@ -2,7 +2,7 @@
 
 Same model (qflow's float folder of ``zoo:smollm2-135m``), same calibration token
 ids (``zoo:wiki-pages``, the first ``--n-calib`` 512-token windows, exactly what
-qflow's ``calibrate`` stage uses), same evaluation protocol (METHODS.md §11/§13:
+qflow's ``calibrate`` stage uses), same evaluation protocol (docs/METHODS.md §11/§13:
 ``zoo:lee-news``, the first ``--n-eval-windows`` 512-token windows, PPL =
 exp(mean NLL over every scored token), KL vs the float model), for RTN / AWQ /
 GPTQ at each bit width, group 64, asymmetric, every decoder Linear quantized,

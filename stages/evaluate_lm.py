@@ -48,7 +48,7 @@ class EvaluateConfig(StageConfig):
 
 @register("evaluate.lm")
 class EvaluateLM(Stage):
-    """Perplexity and KL vs the float model with bootstrap CIs, per-layer SQNR, size, speed (METHODS.md §11).
+    """Perplexity and KL vs the float model with bootstrap CIs, per-layer SQNR, size, speed (docs/METHODS.md §11).
 
         evaluate:
           uses: evaluate.lm

@@ -27,7 +27,7 @@ class ExportGGUFConfig(StageConfig):
 
 @register("export.gguf")
 class ExportGGUF(Stage):
-    """Write the quantized checkpoint as a llama.cpp GGUF (METHODS.md §2.7).
+    """Write the quantized checkpoint as a llama.cpp GGUF (docs/METHODS.md §2.7).
 
         export:
           uses: export.gguf

@@ -49,7 +49,7 @@ class ExportOnnxConfig(StageConfig):
 
 @register("export.onnx")
 class ExportOnnx(Stage):
-    """ONNX decoder for onnxruntime with qflow's own quantized weights (METHODS.md §2.6).
+    """ONNX decoder for onnxruntime with qflow's own quantized weights (docs/METHODS.md §2.6).
 
         export:
           uses: export.onnx

@@ -27,7 +27,7 @@ class ExportSafetensorsConfig(StageConfig):
 
 @register("export.safetensors")
 class ExportSafetensors(Stage):
-    """Write the quantized checkpoint as a loadable Hugging Face folder (METHODS.md §2.3-2.5).
+    """Write the quantized checkpoint as a loadable Hugging Face folder (docs/METHODS.md §2.3-2.5).
 
         export:
           uses: export.safetensors

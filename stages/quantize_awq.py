@@ -1,4 +1,4 @@
-"""``quantize.awq``: activation-aware weight quantization (llm-awq, METHODS.md §4)."""
+"""``quantize.awq``: activation-aware weight quantization (llm-awq, docs/METHODS.md §4)."""
 
 from __future__ import annotations
 

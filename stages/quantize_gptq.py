@@ -1,4 +1,4 @@
-"""``quantize.gptq``: second-order error-compensating quantization (IST-DASLab/gptq, METHODS.md §5)."""
+"""``quantize.gptq``: second-order error-compensating quantization (IST-DASLab/gptq, docs/METHODS.md §5)."""
 
 from __future__ import annotations
 

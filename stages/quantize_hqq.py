@@ -1,4 +1,4 @@
-"""``quantize.hqq``: Half-Quadratic Quantization, calibration-free (METHODS.md §7)."""
+"""``quantize.hqq``: Half-Quadratic Quantization, calibration-free (docs/METHODS.md §7)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ _RENAMED = {"symmetric": ("scheme", "write scheme: sym_f for symmetric: true, sc
 
 
 class RTNConfig(StageConfig):
-    """RTN knobs; ``scheme`` alone says how an integer grid is placed (METHODS.md §1).
+    """RTN knobs; ``scheme`` alone says how an integer grid is placed (docs/METHODS.md §1).
 
         quantize:
           uses: quantize.rtn
@@ -60,7 +60,7 @@ class RTNConfig(StageConfig):
 
 @register("quantize.rtn")
 class RTN(Stage):
-    """Round-to-nearest, group-wise, weight-only (METHODS.md §3).
+    """Round-to-nearest, group-wise, weight-only (docs/METHODS.md §3).
 
         quantize:
           uses: quantize.rtn

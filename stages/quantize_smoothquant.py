@@ -1,4 +1,4 @@
-"""``quantize.smoothquant``: W8A8 with outlier smoothing (mit-han-lab/smoothquant, METHODS.md §6)."""
+"""``quantize.smoothquant``: W8A8 with outlier smoothing (mit-han-lab/smoothquant, docs/METHODS.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GPTQ per-layer algorithm (METHODS.md §5)."""
+"""GPTQ per-layer algorithm (docs/METHODS.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""HQQ (METHODS.md §7) and SmoothQuant (METHODS.md §6) per-layer algorithms."""
+"""HQQ (docs/METHODS.md §7) and SmoothQuant (docs/METHODS.md §6) per-layer algorithms."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""AWQ (METHODS.md §4 tests 1-4) on synthetic layers and tiny random Llamas."""
+"""AWQ (docs/METHODS.md §4 tests 1-4) on synthetic layers and tiny random Llamas."""
 
 from __future__ import annotations
 

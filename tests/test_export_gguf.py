@@ -1,4 +1,4 @@
-"""export.gguf: block encoders from qflow codes (METHODS.md §2.7), type choice and exactness, read-back,
+"""export.gguf: block encoders from qflow codes (docs/METHODS.md §2.7), type choice and exactness, read-back,
 qflow's GGUF loader round trip, the stage, and the bundled model through the CLI."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _dequant(data, qtype, cols):
     return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]).reshape(data.shape[0], cols)
 
 
-# ---------------------------------------------------------------- METHODS.md §2.7
+# ---------------------------------------------------------------- docs/METHODS.md §2.7
 
 
 def test_q4_0_test_vector():

@@ -10,7 +10,7 @@ import pytest
 
 
 # ---------------------------------------------------------------------------
-# packing (METHODS.md §2.6)
+# packing (docs/METHODS.md §2.6)
 # ---------------------------------------------------------------------------
 def test_matmul_nbits_packing_low_nibble_first():
     from qflow.export.onnx_weights import pack_matmul_nbits

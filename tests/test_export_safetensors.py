@@ -1,4 +1,4 @@
-"""export.safetensors: packing layouts (METHODS.md §2.3-2.5), IR -> compressed-tensors / AWQ GEMM / GPTQ
+"""export.safetensors: packing layouts (docs/METHODS.md §2.3-2.5), IR -> compressed-tensors / AWQ GEMM / GPTQ
 folders, exactness, readers (qflow's and the compressed-tensors library's), the stage, atomic placement."""
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def assert_decodes_to_ir(folder: Path, ckpt: Checkpoint) -> None:
         assert torch.equal(state[name], ckpt.float_tensor(name).float()), name
 
 
-# ---------------------------------------------------------------- METHODS.md §2 packing tests
+# ---------------------------------------------------------------- docs/METHODS.md §2 packing tests
 
 
 def test_awq_gemm_order():

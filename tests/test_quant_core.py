@@ -1,4 +1,4 @@
-"""METHODS.md §1 (affine core) tests 1-5, §2.1 internal packing, §3 RTN quality, on every CPU backend.
+"""docs/METHODS.md §1 (affine core) tests 1-5, §2.1 internal packing, §3 RTN quality, on every CPU backend.
 
 Each numeric test runs through ``qflow.quant.dispatch`` twice: forced to the
 torch reference and forced to the numba kernels.

@@ -61,7 +61,7 @@ def test_directions_and_missing_values():
 
 
 def test_methods_section9_example_front():
-    """METHODS.md §9: 27 assignments of three layers -> 14 Pareto points starting (2.5, 7.0), (2.6176, 6.3)..."""
+    """docs/METHODS.md §9: 27 assignments of three layers -> 14 Pareto points starting (2.5, 7.0), (2.6176, 6.3)..."""
     n = {"a": 4096 * 4096, "b": 4096 * 11008, "c": 11008 * 4096}
     bpw = [2.5, 3.25, 4.25]
     err = {"a": [1.0, 0.30, 0.08], "b": [2.0, 0.50, 0.12], "c": [4.0, 1.20, 0.20]}

@@ -1,4 +1,4 @@
-"""Wikipedia XML dump -> plain text, exactly as METHODS.md §13 "Calibration text, exactly".
+"""Wikipedia XML dump -> plain text, exactly as docs/METHODS.md §13 "Calibration text, exactly".
 
     pages = wiki_pages(path_to_enwiki_bz2)   # 106 cleaned pages for gensim's bundled dump
     text = "\\n\\n".join(pages)

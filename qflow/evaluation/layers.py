@@ -1,4 +1,4 @@
-"""Per-layer error of a quantized model (METHODS.md §11 "Per-layer error").
+"""Per-layer error of a quantized model (docs/METHODS.md §11 "Per-layer error").
 
 For every quantized linear: weight SQNR (dB), and output SQNR plus cosine
 similarity (flattened, and mean per token) in two modes:

@@ -1,4 +1,4 @@
-"""Perplexity and distribution metrics vs the float model (METHODS.md §11).
+"""Perplexity and distribution metrics vs the float model (docs/METHODS.md §11).
 
 Two KL numbers, both ``KL(p_fp || p_q) = sum_v p_fp(v) (log p_fp(v) - log p_q(v))`` per
 scored token, in nats, float model first:
@@ -69,7 +69,7 @@ def _chunks(logits: torch.Tensor) -> Iterator[tuple[int, int, int]]:
 
 
 def ranked_topk(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k (values, indices) sorted by value descending, ties by lowest token id (METHODS.md §11).
+    """Top-k (values, indices) sorted by value descending, ties by lowest token id (docs/METHODS.md §11).
 
     ``torch.topk`` leaves the order of equal values unspecified; a tiny or
     saturated model has exact ties, and the float model compared with itself

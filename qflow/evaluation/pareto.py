@@ -1,4 +1,4 @@
-"""N-dimensional Pareto sets with strict dominance (METHODS.md §9, erratum 10).
+"""N-dimensional Pareto sets with strict dominance (docs/METHODS.md §9, erratum 10).
 
 A point A **dominates** B iff A is no worse than B in every objective and
 strictly better in at least one (per-objective direction ``min`` or ``max``).

@@ -37,7 +37,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def eval_protocol(*, source: str, text_fingerprint: str | None, seq_len: int, n_windows: int,
                   windows_sha256: str, add_special_tokens: bool, tokenizer, kl_topk: int,
                   dtype: str, kl_exact: bool = True) -> dict[str, Any]:
-    """The protocol of ``evaluate.lm`` (METHODS.md §11/§13): non-overlapping windows, stride = length."""
+    """The protocol of ``evaluate.lm`` (docs/METHODS.md §11/§13): non-overlapping windows, stride = length."""
     proto = {
         "source": source,
         "text_fingerprint": text_fingerprint,

@@ -1,4 +1,4 @@
-"""Size and bits per weight of a model or a quantized checkpoint (METHODS.md §11 "Size / bpw").
+"""Size and bits per weight of a model or a quantized checkpoint (docs/METHODS.md §11 "Size / bpw").
 
 Convention: a deployed model holds its quantized layers as stored (codes, scales,
 zeros, g_idx) and every other floating-point tensor (embeddings, norms, head,

@@ -6,7 +6,7 @@
                      codes where exact, re-quantized from float otherwise)
     readers          qflow's own decoders of every layout written here (round-trip checks)
     inspect          ``qflow inspect PATH``: identify a quantized file from its headers
-    layouts          the bit-level packing of each layout (METHODS.md §2), numpy
+    layouts          the bit-level packing of each layout (docs/METHODS.md §2), numpy
     onnx_graph       an onnxruntime Llama decoder with a KV cache (graph and files), built from
     onnx_nodes       the graph writer and the nodes of one linear (MatMul / MatMulNBits / W8A8), and
     onnx_weights     each linear's weights converted from the IR (MatMulNBits packing, W8A8 int8)

@@ -3,7 +3,7 @@
     report = export_gguf(Checkpoint(ir_dir), "model.gguf")
 
 Quantized linears are written **from qflow's integer codes** wherever a GGUF
-block type can hold them (METHODS.md §2.7; blocks of 32 along the input dim):
+block type can hold them (docs/METHODS.md §2.7; blocks of 32 along the input dim):
 
 ======  ===============  ============================================  ===========================
 type    decode           exact when (per tensor, every 32-block)       typical IR
@@ -146,7 +146,7 @@ def encode_blocks(qtype: str, q: np.ndarray, d: np.ndarray, m: np.ndarray | None
 
 
 def encode_q4_0_reference(x: np.ndarray) -> np.ndarray:
-    """Q4_0 from float with llama.cpp's reference rule (METHODS.md §2.7): ``d = m/-8``,
+    """Q4_0 from float with llama.cpp's reference rule (docs/METHODS.md §2.7): ``d = m/-8``,
     ``q = min(15, trunc(x/d + 8.5))``. ``x``: ``[rows, in]``, in % 32 == 0."""
     x = np.asarray(x, np.float32)
     blocks = x.reshape(x.shape[0], -1, BLOCK)

@@ -1,4 +1,4 @@
-"""Bit-level packing of the exported layouts (METHODS.md §2), numpy, vectorized.
+"""Bit-level packing of the exported layouts (docs/METHODS.md §2), numpy, vectorized.
 
 Every function takes unsigned integer codes (``uint8``) and returns int32
 words (little-endian fields), or the reverse. Three packings cover all the
@@ -17,7 +17,7 @@ safetensors layouts:
 * :func:`pack_awq` -- AutoAWQ GEMM: 8 nibbles per word along the output
   columns, nibble ``i`` holding logical column ``8c + AWQ_ORDER[i]``.
 
-Tests (METHODS.md): AWQ columns 0..7 holding 1..8 pack to ``0x86427531``;
+Tests (docs/METHODS.md): AWQ columns 0..7 holding 1..8 pack to ``0x86427531``;
 sequential codes 1..8 pack to ``0x87654321``.
 """
 
@@ -82,7 +82,7 @@ def unpack_stream(words: np.ndarray, bits: int, n: int, axis: int = -1) -> np.nd
     w = w.reshape(-1, w.shape[-1]).astype(np.int64) & 0xFFFFFFFF
     if w.shape[-1] < stream_words(n, bits):
         raise ValueError(f"{w.shape[-1]} words cannot hold {n} {bits}-bit fields")
-    if bits in (2, 4, 8):  # whole fields per word: the stream is qflow's internal packing (METHODS.md §2.1)
+    if bits in (2, 4, 8):  # whole fields per word: the stream is qflow's internal packing (docs/METHODS.md §2.1)
         import torch
 
         from qflow.quant.packing import unpack_reference

@@ -10,7 +10,7 @@
 * :func:`compare_logits` -- KL / top-1 / max-abs between two logit arrays;
 * :func:`time_side_by_side` -- prefill and per-token greedy decode latency of several
   decoders, interleaved repeat by repeat so that background load hits them alike
-  (METHODS.md §11: warm-up, median and nearest-rank p90).
+  (docs/METHODS.md §11: warm-up, median and nearest-rank p90).
 
 Example::
 

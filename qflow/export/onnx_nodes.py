@@ -8,7 +8,7 @@ into nodes. A linear is one of three kinds:
 * ``float``  -- ``MatMul`` with fp32 ``[K, N]`` weights (float export, or layers
   the checkpoint leaves float);
 * ``nbits``  -- ``com.microsoft.MatMulNBits`` carrying qflow's own codes, scales and
-  zero points (METHODS.md §2.6), bit for bit: no re-quantization by onnxruntime;
+  zero points (docs/METHODS.md §2.6), bit for bit: no re-quantization by onnxruntime;
 * ``w8a8``   -- SmoothQuant W8A8: per-token dynamic SYM-R int8 activations computed
   with plain ops (``ReduceMax(Abs)``, ``Div``, ``Round``, ``Clip``, ``Cast``; carried
   as uint8 with zero point 128), int8 per-channel weights, ``MatMulInteger`` and a

@@ -1,7 +1,7 @@
 """Weights of the ONNX decoder: each linear of a checkpoint or base model in graph-ready form.
 
 * :func:`quantized_linear` -- a checkpoint layer as ``com.microsoft.MatMulNBits`` blobs
-  (qflow's codes, scales and zero points packed exactly, METHODS.md §2.6) or as W8A8
+  (qflow's codes, scales and zero points packed exactly, docs/METHODS.md §2.6) or as W8A8
   int8 weights with per-channel scales (SmoothQuant layers);
 * :func:`float_linear` -- fp32 ``[K, N]`` for ``MatMul``;
 * :func:`concat_linears` -- q|k|v or gate|up packed along N, when they can share one node;
@@ -33,7 +33,7 @@ class OnnxExportError(QflowError):
 
 
 # ---------------------------------------------------------------------------
-# MatMulNBits packing (METHODS.md §2.6)
+# MatMulNBits packing (docs/METHODS.md §2.6)
 # ---------------------------------------------------------------------------
 NBITS_SUPPORTED = (2, 4, 8)
 

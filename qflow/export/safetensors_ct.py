@@ -5,7 +5,7 @@
 ``out_dir`` receives ``config.json`` (the base model's config plus
 ``quantization_config`` and a ``qflow`` section), ``model.safetensors`` (or
 shards + index), the tokenizer files and ``generation_config.json`` of the base
-model. Layouts (METHODS.md §2):
+model. Layouts (docs/METHODS.md §2):
 
 ``compressed-tensors``  ``pack-quantized`` (§2.5): vLLM and transformers load it
 ``awq-gemm``            AutoAWQ GEMM (§2.3), ``quant_method: awq``, ``version: gemm``

@@ -2,7 +2,7 @@
 
 numpy in, numpy out: weights ``[out, in]`` float32, parameters
 ``[out, n_groups]`` float32 (``[1, 1]`` per tensor), codes uint8, packed words
-int32 in qflow's internal layout (METHODS.md §2.1). What to do is told by a
+int32 in qflow's internal layout (docs/METHODS.md §2.1). What to do is told by a
 :class:`~qflow.kernels.params.KernelParams` (plain numbers) and, for the lookup
 formats, the 16 code values as an array; the quant core's dispatcher
 (qflow/quant/dispatch.py) builds both from a QuantSpec. Codes, scales, zeros
@@ -341,7 +341,7 @@ def fake_quant(w: np.ndarray, params: KernelParams, table: np.ndarray | None = N
     return _run_elementwise(_FAKE_QUANT, w, scale, zero, params, table, np.float32, out)
 
 
-# ---- packing (METHODS.md §2.1) ------------------------------------------------
+# ---- packing (docs/METHODS.md §2.1) ------------------------------------------------
 # 2/4/8-bit codes never straddle a byte, so those kernels walk the packed row
 # as bytes (a little-endian word is its 4 bytes in order); the short unit gives
 # LLVM an interleave it vectorizes. 3/5/6-bit walk whole int32 words.

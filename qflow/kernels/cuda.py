@@ -426,7 +426,7 @@ def fake_quant(w: torch.Tensor, params: KernelParams, *, out: torch.Tensor | Non
 
 
 def pack(codes: torch.Tensor, bits: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 ``[out, in]`` -> int32 words (METHODS.md §2.1), as packing.pack_reference."""
+    """uint8 ``[out, in]`` -> int32 words (docs/METHODS.md §2.1), as packing.pack_reference."""
     return _DEVICE.pack(codes, bits, out=out)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-# the affine scheme of METHODS.md §1 by name (QFLOW_SCHEME_*); "absmax" is the scale rule of nf4/fp4
+# the affine scheme of docs/METHODS.md §1 by name (QFLOW_SCHEME_*); "absmax" is the scale rule of nf4/fp4
 SCHEMES = {"asym_z": 0, "asym_a": 1, "asym_h": 2, "sym_f": 3, "sym_r": 4, "absmax": 5}
 SCALE_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}  # QFLOW_SCALE_*
 LOOKUPS = {"none": 0, "nf4": 1, "fp4": 2}  # QFLOW_KIND_AFFINE / _NF4 / _FP4
@@ -67,7 +67,7 @@ class KernelParams(NamedTuple):
 
 
 def per_word(bits: int) -> int:
-    """Codes per int32 word, e.g. ``per_word(3) == 10`` (METHODS.md §2.1)."""
+    """Codes per int32 word, e.g. ``per_word(3) == 10`` (docs/METHODS.md §2.1)."""
     if bits not in PACK_BITS:
         raise ValueError(f"cannot pack {bits}-bit codes; bits must be one of {', '.join(map(str, PACK_BITS))}")
     return 32 // bits

@@ -9,7 +9,7 @@ Example::
     adapter = get_adapter(model)                 # by config.model_type
     for i, block in enumerate(adapter.blocks(model)):
         prefix = adapter.block_name(i)           # "model.layers.3"
-        for site in adapter.awq_sites(block):    # METHODS.md §4 table
+        for site in adapter.awq_sites(block):    # docs/METHODS.md §4 table
             ...
 
 Names returned by an adapter are *relative to a decoder block*
@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # keep torch out of module import for light callers
 
 @dataclass(frozen=True)
 class ScaleSite:
-    """One AWQ scaling site (METHODS.md §4, step 2).
+    """One AWQ scaling site (docs/METHODS.md §4, step 2).
 
     ``prev`` is the op the inverse scale folds into (a norm or a linear), ``linears``
     the linears whose input columns are scaled, ``loss_module`` the module whose
@@ -47,7 +47,7 @@ class ScaleSite:
 
 @dataclass(frozen=True)
 class SmoothSite:
-    """One SmoothQuant site (METHODS.md §6): a norm and the linears reading its output."""
+    """One SmoothQuant site (docs/METHODS.md §6): a norm and the linears reading its output."""
 
     name: str
     norm: str
@@ -130,7 +130,7 @@ class ArchAdapter:
         return self.shared_inputs.get(name, name)
 
     def awq_sites(self, block: "nn.Module") -> list[ScaleSite]:
-        """METHODS.md §4 sites 1-4; site 2 (v->o) only when v_proj and o_proj have equal shapes."""
+        """docs/METHODS.md §4 sites 1-4; site 2 (v->o) only when v_proj and o_proj have equal shapes."""
         sites = [ScaleSite("attn_in", self.input_norm, self.attn_linears[:3], "self_attn",
                            "self_attn.q_proj", loss_kwargs=True)]
         v = block.get_submodule("self_attn.v_proj")
@@ -146,7 +146,7 @@ class ArchAdapter:
         return sites
 
     def smooth_sites(self, block: "nn.Module") -> list[SmoothSite]:
-        """METHODS.md §6: only norm-preceded inputs (qkv, gate/up) are smoothed."""
+        """docs/METHODS.md §6: only norm-preceded inputs (qkv, gate/up) are smoothed."""
         sites = [SmoothSite("attn_in", self.input_norm, self.attn_linears[:3]),
                  SmoothSite("mlp_in", self.post_attn_norm, ("mlp.gate_proj", "mlp.up_proj"))]
         for site in sites:

@@ -1,4 +1,4 @@
-"""Reference (torch, fp32) affine and lookup-table quantization, METHODS.md §1.
+"""Reference (torch, fp32) affine and lookup-table quantization, docs/METHODS.md §1.
 
 This module is the *definition* the numba and CUDA kernels must match bit
 for bit. Everything works on a weight ``w`` of shape ``[out, in]`` split into
@@ -146,7 +146,7 @@ def fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return dequantize(quantize(w, scale, zero, spec), scale, zero, spec)
 
 
-# ---- QLoRA double quantization of absmax (METHODS.md §1) -----------------
+# ---- QLoRA double quantization of absmax (docs/METHODS.md §1) -----------------
 
 def dynamic_map_signed() -> torch.Tensor:
     """bitsandbytes ``create_dynamic_map(signed=True)``: 256 sorted values in [-1, 1]."""

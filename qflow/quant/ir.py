@@ -287,6 +287,6 @@ class Checkpoint:
         return sum(r.out_features * r.in_features for r in self.layers.values())
 
     def bpw_quantized(self) -> float:
-        """Nominal bits per weight over quantized layers (spec accounting, METHODS.md §1)."""
+        """Nominal bits per weight over quantized layers (spec accounting, docs/METHODS.md §1)."""
         n = self.n_quantized_weights()
         return sum(r.bpw() * r.out_features * r.in_features for r in self.layers.values()) / max(n, 1)

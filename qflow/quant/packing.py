@@ -1,4 +1,4 @@
-"""qflow's internal packing (METHODS.md §2.1), torch reference.
+"""qflow's internal packing (docs/METHODS.md §2.1), torch reference.
 
 Unsigned ``bits``-wide codes are packed along the input dimension into int32
 words, ``per_word = 32 // bits`` codes per word, sequential from the least

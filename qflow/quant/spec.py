@@ -8,7 +8,7 @@ Example::
     QuantSpec(bits=4, group_size=64, symmetric=False)          # ASYM-Z g64
     QuantSpec(format="nf4", group_size=64, double_quant=True)  # QLoRA NF4 + DQ
 
-Storage convention shared by every kernel and exporter (METHODS.md §1):
+Storage convention shared by every kernel and exporter (docs/METHODS.md §1):
 codes are *unsigned* integers in ``[0, 2^bits - 1]`` and
 ``w_hat = scale * (code - zero)`` computed in fp32 as ``(float(code) - zero) * scale``.
 Symmetric schemes store ``zero = 2^(bits-1)``; lookup formats (nf4/fp4)
@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-# scheme ids follow METHODS.md §1's table
+# scheme ids follow docs/METHODS.md §1's table
 Scheme = Literal["asym_z", "asym_a", "asym_h", "sym_r", "sym_f"]
 
 
@@ -105,7 +105,7 @@ class QuantSpec(BaseModel):
     def has_zero(self) -> bool:
         return self.format == "int" and not self.symmetric
 
-    # ---- size accounting (METHODS.md §1 "Bits-per-weight accounting") ---
+    # ---- size accounting (docs/METHODS.md §1 "Bits-per-weight accounting") ---
     def scale_bits(self) -> float:
         """Bits stored per group for the scale (nf4/fp4 DQ: 8-bit code + second-level fp32/256)."""
         if self.format in ("nf4", "fp4"):

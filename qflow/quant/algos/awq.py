@@ -1,4 +1,4 @@
-"""AWQ, exactly as llm-awq (METHODS.md §4), driven block by block.
+"""AWQ, exactly as llm-awq (docs/METHODS.md §4), driven block by block.
 
 Per decoder block (``awq_block``):
 
@@ -397,7 +397,7 @@ def clip_block(block: Block, opts: AWQOptions, feats: dict[str, torch.Tensor]) -
 
 
 def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True) -> None:
-    """Steps 1-5 of METHODS.md §4 on one block; writes its quantized linears and folded floats."""
+    """Steps 1-5 of docs/METHODS.md §4 on one block; writes its quantized linears and folded floats."""
     from .gptq_model import GPTQOptions, gptq_block
 
     spec = opts.spec()

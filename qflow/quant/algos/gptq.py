@@ -1,4 +1,4 @@
-"""GPTQ for one linear layer (METHODS.md §5, following IST-DASLab/gptq ``fasterquant``).
+"""GPTQ for one linear layer (docs/METHODS.md §5, following IST-DASLab/gptq ``fasterquant``).
 
 Pure torch, fp32. Two pieces:
 
@@ -276,7 +276,7 @@ def _quantize_columns(WT: torch.Tensor, U: torch.Tensor, params: _ColumnParams, 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
                   percdamp: float = 0.01, act_order: bool = True, static_groups: bool = True,
                   max_damp_retries: int = 3) -> GPTQResult:
-    """GPTQ-quantize ``W [out, in]`` given the input Hessian ``H [in, in]`` (METHODS.md §5)."""
+    """GPTQ-quantize ``W [out, in]`` given the input Hessian ``H [in, in]`` (docs/METHODS.md §5)."""
     W, H = _validated(W, H, spec, block_size, percdamp, max_damp_retries)
     cols = W.shape[1]
     G = spec.group_size

@@ -1,4 +1,4 @@
-"""GPTQ over a whole model, block by block with sequential calibration (METHODS.md §5).
+"""GPTQ over a whole model, block by block with sequential calibration (docs/METHODS.md §5).
 
 For block ``l`` with ``true_sequential`` the sub-steps are the adapter's groups
 ``[k,v,q] -> [o] -> [up,gate] -> [down]``: each sub-step runs every calibration
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class GPTQOptions:
-    """GPTQ settings; defaults are qflow's (METHODS.md §5): b=4, G=128, sym, true-sequential, act-order + static groups."""
+    """GPTQ settings; defaults are qflow's (docs/METHODS.md §5): b=4, G=128, sym, true-sequential, act-order + static groups."""
 
     bits: int = 4
     group_size: int = 128

@@ -1,4 +1,4 @@
-"""HQQ — Half-Quadratic Quantization of one weight matrix (METHODS.md §7).
+"""HQQ — Half-Quadratic Quantization of one weight matrix (docs/METHODS.md §7).
 
 Data-free: only the zero point is optimized, under an ``ℓp`` (``p < 1``)
 reconstruction loss, with the half-quadratic split of mobiusml/hqq

@@ -1,4 +1,4 @@
-"""HQQ over a whole model (METHODS.md §7): calibration-free, one linear at a time.
+"""HQQ over a whole model (docs/METHODS.md §7): calibration-free, one linear at a time.
 
 Weights are streamed from the float folder's safetensors files (no model is
 built), each decoder linear is quantized with

@@ -1,4 +1,4 @@
-"""SmoothQuant (METHODS.md §6, following mit-han-lab/smoothquant ``smooth.py`` / ``fake_quant.py``).
+"""SmoothQuant (docs/METHODS.md §6, following mit-han-lab/smoothquant ``smooth.py`` / ``fake_quant.py``).
 
 Per-site math only: smoothing factors from activation and weight statistics,
 the exact fold into the preceding norm and the following linears, and the

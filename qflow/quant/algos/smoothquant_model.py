@@ -1,4 +1,4 @@
-"""SmoothQuant W8A8 over a whole model (METHODS.md §6, mit-han-lab/smoothquant).
+"""SmoothQuant W8A8 over a whole model (docs/METHODS.md §6, mit-han-lab/smoothquant).
 
 1. Activation statistics: ``xmax_j = max_t |X[t, j]|`` of every decoder linear's
    input on the FP model (the calibrate stage's ``<linear>.max_abs``; computed
