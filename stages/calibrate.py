@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from qflow.artifacts import CalibSet, ModelRef
+from qflow.data.tokens import ReadsText
 from qflow.registry import Stage, StageConfig, register
 from qflow.specs import DataSpec, Regex
 
@@ -19,7 +20,7 @@ class CalibrateConfig(StageConfig):
 
 
 @register("calibrate")
-class Calibrate(Stage):
+class Calibrate(ReadsText, Stage):
     """Build the calibration set: the first ``n_samples`` windows of ``data`` and float input statistics.
 
         calibrate:
@@ -35,17 +36,6 @@ class Calibrate(Stage):
     Config = CalibrateConfig
     inputs = {"model": ModelRef}
     outputs = {"calib": CalibSet}
-
-    @classmethod
-    def fingerprint_sources(cls, cfg, cache_root):
-        from qflow.data.tokens import text_fingerprint_source
-
-        return {"data": text_fingerprint_source(cfg.data.source, cache_root, cfg.data.field)}
-
-    def check(self, cfg, inputs_meta):
-        from qflow.data.sources import text_source_problems
-
-        return text_source_problems(cfg.data.source, "with.data")
 
     def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
         from qflow.models.memory import model_config_of, whole_model_bytes

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from qflow.artifacts import CalibSet, EvalReport, ModelRef
+from qflow.data.tokens import ReadsText
 from qflow.registry import Stage, StageConfig, register
 from qflow.specs import DataSpec
 
@@ -47,7 +48,7 @@ class EvaluateConfig(StageConfig):
 
 
 @register("evaluate.lm")
-class EvaluateLM(Stage):
+class EvaluateLM(ReadsText, Stage):
     """Perplexity and KL vs the float model with bootstrap CIs, per-layer SQNR, size, speed (docs/METHODS.md §11).
 
         evaluate:
@@ -87,17 +88,6 @@ class EvaluateLM(Stage):
     inputs = {"model": ModelRef, "calib": CalibSet}
     optional_inputs = frozenset({"calib"})
     outputs = {"report": EvalReport}
-
-    @classmethod
-    def fingerprint_sources(cls, cfg, cache_root):
-        from qflow.data.tokens import text_fingerprint_source
-
-        return {"data": text_fingerprint_source(cfg.data.source, cache_root, cfg.data.field)}
-
-    def check(self, cfg, inputs_meta):
-        from qflow.data.sources import text_source_problems
-
-        return text_source_problems(cfg.data.source, "with.data")
 
     def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
         from qflow.models.memory import model_config_of, whole_model_bytes

@@ -14,7 +14,7 @@ import torch
 from qflow.artifacts import ModelRef
 from qflow.evaluation import stats
 from qflow.evaluation.speed import MIN_CI_SAMPLES, RepeatPolicy, measure_speed, median_ci
-from qflow.kernels import dispatch
+from qflow.quant import dispatch
 from qflow.models.adapters import get_adapter
 from qflow.quant.apply import apply_checkpoint
 from qflow.quant.ir import Checkpoint, CheckpointWriter

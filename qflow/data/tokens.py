@@ -42,3 +42,17 @@ def token_windows(spec, tokenizer, n_windows: int | None, cache_root: Path, *, w
         raise StageError(f"{spec.source} is shorter than one window of {spec.seq_len} tokens", where=where,
                          fix="use a longer text or a smaller seq_len")
     return ids
+
+
+class ReadsText:
+    """Mixin of a stage whose ``cfg.data`` (a :class:`qflow.specs.DataSpec`) is a text source: the text's
+    fingerprint is part of the stage's key, and a local file is opened and measured in preflight."""
+
+    @classmethod
+    def fingerprint_sources(cls, cfg, cache_root):
+        return {"data": text_fingerprint_source(cfg.data.source, cache_root, cfg.data.field)}
+
+    def check(self, cfg, inputs_meta):
+        from .sources import text_source_problems
+
+        return text_source_problems(cfg.data.source, "with.data")

@@ -407,6 +407,11 @@ def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.T
         finally:
             progress.close()
         writer.close()
+    return finish(ctx, resume, records, start, t_start)
+
+
+def finish(ctx: Any, resume: BlockState, records: list[dict[str, Any]], start: int, t_start: float) -> BlockwiseResult:
+    """Publish a block-wise stage's IR into its output and report time and peak RSS."""
     out_dir = resume.publish(ctx.output("model"))
     seconds = time.perf_counter() - t_start
     rss = peak_rss_bytes()

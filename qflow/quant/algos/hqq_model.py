@@ -25,7 +25,7 @@ import torch
 from ...errors import StageError
 from ..ir import CheckpointWriter
 from ..spec import QuantSpec
-from .blockwise import BlockwiseResult, peak_rss_bytes, write_records
+from .blockwise import BlockwiseResult, finish, write_records
 from .resume import BlockState
 
 
@@ -101,11 +101,6 @@ def quantize_model_hqq(ctx: Any, model_dir: str | Path, opts: HQQOptions, names:
             resume.save(i + 1, writer, records=records)
             bar.update(1)
     writer.close()
-    out_dir = resume.publish(ctx.output("model"))
-    seconds = time.perf_counter() - t_start
-    rss = peak_rss_bytes()
-    ctx.info["peak_rss_bytes"] = rss
-    ctx.log_metric("peak_rss_mb", rss / 2**20)
-    ctx.log_metric("quantize_seconds", seconds)
+    result = finish(ctx, resume, records, start, t_start)
     write_records(ctx, records, "hqq_layers.json")
-    return BlockwiseResult(out_dir, records, seconds, start, rss)
+    return result
