@@ -16,7 +16,7 @@ from qflow.evaluation import stats
 from qflow.evaluation.speed import MIN_CI_SAMPLES, RepeatPolicy, measure_speed, median_ci
 from qflow.quant import dispatch
 from qflow.models.adapters import get_adapter
-from qflow.quant.apply import apply_checkpoint
+from qflow.models.quantized import apply_checkpoint
 from qflow.quant.ir import Checkpoint, CheckpointWriter
 from qflow.quant.spec import QuantSpec
 from qflow.registry import get
