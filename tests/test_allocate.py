@@ -236,3 +236,30 @@ def test_total_bytes_budget_counts_the_unquantized_tensors(tmp_path, proxy_table
     by_bytes = _allocate(tmp_path / "b", proxy_table, bytes=total, pareto_budgets=0)
     assert by_bytes["predicted"]["total_bytes"] <= total
     assert by_bytes["predicted"]["damage"] == pytest.approx(by_bpw["predicted"]["damage"], rel=1e-9)
+
+
+def test_cli_recipe_plans_and_refuses_an_infeasible_budget_cleanly(tmp_path, tiny_model_dir, runs_dir):
+    from .conftest import run_cli, write_recipe
+
+    recipe = write_recipe(tmp_path, f"""
+name: tiny-mixed
+model: {{source: "{tiny_model_dir}"}}
+params: {{bpw: 3.8}}
+stages:
+  calibrate: {{uses: calibrate, with: {{data: {{source: "zoo:wiki-pages", seq_len: 32}}, n_samples: 4}}}}
+  sensitivity: {{uses: sensitivity-analyze, needs: [calibrate], with: {{n_check: 3, n_windows: 2}}}}
+  allocate:
+    uses: allocate-bits
+    needs: [sensitivity]
+    with: {{bpw: "${{params.bpw}}", constraints: ["blocks[0,-1] >= 3", "distinct_group_sizes <= 2"], pareto_budgets: 3}}
+""")
+    done = run_cli("run", str(recipe), runs_dir=runs_dir, check=True)
+    assert "Spearman rank correlation" in done.stdout + done.stderr
+    plans = list((runs_dir / "cache").rglob("plan/allocation.json"))
+    assert len(plans) == 1
+    plan = json.loads(plans[0].read_text())
+    assert plan["predicted"]["bpw"] <= 3.8 and all(v["bits"] >= 3 for v in plan["layers"].values())
+    bad = run_cli("run", str(recipe), "params.bpw=1.5", runs_dir=runs_dir)
+    assert bad.returncode == 1, bad.stderr  # the run failed at that stage (one paragraph, no traceback)
+    assert "Traceback" not in bad.stderr
+    assert "stages.allocate.with.bpw" in bad.stderr and "minimum feasible" in bad.stderr and "set bpw >=" in bad.stderr
