@@ -87,8 +87,7 @@ class AllocateBits(Stage):
 
     def run(self, ctx, cfg, table):
         import json
-
-        from qflow.quant.allocate import allocate
+        import sys
 
         where = f"stages.{ctx.stage_id}.with"
         meta, problem, shapes = _read_table(ctx, table)
@@ -122,7 +121,7 @@ class AllocateBits(Stage):
             ctx.log_metric("solver_gap", solution.gap)
         if not solution.optimal:
             print(f"[{ctx.stage_id}] {solution.solver} plan, not proven optimal: damage {solution.damage:.6g}, "
-                  f"LP bound {solution.lp_bound:.6g}, gap {solution.gap:.2%}")
+                  f"LP bound {solution.lp_bound:.6g}, gap {solution.gap:.2%}", file=sys.stderr)
         return {"plan": BitAllocation(out, bpw=plan["predicted"]["bpw"], solver=solution.solver,
                                       n_layers=len(problem.layers))}
 
@@ -166,13 +165,13 @@ def _apply_rules(problem, rules, n_blocks, where):
         if not any(rule.selects(n, n_blocks) for n in problem.layers):
             raise StageError(f"constraint {rule.text!r} selects no layer (layers look like {problem.layers[0]})",
                              where=f"{where}.constraints[{i}]", fix="fix the regex or block list")
-    restricted = problem.restricted(lambda l, o: all(r.allows(o) for r in layer_rules
-                                                     if r.selects(problem.layers[l], n_blocks)))
-    for l, opts in enumerate(restricted.options):
+    restricted = problem.restricted(lambda li, o: all(r.allows(o) for r in layer_rules
+                                                     if r.selects(problem.layers[li], n_blocks)))
+    for li, opts in enumerate(restricted.options):
         if not opts:
-            name = problem.layers[l]
+            name = problem.layers[li]
             hit = [r.text for r in layer_rules if r.selects(name, n_blocks)]
-            offered = sorted({(o.bits, o.group_size) for o in problem.options[l]})
+            offered = sorted({(o.bits, o.group_size) for o in problem.options[li]})
             raise StageError(f"constraints {hit} leave {name} no option (the table offers (bits, group_size) "
                              f"{offered})", where=f"{where}.constraints",
                              fix="relax the constraint or add options to sensitivity-analyze's bits/group_sizes")

@@ -247,6 +247,7 @@ def _hessian(ctx, cfg, model, calib, grid, state):
 def _check(ctx, cfg, model, calib, grid, damages, state, out) -> dict:
     """Measured single-layer KL on a random sample of (layer, option): how far to trust the estimator."""
     import csv
+    import sys
 
     from qflow.evaluation.allocation_plots import estimator_vs_kl
     from qflow.evaluation.sensitivity import single_layer_kl, spearman
@@ -276,7 +277,7 @@ def _check(ctx, cfg, model, calib, grid, damages, state, out) -> dict:
                           out / "estimator_vs_kl.png", cfg.estimator)
     ctx.log_artifact(png)
     print(f"[{ctx.stage_id}] {cfg.estimator} vs measured single-layer KL: Spearman rank correlation "
-          f"{rho:.3f} over {len(rows)} samples")
+          f"{rho:.3f} over {len(rows)} samples", file=sys.stderr)
     return {"spearman": rho, "n": len(rows)}
 
 

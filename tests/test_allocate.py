@@ -56,7 +56,7 @@ def test_methods_example_milp_greedy_and_pareto():
     assert [o.bits for o in greedy.options(p)] == [4, 3, 3] and greedy.damage == pytest.approx(1.78)
     assert not greedy.optimal and greedy.gap > 0 and greedy.lp_bound <= milp.damage + 1e-9
     assert [o.bits for o in allocate(p, budget_bytes_for_bpw(3.25, p.total_weights)).options(p)] == [3, 3, 3]
-    points = [(sum(p.options[l][k].nbytes for l, k in enumerate(c)), sum(p.options[l][k].damage for l, k in enumerate(c)))
+    points = [(sum(p.options[li][k].nbytes for li, k in enumerate(c)), sum(p.options[li][k].damage for li, k in enumerate(c)))
               for c in itertools.product(range(3), repeat=3)]
     front = [(round(8 * s / p.total_weights, 4), round(d, 4)) for s, d in pareto_front(points)]
     assert len(front) == 14 and front[:4] == [(2.5, 7.0), (2.6176, 6.3), (2.7745, 6.08), (2.8162, 4.2)]
@@ -84,7 +84,7 @@ def _random_problem(seed: int, n_layers: int = 5) -> Problem:
 def _brute_force(p: Problem, budget: int, distinct=()):
     best = None
     for choice in itertools.product(*[range(len(o)) for o in p.options]):
-        opts = [p.options[l][k] for l, k in enumerate(choice)]
+        opts = [p.options[li][k] for li, k in enumerate(choice)]
         if sum(o.nbytes for o in opts) > budget:
             continue
         if any(len({getattr(o, r.attr) for o in opts}) > r.max_count for r in distinct):

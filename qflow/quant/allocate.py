@@ -52,7 +52,7 @@ class Problem:
 
 @dataclass
 class Solution:
-    choice: list[int]             # option index per layer (into Problem.options[l])
+    choice: list[int]             # option index per layer (into Problem.options[li])
     nbytes: int
     damage: float
     solver: str                   # "milp" or "greedy"
@@ -63,14 +63,14 @@ class Solution:
     notes: list[str] = field(default_factory=list)
 
     def options(self, problem: Problem) -> list[Option]:
-        return [problem.options[l][k] for l, k in enumerate(self.choice)]
+        return [problem.options[li][k] for li, k in enumerate(self.choice)]
 
     def bpw(self, problem: Problem) -> float:
         return 8.0 * self.nbytes / problem.total_weights
 
 
 def _evaluate(problem: Problem, choice: list[int]) -> tuple[int, float]:
-    opts = [problem.options[l][k] for l, k in enumerate(choice)]
+    opts = [problem.options[li][k] for li, k in enumerate(choice)]
     return sum(o.nbytes for o in opts), float(sum(o.damage for o in opts))
 
 
@@ -82,7 +82,7 @@ def _distinct_subsets(problem: Problem, distinct: list[DistinctRule]):
         k = min(rule.max_count, len(values))
         per_rule.append([(rule.attr, set(c)) for c in itertools.combinations(values, k)])
     for combo in itertools.product(*per_rule) if per_rule else [()]:
-        sub = problem.restricted(lambda l, o, combo=combo: all(getattr(o, a) in vals for a, vals in combo))
+        sub = problem.restricted(lambda li, o, combo=combo: all(getattr(o, a) in vals for a, vals in combo))
         if all(sub.options):
             yield sub
 
@@ -129,8 +129,8 @@ def _milp_arrays(problem: Problem, budget_bytes: int, distinct: list[DistinctRul
             rows.append(r), cols.append(j), vals.append(v)
         lo.append(lower), hi.append(upper)
 
-    for l in range(len(problem.options)):
-        add([(j, 1.0) for j in range(offsets[l], offsets[l + 1])], 1.0, 1.0)
+    for li in range(len(problem.options)):
+        add([(j, 1.0) for j in range(offsets[li], offsets[li + 1])], 1.0, 1.0)
     sizes = np.array([o.nbytes for o in flat], dtype=np.float64)
     add([(j, sizes[j]) for j in range(n_x)], -np.inf, float(budget_bytes))
     for r, rule in enumerate(distinct):
@@ -167,8 +167,8 @@ def solve_milp(problem: Problem, budget_bytes: int, distinct: list[DistinctRule]
         return None
     x = np.round(res.x[:n_x]).astype(int)
     choice = []
-    for l in range(len(problem.options)):
-        picked = np.flatnonzero(x[offsets[l]:offsets[l + 1]])
+    for li in range(len(problem.options)):
+        picked = np.flatnonzero(x[offsets[li]:offsets[li + 1]])
         if len(picked) != 1:  # re-verify the rounding (METHODS.md §9)
             return None
         choice.append(int(picked[0]))
@@ -196,26 +196,26 @@ def _greedy_one(problem: Problem, budget_bytes: int) -> list[int] | None:
                 kept.append(k)
         frontier.append(kept)
     choice = [f[0] for f in frontier]
-    used = sum(problem.options[l][k].nbytes for l, k in enumerate(choice))
+    used = sum(problem.options[li][k].nbytes for li, k in enumerate(choice))
     if used > budget_bytes:
         return None
     while True:
         best = None
-        for l, kept in enumerate(frontier):
-            cur = problem.options[l][choice[l]]
+        for li, kept in enumerate(frontier):
+            cur = problem.options[li][choice[li]]
             for k in kept:
-                o = problem.options[l][k]
+                o = problem.options[li][k]
                 extra = o.nbytes - cur.nbytes
                 gain = cur.damage - o.damage
                 if extra <= 0 or gain <= 0 or used + extra > budget_bytes:
                     continue
                 ratio = gain / extra
                 if best is None or ratio > best[0]:
-                    best = (ratio, l, k, extra)
+                    best = (ratio, li, k, extra)
         if best is None:
             return choice
-        _, l, k, extra = best
-        choice[l] = k
+        _, li, k, extra = best
+        choice[li] = k
         used += extra
 
 
@@ -229,7 +229,7 @@ def solve_greedy(problem: Problem, budget_bytes: int, distinct: list[DistinctRul
         if sub_choice is None:
             continue
         # map back to indices of the full problem
-        choice = [problem.options[l].index(sub.options[l][k]) for l, k in enumerate(sub_choice)]
+        choice = [problem.options[li].index(sub.options[li][k]) for li, k in enumerate(sub_choice)]
         nbytes, damage = _evaluate(problem, choice)
         if best is None or damage < best[1]:
             best = (choice, damage, nbytes)
