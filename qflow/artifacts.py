@@ -101,13 +101,31 @@ class CalibSet(Artifact):
 
 
 class SensitivityTable(Artifact):
-    """Per-layer, per-option predicted error (``table.json``)."""
+    """Per-layer, per-option estimated damage and stored bytes (``sensitivity-analyze``).
+
+    ``table.csv`` (and ``table.parquet`` when pyarrow is installed), one row per
+    (layer, option): layer, bits, group_size, bytes (exactly what the IR stores),
+    damage, estimator, out_features, in_features; ``meta.json``: estimator, method
+    and base spec, n_blocks, n_weights, fixed_bytes (the unquantized tensors per
+    deployment dtype), the estimator check; meta: ``estimator``, ``method``, ``n_layers``.
+    """
 
     kind = "sensitivity"
 
 
 class BitAllocation(Artifact):
-    """One quantization option per layer (``allocation.json``)."""
+    """One quantization option per layer (``allocate-bits``), ``allocation.json``::
+
+        {"layers": {"model.layers.0.self_attn.q_proj": {"bits": 4, "group_size": 64}, ...},
+         "spec": {"method": "awq", "scheme": "asym_a", "scale_dtype": "float16"},
+         "budget": {"bpw": 4.0, "bytes": null, ...},
+         "predicted": {"bpw": ..., "bpw_nominal": ..., "bytes": ..., "damage": ...},
+         "solver": {"name": "milp", "optimal": true, "gap": 0.0, ...}}
+
+    A quantize stage applies each ``layers`` entry as a per-layer spec override;
+    ``predicted.bytes``/``bpw`` are the bytes its IR then stores. Also ``pareto.csv``.
+    meta: ``bpw``, ``solver``, ``n_layers``.
+    """
 
     kind = "allocation"
 

@@ -92,6 +92,32 @@ def encode_layer(spec: QuantSpec, codes: torch.Tensor, scale: torch.Tensor, zero
     return tensors
 
 
+def layer_nbytes(spec: QuantSpec, out_features: int, in_features: int, *, g_idx: bool = False) -> int:
+    """Bytes :func:`encode_layer` stores for one ``[out, in]`` linear (codes, scales, zeros, g_idx, DQ tensors).
+
+    Computed from shapes alone, so a bit allocation can price an option without
+    quantizing; ``tests/test_allocate.py`` checks it against ``encode_layer``.
+
+        layer_nbytes(QuantSpec(bits=4, group_size=64, scheme="asym_a"), 64, 128) == 64 * (16*4 + 2*2 + 2)
+    """
+    from ..kernels.params import packed_words
+
+    total = out_features * packed_words(in_features, spec.bits) * 4
+    n_params = (1 if spec.group_size == 0 else out_features) * spec.n_groups(in_features)
+    if spec.format in ("nf4", "fp4"):
+        if spec.double_quant:
+            total += n_params + 4 * -(-n_params // 256) + 4   # uint8 codes, fp32 absmax2 per 256, fp32 offset
+        else:
+            total += 4 * n_params
+    else:
+        total += n_params * _SCALE_DTYPES[spec.scale_dtype].itemsize
+        if spec.has_zero:
+            total += n_params * (2 if spec.zero_float else 1)
+    if g_idx:
+        total += 4 * in_features
+    return total
+
+
 def decode_params(spec: QuantSpec, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) fp32 from a layer's stored tensors."""
     if spec.format in ("nf4", "fp4") and spec.double_quant:
