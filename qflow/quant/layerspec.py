@@ -242,6 +242,13 @@ class LayerSpecs:
     def is_uniform(self) -> bool:
         return all(s == self.base for s in self.specs.values())
 
+    def signature(self) -> dict[str, Any] | None:
+        """The layers whose spec differs from the stage's (JSON; None when uniform), for resume guards."""
+        if self.is_uniform():
+            return None
+        return {n: (s.model_dump(mode="json") if s is not None else None)
+                for n, s in self.specs.items() if s != self.base}
+
     def summary(self) -> dict[str, Any]:
         """Counts per spec and per origin, and the layers where the recipe beat the plan."""
         per_spec: dict[str, int] = {}
