@@ -81,10 +81,11 @@ def size_metrics(model_dir: Path, ckpt=None, *, float_dtype: str = "float16") ->
         missing = sorted(quantized - set(index))
         if missing:
             info["size_warning"] = f"{len(missing)} quantized weights not found in the base files (e.g. {missing[0]})"
-        q_bytes = ckpt.quantized_bytes()
+        breakdown = spec_breakdown(ckpt)
+        q_bytes = int(sum(row["bytes"] for row in breakdown.values()))   # == ckpt.quantized_bytes(), read once
         n_q = ckpt.n_quantized_weights()
         deploy_bytes += q_bytes
-        info["quantized_specs"] = spec_breakdown(ckpt)
+        info["quantized_specs"] = breakdown
         metrics |= {"size_bytes_checkpoint": float(ckpt.size_bytes()), "quantized_bytes": float(q_bytes),
                     "n_quantized_weights": float(n_q), "bpw_quantized": ckpt.bpw_quantized(),
                     "bpw_quantized_measured": 8.0 * q_bytes / max(n_q, 1)}
