@@ -315,3 +315,32 @@ def test_cli_mixed_run_summary_lists_specs(tmp_path, runs_dir, tiny_model_dir):
     assert tags["qflow.layers.specs"] == "int8 g32 asym_z: 2, int4 g32 asym_z: 10, int3 g16 asym_z: 1, float: 1"
     done = run_cli("run", str(recipe), runs_dir=runs_dir)   # cached: the printed summary still says it
     assert "notes:" in done.stdout and "quantize/specs: int8 g32 asym_z: 2" in done.stdout
+
+
+def test_evaluate_layer_table_shows_each_layers_spec(tiny_model_dir, tmp_path):
+    """The evaluate report's per-layer table carries every row's own bits, group, scheme and bpw."""
+    import csv
+
+    from qflow.artifacts import ModelRef
+    from qflow.evaluation.layers import layer_report, write_tables
+    from qflow.models.loading import load_model
+    from qflow.models.quantized import apply_checkpoint
+    from qflow.quant.ir import Checkpoint
+    from stages.quantize_rtn import RTN
+
+    cfg = RTN.Config(bits=4, group_size=32, layers={"re:.*down_proj": {"bits": 8, "scheme": "sym_f"}},
+                     ignore=[GATE1])
+    ckpt = Checkpoint(RTN().run(make_ctx(tmp_path), cfg, model=ModelRef(tiny_model_dir))["model"].path)
+    fp, _ = load_model(tiny_model_dir, dtype=torch.float32)
+    q, _ = load_model(tiny_model_dir, dtype=torch.float32)
+    apply_checkpoint(q, ckpt)
+    ids = torch.randint(0, 2000, (1, 16), generator=torch.Generator().manual_seed(1))
+    rows = layer_report(fp, q, ckpt, ids)
+    by_layer = {r["layer"]: r for r in rows}
+    assert GATE1 not in by_layer and len(rows) == len(ckpt.layers)
+    assert (by_layer[DOWN0]["bits"], by_layer[DOWN0]["scheme"]) == (8, "sym_f")
+    assert by_layer[DOWN0]["bpw"] == pytest.approx(8 + 16 / 32)
+    assert by_layer[Q0]["bpw"] == pytest.approx(4 + (16 + 4) / 32)
+    csv_path, _ = write_tables(rows, tmp_path / "report")
+    table = {r["layer"]: r for r in csv.DictReader(csv_path.open())}
+    assert table[DOWN0]["bits"] == "8" and float(table[DOWN0]["bpw"]) == 8.5 and table[Q0]["scheme"] == "asym_z"
