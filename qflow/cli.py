@@ -106,6 +106,13 @@ def print_summary(result, dry_run: bool = False) -> None:
             for k, v in (r.tags or {}).items():
                 if k.startswith("qflow.metric."):
                     print(f"  {sid}/{k[len('qflow.metric.'):]}: {v}", file=stream)
+    # what a stage wants the user to read (e.g. per-layer specs, recipe overrides beating a plan)
+    notes = [(sid, k, v) for sid, r in result.stages.items() for k, v in (r.tags or {}).items()
+             if k.startswith(("qflow.note.", "qflow.layers."))]
+    if notes:
+        print("\nnotes:", file=stream)
+        for sid, k, v in notes:
+            print(f"  {sid}/{k.split('.', 2)[2]}: {v}", file=stream)
     for g in result.gates:
         mark = "PASS" if g["passed"] else "FAIL"
         print(f"gate {mark} {g['stage']}/{g['metric']}: {g.get('reason') or _fmt(g['value'])}", file=stream)

@@ -1,4 +1,4 @@
-"""``allocate-bits``: one (bits, group size) per layer under a size budget, minimising the damage (METHODS.md §9)."""
+"""``allocate-bits``: one (bits, group size) per layer under a size budget, minimising the damage (docs/METHODS.md §9)."""
 
 from __future__ import annotations
 

@@ -79,6 +79,12 @@ class ExportOnnx(Stage):
     outputs = {"export": ExportedModel}
     requires_packages = ("onnx", "onnxruntime")
 
+    def check(self, cfg, inputs_meta):
+        from qflow.export.mixed import checkpoint_from_inputs, onnx_problems
+
+        ckpt = checkpoint_from_inputs(inputs_meta)   # per-layer specs: refused before anything is written
+        return onnx_problems(ckpt) if ckpt is not None else []
+
     @classmethod
     def fingerprint_sources(cls, cfg, cache_root):
         from qflow.data.tokens import text_fingerprint_source
@@ -97,6 +103,13 @@ class ExportOnnx(Stage):
             from qflow.quant.ir import Checkpoint
 
             ckpt = Checkpoint(model.ir_dir)
+            from qflow.errors import StageError
+            from qflow.export.mixed import onnx_problems
+
+            problems = onnx_problems(ckpt)
+            if problems:
+                raise StageError("; ".join(problems), where=f"stages.{ctx.stage_id}",
+                                 fix="export these layers with the format named, or change their specs")
         base_dir = model.base_model_dir
         info = _write_graphs(ctx, cfg, ckpt, base_dir, out)
         for name in _COPY_FILES:

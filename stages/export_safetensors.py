@@ -65,12 +65,16 @@ class ExportSafetensors(Stage):
     outputs = {"export": ExportedModel}
 
     def check(self, cfg, inputs_meta):
+        from qflow.export.mixed import checkpoint_from_inputs, safetensors_problems
+
+        ckpt = checkpoint_from_inputs(inputs_meta)   # per-layer specs: refused before anything is written
+        problems = safetensors_problems(ckpt, cfg.layout, cfg.on_unsupported) if ckpt is not None else []
         if not cfg.path:
-            return []
+            return problems
         from qflow.export.atomic import target_problem
 
         problem = target_problem(cfg.path, is_dir=True, overwrite=cfg.overwrite)
-        return [f"with.path: {problem}"] if problem else []
+        return problems + ([f"with.path: {problem}"] if problem else [])
 
     @classmethod
     def fingerprint_sources(cls, cfg, cache_root):
@@ -87,6 +91,12 @@ class ExportSafetensors(Stage):
         from qflow.quant.ir import Checkpoint
 
         ckpt = Checkpoint(model.ir_dir)
+        from qflow.export.mixed import safetensors_problems
+
+        problems = safetensors_problems(ckpt, cfg.layout, cfg.on_unsupported)
+        if problems:
+            raise StageError("; ".join(problems), where=f"stages.{ctx.stage_id}.with.layout",
+                             fix="use the layout named, or change those layers' specs")
         out = ctx.output("export")
         with ctx.progress(len(ckpt.layers), f"export {cfg.layout}") as bar:
             try:

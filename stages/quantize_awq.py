@@ -6,16 +6,17 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from qflow.artifacts import CalibSet, ModelRef, QuantizedCheckpoint
+from qflow.artifacts import BitAllocation, CalibSet, ModelRef, QuantizedCheckpoint
+from qflow.quant.layerspec import PerLayerConfig
 from qflow.recipe.validate import reject_renamed_keys
-from qflow.registry import Stage, StageConfig, register
+from qflow.registry import Stage, register
 
 _GPTQ_FIELDS = ("gptq_true_sequential", "gptq_act_order", "gptq_static_groups", "gptq_percdamp", "gptq_block_size")
 _RENAMED = {"n_sample_token": ("n_clip_tokens", "write n_clip_tokens (the clip search's token sample; n_search_tokens "
                                                 "is the scale search's)")}
 
 
-class AWQConfig(StageConfig):
+class AWQConfig(PerLayerConfig):
     """AWQ knobs (llm-awq defaults).
 
         quantize:
@@ -30,7 +31,12 @@ class AWQConfig(StageConfig):
     ``n_clip_tokens`` is the clip search's own sample of tokens.
     ``then: gptq`` rounds the scaled and clipped weights with GPTQ instead of RTN
     (``gptq_*`` knobs), propagating the quantized blocks' outputs.
+    ``layers:`` may change bits, group_size and scheme per layer (the scale search
+    fake-quantizes each linear of a site with its own spec); ``ignore:`` leaves layers
+    float (folded scales are kept as float deltas).
     """
+
+    layer_fields = ("bits", "group_size", "scheme")
 
     bits: int = Field(4, description="weight bits (2, 3, 4, 5, 6, 8)")
     group_size: int = Field(128, description="columns per group; -1 = per output channel")
@@ -70,9 +76,14 @@ class AWQConfig(StageConfig):
                 raise ValueError(f"{', '.join(stray)} only apply with then: gptq")
         from qflow.quant.spec import QuantSpec  # torch-free: validation stays fast
 
-        QuantSpec(bits=self.bits, group_size=self.group_size, scheme="asym_a" if self.zero_point else "sym_r",
-                  scale_dtype=self.scale_dtype)
+        self.base_spec()
         return self
+
+    def base_spec(self):
+        from qflow.quant.spec import QuantSpec
+
+        return QuantSpec(bits=self.bits, group_size=self.group_size, scheme="asym_a" if self.zero_point else "sym_r",
+                         scale_dtype=self.scale_dtype)
 
     def options(self):
         from qflow.quant.algos.awq import AWQOptions
@@ -98,32 +109,41 @@ class AWQ(Stage):
 
     Block by block (one block's activations in memory); resumable after a crash.
     Folded norm weights are stored as float deltas in the checkpoint.
+    Per layer: ``layers:`` / ``ignore:`` and an optional ``plan`` input (BitAllocation).
     """
 
-    version = 3  # 2: n_sample_token renamed n_clip_tokens; 3: the checkpoint records its fold factors
+    version = 4  # 2: n_sample_token renamed n_clip_tokens; 3: fold factors recorded; 4: per-layer specs
     Config = AWQConfig
-    inputs = {"model": ModelRef, "calib": CalibSet}
+    inputs = {"model": ModelRef, "calib": CalibSet, "plan": BitAllocation}
+    optional_inputs = frozenset({"plan"})
     outputs = {"model": QuantizedCheckpoint}
 
     def check(self, cfg, inputs_meta):
         from qflow.models.adapters import check_group_size, model_config_from_inputs
 
-        return check_group_size(model_config_from_inputs(inputs_meta), cfg.group_size, where="group_size")
+        from qflow.quant.layerspec import check_layer_specs
+
+        return (check_group_size(model_config_from_inputs(inputs_meta), cfg.group_size, where="group_size")
+                + check_layer_specs(cfg, inputs_meta))
 
     def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
         from qflow.models.memory import estimate_calibrated
 
         return estimate_calibrated(cfg, inputs_meta, upstream, hessians=cfg.then == "gptq")
 
-    def run(self, ctx, cfg, model, calib):
+    def run(self, ctx, cfg, model, calib, plan=None):
         from qflow.quant.algos.awq import quantize_model_awq
         from qflow.quant.algos.calibrated import calibration_ids, checkpoint_meta, open_float_model
+        from qflow.quant.layerspec import report_resolution, stage_layer_specs
 
+        specs = stage_layer_specs(cfg, model, plan, stage_id=ctx.stage_id)   # before any work
+        report_resolution(ctx, specs)
         net, adapter = open_float_model(cfg, model)
         ids = calibration_ids(ctx, calib, uses="quantize.awq")
         meta = checkpoint_meta(cfg, calib, ids)
         result = quantize_model_awq(ctx, net, adapter, ids, cfg.options(), base_model=str(model.base_model_dir),
-                                    meta=meta, batch_size=cfg.batch_size)
+                                    meta=meta, batch_size=cfg.batch_size, spec_for=specs.spec_for,
+                                    layer_specs=specs.signature())
         ratios = [r["best_ratio"] for r in result.records if "best_ratio" in r]
         if ratios:
             ctx.log_metric("mean_best_ratio", sum(ratios) / len(ratios))

@@ -6,11 +6,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from qflow.artifacts import CalibSet, ModelRef, QuantizedCheckpoint
-from qflow.registry import Stage, StageConfig, register
+from qflow.artifacts import BitAllocation, CalibSet, ModelRef, QuantizedCheckpoint
+from qflow.quant.layerspec import PerLayerConfig
+from qflow.registry import Stage, register
 
 
-class GPTQConfig(StageConfig):
+class GPTQConfig(PerLayerConfig):
     """GPTQ knobs; defaults are qflow's (b=4, G=128, sym, true-sequential, act-order + static groups).
 
         quantize:
@@ -20,7 +21,11 @@ class GPTQConfig(StageConfig):
 
     ``symmetric: true`` is GPTQ's SYM-F (z = 2^(b-1)); ``false`` is ASYM-Z.
     ``act_order`` without ``static_groups`` stores a per-column ``g_idx``.
+    ``layers:`` may change bits, group_size, symmetric and scheme per layer (each
+    layer's own spec in GPTQ's column loop); ``ignore:`` leaves layers float.
     """
+
+    layer_fields = ("bits", "group_size", "symmetric", "scheme")
 
     bits: int = Field(4, description="weight bits (2, 3, 4, 5, 6, 8)")
     group_size: int = Field(128, description="columns per group; -1 = per output channel")
@@ -43,8 +48,14 @@ class GPTQConfig(StageConfig):
             raise ValueError("static_groups needs group_size > 0")
         from qflow.quant.spec import QuantSpec  # torch-free: validation stays fast
 
-        QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, scale_dtype=self.scale_dtype)
+        self.base_spec()
         return self
+
+    def base_spec(self):
+        from qflow.quant.spec import QuantSpec
+
+        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+                         scale_dtype=self.scale_dtype)
 
     def options(self):
         from qflow.quant.algos.gptq_model import GPTQOptions
@@ -65,32 +76,41 @@ class GPTQ(Stage):
           with: {bits: 4, group_size: 64, symmetric: false}
 
     Block by block (one block's activations and Hessians in memory); resumable after a crash.
+    Per layer: ``layers:`` / ``ignore:`` and an optional ``plan`` input (BitAllocation).
     """
 
-    version = 1
+    version = 2  # 2: per-layer specs (layers, ignore, plan)
     Config = GPTQConfig
-    inputs = {"model": ModelRef, "calib": CalibSet}
+    inputs = {"model": ModelRef, "calib": CalibSet, "plan": BitAllocation}
+    optional_inputs = frozenset({"plan"})
     outputs = {"model": QuantizedCheckpoint}
 
     def check(self, cfg, inputs_meta):
         from qflow.models.adapters import check_group_size, model_config_from_inputs
 
-        return check_group_size(model_config_from_inputs(inputs_meta), cfg.group_size, where="group_size")
+        from qflow.quant.layerspec import check_layer_specs
+
+        return (check_group_size(model_config_from_inputs(inputs_meta), cfg.group_size, where="group_size")
+                + check_layer_specs(cfg, inputs_meta))
 
     def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
         from qflow.models.memory import estimate_calibrated
 
         return estimate_calibrated(cfg, inputs_meta, upstream, hessians=True)
 
-    def run(self, ctx, cfg, model, calib):
+    def run(self, ctx, cfg, model, calib, plan=None):
         from qflow.quant.algos.gptq_model import quantize_model_gptq
         from qflow.quant.algos.calibrated import calibration_ids, checkpoint_meta, open_float_model
+        from qflow.quant.layerspec import report_resolution, stage_layer_specs
 
+        specs = stage_layer_specs(cfg, model, plan, stage_id=ctx.stage_id)   # before any work
+        report_resolution(ctx, specs)
         net, adapter = open_float_model(cfg, model)
         ids = calibration_ids(ctx, calib, uses="quantize.gptq")
         meta = checkpoint_meta(cfg, calib, ids)
         result = quantize_model_gptq(ctx, net, adapter, ids, cfg.options(), base_model=str(model.base_model_dir),
-                                     meta=meta, batch_size=cfg.batch_size)
+                                     meta=meta, batch_size=cfg.batch_size, spec_for=specs.spec_for,
+                                     layer_specs=specs.signature())
         losses = [r["gptq_loss"] for r in result.records if "gptq_loss" in r]
         if losses:
             ctx.log_metric("gptq_loss_total", float(sum(losses)))

@@ -6,21 +6,25 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from qflow.artifacts import ModelRef, QuantizedCheckpoint
-from qflow.registry import Stage, StageConfig, register
+from qflow.artifacts import BitAllocation, ModelRef, QuantizedCheckpoint
+from qflow.quant.layerspec import PerLayerConfig
+from qflow.registry import Stage, register
 from qflow.specs import Regex
 
 
-class HQQConfig(StageConfig):
+class HQQConfig(PerLayerConfig):
     """HQQ knobs (mobiusml/hqq defaults).
 
         quantize:
           uses: quantize.hqq
-          with: {bits: 4, group_size: 64}
+          with: {bits: 4, group_size: 64, layers: {"re:.*down_proj": {bits: 8}}}
 
     Only the zero point is optimized (ASYM-H, stored as fp16). ``zero_float: false``
     rounds it to an integer for formats that need one (loses part of the gain).
+    ``layers:`` may change bits and group_size per layer; ``ignore:`` leaves layers float.
     """
+
+    layer_fields = ("bits", "group_size")
 
     bits: int = Field(4, description="weight bits (2, 3, 4, 8)")
     group_size: int = Field(64, description="columns per group; -1 = per output channel")
@@ -42,9 +46,14 @@ class HQQConfig(StageConfig):
             raise ValueError("iters > 1000 without early_stop is almost certainly a typo")
         from qflow.quant.spec import QuantSpec  # torch-free: validation stays fast
 
-        QuantSpec(bits=self.bits, group_size=self.group_size, scheme="asym_h", zero_float=self.zero_float,
-                  scale_dtype=self.scale_dtype)
+        self.base_spec()
         return self
+
+    def base_spec(self):
+        from qflow.quant.spec import QuantSpec
+
+        return QuantSpec(bits=self.bits, group_size=self.group_size, scheme="asym_h", zero_float=self.zero_float,
+                         scale_dtype=self.scale_dtype)
 
     def options(self):
         from qflow.quant.algos.hqq_model import HQQOptions
@@ -63,34 +72,41 @@ class HQQ(Stage):
           with: {bits: 4, group_size: 64}
 
     Needs no calibration set; streams weights from the float folder; resumable.
+    Per layer: ``layers:`` / ``ignore:`` and an optional ``plan`` input (BitAllocation).
     """
 
-    version = 1
+    version = 2  # 2: per-layer specs (layers, ignore, plan)
     Config = HQQConfig
-    inputs = {"model": ModelRef}
+    inputs = {"model": ModelRef, "plan": BitAllocation}
+    optional_inputs = frozenset({"plan"})
     outputs = {"model": QuantizedCheckpoint}
 
     def check(self, cfg, inputs_meta):
         from qflow.models.adapters import check_group_size, model_config_from_inputs
 
-        return check_group_size(model_config_from_inputs(inputs_meta), cfg.group_size, where="group_size")
+        from qflow.quant.layerspec import check_layer_specs
+
+        return (check_group_size(model_config_from_inputs(inputs_meta), cfg.group_size, where="group_size")
+                + check_layer_specs(cfg, inputs_meta, targets=cfg.targets, exclude=cfg.exclude))
 
     def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
         from qflow.models.memory import estimate_streaming
 
         return estimate_streaming(inputs_meta, upstream)
 
-    def run(self, ctx, cfg, model):
+    def run(self, ctx, cfg, model, plan=None):
         from qflow.errors import StageError
         from qflow.quant.algos.hqq_model import quantize_model_hqq
-        from qflow.quant.weights import linear_names
+        from qflow.quant.layerspec import report_resolution, stage_layer_specs
 
-        names = linear_names(model.base_model_dir, cfg.targets, cfg.exclude)
+        specs = stage_layer_specs(cfg, model, plan, stage_id=ctx.stage_id, targets=cfg.targets, exclude=cfg.exclude)
+        report_resolution(ctx, specs)
+        names = specs.quantized
         if not names:
-            raise StageError(f"no linear weights match targets {cfg.targets!r} in {model.base_model_dir}",
-                             where=f"stages.{ctx.stage_id}.with.targets", fix="adjust the targets regex")
+            raise StageError("every linear is ignored: nothing to quantize", where=f"stages.{ctx.stage_id}.with.ignore",
+                             fix="narrow the ignore patterns")
         result = quantize_model_hqq(ctx, model.base_model_dir, cfg.options(), names,
-                                    meta={"config": cfg.model_dump(mode="json")})
+                                    meta={"config": cfg.model_dump(mode="json")}, spec_for=specs.spec_for)
         errs = [(r["err_minmax"], r["err_final"]) for r in result.records if r.get("err_minmax")]
         if errs:
             ctx.log_metric("err_reduction", 1 - sum(f for _, f in errs) / sum(m for m, _ in errs))

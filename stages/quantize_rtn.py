@@ -6,26 +6,32 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from qflow.artifacts import ModelRef, QuantizedCheckpoint
+from qflow.artifacts import BitAllocation, ModelRef, QuantizedCheckpoint
+from qflow.quant.layerspec import PerLayerConfig
 from qflow.recipe.validate import reject_renamed_keys
-from qflow.registry import Stage, StageConfig, register
+from qflow.registry import Stage, register
 from qflow.specs import Regex
 
 _RENAMED = {"symmetric": ("scheme", "write scheme: sym_f for symmetric: true, scheme: asym_z (the default) "
                                     "for symmetric: false")}
 
 
-class RTNConfig(StageConfig):
+class RTNConfig(PerLayerConfig):
     """RTN knobs; ``scheme`` alone says how an integer grid is placed (docs/METHODS.md §1).
 
         quantize:
           uses: quantize.rtn
-          with: {bits: 4, group_size: 64, scheme: asym_z}
+          with: {bits: 4, group_size: 64, scheme: asym_z,
+                 layers: {"re:.*down_proj": {bits: 8}}, ignore: [model.layers.0.mlp.gate_proj]}
 
     ``asym_z``: asymmetric, integer zero point (GPTQ's); ``asym_a``: AWQ's RTN
     baseline; ``sym_f``/``sym_r``: symmetric, full or restricted range. ``format:
-    nf4``/``fp4`` are lookup formats without a scheme.
+    nf4``/``fp4`` are lookup formats without a scheme. ``layers:`` may change bits,
+    group_size, scheme, format, double_quant and scale_dtype per layer
+    (qflow/quant/layerspec.py); ``ignore:`` leaves layers float.
     """
+
+    layer_fields = ("bits", "group_size", "scheme", "format", "double_quant", "scale_dtype")
 
     bits: int = 4
     group_size: int = 128
@@ -50,6 +56,9 @@ class RTNConfig(StageConfig):
         self.spec()  # raises ValueError with the reason
         return self
 
+    def base_spec(self):
+        return self.spec()
+
     def spec(self):
         from qflow.quant.spec import QuantSpec
 
@@ -68,12 +77,15 @@ class RTN(Stage):
 
     ``scheme: asym_a`` gives AWQ's RTN baseline; ``format: nf4`` gives QLoRA's NF4.
     Quantizes every 2-D weight inside the decoder blocks (``targets`` regex);
-    embeddings and the head stay float.
+    embeddings and the head stay float. Per layer: ``layers:`` / ``ignore:`` and an
+    optional ``plan`` input (a BitAllocation: ``inputs: {plan: allocate.plan}``);
+    stage spec < plan < ``layers:`` < ``ignore:``.
     """
 
-    version = 2  # 2: `symmetric` folded into `scheme`
+    version = 3  # 2: `symmetric` folded into `scheme`; 3: per-layer specs (layers, ignore, plan)
     Config = RTNConfig
-    inputs = {"model": ModelRef}
+    inputs = {"model": ModelRef, "plan": BitAllocation}
+    optional_inputs = frozenset({"plan"})
     outputs = {"model": QuantizedCheckpoint}
 
     def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
@@ -81,28 +93,26 @@ class RTN(Stage):
 
         return estimate_streaming(inputs_meta, upstream)
 
-    def run(self, ctx, cfg, model):
+    def check(self, cfg, inputs_meta):
+        from qflow.quant.layerspec import check_layer_specs
+
+        return check_layer_specs(cfg, inputs_meta, targets=cfg.targets, exclude=cfg.exclude)
+
+    def run(self, ctx, cfg, model, plan=None):
         from qflow.errors import StageError
         from qflow.quant import dispatch
         from qflow.quant.ir import CheckpointWriter
-        from qflow.quant.weights import block_index, iter_linear_weights, linear_names
+        from qflow.quant.layerspec import report_resolution, stage_layer_specs
+        from qflow.quant.weights import block_index, iter_linear_weights
 
-        spec = cfg.spec()
-        names = linear_names(model.base_model_dir, cfg.targets, cfg.exclude)
+        # every layer's spec, checked against its shape before any work
+        specs = stage_layer_specs(cfg, model, plan, stage_id=ctx.stage_id, targets=cfg.targets,
+                                  exclude=cfg.exclude)
+        report_resolution(ctx, specs)
+        names = specs.quantized
         if not names:
-            raise StageError(f"no linear weights match targets {cfg.targets!r} in {model.base_model_dir}",
-                             where=f"stages.{ctx.stage_id}.with.targets", fix="adjust the targets regex")
-        from safetensors import safe_open  # shapes first: reject before any work
-
-        from qflow.quant.weights import weight_files
-        files = weight_files(model.base_model_dir)
-        for name in names:
-            with safe_open(str(files[name + ".weight"]), framework="pt") as h:
-                out, cols = h.get_slice(name + ".weight").get_shape()
-            problem = spec.check_shape(out, cols)
-            if problem:
-                raise StageError(f"{name}: {problem}", where=f"stages.{ctx.stage_id}.with.group_size",
-                                 fix="choose a group size that divides the layer width")
+            raise StageError("every linear is ignored: nothing to quantize", where=f"stages.{ctx.stage_id}.with.ignore",
+                             fix="narrow the ignore patterns")
         writer = CheckpointWriter(ctx.output("model"), base_model=str(model.base_model_dir), method="rtn",
                                   meta={"config": cfg.model_dump(mode="json")})
         current = None
@@ -115,6 +125,7 @@ class RTN(Stage):
                 if current is not None and block != current:
                     writer.flush()
                 current = block
+                spec = specs.spec_for(name)
                 scale, zero = dispatch.compute_params(w, spec)
                 codes = dispatch.quantize(w, scale, zero, spec)
                 writer.add_quantized(name, spec, codes, scale, zero)

@@ -6,11 +6,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from qflow.artifacts import CalibSet, ModelRef, QuantizedCheckpoint
-from qflow.registry import Stage, StageConfig, register
+from qflow.artifacts import BitAllocation, CalibSet, ModelRef, QuantizedCheckpoint
+from qflow.quant.layerspec import PerLayerConfig
+from qflow.registry import Stage, register
 
 
-class SmoothQuantConfig(StageConfig):
+class SmoothQuantConfig(PerLayerConfig):
     """SmoothQuant knobs.
 
         quantize:
@@ -21,7 +22,12 @@ class SmoothQuantConfig(StageConfig):
     Repo README alphas: Llama-2-7B/13B 0.85, Llama-3 0.85, Mistral 0.8; ``smooth_lm`` default 0.5.
     Weights int8 SYM-R per output channel; activations int8 SYM-R per token, dynamic
     (fake-quantized by QLinear at evaluation). ``smooth: false`` gives plain W8A8.
+    Per layer only ``ignore:`` (left float; smoothed weights kept as float deltas):
+    W8A8 is one integer GEMM format, so per-layer bits or groups are refused
+    (``layers:`` entries, or plan entries other than null).
     """
+
+    layer_fields = ()
 
     alpha: float = Field(0.5, ge=0, le=1, description="migration strength")
     weight_bits: int = Field(8, description="weight bits (8; 4 for experiments)")
@@ -40,10 +46,15 @@ class SmoothQuantConfig(StageConfig):
             raise ValueError("alpha has no effect with smooth: false")
         from qflow.quant.spec import QuantSpec  # torch-free: validation stays fast
 
-        QuantSpec(bits=self.weight_bits, group_size=-1 if self.weight_granularity == "channel" else 0,
-                  scheme="sym_r", act_bits=self.act_bits, act_granularity=self.act_granularity,
-                  scale_dtype=self.scale_dtype)
+        self.base_spec()
         return self
+
+    def base_spec(self):
+        from qflow.quant.spec import QuantSpec
+
+        return QuantSpec(bits=self.weight_bits, group_size=-1 if self.weight_granularity == "channel" else 0,
+                         scheme="sym_r", act_bits=self.act_bits, act_granularity=self.act_granularity,
+                         scale_dtype=self.scale_dtype)
 
     def options(self):
         from qflow.quant.algos.smoothquant_model import SmoothQuantOptions
@@ -63,27 +74,34 @@ class SmoothQuant(Stage):
           with: {alpha: 0.5}
 
     Uses the calibration set's ``max_abs`` statistics (recomputed from ``ids.pt`` when absent).
+    ``ignore:`` (or null entries of an optional ``plan`` input) leaves linears float.
     """
 
-    version = 2                 # 2: the checkpoint records its fold factors (ir.json "folds")
+    version = 3  # 2: the checkpoint records its fold factors (ir.json "folds"); 3: ignore / plan input
     Config = SmoothQuantConfig
-    inputs = {"model": ModelRef, "calib": CalibSet}
+    inputs = {"model": ModelRef, "calib": CalibSet, "plan": BitAllocation}
+    optional_inputs = frozenset({"plan"})
     outputs = {"model": QuantizedCheckpoint}
 
     def check(self, cfg, inputs_meta):
         from qflow.models.adapters import check_group_size, model_config_from_inputs
 
-        return check_group_size(model_config_from_inputs(inputs_meta), -1)
+        from qflow.quant.layerspec import check_layer_specs
+
+        return check_group_size(model_config_from_inputs(inputs_meta), -1) + check_layer_specs(cfg, inputs_meta)
 
     def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
         from qflow.models.memory import estimate_calibrated
 
         return estimate_calibrated(cfg, inputs_meta, upstream)
 
-    def run(self, ctx, cfg, model, calib):
+    def run(self, ctx, cfg, model, calib, plan=None):
         from qflow.quant.algos.smoothquant_model import collect_act_max, quantize_model_smoothquant
         from qflow.quant.algos.calibrated import calibration_ids, checkpoint_meta, open_float_model
+        from qflow.quant.layerspec import report_resolution, stage_layer_specs
 
+        specs = stage_layer_specs(cfg, model, plan, stage_id=ctx.stage_id)   # before any work
+        report_resolution(ctx, specs)
         net, adapter = open_float_model(cfg, model)
         names = [f"{adapter.block_name(i)}.{site.linears[0]}" for i, b in enumerate(adapter.blocks())
                  for site in adapter.smooth_sites(b)]
@@ -102,6 +120,6 @@ class SmoothQuant(Stage):
             act_max = collect_act_max(net, adapter, ids, batch_size=cfg.batch_size, names=names)
         meta = checkpoint_meta(cfg, calib)
         quantize_model_smoothquant(ctx, net, adapter, act_max, cfg.options(), base_model=str(model.base_model_dir),
-                                   meta=meta)
+                                   meta=meta, floats=specs.floats)
         return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.base_model_dir),
                                              method="smoothquant", source=model.meta.get("source"))}

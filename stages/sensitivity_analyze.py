@@ -1,4 +1,4 @@
-"""``sensitivity-analyze``: estimated damage of every (quantizable linear, bits x group option) (METHODS.md §8)."""
+"""``sensitivity-analyze``: estimated damage of every (quantizable linear, bits x group option) (docs/METHODS.md §8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""allocate-bits: exact byte accounting, MILP vs brute force, greedy gap, constraints, budgets (METHODS.md §9)."""
+"""allocate-bits: exact byte accounting, MILP vs brute force, greedy gap, constraints, budgets (docs/METHODS.md §9)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_layer_nbytes_is_what_encode_layer_stores(spec, g_idx):
     assert layer_nbytes(spec, 40, 160, g_idx=g_idx) == sum(t.numel() * t.element_size() for t in stored.values())
 
 
-# ---- METHODS.md §9 worked example --------------------------------------------------------------
+# ---- docs/METHODS.md §9 worked example --------------------------------------------------------------
 
 def _methods_problem() -> Problem:
     ns = {"a": 4096 * 4096, "b": 4096 * 11008, "c": 11008 * 4096}

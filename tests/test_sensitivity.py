@@ -1,4 +1,4 @@
-"""sensitivity-analyze: the three estimators (METHODS.md §8 tests) and the stage on a tiny model."""
+"""sensitivity-analyze: the three estimators (docs/METHODS.md §8 tests) and the stage on a tiny model."""
 
 from __future__ import annotations
 

@@ -82,7 +82,8 @@ class RunResult:
             "stages": {sid: {"uses": r.uses, "status": r.status, "key": r.key, "seconds": round(r.seconds, 3),
                              **({"error": r.error} if r.error else {}),
                              **({"peak_rss_bytes": r.peak_rss_bytes} if r.peak_rss_bytes else {}),
-                             **({"peak_estimate_bytes": r.peak_estimate_bytes} if r.peak_estimate_bytes else {})}
+                             **({"peak_estimate_bytes": r.peak_estimate_bytes} if r.peak_estimate_bytes else {}),
+                             **({"tags": dict(r.tags)} if r.tags else {})}
                        for sid, r in self.stages.items()},
             "metrics": self.metrics,
             "gates": self.gates,

@@ -270,7 +270,9 @@ def _rows(sites: list[_Site], fold: str) -> list[dict[str, Any]]:
         spec = s.record.spec
         rows.append({
             "index": i, "layer": s.name, "format": spec.format, "bits": spec.bits, "group_size": spec.group_size,
-            "act_bits": spec.act_bits or 0, "shape": [s.record.out_features, s.record.in_features],
+            "scheme": spec.scheme or "", "act_bits": spec.act_bits or 0,
+            "bpw": s.record.bpw(),   # this layer's own spec (mixed checkpoints differ per row)
+            "shape": [s.record.out_features, s.record.in_features],
             "weight_sqnr_db": s.weight_sqnr,
             "isolated_sqnr_db": s.iso.sqnr(), "isolated_cos": s.iso.cos(), "isolated_cos_token": s.iso.cos_token(),
             "accumulated_sqnr_db": s.acc.sqnr(), "accumulated_cos": s.acc.cos(),
@@ -295,7 +297,7 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-COLUMNS = ("index", "layer", "format", "bits", "group_size", "act_bits", "weight_sqnr_db", "isolated_sqnr_db",
+COLUMNS = ("index", "layer", "format", "bits", "group_size", "scheme", "act_bits", "bpw", "weight_sqnr_db", "isolated_sqnr_db",
            "isolated_cos", "isolated_cos_token", "accumulated_sqnr_db", "accumulated_cos", "accumulated_cos_token",
            "n_tokens", "fold_corrected", "fold", "worst_rank")
 

@@ -1,4 +1,4 @@
-"""Per-layer, per-option damage estimates for mixed precision (METHODS.md §8).
+"""Per-layer, per-option damage estimates for mixed precision (docs/METHODS.md §8).
 
 Three estimators of the damage ``err[l, o]`` of quantizing linear ``l`` with
 option ``o`` (bits x group size under one method's scheme), all additive across

@@ -15,6 +15,9 @@ count at their stored size.
 * ``bpw_quantized``: nominal spec accounting over quantized layers
   (``Checkpoint.bpw_quantized``: bits + scale/zero bits per group [+ g_idx]);
   ``bpw_quantized_measured`` = 8 · stored bytes of those layers / their weights.
+* mixed checkpoints (a spec per layer): both bpw figures are totals over every
+  quantized layer (total bits / total quantized weights), not means of per-layer
+  bpw; ``info["quantized_specs"]`` breaks them down per distinct spec.
 * ``bpw_model`` = 8 · size_bytes_deploy / all parameters; ``compression_vs_fp16`` /
   ``_fp32`` = (2 or 4 bytes · all parameters) / size_bytes_deploy.
 
@@ -78,9 +81,11 @@ def size_metrics(model_dir: Path, ckpt=None, *, float_dtype: str = "float16") ->
         missing = sorted(quantized - set(index))
         if missing:
             info["size_warning"] = f"{len(missing)} quantized weights not found in the base files (e.g. {missing[0]})"
-        q_bytes = ckpt.quantized_bytes()
+        breakdown = spec_breakdown(ckpt)
+        q_bytes = int(sum(row["bytes"] for row in breakdown.values()))   # == ckpt.quantized_bytes(), read once
         n_q = ckpt.n_quantized_weights()
         deploy_bytes += q_bytes
+        info["quantized_specs"] = breakdown
         metrics |= {"size_bytes_checkpoint": float(ckpt.size_bytes()), "quantized_bytes": float(q_bytes),
                     "n_quantized_weights": float(n_q), "bpw_quantized": ckpt.bpw_quantized(),
                     "bpw_quantized_measured": 8.0 * q_bytes / max(n_q, 1)}
@@ -90,3 +95,21 @@ def size_metrics(model_dir: Path, ckpt=None, *, float_dtype: str = "float16") ->
                 "compression_vs_fp16": 2.0 * n_params / deploy_bytes,
                 "compression_vs_fp32": 4.0 * n_params / deploy_bytes}
     return metrics, info
+
+
+def spec_breakdown(ckpt) -> dict[str, dict[str, float]]:
+    """Per distinct spec of ``ckpt``: layers, weights, stored bytes, nominal and measured bpw."""
+    from qflow.quant.layerspec import spec_text
+
+    out: dict[str, dict[str, float]] = {}
+    for name, rec in ckpt.layers.items():
+        row = out.setdefault(spec_text(rec.spec), {"layers": 0, "weights": 0, "bytes": 0, "bits": 0.0})
+        n = rec.out_features * rec.in_features
+        row["layers"] += 1
+        row["weights"] += n
+        row["bytes"] += ckpt.layer_bytes(name)
+        row["bits"] += rec.bpw() * n
+    for row in out.values():
+        row["bpw"] = row.pop("bits") / max(row["weights"], 1)
+        row["bpw_measured"] = 8.0 * row["bytes"] / max(row["weights"], 1)
+    return out

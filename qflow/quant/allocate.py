@@ -1,4 +1,4 @@
-"""Bit allocation: one option per layer under a byte budget, minimising the summed damage (METHODS.md §9).
+"""Bit allocation: one option per layer under a byte budget, minimising the summed damage (docs/METHODS.md §9).
 
 The problem is a multiple-choice knapsack. :func:`solve_milp` solves it exactly
 with ``scipy.optimize.milp`` (HiGHS, ``mip_rel_gap=0``); :func:`solve_greedy`
@@ -169,7 +169,7 @@ def solve_milp(problem: Problem, budget_bytes: int, distinct: list[DistinctRule]
     choice = []
     for li in range(len(problem.options)):
         picked = np.flatnonzero(x[offsets[li]:offsets[li + 1]])
-        if len(picked) != 1:  # re-verify the rounding (METHODS.md §9)
+        if len(picked) != 1:  # re-verify the rounding (docs/METHODS.md §9)
             return None
         choice.append(int(picked[0]))
     nbytes, damage = _evaluate(problem, choice)
@@ -186,7 +186,7 @@ def solve_milp(problem: Problem, budget_bytes: int, distinct: list[DistinctRule]
 # ---- greedy ------------------------------------------------------------------------------
 
 def _greedy_one(problem: Problem, budget_bytes: int) -> list[int] | None:
-    """METHODS.md §9 greedy on one problem (no distinct rules): cheapest start, best damage-per-byte upgrades."""
+    """docs/METHODS.md §9 greedy on one problem (no distinct rules): cheapest start, best damage-per-byte upgrades."""
     frontier = []   # per layer: option indices not dominated in (size, damage), by size
     for opts in problem.options:
         order = sorted(range(len(opts)), key=lambda k: (opts[k].nbytes, opts[k].damage))
@@ -288,7 +288,7 @@ def budget_bytes_for_bpw(bpw: float, n_weights: int) -> int:
 
 
 def pareto_front(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """(size, damage) points no other point dominates; sorted by size, duplicates collapsed (METHODS.md §9)."""
+    """(size, damage) points no other point dominates; sorted by size, duplicates collapsed (docs/METHODS.md §9)."""
     front: list[tuple[int, float]] = []
     for size, damage in sorted(set(points)):
         if not front or damage < front[-1][1]:

@@ -302,12 +302,20 @@ class Checkpoint:
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
 
+    def layer_bytes(self, name: str) -> int:
+        """Stored bytes of one quantized layer: packed codes + scales + zeros (+ g_idx, DQ tables)."""
+        return sum(t.numel() * t.element_size() for t in self.layer_tensors(name).values())
+
     def quantized_bytes(self) -> int:
         """Bytes of codes, scales, zeros and g_idx of quantized layers (float deltas excluded)."""
-        total = 0
-        for name in self.layers:
-            total += sum(t.numel() * t.element_size() for t in self.layer_tensors(name).values())
-        return total
+        return sum(self.layer_bytes(name) for name in self.layers)
+
+    def distinct_specs(self) -> dict[str, list[str]]:
+        """``{spec JSON: [layers]}``: one entry for a uniform checkpoint, several for a mixed one."""
+        out: dict[str, list[str]] = {}
+        for name, rec in self.layers.items():
+            out.setdefault(json.dumps(rec.spec.model_dump(mode="json"), sort_keys=True), []).append(name)
+        return out
 
     def n_quantized_weights(self) -> int:
         return sum(r.out_features * r.in_features for r in self.layers.values())

@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -95,14 +95,20 @@ def act_mean(x: torch.Tensor, chunk_rows: int = 8192) -> torch.Tensor:
     return (acc / max(x2.shape[0], 1)).float()
 
 
-def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
-    """AutoAWQ ``w_mean``: mean over rows of ``|W| / (max|W| in its group + 1e-6)``."""
-    w = torch.cat([t.float() for t in weights], dim=0)
-    shape = w.shape
-    g = group_size if group_size > 0 else shape[1]
-    wg = w.reshape(-1, g).abs()
-    wg = wg / (wg.amax(dim=1, keepdim=True) + 1e-6)
-    return wg.reshape(shape).mean(0)
+def weight_mean(weights: list[torch.Tensor], group_size: int | list[int]) -> torch.Tensor:
+    """AutoAWQ ``w_mean``: mean over rows of ``|W| / (max|W| in its group + 1e-6)``.
+
+    ``group_size``: one for all weights, or one per weight (mixed specs: each weight
+    normalized by its own groups; the same as one size when they agree).
+    """
+    sizes = group_size if isinstance(group_size, list) else [group_size] * len(weights)
+    rows = []
+    for t, gs in zip(weights, sizes):
+        w = t.float()
+        g = gs if gs > 0 else w.shape[1]
+        wg = w.reshape(-1, g).abs()
+        rows.append((wg / (wg.amax(dim=1, keepdim=True) + 1e-6)).reshape(w.shape))
+    return torch.cat(rows, dim=0).mean(0)
 
 
 def gram(x: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
@@ -142,7 +148,8 @@ def _module_out(module: nn.Module, x: torch.Tensor, kwargs: dict[str, Any] | Non
 
 
 @torch.no_grad()
-def search_scale(loss_module: nn.Module, linears: list[nn.Linear], x: torch.Tensor, spec: QuantSpec, *,
+def search_scale(loss_module: nn.Module, linears: list[nn.Linear], x: torch.Tensor,
+                 spec: QuantSpec | list[QuantSpec | None], *,
                  n_grid: int = 20, duo_scaling: bool = False, kwargs: dict[str, Any] | None = None,
                  y_ref: torch.Tensor | None = None, x_mean: torch.Tensor | None = None,
                  x_gram: torch.Tensor | None = None, batch_size: int = 8,
@@ -154,12 +161,18 @@ def search_scale(loss_module: nn.Module, linears: list[nn.Linear], x: torch.Tens
     here when omitted). ``x_mean`` defaults to ``act_mean(x)``. When ``loss_module``
     is the single scaled linear, the loss uses the Gram matrix ``x_gram`` (computed
     from ``x`` when omitted) instead of forwards. Weights are restored on return.
+    ``spec``: one for every linear, or one per linear (mixed precision: each linear is
+    fake-quantized with its own spec; None leaves it float, i.e. exact in the loss).
     """
+    specs = list(spec) if isinstance(spec, (list, tuple)) else [spec] * len(linears)
+    if len(specs) != len(linears) or all(s is None for s in specs):
+        raise ValueError("search_scale needs one spec per linear, at least one of them quantized")
     originals = [lin.weight.data.clone() for lin in linears]
     if x_mean is None:
         x_mean = act_mean(x)
     x_mean = x_mean.float()
-    w_mean = weight_mean(originals, spec.group_size) if duo_scaling else None
+    quantized = [(w, s) for w, s in zip(originals, specs) if s is not None]
+    w_mean = weight_mean([w for w, _ in quantized], [s.group_size for _, s in quantized]) if duo_scaling else None
     linear_loss = len(linears) == 1 and loss_module is linears[0]
     if linear_loss:
         n_rows = x.reshape(-1, x.shape[-1]).shape[0]
@@ -177,11 +190,12 @@ def search_scale(loss_module: nn.Module, linears: list[nn.Linear], x: torch.Tens
             s = candidate_scales(x_mean, ratio, w_mean)
             if linear_loss:
                 w = originals[0].float()
-                dw = dispatch.fake_quant(w * s, spec) / s - w
+                dw = dispatch.fake_quant(w * s, specs[0]) / s - w
                 loss = float(((dw @ x_gram) * dw).sum(dtype=torch.float64) / (n_rows * w.shape[0]))
             else:
-                for lin, w in zip(linears, originals):
-                    lin.weight.data = (dispatch.fake_quant(w * s, spec) / s).to(w.dtype)
+                for lin, w, lin_spec in zip(linears, originals, specs):
+                    if lin_spec is not None:
+                        lin.weight.data = (dispatch.fake_quant(w * s, lin_spec) / s).to(w.dtype)
                 total = 0.0
                 for b in range(0, x.shape[0], batch_size):
                     y = _module_out(loss_module, x[b:b + batch_size], kwargs)
@@ -332,16 +346,24 @@ def _nonlinear_loss_modules(block: Block) -> list[str]:
             if not isinstance(block.module.get_submodule(s.loss_module), nn.Linear)]
 
 
-def search_block_scales(block: Block, opts: AWQOptions, acts: Activations) -> list[tuple[ScaleSite, ScaleSearch]]:
+def search_block_scales(block: Block, opts: AWQOptions, acts: Activations,
+                        layer_spec: Callable[[str], QuantSpec | None] | None = None
+                        ) -> list[tuple[ScaleSite, ScaleSearch]]:
     """Step 2 on every site of ``block`` with the original weights (restored after each site).
 
     ``acts`` comes from ``block.run(capture=<all linears>, module_outputs=<non-linear loss modules>)``.
+    ``layer_spec(rel)``: each linear's spec (mixed precision; None: float); a site whose
+    linears are all float is not searched (nothing to protect).
     """
-    adapter, mod, spec = block.adapter, block.module, opts.spec()
+    adapter, mod = block.adapter, block.module
+    layer_spec = layer_spec or (lambda rel, spec=opts.spec(): spec)
     n_seq, seq_len = block.inputs.shape[:2]
     rows = _search_rows(n_seq, seq_len, opts.n_search_tokens)
     searches: list[tuple[ScaleSite, ScaleSearch]] = []
     for site in adapter.awq_sites(mod):
+        spec = [layer_spec(n) for n in site.linears]
+        if all(s is None for s in spec):
+            continue
         x = acts.inputs[adapter.canonical_input(site.input_of)]
         loss_mod = mod.get_submodule(site.loss_module)
         linears = [block.linear(n) for n in site.linears]
@@ -382,11 +404,15 @@ def fold_block_scales(block: Block, searches: list[tuple[ScaleSite, ScaleSearch]
     return [(k, v.detach().clone()) for k, v in changed.items()]
 
 
-def clip_block(block: Block, opts: AWQOptions, feats: dict[str, torch.Tensor]) -> list[tuple[str, ClipSearch]]:
-    """Step 4: clip search and clamp for every linear but q/k, on the scaled weights and inputs."""
-    spec, out = opts.spec(), []
+def clip_block(block: Block, opts: AWQOptions, feats: dict[str, torch.Tensor],
+               layer_spec: Callable[[str], QuantSpec | None] | None = None) -> list[tuple[str, ClipSearch]]:
+    """Step 4: clip search and clamp for every quantized linear but q/k (each under its own spec),
+    on the scaled weights and inputs."""
+    layer_spec = layer_spec or (lambda rel, spec=opts.spec(): spec)
+    out = []
     for name in block.adapter.linear_names(block.module):
-        if block.adapter.clip_skipped(name):
+        spec = layer_spec(name)
+        if block.adapter.clip_skipped(name) or spec is None:
             continue
         lin = block.linear(name)
         clip = search_clip(lin.weight.data, feats[block.adapter.canonical_input(name)], spec, n_grid=opts.n_grid,
@@ -396,24 +422,38 @@ def clip_block(block: Block, opts: AWQOptions, feats: dict[str, torch.Tensor]) -
     return out
 
 
-def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True) -> None:
-    """Steps 1-5 of docs/METHODS.md §4 on one block; writes its quantized linears and folded floats."""
+def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True,
+              spec_for: Callable[[str], QuantSpec | None] | None = None) -> None:
+    """Steps 1-5 of docs/METHODS.md §4 on one block; writes its quantized linears and folded floats.
+
+    ``spec_for(full module name)``: each linear's spec, None to leave it float (default:
+    ``opts.spec()`` for all). Mixed specs: the scale search fake-quantizes each linear of
+    a site with its own spec, the clip search uses the layer's spec; a float linear that a
+    fold changed (scaled columns, or divided rows as a site's ``prev``) is stored as a
+    float delta.
+    """
     from .gptq_model import GPTQOptions, gptq_block
 
-    spec = opts.spec()
+    base = opts.spec()
+
+    def layer_spec(rel: str) -> QuantSpec | None:
+        return spec_for(block.full_name(rel)) if spec_for is not None else base
+
     names = block.adapter.linear_names(block.module)
     for name in names:
-        problem = spec.check_shape(*block.linear(name).weight.shape)
+        spec = layer_spec(name)
+        problem = spec.check_shape(*block.linear(name).weight.shape) if spec is not None else None
         if problem:
             raise StageError(f"{block.full_name(name)}: {problem}", where="quantize.awq.group_size",
                              fix="choose a group size that divides every layer width")
+    floats = {n: block.linear(n).weight.data.clone() for n in names if layer_spec(n) is None}
     t0 = time.perf_counter()
     # step 1: one pass of the FP block
     acts = block.run(capture=names, outputs=propagate_fp and not block.is_last,
                      module_outputs=_nonlinear_loss_modules(block))
     if propagate_fp:
         block.next_inputs = acts.outputs
-    searches = search_block_scales(block, opts, acts)
+    searches = search_block_scales(block, opts, acts, layer_spec)
     for site, res in searches:
         block.record(layer=f"{block.name}.{site.loss_module}", site=site.name, best_ratio=res.best_ratio,
                      loss_ratio0=res.losses[0], loss_best=min(res.losses))
@@ -426,7 +466,7 @@ def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True) -> N
     for prev, linears, scales in folds:  # exact fold factors for the per-layer report
         block.writer.add_fold(prev, linears, scales)
     if opts.apply_clip:
-        for name, clip in clip_block(block, opts, feats):
+        for name, clip in clip_block(block, opts, feats, layer_spec):
             block.record(layer=block.full_name(name), clip_err_unclipped=float(clip.err_unclipped.sum()),
                          clip_err=float(clip.err_best.sum()))
     feats.clear()
@@ -434,9 +474,12 @@ def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True) -> N
     # step 5: quantize
     if opts.then == "gptq":
         gopts = GPTQOptions(**{**opts.gptq, "bits": opts.bits, "group_size": opts.group_size})
-        gptq_block(block, gopts, spec=spec)
+        gptq_block(block, gopts, spec=base, spec_for=spec_for)
     else:
         for name in names:
+            spec = layer_spec(name)
+            if spec is None:
+                continue
             lin = block.linear(name)
             w = lin.weight.data.float()
             scale, zero = dispatch.compute_params(w, spec)
@@ -444,17 +487,27 @@ def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True) -> N
             block.writer.add_quantized(block.full_name(name), spec, codes, scale, zero)
             if not propagate_fp:  # keep the quantized weight for the next block's inputs
                 lin.weight.data = dispatch.dequantize(codes, scale, zero, spec).to(lin.weight.dtype)
+    for name, original in floats.items():  # left float: keep what the folds did to it
+        weight = block.linear(name).weight.data
+        if not torch.equal(weight, original):
+            block.writer.add_float(f"{block.full_name(name)}.weight", weight.detach().clone())
     block.record(layer=block.name, search_seconds=t_search, block_seconds=time.perf_counter() - t0)
 
 
 def quantize_model_awq(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.Tensor, opts: AWQOptions, *,
-                       base_model: str, meta: dict[str, Any] | None = None, batch_size: int = 8):
-    """Run AWQ over every block of ``model`` and write the IR (see ``run_blockwise``)."""
+                       base_model: str, meta: dict[str, Any] | None = None, batch_size: int = 8,
+                       spec_for: Callable[[str], QuantSpec | None] | None = None,
+                       layer_specs: dict[str, Any] | None = None):
+    """Run AWQ over every block of ``model`` and write the IR (see ``run_blockwise``).
+
+    ``spec_for``: per-layer specs (see ``awq_block``); ``layer_specs``: their JSON form for the resume guard.
+    """
     if opts.then not in ("rtn", "gptq"):
         raise StageError(f"then must be 'rtn' or 'gptq', got {opts.then!r}", where="quantize.awq.then")
     propagate_fp = opts.then == "rtn"
-    signature = {"options": {**opts.__dict__, "gptq": dict(opts.gptq)}}
-    result = run_blockwise(ctx, model, adapter, ids, lambda b: awq_block(b, opts, propagate_fp=propagate_fp),
+    signature = {"options": {**opts.__dict__, "gptq": dict(opts.gptq)}, **({"layers": layer_specs} if layer_specs else {})}
+    result = run_blockwise(ctx, model, adapter, ids,
+                           lambda b: awq_block(b, opts, propagate_fp=propagate_fp, spec_for=spec_for),
                            method="awq" if opts.then == "rtn" else "awq+gptq", base_model=base_model, meta=meta,
                            signature=signature, propagate="fp" if propagate_fp else "quant",
                            batch_size=batch_size, desc="awq")

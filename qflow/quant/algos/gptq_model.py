@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -59,9 +59,10 @@ class GPTQOptions:
                          scale_dtype=self.scale_dtype)
 
 
-def _sub_steps(block: Block, opts: GPTQOptions, spec: QuantSpec) -> tuple[list[str], list[list[str]]]:
-    """(the block's linears, its sequential sub-steps); StageError unless the sub-steps cover the
-    linears and every linear's shape fits ``spec``."""
+def _sub_steps(block: Block, opts: GPTQOptions,
+               layer_spec: Callable[[str], QuantSpec | None]) -> tuple[list[str], list[list[str]], set[str]]:
+    """(the block's linears, its sequential sub-steps without float layers, the float layers);
+    StageError unless the sub-steps cover the linears and every quantized linear's shape fits its spec."""
     adapter: ArchAdapter = block.adapter
     names = adapter.linear_names(block.module)
     groups = adapter.sequential_groups(block.module) if opts.true_sequential else [names]
@@ -69,20 +70,25 @@ def _sub_steps(block: Block, opts: GPTQOptions, spec: QuantSpec) -> tuple[list[s
     if covered != sorted(names):
         raise StageError(f"sequential groups {groups} do not cover the block's linears {names}",
                          where=f"adapter for {block.name}")
+    floats = {n for n in names if layer_spec(n) is None}
     for name in names:
-        problem = spec.check_shape(*block.linear(name).weight.shape)
+        spec = layer_spec(name)
+        problem = spec.check_shape(*block.linear(name).weight.shape) if spec is not None else None
         if problem:
             raise StageError(f"{block.full_name(name)}: {problem}", where="quantize.gptq.group_size",
                              fix="choose a group size that divides every layer width")
-    return names, groups
+    groups = [[n for n in g if n not in floats] for g in groups]
+    return names, [g for g in groups if g], floats
 
 
-def _quantize_sub_step(block: Block, group: list[str], hessians: dict[str, HessianAccumulator], spec: QuantSpec,
-                       opts: GPTQOptions, hessian_seconds: float) -> None:
-    """GPTQ-quantize the linears of one sub-step in place and add them to the checkpoint."""
+def _quantize_sub_step(block: Block, group: list[str], hessians: dict[str, HessianAccumulator],
+                       layer_spec: Callable[[str], QuantSpec | None], opts: GPTQOptions,
+                       hessian_seconds: float) -> None:
+    """GPTQ-quantize the linears of one sub-step in place (each with its own spec) and add them to the checkpoint."""
     from .gptq import dequantize_result, gptq_quantize
 
     for name in group:
+        spec = layer_spec(name)
         t1 = time.perf_counter()
         lin = block.linear(name)
         H = hessians[block.adapter.canonical_input(name)].H
@@ -99,15 +105,24 @@ def _quantize_sub_step(block: Block, group: list[str], hessians: dict[str, Hessi
                      hessian_seconds=hessian_seconds, quantize_seconds=time.perf_counter() - t1)
 
 
-def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None) -> None:
-    """GPTQ-quantize every linear of ``block`` in place (weights become their dequantized values)."""
+def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None,
+               spec_for: Callable[[str], QuantSpec | None] | None = None) -> None:
+    """GPTQ-quantize every linear of ``block`` in place (weights become their dequantized values).
+
+    ``spec_for(full module name)``: each linear's spec, None to leave it float (qflow/quant/layerspec.py);
+    default: ``spec`` (or ``opts.spec()``) for every linear.
+    """
     from .gptq import HessianAccumulator
 
     adapter: ArchAdapter = block.adapter
-    spec = spec or opts.spec()
-    names, groups = _sub_steps(block, opts, spec)
+    base = spec or opts.spec()
+
+    def layer_spec(rel: str) -> QuantSpec | None:
+        return spec_for(block.full_name(rel)) if spec_for is not None else base
+
+    names, groups, floats = _sub_steps(block, opts, layer_spec)
     attn = set(adapter.attn_linears)
-    done: set[str] = set()
+    done: set[str] = set(floats)   # a float linear is final from the start
     mid: torch.Tensor | None = None      # residual stream after the (quantized) attention half
     out_of = {adapter.attn_out_linear: "attn", adapter.mlp_out_linear: "mlp"} if adapter.splits_residual else {}
     kept: torch.Tensor | None = None     # the inputs of a half's output linear, captured by its pass
@@ -145,7 +160,7 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
         else:
             acts = block.run(stream=group, capture=keep, on_input=on_input)
         kept = acts.inputs.get(keep[0]) if keep else None
-        _quantize_sub_step(block, group, accs, spec, opts, hessian_seconds=time.perf_counter() - t0)
+        _quantize_sub_step(block, group, accs, layer_spec, opts, hessian_seconds=time.perf_counter() - t0)
         done.update(group)
         accs.clear()
         if kept is not None:
@@ -161,14 +176,19 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
 
 def quantize_model_gptq(ctx: Any, model: torch.nn.Module, adapter: ArchAdapter, ids: torch.Tensor,
                         opts: GPTQOptions, *, base_model: str, meta: dict[str, Any] | None = None,
-                        batch_size: int = 8):
-    """Run GPTQ over every block and write the IR (see ``run_blockwise``)."""
+                        batch_size: int = 8, spec_for: Callable[[str], QuantSpec | None] | None = None,
+                        layer_specs: dict[str, Any] | None = None):
+    """Run GPTQ over every block and write the IR (see ``run_blockwise``).
+
+    ``spec_for``: per-layer specs (see ``gptq_block``); ``layer_specs``: their JSON form for the resume guard.
+    """
     widest = max(lin.in_features for lin in adapter.linears(adapter.blocks()[0]).values())
     if ids.numel() < widest:
         ctx.log.warning("GPTQ: %d calibration tokens < %d input features: the Hessians are rank-deficient "
                         "and only damping keeps them invertible; calibrate with more tokens", ids.numel(), widest)
-    result = run_blockwise(ctx, model, adapter, ids, lambda b: gptq_block(b, opts), method="gptq",
-                           base_model=base_model, meta=meta, signature={"options": asdict(opts)},
+    result = run_blockwise(ctx, model, adapter, ids, lambda b: gptq_block(b, opts, spec_for=spec_for),
+                           method="gptq", base_model=base_model, meta=meta,
+                           signature={"options": asdict(opts), **({"layers": layer_specs} if layer_specs else {})},
                            propagate="quant", batch_size=batch_size, desc="gptq")
     write_records(ctx, result.records, "gptq_layers.json")
     return result

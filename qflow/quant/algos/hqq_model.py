@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -63,16 +63,24 @@ def _blocks(names: list[str]) -> list[list[str]]:
 
 
 def quantize_model_hqq(ctx: Any, model_dir: str | Path, opts: HQQOptions, names: list[str], *,
-                       meta: dict[str, Any] | None = None) -> BlockwiseResult:
-    """HQQ-quantize the linears ``names`` of the float folder ``model_dir`` and write the IR."""
+                       meta: dict[str, Any] | None = None,
+                       spec_for: Callable[[str], QuantSpec | None] | None = None) -> BlockwiseResult:
+    """HQQ-quantize the linears ``names`` of the float folder ``model_dir`` and write the IR.
+
+    ``spec_for(name)``: each layer's spec (default: ``opts.spec()`` for all; qflow/quant/layerspec.py).
+    """
     from ..weights import iter_linear_weights
     from .hqq import hqq_quantize
 
+    t_start = time.perf_counter()
+    base = opts.spec()
+    layer_spec = {n: spec_for(n) if spec_for is not None else base for n in names}
+    names = [n for n in names if layer_spec[n] is not None]   # None: left float
     if not names:
         raise StageError("no linear layers to quantize", where="quantize.hqq.targets", fix="adjust targets")
-    t_start = time.perf_counter()
-    spec = opts.spec()
-    resume = BlockState(ctx.scratch, {"method": "hqq", "options": asdict(opts), "names": names}, ctx.log)
+    resume = BlockState(ctx.scratch, {"method": "hqq", "options": asdict(opts), "names": names,
+                                      "specs": {n: s.model_dump(mode="json") for n, s in layer_spec.items()
+                                                if s is not None and s != base}}, ctx.log)
     state = resume.load()
     writer = CheckpointWriter(resume.ir_dir, base_model=str(model_dir), method="hqq", meta=meta)
     groups = _blocks(names)
@@ -88,6 +96,7 @@ def quantize_model_hqq(ctx: Any, model_dir: str | Path, opts: HQQOptions, names:
             for name, w in iter_linear_weights(Path(model_dir), groups[i]):
                 if not bool(torch.isfinite(w).all()):
                     raise StageError(f"{name} has non-finite weights", where=str(model_dir), fix="check the source model")
+                spec = layer_spec[name]
                 problem = spec.check_shape(*w.shape)
                 if problem:
                     raise StageError(f"{name}: {problem}", where="quantize.hqq.group_size",

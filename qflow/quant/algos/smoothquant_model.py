@@ -123,7 +123,10 @@ def smooth_block(block: nn.Module, prefix: str, adapter: ArchAdapter, act_max: d
     return changed
 
 
-def smoothquant_block(block: Block, opts: SmoothQuantOptions, act_max: dict[str, torch.Tensor]) -> None:
+def smoothquant_block(block: Block, opts: SmoothQuantOptions, act_max: dict[str, torch.Tensor],
+                      floats: frozenset[str] = frozenset()) -> None:
+    """Smooth and W8A8-quantize one block; linears named in ``floats`` (full names) stay float,
+    stored as float deltas when smoothing scaled them."""
     spec = opts.spec()
     if opts.smooth:
         folds: list[tuple[str, list[str], torch.Tensor]] = []
@@ -132,6 +135,10 @@ def smoothquant_block(block: Block, opts: SmoothQuantOptions, act_max: dict[str,
         for prev, linears, scales in folds:  # exact fold factors for the per-layer report
             block.writer.add_fold(prev, linears, scales)
     for rel, lin in block.adapter.linears(block.module).items():
+        if block.full_name(rel) in floats:
+            if opts.smooth and any(rel in site.linears for site in block.adapter.smooth_sites(block.module)):
+                block.writer.add_float(f"{block.full_name(rel)}.weight", lin.weight.data.detach().clone())
+            continue
         w = lin.weight.data.float()
         scale, zero = dispatch.compute_params(w, spec)
         codes = dispatch.quantize(w, scale, zero, spec)
@@ -142,11 +149,15 @@ def smoothquant_block(block: Block, opts: SmoothQuantOptions, act_max: dict[str,
 
 
 def quantize_model_smoothquant(ctx: Any, model: nn.Module, adapter: ArchAdapter, act_max: dict[str, torch.Tensor],
-                               opts: SmoothQuantOptions, *, base_model: str, meta: dict[str, Any] | None = None):
-    """Smooth + W8A8-quantize every block of ``model`` and write the IR (resumable)."""
+                               opts: SmoothQuantOptions, *, base_model: str, meta: dict[str, Any] | None = None,
+                               floats: list[str] | None = None):
+    """Smooth + W8A8-quantize every block of ``model`` and write the IR (resumable); ``floats``: linears
+    (full names) left float."""
+    skip = frozenset(floats or ())
     signature = {"options": asdict(opts),
-                 "act_max": {k: float(v.double().sum()) for k, v in sorted(act_max.items())}}
-    result = run_blockwise(ctx, model, adapter, None, lambda b: smoothquant_block(b, opts, act_max),
+                 "act_max": {k: float(v.double().sum()) for k, v in sorted(act_max.items())},
+                 **({"floats": sorted(skip)} if skip else {})}
+    result = run_blockwise(ctx, model, adapter, None, lambda b: smoothquant_block(b, opts, act_max, skip),
                            method="smoothquant", base_model=base_model, meta=meta, signature=signature,
                            desc="smoothquant")
     write_records(ctx, result.records, "smoothquant_layers.json")
