@@ -27,7 +27,7 @@ def make_ctx(tmp_path: Path, stage_id: str):
 
     return StageContext(stage_id=stage_id, uses="x", key="d" * 64, out_dir=tmp_path / stage_id / "out",
                         scratch=tmp_path / stage_id / "scratch", run_dir=tmp_path / "run",
-                        runs_root=tmp_path / "runs", quiet=True)
+                        memo_dir=tmp_path / "runs" / "cache", quiet=True)
 
 
 def mixed_ir(base: Path, tmp_path: Path, **with_) -> Checkpoint:

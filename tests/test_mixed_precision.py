@@ -33,7 +33,7 @@ def make_ctx(tmp_path: Path, stage_id: str = "quantize"):
     from qflow.engine.context import StageContext
 
     return StageContext(stage_id=stage_id, uses="x", key="e" * 64, out_dir=tmp_path / "out",
-                        scratch=tmp_path / "scratch", run_dir=tmp_path / "run", runs_root=tmp_path / "runs",
+                        scratch=tmp_path / "scratch", run_dir=tmp_path / "run", memo_dir=tmp_path / "runs" / "cache",
                         quiet=True)
 
 
