@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qflow.artifacts import ModelRef
-from qflow.evaluation import stats
+from qflow.quant.sqnr import sqnr_db
 from qflow.evaluation.speed import MIN_CI_SAMPLES, RepeatPolicy, measure_speed, median_ci
 from qflow.quant import dispatch
 from qflow.models.adapters import get_adapter
@@ -167,7 +167,7 @@ def _awq_like_mlp_checkpoint(tmp_path, fp, bits: int, record: bool):
         writer.add_quantized(f"{p}.mlp.{n}", spec, codes, scale, zero)
         w_hat = dispatch.dequantize(codes, scale, zero, spec)
         back = w_hat / row[n][:, None] / col[n][None, :]
-        expected[f"{p}.mlp.{n}"] = stats.sqnr_db(w[n], back)
+        expected[f"{p}.mlp.{n}"] = sqnr_db(w[n], back)
     if record:
         writer.add_fold(f"{p}.post_attention_layernorm", [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], s1)
         writer.add_fold(f"{p}.mlp.up_proj", [f"{p}.mlp.down_proj"], s2)
