@@ -263,3 +263,43 @@ stages:
     assert bad.returncode == 1, bad.stderr  # the run failed at that stage (one paragraph, no traceback)
     assert "Traceback" not in bad.stderr
     assert "stages.allocate.with.bpw" in bad.stderr and "minimum feasible" in bad.stderr and "set bpw >=" in bad.stderr
+
+
+def test_budget_sweep_reuses_calibration_and_sensitivity(tmp_path, tiny_model_dir, runs_dir):
+    """`qflow run -m ... params.bpw=a,b`: calibrate and sensitivity run once (cached for the second
+    point); allocate and quantize run per point; the realised bpw equals the plan's prediction."""
+    from .conftest import parse_json_stdout, run_cli, write_recipe
+
+    recipe = write_recipe(tmp_path, f"""
+name: tiny-mixed-sweep
+model: {{source: "{tiny_model_dir}"}}
+params: {{bpw: 4.5}}
+stages:
+  calibrate: {{uses: calibrate, with: {{data: {{source: "zoo:wiki-pages", seq_len: 32}}, n_samples: 4}}}}
+  sensitivity: {{uses: sensitivity-analyze, needs: [calibrate], with: {{method: rtn, n_check: 0, n_windows: 2}}}}
+  allocate: {{uses: allocate-bits, needs: [sensitivity], with: {{bpw: "${{params.bpw}}", pareto_budgets: 0}}}}
+  quantize:
+    uses: quantize.rtn
+    needs: [calibrate, allocate]
+    inputs: {{plan: allocate.plan}}
+    with: {{bits: 4, group_size: 32}}
+  evaluate:
+    uses: evaluate.lm
+    needs: [quantize]
+    with: {{data: {{source: "zoo:lee-news", seq_len: 32}}, n_windows: 2, topk: 16, speed: false, layer_report: false}}
+""")
+    done = run_cli("run", "-m", str(recipe), "params.bpw=3.5,4.5", "--json", runs_dir=runs_dir, timeout=900)
+    assert done.returncode == 0, done.stderr
+    points = parse_json_stdout(done)["points"]
+    assert len(points) == 2 and all(p["status"] == "ok" for p in points)
+    first, second = sorted(points, key=lambda p: p["job"])
+    for sid in ("calibrate", "sensitivity"):
+        assert first["stages"][sid]["key"] == second["stages"][sid]["key"]
+        assert second["stages"][sid]["status"] == "cached", second["stages"][sid]
+    for sid in ("allocate", "quantize"):
+        assert first["stages"][sid]["key"] != second["stages"][sid]["key"]
+        assert second["stages"][sid]["status"] == "ran"
+    for p in points:
+        m = p["metrics"]
+        assert m["allocate/predicted_bpw"] == pytest.approx(m["evaluate/bpw_quantized_measured"], abs=1e-9), m
+    assert first["metrics"]["evaluate/bpw_quantized_measured"] < second["metrics"]["evaluate/bpw_quantized_measured"]
