@@ -29,7 +29,8 @@ class SensitivityConfig(StageConfig):
     is compared with the estimate: a rank correlation; 0 skips it).
     """
 
-    estimator: Literal["proxy", "kl", "hessian"] = Field("proxy", description="proxy (no forward), kl or hessian")
+    estimator: Literal["proxy", "fisher", "kl", "hessian"] = Field(
+        "fisher", description="proxy (no forward), fisher (one forward+backward), kl or hessian")
     method: Literal["awq", "gptq", "rtn", "hqq"] = Field("awq", description="the quantize stage the plan feeds")
     bits: list[int] = Field([2, 3, 4, 8], min_length=1, description="candidate bit widths")
     group_sizes: list[int] = Field([32, 64, 128], min_length=1, description="candidate group sizes (-1: per channel)")
@@ -39,6 +40,7 @@ class SensitivityConfig(StageConfig):
     n_windows: int | None = Field(8, ge=1, description="calibration windows for kl / hessian / the check (None: all)")
     batch_size: int = Field(4, ge=1)
     n_check: int = Field(8, ge=0, description="single-layer quantizations measured by KL to check the estimator")
+    fisher_samples: int = Field(1, ge=1, description="fisher: label draws y ~ p_fp per position")
     hessian_max_iter: int = Field(100, ge=1)
     hessian_tol: float = Field(1e-3, gt=0)
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
@@ -95,7 +97,7 @@ class SensitivityAnalyze(Stage):
         shapes = _shapes(ctx, cfg, folder)
         grid = option_grid(shapes, cfg.bits, cfg.group_sizes, cfg.base_spec())
         _check_grid(ctx, cfg, grid, shapes)
-        estimate = {"proxy": _proxy, "kl": _kl, "hessian": _hessian}[cfg.estimator]
+        estimate = {"proxy": _proxy, "fisher": _fisher, "kl": _kl, "hessian": _hessian}[cfg.estimator]
         state = {}  # the loaded float model and windows, shared with the check
         damages, extra = estimate(ctx, cfg, model, calib, grid, state)
         rows = [{"layer": name, "bits": o.spec.bits, "group_size": o.spec.group_size, "bytes": o.nbytes,
@@ -207,6 +209,24 @@ def _proxy(ctx, cfg, model, calib, grid, state):
     form = "exact tr(dW C dW^T) (xtx)" if uses_xtx == len(grid) else (
         "diagonal mean_abs^2" if not uses_xtx else f"xtx for {uses_xtx} layers, mean_abs^2 for the rest")
     return damages, {"proxy_form": form}
+
+
+def _fisher(ctx, cfg, model, calib, grid, state):
+    """One forward + backward per window batch (and label draw), then weight algebra per option."""
+    from qflow.evaluation.sensitivity import fisher_damage, fisher_factors
+
+    net = _float_model(cfg, model, state)
+    ids = _windows(ctx, cfg, calib, state)
+    factors = fisher_factors(net, list(grid), ids, ctx.torch_generator("fisher-labels"),
+                             batch_size=cfg.batch_size, n_samples=cfg.fisher_samples)
+    damages = {}
+    with ctx.progress(len(grid), "fisher") as bar:
+        for name, opts in grid.items():
+            w = net.get_submodule(name).weight.detach()
+            damages[name] = [fisher_damage(w, o.spec, factors.xtx[name], factors.g2[name]) for o in opts]
+            bar.update()
+    return damages, {"n_windows": int(ids.shape[0]), "fisher_tokens": factors.n_tokens,
+                     "fisher_samples": cfg.fisher_samples}
 
 
 def _kl(ctx, cfg, model, calib, grid, state):

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from qflow.evaluation.sensitivity import (float_logits, hessian_damage, hessian_traces, hutchinson, option_grid,
+from qflow.evaluation.sensitivity import (fisher_damage, fisher_factors, float_logits, hessian_damage, hessian_traces, hutchinson, option_grid,
                                           proxy_damage, single_layer_kl, weight_error)
 from qflow.quant import dispatch
 from qflow.quant.ir import layer_nbytes
@@ -150,6 +150,39 @@ def test_hessian_is_positive_and_ranks_the_damaged_layer_first(seed, block):
     reference = float_logits(model, ids, 8)
     kl = {n: single_layer_kl(model, n, spec, ids, reference, 8) for n in (ranked[0], ranked[1])}
     assert kl[damaged] > kl[ranked[1]]
+
+
+# ---- fisher (K-FAC) ----------------------------------------------------------------------------
+
+def test_fisher_predicts_the_measured_single_layer_kl_of_small_perturbations():
+    """Second order: for 4/8-bit rounding the estimate is the measured KL up to the K-FAC factorisation."""
+    model = tiny_llama()
+    layers = _linears(model)
+    ids = calib_ids(8, 32)
+    f = fisher_factors(model, layers, ids, torch.Generator().manual_seed(0), batch_size=4, n_samples=8)
+    assert f.n_tokens == 8 * 32 and all(f.g2[n].min() >= 0 for n in layers)
+    reference = float_logits(model, ids, 8)
+    ratios = []
+    for name in (layers[0], layers[3], layers[6], layers[-1]):
+        w = model.get_submodule(name).weight.detach()
+        for bits in (4, 8):
+            spec = QuantSpec(bits=bits, group_size=32, scheme="asym_a")
+            est = fisher_damage(w, spec, f.xtx[name], f.g2[name])
+            ratios.append(est / single_layer_kl(model, name, spec, ids, reference, 8))
+    assert all(0.4 < r < 2.5 for r in ratios), ratios
+
+
+def test_fisher_ranks_the_damaged_layer_first_and_leaves_the_model_as_it_was():
+    model = tiny_llama(seed=1)
+    damaged = _damage_down_proj(model, 1)
+    layers = _linears(model)
+    before = {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
+    f = fisher_factors(model, layers, calib_ids(8, 32), torch.Generator().manual_seed(0), batch_size=4)
+    spec = QuantSpec(bits=4, group_size=32, scheme="asym_a")
+    damage = {n: fisher_damage(model.get_submodule(n).weight.detach(), spec, f.xtx[n], f.g2[n]) for n in layers}
+    assert max(damage, key=damage.get) == damaged
+    for n, p in model.named_parameters():
+        assert p.requires_grad == before[n][0] and p.grad is None and p.detach().equal(before[n][1])
 
 
 def test_hessian_traces_leave_the_model_as_it_was():

@@ -13,6 +13,13 @@ layers by assumption:
   (``qflow.evaluation.lm.exact_kl``) to the float logits on the calibration
   windows; the float logits are computed once, then one forward over the windows
   per (layer, option).
+* ``fisher`` (K-FAC, output-diagonal): ``1/2 sum_i G_i (dW A dW^T)_ii`` with
+  ``A = E[x x^T]`` the layer's input second moments and ``G_i = E[(d log p(y)/d s_i)^2]``
+  the squared gradient of the float model's log-likelihood w.r.t. the layer's output
+  channel ``i``, ``y`` sampled from the float model itself: the Kronecker-factored
+  second-order term of ``KL(p_fp || p_q)`` in nats per token (the Fisher weighting of
+  BRECQ's block reconstruction at the layer level). One forward and backward over the
+  windows collects ``A`` and ``G`` for every layer at once.
 * ``hessian`` (HAWQ-V2): ``Tr(H_l) / n_l * ||Q_o(W_l) - W_l||^2`` with the
   Hutchinson trace (one Rademacher ``v`` for all layers per iteration, PyHessian's
   stop rule) of the Hessian of the cross-entropy to the float model's own
@@ -192,6 +199,80 @@ def hessian_traces(model, layers: list[str], ids: torch.Tensor, generator: torch
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)
+
+
+@dataclass
+class FisherFactors:
+    xtx: dict[str, torch.Tensor]     # per layer E[x x^T] over tokens, [in, in] fp32
+    g2: dict[str, torch.Tensor]      # per layer E[(dlog p(y)/ds_i)^2] over tokens, [out] fp32
+    n_tokens: int
+
+
+def fisher_factors(model, layers: list[str], ids: torch.Tensor, generator: torch.Generator, *,
+                   batch_size: int = 2, n_samples: int = 1) -> FisherFactors:
+    """Input second moments and output-gradient second moments of every layer in ``layers``.
+
+    ``n_samples`` label draws ``y ~ p_fp`` per position (each a backward pass over the
+    windows): the gradient of ``sum_t log p(y_t)`` w.r.t. a layer's output at position
+    ``t`` is an unbiased sample of that position's Fisher factor (cross terms between
+    independently drawn labels vanish in expectation). Parameters get no gradient.
+    """
+    modules = {name: model.get_submodule(name) for name in layers}
+    xtx = {n: torch.zeros(m.in_features, m.in_features) for n, m in modules.items()}
+    g2 = {n: torch.zeros(m.out_features) for n, m in modules.items()}
+    collect_inputs = [True]
+    handles = []
+
+    def make_hook(name):
+        def hook(module, args, out):
+            if collect_inputs[0]:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                xtx[name].addmm_(x.T, x)
+            if out.requires_grad:
+                out.register_hook(grad_hook(name))
+        return hook
+
+    def grad_hook(name):
+        def accumulate(g):   # returns None: the gradient flows on unchanged
+            g2[name].add_(g.detach().reshape(-1, g.shape[-1]).float().pow(2).sum(0))
+        return accumulate
+
+    def grad_on(module, args, out):   # activations need gradients; the weights do not
+        return out.detach().requires_grad_(True)
+
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles.append(model.get_input_embeddings().register_forward_hook(grad_on))
+    handles += [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+    n_tokens = 0
+    try:
+        for i in range(0, ids.shape[0], batch_size):
+            batch = ids[i:i + batch_size]
+            for k in range(n_samples):
+                collect_inputs[0] = k == 0
+                logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+                logp = torch.log_softmax(logits, dim=-1)
+                with torch.no_grad():
+                    y = torch.multinomial(logp.detach().exp().reshape(-1, logp.shape[-1]), 1,
+                                          generator=generator).reshape(logp.shape[:-1])
+                logp.gather(-1, y[..., None]).sum().backward()
+                del logits, logp
+            n_tokens += batch.shape[0] * batch.shape[1]
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+    # inputs were seen at every position (L per window); gradients flow from the L-1 scored positions
+    return FisherFactors({n: t / n_tokens for n, t in xtx.items()},
+                         {n: t / (n_tokens * n_samples) for n, t in g2.items()}, n_tokens)
+
+
+def fisher_damage(w: torch.Tensor, spec: QuantSpec, xtx: torch.Tensor, g2: torch.Tensor) -> float:
+    """``1/2 sum_i g2_i (dW xtx dW^T)_ii``: the estimated single-layer KL in nats per token."""
+    dw = weight_error(w, spec)
+    return 0.5 * float((((dw @ xtx) * dw).sum(1).double() * g2.double()).sum())
 
 
 def hessian_damage(trace: float, w: torch.Tensor, spec: QuantSpec) -> float:
