@@ -441,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(fn=cmd_sweep)
 
     rp = sub.add_parser("report", help="Pareto report across the runs of an experiment, a sweep or run ids")
-    rp.add_argument("target", help="experiment name, sweep folder/name, or MLflow run id(s) separated by commas")
+    rp.add_argument("target", nargs="+", help="experiment name, sweep folder/name, or MLflow run id(s) separated by "
+                    "commas; several targets share one report (e.g. a mixed-precision sweep and a uniform one)")
     rp.add_argument("--objectives", default="bpw_quantized:min,kl_mean:min",
                     help="metric:min|max pairs (metric names without the stage prefix match any stage)")
     rp.add_argument("--constraint", action="append", default=[], help="hard constraint, e.g. evaluate/bpw_quantized<=4.5")

@@ -363,3 +363,29 @@ def test_html_reports_render_in_headless_chromium(tmp_path):
         images, errors = render(page, tmp_path / f"profile-{k + 1}")
         assert len(images) >= 2 and all(done and width > 0 for done, width in images), (page, images)
         assert errors == [], (page, errors)
+
+
+def test_one_report_over_a_mixed_precision_sweep_and_a_uniform_sweep(tmp_path, runs_dir, capsys):
+    """`qflow report MIXED UNIFORM`: one Pareto set over both, each point marked with its series."""
+    uniform = sweep_points()
+    mixed = [{"job": j, "status": "ok", "overrides": [f"params.bpw={b}"], "protocol_hash": "p1", "run_dir": "",
+              "stages": {}, "metrics": {"evaluate/bpw_quantized": b, "evaluate/kl_mean": kl, "evaluate/ppl": 31.0,
+                                        "allocate/predicted_bpw": b}}
+             for j, (b, kl) in enumerate([(3.0, 0.30), (3.5, 0.12), (4.25, 0.045)])]
+    names = []
+    for name, points in (("20260101-000000-000000-mixed", mixed), ("20260101-000000-000001-uniform", uniform)):
+        for pt in points:
+            (runs_dir / "sweeps" / name / str(pt["job"])).mkdir(parents=True)
+            (runs_dir / "sweeps" / name / str(pt["job"]) / "point.json").write_text(json.dumps(pt))
+        names.append(name)
+    args = _report_args(names[0], tmp_path / "both")
+    args.target = names
+    assert cli_report(args, runs_dir) == 0
+    out = json.loads(capsys.readouterr().out)
+    series = {p["name"]: p["series"] for p in out["points"]}
+    assert sum(s == "mixed" for s in series.values()) == 3 and sum(s == "uniform" for s in series.values()) == 6
+    assert all(n.startswith(names[0]) == (s == "mixed") for n, s in series.items())
+    front = {(p["series"], p["values"]["bpw_quantized"]) for p in out["points"] if p["on_front"]}
+    # the mixed 4.25 point (KL 0.045) dominates uniform (4,128) at 4.28 and (4,64) at 4.56
+    assert ("mixed", 4.25) in front and ("uniform", 4.28) not in front and ("uniform", 4.56) not in front
+    assert (tmp_path / "both" / "bpw_kl.png").is_file()

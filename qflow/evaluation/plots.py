@@ -124,7 +124,7 @@ def pareto_scatter(xs: Sequence[float], ys: Sequence[float], labels: Sequence[st
     """Scatter with the 2-D Pareto front of (x, y) of each group drawn as a step line.
 
     ``highlight`` (e.g. the members of the N-D Pareto set) are drawn in red, the rest in grey;
-    each group (evaluation protocol) gets its own marker and its own front.
+    each group (evaluation protocol, or "mixed" / "uniform" series) gets its own marker and its own front.
     """
     from .pareto import pareto_front
 
@@ -137,7 +137,7 @@ def pareto_scatter(xs: Sequence[float], ys: Sequence[float], labels: Sequence[st
         marker = PROTOCOL_MARKERS[g_i % len(PROTOCOL_MARKERS)]
         ax.scatter([xs[i] for i in idx], [ys[i] for i in idx], marker=marker, s=36,
                    c=["#d62728" if i in marked else "#7f7f7f" for i in idx],
-                   label=(f"protocol {g}" if len(uniq) > 1 else None), zorder=3)
+                   label=(g if len(uniq) > 1 else None), zorder=3)
         front = pareto_front([{"x": xs[i], "y": ys[i]} for i in idx], {"x": x_dir, "y": y_dir})
         pts = sorted((xs[idx[k]], ys[idx[k]]) for k in front)
         if len(pts) > 1:

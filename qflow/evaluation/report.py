@@ -55,6 +55,11 @@ class Point:
     violated: list[str] = field(default_factory=list)
     on_front: bool = False
 
+    @property
+    def series(self) -> str:
+        """``mixed`` for a per-layer plan (an allocate-bits stage ran: ``*predicted_bpw``), else ``uniform``."""
+        return "mixed" if any(k.endswith("predicted_bpw") for k in self.metrics) else "uniform"
+
 
 # ---- metric names and constraints -------------------------------------------------------------
 
@@ -192,7 +197,7 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return {"folder": str(self.folder), "objectives": self.objectives, "constraints": self.constraints,
                 "protocols": self.protocols, "warning": self.warning(),
-                "points": [{"ref": p.ref, "name": p.name, "label": p.label, "status": p.status,
+                "points": [{"ref": p.ref, "name": p.name, "label": p.label, "status": p.status, "series": p.series,
                             "protocol": p.protocol, "feasible": p.feasible, "violated": p.violated,
                             "on_front": p.on_front,
                             "values": {o: _metric_value(p, o) for o in self.objectives}} for p in self.points]}
@@ -253,7 +258,7 @@ def _write(report: Report, title: str) -> None:
             continue
         path = pareto_scatter([_metric_value(p, x_name) for p in pts], [_metric_value(p, y_name) for p in pts],
                               [p.label for p in pts], [i for i, p in enumerate(pts) if p.on_front],
-                              [p.protocol for p in pts], folder / fname, xlabel=metric_label(x_name),
+                              _groups(pts), folder / fname, xlabel=metric_label(x_name),
                               ylabel=metric_label(y_name), title=f"{y_name} vs {x_name}")
         parts.append(H.section(f"{y_name} vs {x_name}: {metric_label(y_name)}", H.image(path, f"{y_name} vs {x_name}")))
     header = ["on set", "protocol", "label", "name", "status", *objectives, "excluded by"]
@@ -264,6 +269,15 @@ def _write(report: Report, title: str) -> None:
              *[_metric_value(p, o) for o in objectives], "; ".join(p.violated)] for p in ordered]
     parts.append(H.section("Runs", H.table(header, rows, ["front" if p.on_front else "" for p in ordered])))
     H.write_page(folder / "report.html", title, parts)
+
+
+def _groups(points: list[Point]) -> list[str]:
+    """Plot groups: the series (mixed precision vs uniform) when both occur, and the protocol when several do."""
+    series = len({p.series for p in points}) > 1
+    protocols = len({p.protocol for p in points}) > 1
+    names = {"mixed": "mixed precision (allocate-bits)", "uniform": "uniform"}
+    return [", ".join(filter(None, [names[p.series] if series else "", f"protocol {p.protocol}" if protocols else ""]))
+            or "all" for p in points]
 
 
 def pareto_report_for_points(points: list[dict[str, Any]], folder: Path,
@@ -327,8 +341,18 @@ def cli_report(args, runs_root: Path) -> int:
                          fix="write metric:min|max pairs, e.g. bpw_quantized:min,kl_mean:min") from None
     for c in args.constraint or []:
         parse_constraint(c, where="qflow report --constraint")
-    kind, points = load_target(args.target, runs_root)
-    folder = Path(args.output) if args.output else runs_root / "reports" / _safe_name(args.target)
+    targets = args.target if isinstance(args.target, list) else [args.target]
+    kinds, points = [], []
+    for target in targets:
+        kind, pts = load_target(target, runs_root)
+        if len(targets) > 1:
+            for p in pts:
+                p.name = f"{target}: {p.name}"
+        kinds.append(kind)
+        points += pts
+    kind = "+".join(dict.fromkeys(kinds))
+    args.target = " + ".join(targets)
+    folder = Path(args.output) if args.output else runs_root / "reports" / _safe_name("+".join(targets))
     report = build_report(points, folder, objectives, args.constraint or [],
                           title=f"Pareto report: {kind} {args.target}")
     if report is None:
