@@ -46,7 +46,7 @@ QFLOW = ROOT / ".venv" / "bin" / "qflow"
 RECIPES = {"awq": "recipes/llama-awq.yaml", "rtn": "recipes/llama-rtn.yaml"}
 UNIFORM_ASYM = {"awq": ["params.zero_point=true"], "rtn": ["params.scheme=asym_z"]}
 EVAL = ["params.n_eval_windows=null", "+stages.evaluate.with.layer_report=false",
-        "+stages.evaluate.with.speed=false", "~stages.evaluate.gates"]
+        "+stages.evaluate.with.speed=false"]
 # the mixed recipe's quantize stage is AWQ; for RTN the plan is priced on RTN's grid (asym_z)
 MIXED_METHOD = {"awq": [], "rtn": ["stages.quantize.uses=quantize.rtn", "~stages.quantize.with.n_search_tokens",
                                "stages.sensitivity.with.method=rtn"]}
@@ -83,8 +83,9 @@ def qflow(args: list[str], runs_dir: Path, timeout: float) -> dict:
 
 
 def _drop_export(recipe: str) -> list[str]:
-    """This comparison is quantize + evaluate; drop the recipe's export stage where it has one."""
-    return ["~stages.export"] if "\n  export:" in (ROOT / recipe).read_text() else []
+    """This comparison is quantize + evaluate: drop the recipe's export stage and evaluate's gates where it has them."""
+    text = (ROOT / recipe).read_text()
+    return (["~stages.export"] if "\n  export:" in text else []) + (["~stages.evaluate.gates"] if "gates:" in text else [])
 
 
 def uniform_grid(method: str, max_budget: float) -> list[tuple[int, int, float]]:
@@ -122,6 +123,10 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="3.0,3.5,4.25")
     p.add_argument("--estimator", default=None, help="sensitivity estimator (default: the recipe's)")
     p.add_argument("--phase", choices=["all", "uniform", "mixed"], default="all")
+    p.add_argument("--uniform", default=None,
+                   help="bits:group list to measure (default: every uniform point of the grid that fits the largest "
+                        "budget), e.g. 2:32,3:-1,3:32,4:-1")
+    p.add_argument("--mixed-first", action="store_true", help="run the plans before the uniform points")
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench-mixed")
     p.add_argument("--extra", action="append", default=[], help="extra override for the mixed runs")
     p.add_argument("--timeout", type=float, default=3 * 3600)
@@ -133,22 +138,38 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     uniform: dict[str, list[dict]] = {m: [] for m in methods}
     mixed: dict[tuple[str, float], dict] = {}
+    wanted = None if args.uniform is None else [tuple(int(v) for v in x.split(":")) for x in args.uniform.split(",")]
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    points_log = args.runs_dir / "mixed_vs_uniform.jsonl"   # every point as it finishes (survives an interrupted run)
     for method in methods:
-        if args.phase in ("all", "uniform"):
-            for bits, group, bpw in uniform_grid(method, max(budgets)):
+        def run_uniform():
+            grid = uniform_grid(method, max(budgets))
+            if wanted is not None:
+                grid = sorted((x for x in grid if x[:2] in wanted), key=lambda x: wanted.index(x[:2]))
+            for bits, group, bpw in grid:
                 r = qflow([RECIPES[method], f"params.bits={bits}", f"params.group_size={group}",
-                           *UNIFORM_ASYM[method], *EVAL, *_drop_export(RECIPES[method])], args.runs_dir, args.timeout)
+                           *UNIFORM_ASYM[method], *EVAL, *_drop_export(RECIPES[method])],
+                          args.runs_dir, args.timeout)
                 r |= {"bits": bits, "group": group, "bpw_nominal_shapes": bpw}
                 log(f"  uniform {method} W{bits} g{group}: {_fmt(r)}")
+                _append(points_log, {"kind": "uniform", "method": method, **r})
                 uniform[method].append(r)
-        if args.phase in ("all", "mixed"):
+
+        def run_mixed():
             for b in budgets:
-                extra = [f"params.bpw={b}", *MIXED_METHOD[method], *EVAL, "~stages.export", *args.extra]
+                extra = [f"params.bpw={b}", *MIXED_METHOD[method], *EVAL, *_drop_export("recipes/llama-mixed.yaml"),
+                         *args.extra]
                 if args.estimator:
                     extra.append(f"params.estimator={args.estimator}")
                 r = qflow(["recipes/llama-mixed.yaml", *extra], args.runs_dir, args.timeout)
                 log(f"  mixed {method} bpw {b}: {_fmt(r)}")
+                _append(points_log, {"kind": "mixed", "method": method, "budget": b, **r})
                 mixed[(method, b)] = r
+
+        phases = [("mixed", run_mixed), ("uniform", run_uniform)]
+        for name, fn in (phases if args.mixed_first else phases[::-1]):
+            if args.phase in ("all", name):
+                fn()
     if args.phase != "all":
         return 0
     lines = table(methods, budgets, uniform, mixed)
@@ -169,6 +190,11 @@ def main(argv=None) -> int:
         path.write_text(content + text)
     ok = all(r.get("pass") for r in _rows(methods, budgets, uniform, mixed))
     return 0 if ok else 1
+
+
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **row}, default=str) + "\n")
 
 
 def _fmt(r: dict) -> str:
