@@ -4,6 +4,7 @@
     qflow run -m RECIPE params.bits=3,4 ...        # sweep (Hydra multirun)
     qflow explain RECIPE [OVERRIDES...]
     qflow ls stages | qflow show stage NAME | qflow schema [-o FILE]
+    qflow recipes ls | qflow recipes show NAME [OVERRIDES...]
     qflow cache ls | gc --keep N | verify [--fix]
     qflow sync [--runs-dir DIR]                    # upload runs queued while MLflow was unreachable
     qflow ui
@@ -400,6 +401,39 @@ def cmd_sync(args) -> int:
     return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
+# ---- recipe libraries, lock, lint -----------------------------------------------------
+
+def _libraries(args):
+    from .recipe.libraries import resolve_libraries
+
+    return resolve_libraries(args.lib or [], _runs_root(args) / "cache")
+
+
+def cmd_recipes(args) -> int:
+    from .recipe.libraries import list_recipes
+
+    local = Path(args.dir) if args.dir else (Path("recipes") if Path("recipes").is_dir() else None)
+    if args.recipes_cmd == "ls":
+        rows = list_recipes(_libraries(args), local)
+        if args.json:
+            print(json.dumps(rows))
+            return 0
+        width = max((len(r["qualified"]) for r in rows), default=10)
+        for r in rows:
+            print(f"{r['qualified']:<{width}}  [{r['library']}]  {r['description']}")
+        return 0
+    from .recipe.provenance import find_recipe, render, sources
+
+    path = find_recipe(args.name, _libraries(args), local)
+    cfg, where = sources(path, args.overrides, libraries=args.lib or [], cache_dir=_runs_root(args) / "cache")
+    if args.json:
+        print(json.dumps({"recipe": str(path), "config": cfg, "sources": where}, default=str))
+    else:
+        print(f"# {path} composed" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+        print(render(cfg, where, Path.cwd()))
+    return 0
+
+
 # ---- parser -------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -432,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.set_defaults(fn=cmd_schema)
 
     _add_cache(sub)
+    _add_library_commands(sub)
 
     sw = sub.add_parser("sweep", help="sweep bookkeeping")
     swsub = sw.add_subparsers(dest="sweep_cmd", required=True)
@@ -484,6 +519,20 @@ def _add_run(sub) -> None:
                    help="let the recipe read this environment variable with ${oc.env:NAME} (redacted when tracked)")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(fn=cmd_run)
+
+
+def _add_library_commands(sub) -> None:
+    rc = sub.add_parser("recipes", help="recipes of every library: ls, show NAME (values with their source file:line)")
+    rsub = rc.add_subparsers(dest="recipes_cmd", required=True)
+    rl = rsub.add_parser("ls", help="every recipe of ./recipes and of every library, with its description")
+    rs = rsub.add_parser("show", help="the composed recipe, each value with the file and line it came from")
+    rs.add_argument("name", help="a .yaml path, or a name from `qflow recipes ls` (qualified: LIBRARY/NAME)")
+    rs.add_argument("overrides", nargs="*")
+    for x in (rl, rs):
+        x.add_argument("--lib", action="append", help="recipe library: folder, NAME=DIR, pkg://NAME, git+URL@COMMIT")
+        x.add_argument("--dir", help="the local recipes folder (default: ./recipes)")
+        x.add_argument("--json", action="store_true")
+    rc.set_defaults(fn=cmd_recipes)
 
 
 def _add_cache(sub) -> None:
