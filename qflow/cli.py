@@ -5,6 +5,7 @@
     qflow explain RECIPE [OVERRIDES...]
     qflow ls stages | qflow show stage NAME | qflow schema [-o FILE]
     qflow recipes ls | qflow recipes show NAME [OVERRIDES...]
+    qflow lock RECIPE [OVERRIDES...]  |  qflow run RECIPE --locked   # refuses when anything resolves differently
     qflow cache ls | gc --keep N | verify [--fix]
     qflow sync [--runs-dir DIR]                    # upload runs queued while MLflow was unreachable
     qflow ui
@@ -59,12 +60,20 @@ def _run(args) -> int:
     opts = RunOptions(runs_root=_runs_root(args), dry_run=args.dry_run, only=args.only, from_=args.from_,
                       force=args.force or [], track=not args.no_track, quiet=args.quiet,
                       libraries=args.lib or [], allow_env=args.allow_env or [])
+    if args.multirun and (args.locked or args.lock_file):
+        raise QflowError("--locked checks one run against its lock; a sweep is many runs", where="qflow run -m",
+                         fix="lock and run each point (qflow lock RECIPE params.bits=3; qflow run --locked ...)")
     if args.multirun:
         from .engine.sweep import run_sweep
 
         return run_sweep(args.recipe, args.overrides, opts, as_json=args.json, jobs=args.jobs,
                          objective=args.objective, constraints=args.constraint, report=_sweep_report)
     plan = load_plan(args.recipe, args.overrides, opts)
+    if args.locked or args.lock_file:
+        from .engine.lock import check_locked
+
+        check_locked(plan, args.recipe, args.overrides, libraries=opts.libraries, cache_root=opts.runs_root / "cache",
+                     path=args.lock_file)
     result = execute(plan, opts, args.overrides)
     if args.json:
         print(json.dumps(result.to_json(), default=str))
@@ -434,6 +443,23 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_lock(args) -> int:
+    from .engine.lock import lock_path, lock_record, write_lock
+    from .engine.runner import RunOptions, load_plan
+
+    opts = RunOptions(runs_root=_runs_root(args), libraries=args.lib or [], allow_env=args.allow_env or [])
+    plan = load_plan(args.recipe, args.overrides, opts)
+    record = lock_record(plan, args.recipe, args.overrides, libraries=opts.libraries,
+                         cache_root=opts.runs_root / "cache")
+    path = write_lock(record, Path(args.output) if args.output else lock_path(args.recipe))
+    if args.json:
+        print(json.dumps(record, default=str))
+    else:
+        libs = ", ".join(f"{k} {v['fingerprint'][:19]}" for k, v in record["libraries"].items()) or "none"
+        print(f"wrote {path}: {len(record['stages'])} stages, libraries {libs}")
+    return 0
+
+
 # ---- parser -------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -518,6 +544,8 @@ def _add_run(sub) -> None:
     r.add_argument("--allow-env", action="append", metavar="NAME",
                    help="let the recipe read this environment variable with ${oc.env:NAME} (redacted when tracked)")
     r.add_argument("-q", "--quiet", action="store_true")
+    r.add_argument("--locked", action="store_true", help="refuse to run unless the recipe resolves to RECIPE.lock")
+    r.add_argument("--lock-file", metavar="PATH", help="the lock to check (implies --locked)")
     r.set_defaults(fn=cmd_run)
 
 
@@ -533,6 +561,15 @@ def _add_library_commands(sub) -> None:
         x.add_argument("--dir", help="the local recipes folder (default: ./recipes)")
         x.add_argument("--json", action="store_true")
     rc.set_defaults(fn=cmd_recipes)
+
+    lk = sub.add_parser("lock", help="write RECIPE.lock: resolved recipe, model/data fingerprints, library commits")
+    lk.add_argument("recipe")
+    lk.add_argument("overrides", nargs="*")
+    lk.add_argument("--lib", action="append", help="recipe library: folder, NAME=DIR, pkg://NAME, git+URL@COMMIT")
+    lk.add_argument("--allow-env", action="append", metavar="NAME")
+    lk.add_argument("-o", "--output", help="lock file (default: the recipe's path with .lock)")
+    lk.add_argument("--json", action="store_true")
+    lk.set_defaults(fn=cmd_lock)
 
 
 def _add_cache(sub) -> None:
