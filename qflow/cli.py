@@ -5,6 +5,7 @@
     qflow explain RECIPE [OVERRIDES...]
     qflow ls stages | qflow show stage NAME | qflow schema [-o FILE]
     qflow recipes ls | qflow recipes show NAME [OVERRIDES...]
+    qflow lint RECIPE... [OVERRIDES...] [--json]                    # exit 1 when it finds something
     qflow lock RECIPE [OVERRIDES...]  |  qflow run RECIPE --locked   # refuses when anything resolves differently
     qflow cache ls | gc --keep N | verify [--fix]
     qflow sync [--runs-dir DIR]                    # upload runs queued while MLflow was unreachable
@@ -460,6 +461,30 @@ def cmd_lock(args) -> int:
     return 0
 
 
+def cmd_lint(args) -> int:
+    from .engine.lint import lint
+
+    recipes = [a for a in args.targets if a.endswith((".yaml", ".yml"))]
+    overrides = [a for a in args.targets if not a.endswith((".yaml", ".yml"))]
+    if not recipes:
+        raise QflowError("no recipe to lint", where="qflow lint", fix="pass one or more .yaml recipe files")
+    model_check = None
+    if not args.no_model:
+        from .models.lint import model_findings as model_check
+    findings = []
+    for recipe in recipes:
+        findings += lint(recipe, overrides, libraries=args.lib or [], cache_root=_runs_root(args) / "cache",
+                         model_check=model_check)
+    if args.json:
+        print(json.dumps({"findings": findings, "recipes": recipes}))
+    else:
+        for f in findings:
+            print(f"{f['recipe']}: {f['where']}: [{f['code']}] {f['message']}" + (f" Fix: {f['fix']}" if f["fix"] else ""))
+        print(f"{len(findings)} finding{'s' if len(findings) != 1 else ''} in {len(recipes)} recipe"
+              f"{'s' if len(recipes) != 1 else ''}")
+    return 1 if findings else 0
+
+
 # ---- parser -------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -570,6 +595,13 @@ def _add_library_commands(sub) -> None:
     lk.add_argument("-o", "--output", help="lock file (default: the recipe's path with .lock)")
     lk.add_argument("--json", action="store_true")
     lk.set_defaults(fn=cmd_lock)
+
+    li = sub.add_parser("lint", help="check recipes before running them (exit 1 when anything is found)")
+    li.add_argument("targets", nargs="+", metavar="RECIPE|OVERRIDE", help="recipe files, then overrides for all")
+    li.add_argument("--lib", action="append", help="recipe library: folder, NAME=DIR, pkg://NAME, git+URL@COMMIT")
+    li.add_argument("--no-model", action="store_true", help="skip the checks against the model's configuration")
+    li.add_argument("--json", action="store_true")
+    li.set_defaults(fn=cmd_lint)
 
 
 def _add_cache(sub) -> None:
