@@ -58,6 +58,11 @@ def cmd_run(args) -> int:
 def _run(args) -> int:
     from .engine.runner import RunOptions, execute, load_plan
 
+    if args.trust_remote_code:
+        from .recipe.safety import allow_remote_code
+
+        allow_remote_code()
+
     opts = RunOptions(runs_root=_runs_root(args), dry_run=args.dry_run, only=args.only, from_=args.from_,
                       force=args.force or [], track=not args.no_track, quiet=args.quiet,
                       libraries=args.lib or [], allow_env=args.allow_env or [])
@@ -469,6 +474,10 @@ def cmd_lint(args) -> int:
     if not recipes:
         raise QflowError("no recipe to lint", where="qflow lint", fix="pass one or more .yaml recipe files")
     model_check = None
+    if args.trust_remote_code:
+        from .recipe.safety import allow_remote_code
+
+        allow_remote_code()
     if not args.no_model:
         from .models.lint import model_findings as model_check
     findings = []
@@ -569,6 +578,8 @@ def _add_run(sub) -> None:
     r.add_argument("--allow-env", action="append", metavar="NAME",
                    help="let the recipe read this environment variable with ${oc.env:NAME} (redacted when tracked)")
     r.add_argument("-q", "--quiet", action="store_true")
+    r.add_argument("--trust-remote-code", action="store_true",
+                   help="let a checkpoint's own Python code (auto_map) run; a recipe can never ask for it")
     r.add_argument("--locked", action="store_true", help="refuse to run unless the recipe resolves to RECIPE.lock")
     r.add_argument("--lock-file", metavar="PATH", help="the lock to check (implies --locked)")
     r.set_defaults(fn=cmd_run)
@@ -600,6 +611,7 @@ def _add_library_commands(sub) -> None:
     li.add_argument("targets", nargs="+", metavar="RECIPE|OVERRIDE", help="recipe files, then overrides for all")
     li.add_argument("--lib", action="append", help="recipe library: folder, NAME=DIR, pkg://NAME, git+URL@COMMIT")
     li.add_argument("--no-model", action="store_true", help="skip the checks against the model's configuration")
+    li.add_argument("--trust-remote-code", action="store_true", help="let the model's own configuration code run")
     li.add_argument("--json", action="store_true")
     li.set_defaults(fn=cmd_lint)
 

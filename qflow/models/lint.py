@@ -30,8 +30,6 @@ from ..errors import SourceError
 
 def model_config(source: str):
     """The transformers config of ``source`` (no weights read)."""
-    from transformers import AutoConfig
-
     from .sources import _gguf_file, _local_folder, _split_hf, _zoo_gguf_path, hub_offline, parse_model_source
 
     kind, value = parse_model_source(source)
@@ -52,8 +50,23 @@ def model_config(source: str):
         except Exception as exc:  # offline and not cached, or unreachable
             raise SourceError(f"the model's config.json is not available ({type(exc).__name__})", where=source,
                               fix="download the model once (HF_HUB_OFFLINE=0) or lint against a local folder") from None
-        return AutoConfig.from_pretrained(Path(config_file).parent)
-    return AutoConfig.from_pretrained(_local_folder(value, source))
+        return _config(Path(config_file).parent, source)
+    return _config(_local_folder(value, source), source)
+
+
+def _config(folder: Path, source: str):
+    from transformers import AutoConfig
+
+    from ..recipe.safety import remote_code_allowed
+
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=remote_code_allowed())
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise SourceError("the model's configuration needs its own Python code (auto_map), which qflow runs only "
+                          "when you allow it", where=source,
+                          fix="pass --trust-remote-code on the command line if you trust the model's code") from None
 
 
 def meta_linear_shapes(source: str, targets: str | None = None, exclude: list[str] | None = None) \
@@ -70,8 +83,10 @@ def _meta_linear_shapes(source: str, targets: str | None, exclude: tuple[str, ..
     from ..quant.weights import DEFAULT_TARGETS
 
     config = model_config(source)
+    from ..recipe.safety import remote_code_allowed
+
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=remote_code_allowed())
     pattern = re.compile(targets or DEFAULT_TARGETS)
     excl = [re.compile(e) for e in exclude or []]
     out = {}

@@ -23,6 +23,9 @@ The rules, enforced by :func:`audit_defaults` and :func:`check_composed`:
   library provides must resolve (symlinks followed) inside that library's
   root, and a name two libraries provide is an error unless qualified
   (:mod:`qflow.recipe.libraries`).
+* No ``trust_remote_code`` key anywhere (a recipe, a library file, an
+  override): only the command line's ``--trust-remote-code`` lets a
+  checkpoint's own code run (:func:`remote_code_allowed`).
 * ``pkg://`` search paths come only from the command line (``--lib``) or
   ``QFLOW_RECIPE_PATH``: a recipe's own ``hydra.searchpath`` may name folders.
 * ``${oc.env:NAME}`` resolves only for names the user allowed on the command
@@ -260,6 +263,7 @@ def check_composed(cfg: Any, where: str) -> None:
 
     plain = OmegaConf.to_container(cfg, resolve=False)
     hydra = plain.pop("hydra", None) or {}
+    check_no_remote_code(plain, where)
     target = _find_key(plain, "_target_")
     if target:
         raise RecipeError(f"'{target}' names code to instantiate; recipes are data", where=where,
@@ -286,6 +290,32 @@ def _targets(obj: Any, prefix: str):
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
             yield from _targets(v, f"{prefix}[{i}]")
+
+
+# ---- remote code --------------------------------------------------------------------
+
+REMOTE_CODE_ENV = "QFLOW_TRUST_REMOTE_CODE"
+
+
+def allow_remote_code() -> None:
+    """The command line's ``--trust-remote-code``: model code shipped with a checkpoint may run (this process
+    and the sweep jobs it starts). Nothing a recipe or a library says can call this."""
+    os.environ[REMOTE_CODE_ENV] = "1"
+
+
+def remote_code_allowed() -> bool:
+    """What every transformers ``from_pretrained`` / ``from_config`` of a model qflow loads passes as
+    ``trust_remote_code``."""
+    return os.environ.get(REMOTE_CODE_ENV) == "1"
+
+
+def check_no_remote_code(plain: Any, where: str) -> None:
+    found = _find_key(plain, "trust_remote_code")
+    if found:
+        raise RecipeError(f"'{found}': a recipe cannot allow a checkpoint's own Python code to run (recipes are data; "
+                          f"shared libraries would otherwise run code on every user's machine)", where=where,
+                          fix="remove the key, and pass --trust-remote-code on the command line if you trust the "
+                              "model's code")
 
 
 # ---- environment interpolation -----------------------------------------------------
