@@ -47,8 +47,8 @@ def defaults_files(recipe: str | os.PathLike, overrides: list[str], *, libraries
                 continue
             result = repo.load_config(d.config_path)
             file = _source_file(str(result.path), d.config_path) if result is not None else None
-            if file is not None:
-                out.append((file, d.package or ""))
+            if file is not None:   # the real file, not the qualified-name link (<cache>/libs/names/...)
+                out.append((Path(os.path.realpath(file)), d.package or ""))
     return out
 
 

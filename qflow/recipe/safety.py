@@ -218,7 +218,8 @@ def _search_roots(recipe_path: Path, overrides: list[str]) -> list[tuple[str, Pa
         if root.parent.name == "names" and root.parent.parent.name == "libs" and root.is_dir():
             names.update({link.resolve(): link.name for link in root.iterdir()})
     for root in entries:
-        label = f"library '{names[root.resolve()]}'" if root.resolve() in names else f"folder {root}"
+        label = f"library '{names[root.resolve()]}'" if root.resolve() in names else \
+            "a library reached by its qualified name" if root.parent.name == "names" else f"folder {root}"
         roots.append((label, root, root))
     return roots
 
