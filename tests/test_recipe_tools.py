@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qflow.cli import main
-from tests.conftest import tiny_recipe, write_recipe
+from tests.conftest import REPO, tiny_recipe, write_recipe
 
 
 def qflow(capsys, *args: str) -> tuple[int, str, str]:
@@ -28,14 +28,15 @@ def _team_lib(root: Path) -> Path:
 
 def test_recipes_ls_lists_every_library_with_descriptions(tmp_path, capsys):
     lib = _team_lib(tmp_path / "teamlib")
-    code, out, _ = qflow(capsys, "--runs-dir", str(tmp_path / "runs"), "recipes", "ls", "--lib", str(lib), "--json")
+    code, out, _ = qflow(capsys, "--runs-dir", str(tmp_path / "runs"), "recipes", "ls", "--lib", str(lib), "--json",
+                         "--dir", str(REPO / "recipes"))
     assert code == 0
     rows = {r["qualified"]: r for r in json.loads(out)}
     assert rows["teamlib/team/params"]["description"] == "The team's 3-bit settings."
     assert rows["teamlib/team/params"]["library"] == "teamlib"
     assert rows["qflow/lib/eval/default"]["library"] == "qflow"
     assert rows["qflow/lib/eval/default"]["description"].startswith("Default evaluation protocol")
-    assert rows["llama-awq"]["library"] == "local"          # ./recipes (the tests run from the repository)
+    assert rows["llama-awq"]["library"] == "local"          # --dir (default ./recipes)
 
 
 def test_recipes_show_names_the_file_and_line_of_every_value(tmp_path, capsys):
