@@ -30,7 +30,7 @@ reported in its row; the run goes on.
 Usage (from the repository root, with qflow's venv)::
 
     .venv/bin/python benchmarks/peer_llmcompressor.py                       # W4+W3 x rtn,awq,gptq, protocol full
-    .venv/bin/python benchmarks/peer_llmcompressor.py --protocol ci         # recipes/lib/protocol/ci.yaml sizes
+    .venv/bin/python benchmarks/peer_llmcompressor.py --protocol ci         # qflow/recipe_lib/qflow/lib/protocol/ci.yaml sizes
     .venv/bin/python benchmarks/peer_llmcompressor.py --bits 4 --n-eval-windows 16   # custom sizes
     .venv/bin/python benchmarks/peer_llmcompressor.py --methods gptq --bits 3 --skip-install
 
@@ -83,12 +83,12 @@ SECTION = "## Peer: llm-compressor"
 RECIPES = {"rtn": "recipes/llama-rtn.yaml", "awq": "recipes/llama-awq.yaml", "gptq": "recipes/llama-gptq.yaml"}
 
 
-PROTOCOLS = {p.stem: p for p in sorted((ROOT / "recipes" / "lib" / "protocol").glob("*.yaml"))}
+PROTOCOLS = {p.stem: p for p in sorted((ROOT / "qflow" / "recipe_lib" / "qflow" / "lib" / "protocol").glob("*.yaml"))}
 ALL_EVAL_WINDOWS = 147      # zoo:lee-news at 512 tokens (a preset's null = all of them)
 
 
 def protocol_preset(name: str) -> dict:
-    """``n_calib`` and ``n_eval_windows`` of ``recipes/lib/protocol/<name>.yaml`` (the recipes' own source)."""
+    """``n_calib`` and ``n_eval_windows`` of ``qflow/recipe_lib/qflow/lib/protocol/<name>.yaml`` (the recipes' own source)."""
     import yaml
 
     params = yaml.safe_load(PROTOCOLS[name].read_text())["params"]
@@ -405,7 +405,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="rtn,awq,gptq")
     p.add_argument("--bits", default="4,3")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="full",
-                   help="recipes/lib/protocol preset: calibration and evaluation windows (full: the numbers to quote)")
+                   help="qflow/recipe_lib/qflow/lib/protocol preset: calibration and evaluation windows (full: the numbers to quote)")
     p.add_argument("--n-calib", type=int, default=None, help="calibration windows of 512 tokens, both tools "
                    "(default: the protocol's; a value here makes the protocol custom)")
     p.add_argument("--n-eval-windows", type=int, default=None, help="evaluation windows (default: the protocol's)")

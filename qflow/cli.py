@@ -4,6 +4,9 @@
     qflow run -m RECIPE params.bits=3,4 ...        # sweep (Hydra multirun)
     qflow explain RECIPE [OVERRIDES...]
     qflow ls stages | qflow show stage NAME | qflow schema [-o FILE]
+    qflow recipes ls | qflow recipes show NAME [OVERRIDES...]
+    qflow lint RECIPE... [OVERRIDES...] [--json]                    # exit 1 when it finds something
+    qflow lock RECIPE [OVERRIDES...]  |  qflow run RECIPE --locked   # refuses when anything resolves differently
     qflow cache ls | gc --keep N | verify [--fix]
     qflow sync [--runs-dir DIR]                    # upload runs queued while MLflow was unreachable
     qflow ui
@@ -55,15 +58,28 @@ def cmd_run(args) -> int:
 def _run(args) -> int:
     from .engine.runner import RunOptions, execute, load_plan
 
+    if args.trust_remote_code:
+        from .recipe.safety import allow_remote_code
+
+        allow_remote_code()
+
     opts = RunOptions(runs_root=_runs_root(args), dry_run=args.dry_run, only=args.only, from_=args.from_,
                       force=args.force or [], track=not args.no_track, quiet=args.quiet,
                       libraries=args.lib or [], allow_env=args.allow_env or [])
+    if args.multirun and (args.locked or args.lock_file):
+        raise QflowError("--locked checks one run against its lock; a sweep is many runs", where="qflow run -m",
+                         fix="lock and run each point (qflow lock RECIPE params.bits=3; qflow run --locked ...)")
     if args.multirun:
         from .engine.sweep import run_sweep
 
         return run_sweep(args.recipe, args.overrides, opts, as_json=args.json, jobs=args.jobs,
                          objective=args.objective, constraints=args.constraint, report=_sweep_report)
     plan = load_plan(args.recipe, args.overrides, opts)
+    if args.locked or args.lock_file:
+        from .engine.lock import check_locked
+
+        check_locked(plan, args.recipe, args.overrides, libraries=opts.libraries, cache_root=opts.runs_root / "cache",
+                     path=args.lock_file)
     result = execute(plan, opts, args.overrides)
     if args.json:
         print(json.dumps(result.to_json(), default=str))
@@ -400,6 +416,84 @@ def cmd_sync(args) -> int:
     return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
+# ---- recipe libraries, lock, lint -----------------------------------------------------
+
+def _libraries(args):
+    from .recipe.libraries import resolve_libraries
+
+    return resolve_libraries(args.lib or [], _runs_root(args) / "cache")
+
+
+def cmd_recipes(args) -> int:
+    from .recipe.libraries import list_recipes
+
+    local = Path(args.dir) if args.dir else (Path("recipes") if Path("recipes").is_dir() else None)
+    if args.recipes_cmd == "ls":
+        rows = list_recipes(_libraries(args), local)
+        if args.json:
+            print(json.dumps(rows))
+            return 0
+        width = max((len(r["qualified"]) for r in rows), default=10)
+        for r in rows:
+            print(f"{r['qualified']:<{width}}  [{r['library']}]  {r['description']}")
+        return 0
+    from .recipe.provenance import find_recipe, render, sources
+
+    path = find_recipe(args.name, _libraries(args), local)
+    cfg, where = sources(path, args.overrides, libraries=args.lib or [], cache_dir=_runs_root(args) / "cache")
+    if args.json:
+        print(json.dumps({"recipe": str(path), "config": cfg, "sources": where}, default=str))
+    else:
+        print(f"# {path} composed" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+        print(render(cfg, where, Path.cwd()))
+    return 0
+
+
+def cmd_lock(args) -> int:
+    from .engine.lock import lock_path, lock_record, write_lock
+    from .engine.runner import RunOptions, load_plan
+
+    opts = RunOptions(runs_root=_runs_root(args), libraries=args.lib or [], allow_env=args.allow_env or [])
+    plan = load_plan(args.recipe, args.overrides, opts)
+    record = lock_record(plan, args.recipe, args.overrides, libraries=opts.libraries,
+                         cache_root=opts.runs_root / "cache")
+    path = write_lock(record, Path(args.output) if args.output else lock_path(args.recipe))
+    if args.json:
+        print(json.dumps(record, default=str))
+    else:
+        libs = ", ".join(f"{k} {v['fingerprint'][:19]}" for k, v in record["libraries"].items()) or "none"
+        print(f"wrote {path}: {len(record['stages'])} stages, libraries {libs}")
+    return 0
+
+
+def cmd_lint(args) -> int:
+    from .engine.lint import lint
+
+    recipes = [a for a in args.targets if a.endswith((".yaml", ".yml"))]
+    overrides = [a for a in args.targets if not a.endswith((".yaml", ".yml"))]
+    if not recipes:
+        raise QflowError("no recipe to lint", where="qflow lint", fix="pass one or more .yaml recipe files")
+    model_check = None
+    if args.trust_remote_code:
+        from .recipe.safety import allow_remote_code
+
+        allow_remote_code()
+    if not args.no_model:
+        from .models.lint import model_findings as model_check
+    findings = []
+    for recipe in recipes:
+        findings += lint(recipe, overrides, libraries=args.lib or [], cache_root=_runs_root(args) / "cache",
+                         model_check=model_check)
+    if args.json:
+        print(json.dumps({"findings": findings, "recipes": recipes}))
+    else:
+        for f in findings:
+            print(f"{f['recipe']}: {f['where']}: [{f['code']}] {f['message']}" + (f" Fix: {f['fix']}" if f["fix"] else ""))
+        print(f"{len(findings)} finding{'s' if len(findings) != 1 else ''} in {len(recipes)} recipe"
+              f"{'s' if len(recipes) != 1 else ''}")
+    return 1 if findings else 0
+
+
 # ---- parser -------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -432,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.set_defaults(fn=cmd_schema)
 
     _add_cache(sub)
+    _add_library_commands(sub)
 
     sw = sub.add_parser("sweep", help="sweep bookkeeping")
     swsub = sw.add_subparsers(dest="sweep_cmd", required=True)
@@ -484,7 +579,42 @@ def _add_run(sub) -> None:
     r.add_argument("--allow-env", action="append", metavar="NAME",
                    help="let the recipe read this environment variable with ${oc.env:NAME} (redacted when tracked)")
     r.add_argument("-q", "--quiet", action="store_true")
+    r.add_argument("--trust-remote-code", action="store_true",
+                   help="let a checkpoint's own Python code (auto_map) run; a recipe can never ask for it")
+    r.add_argument("--locked", action="store_true", help="refuse to run unless the recipe resolves to RECIPE.lock")
+    r.add_argument("--lock-file", metavar="PATH", help="the lock to check (implies --locked)")
     r.set_defaults(fn=cmd_run)
+
+
+def _add_library_commands(sub) -> None:
+    rc = sub.add_parser("recipes", help="recipes of every library: ls, show NAME (values with their source file:line)")
+    rsub = rc.add_subparsers(dest="recipes_cmd", required=True)
+    rl = rsub.add_parser("ls", help="every recipe of ./recipes and of every library, with its description")
+    rs = rsub.add_parser("show", help="the composed recipe, each value with the file and line it came from")
+    rs.add_argument("name", help="a .yaml path, or a name from `qflow recipes ls` (qualified: LIBRARY/NAME)")
+    rs.add_argument("overrides", nargs="*")
+    for x in (rl, rs):
+        x.add_argument("--lib", action="append", help="recipe library: folder, NAME=DIR, pkg://NAME, git+URL@COMMIT")
+        x.add_argument("--dir", help="the local recipes folder (default: ./recipes)")
+        x.add_argument("--json", action="store_true")
+    rc.set_defaults(fn=cmd_recipes)
+
+    lk = sub.add_parser("lock", help="write RECIPE.lock: resolved recipe, model/data fingerprints, library commits")
+    lk.add_argument("recipe")
+    lk.add_argument("overrides", nargs="*")
+    lk.add_argument("--lib", action="append", help="recipe library: folder, NAME=DIR, pkg://NAME, git+URL@COMMIT")
+    lk.add_argument("--allow-env", action="append", metavar="NAME")
+    lk.add_argument("-o", "--output", help="lock file (default: the recipe's path with .lock)")
+    lk.add_argument("--json", action="store_true")
+    lk.set_defaults(fn=cmd_lock)
+
+    li = sub.add_parser("lint", help="check recipes before running them (exit 1 when anything is found)")
+    li.add_argument("targets", nargs="+", metavar="RECIPE|OVERRIDE", help="recipe files, then overrides for all")
+    li.add_argument("--lib", action="append", help="recipe library: folder, NAME=DIR, pkg://NAME, git+URL@COMMIT")
+    li.add_argument("--no-model", action="store_true", help="skip the checks against the model's configuration")
+    li.add_argument("--trust-remote-code", action="store_true", help="let the model's own configuration code run")
+    li.add_argument("--json", action="store_true")
+    li.set_defaults(fn=cmd_lint)
 
 
 def _add_cache(sub) -> None:

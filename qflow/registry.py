@@ -70,6 +70,8 @@ class Stage:
     # capability flags, checked by the engine's preflight before any stage starts
     requires_packages: ClassVar[tuple[str, ...]] = ()
     requires_gpu: ClassVar[bool] = False   # refused unless the run's device is a CUDA GPU
+    # the metric names the stage logs (fnmatch patterns); None: not declared, `qflow lint` skips its gates
+    metrics: ClassVar[tuple[str, ...] | None] = None
 
     def run(self, ctx: Any, cfg: Any, **inputs: Artifact) -> dict[str, Artifact]:
         raise NotImplementedError(f"stage {self.name} does not implement run()")

@@ -33,6 +33,7 @@ class Calibrate(ReadsText, Stage):
     """
 
     version = 1
+    metrics = ("n_tokens",)   # what it logs (qflow lint checks gates against it)
     Config = CalibrateConfig
     inputs = {"model": ModelRef}
     outputs = {"calib": CalibSet}

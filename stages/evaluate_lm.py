@@ -84,6 +84,10 @@ class EvaluateLM(ReadsText, Stage):
 
     version = 4           # 3: exact KL, kl_topk_* estimate, bpw at the deployment dtype; 4: adaptive speed
                           # pass (*_refpath, no ratio), protocol summary, per-layer SQNR from recorded folds
+    # what it logs (fnmatch patterns; qflow lint checks gates against them)
+    metrics = ("ppl", "ppl_*", "top1_agree", "top5_overlap", "n_tokens", "dlogp_mean", "kl_*", "bpw_*", "size_bytes_*",
+               "compression_vs_*", "n_params", "n_quantized_weights", "quantized_bytes", "speed_*", "prefill_*",
+               "decode_*", "layer_*_sqnr_min_db")
     Config = EvaluateConfig
     inputs = {"model": ModelRef, "calib": CalibSet}
     optional_inputs = frozenset({"calib"})

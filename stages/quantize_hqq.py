@@ -76,6 +76,7 @@ class HQQ(Stage):
     """
 
     version = 2  # 2: per-layer specs (layers, ignore, plan)
+    metrics = ("err_reduction",)   # what it logs (qflow lint checks gates against it)
     Config = HQQConfig
     inputs = {"model": ModelRef, "plan": BitAllocation}
     optional_inputs = frozenset({"plan"})

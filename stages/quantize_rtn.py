@@ -83,6 +83,7 @@ class RTN(Stage):
     """
 
     version = 3  # 2: `symmetric` folded into `scheme`; 3: per-layer specs (layers, ignore, plan)
+    metrics = ("bpw_quantized", "n_layers")   # what it logs (qflow lint checks gates against it)
     Config = RTNConfig
     inputs = {"model": ModelRef, "plan": BitAllocation}
     optional_inputs = frozenset({"plan"})

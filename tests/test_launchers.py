@@ -15,23 +15,27 @@ from qflow.tracking import search_runs
 from .conftest import REPO, parse_json_stdout, run_cli, tiny_recipe, write_recipe
 
 
-def _compose_hydra(overrides: list[str]):
+def _compose_hydra(overrides: list[str], cache: Path):
     from hydra import compose, initialize_config_dir
 
+    from qflow.recipe.compose import search_path, searchpath_override
+
+    # qflow's own library (lib/launcher/...) is on the search path qflow gives Hydra
+    overrides = overrides + [searchpath_override(search_path([], cache, {}))]
     with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
         return compose(config_name="llama-awq", overrides=overrides, return_hydra_config=True)
 
 
-def test_slurm_launcher_config_composes():
-    cfg = _compose_hydra(["+lib/launcher=slurm", "hydra.launcher.partition=gpu"])
+def test_slurm_launcher_config_composes(tmp_path):
+    cfg = _compose_hydra(["+lib/launcher=slurm", "hydra.launcher.partition=gpu"], tmp_path)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.partition == "gpu"
     assert cfg.hydra.launcher.gpus_per_node == 1
     assert cfg.stages.quantize.uses == "quantize.awq"  # the recipe itself is untouched
 
 
-def test_ray_launcher_config_composes():
-    cfg = _compose_hydra(["+lib/launcher=ray"])
+def test_ray_launcher_config_composes(tmp_path):
+    cfg = _compose_hydra(["+lib/launcher=ray"], tmp_path)
     assert cfg.hydra.launcher._target_.endswith("RayLauncher")
 
 

@@ -128,9 +128,13 @@ def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str 
     if not (path / "config.json").is_file():
         raise SourceError(f"{path} is not a resolved model folder (no config.json)",
                           fix="pass the .path of resolve_model(source, cache_dir)")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    from qflow.recipe.safety import remote_code_allowed
+
+    remote = remote_code_allowed()   # only the command line's --trust-remote-code, never a recipe
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=remote)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation,
+                                                    trust_remote_code=remote)
     adapter = get_adapter(skeleton)
     blocks = adapter.blocks()
     if _non_persistent_buffers(blocks[0]):
@@ -142,7 +146,8 @@ def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str 
     shell_config.num_hidden_layers = 0
     if getattr(shell_config, "layer_types", None):
         shell_config.layer_types = []
-    net = AutoModelForCausalLM.from_config(shell_config, dtype=torch_dtype, attn_implementation=attn_implementation)
+    net = AutoModelForCausalLM.from_config(shell_config, dtype=torch_dtype, attn_implementation=attn_implementation,
+                                           trust_remote_code=remote)
     parent_name, _, attr = adapter.block_prefix.rpartition(".")
     setattr(net.get_submodule(parent_name) if parent_name else net, attr, blocks)
     for module in net.modules():  # the shell's modules read num_hidden_layers etc. from their config

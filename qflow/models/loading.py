@@ -59,14 +59,18 @@ def load_model(
     from qflow.models.integrity import check_model_folder
 
     check_model_folder(path)  # a cut-short safetensors file: say so, not a Rust deserializing error
+    from qflow.recipe.safety import remote_code_allowed
+
+    remote = remote_code_allowed()   # only the command line's --trust-remote-code, never a recipe
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=_torch_dtype(dtype),
             attn_implementation=attn_implementation,
             local_files_only=True,
+            trust_remote_code=remote,
         )
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=remote)
     except (OSError, ValueError) as err:
         raise SourceError(
             f"transformers cannot load the model in {path}: {err}".replace("\n", " "),

@@ -2,10 +2,12 @@
 
 Uses only Hydra's public API (``initialize_config_dir`` + ``compose``). The
 recipe's folder is the primary config dir, so ``defaults: [lib/model/smollm2]``
-finds ``recipes/lib/model/smollm2.yaml``. Shared recipe libraries join the
-search path: ``--lib DIR`` (a folder), ``--lib pkg://package.module`` (a
-Python package), ``--lib git+URL[@REF]`` (cloned once into the cache), and the
-``QFLOW_RECIPE_PATH`` environment variable (``:``-separated).
+finds qflow's own ``lib/model/smollm2.yaml`` (also spelled ``qflow/lib/...``,
+on every recipe's search path). Shared recipe libraries join the search path:
+``--lib DIR`` (a folder), ``--lib pkg://NAME`` (an installed package), ``--lib
+git+URL@COMMIT[#SUBDIR]`` (cloned once into the cache), the
+``QFLOW_RECIPE_PATH`` environment variable (``:``-separated) and installed
+packages' ``qflow.recipes`` entry points: see :mod:`qflow.recipe.libraries`.
 
 Example::
 
@@ -14,9 +16,7 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -35,38 +35,21 @@ def _yaml_preflight(path: Path) -> dict[str, Any]:
 
 
 def resolve_library(spec: str, cache_dir: Path) -> str:
-    """A Hydra search-path entry (``file://`` or ``pkg://``) for one library spec."""
-    if spec.startswith("pkg://") or spec.startswith("file://"):
-        return spec
-    if spec.startswith("git+"):
-        body = spec[4:]
-        url, ref = body, ""
-        at = body.rfind("@")
-        if at > body.find("://") + 3 and "/" not in body[at:]:  # an @REF suffix, not user@host
-            url, ref = body[:at], body[at + 1:]
-        dest = cache_dir / "libs" / hashlib.sha256(spec.encode()).hexdigest()[:16]
-        if not (dest / ".git").exists():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            cmd = ["git", "clone", "--depth", "1"] + (["--branch", ref] if ref else []) + [url, str(dest)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RecipeError(f"cannot clone recipe library {url}: {done.stderr.strip().splitlines()[-1:]}",
-                                  where=f"--lib {spec}", fix="check the URL and ref, or clone it yourself and pass --lib DIR")
-        return f"file://{dest}"
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        raise RecipeError(f"recipe library folder {spec} does not exist", where=f"--lib {spec}",
-                          fix="pass an existing folder, pkg://module or git+URL")
-    return f"file://{path.resolve()}"
+    """A Hydra search-path entry (``file://``) for one library spec (see :mod:`qflow.recipe.libraries`)."""
+    from .libraries import resolve_library as _resolve
+
+    return f"file://{_resolve(spec, cache_dir).root}"
 
 
 def search_path(libraries: list[str], cache_dir: Path, recipe_data: dict[str, Any]) -> list[str]:
-    entries = [resolve_library(s, cache_dir) for s in libraries]
-    env = os.environ.get("QFLOW_RECIPE_PATH", "")
-    entries += [resolve_library(s, cache_dir) for s in env.split(os.pathsep) if s]
+    """``--lib`` libraries, ``QFLOW_RECIPE_PATH``, installed ``qflow.recipes`` packages, the recipe's own
+    ``hydra.searchpath`` folders, the qualified-name folder, and qflow's own library (always)."""
+    from .libraries import resolve_libraries, search_entries
+
+    entries = search_entries(resolve_libraries(libraries, cache_dir), cache_dir)
     declared = (recipe_data.get("hydra") or {}).get("searchpath") or []
-    entries += [str(s) for s in declared]   # folders only: safety.check_untrusted refuses pkg:// here
-    return list(dict.fromkeys(entries))
+    declared = [str(s) for s in declared]   # folders only: safety.check_untrusted refuses pkg:// here
+    return list(dict.fromkeys(entries[:-1] + declared + entries[-1:]))
 
 
 def searchpath_override(entries: list[str]) -> str:

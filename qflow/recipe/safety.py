@@ -10,7 +10,7 @@ copy any environment variable into MLflow and ``recipe.resolved.yaml``.
 
 The rules, enforced by :func:`audit_defaults` and :func:`check_composed`:
 
-* A file outside qflow's own library (``recipes/lib`` of this repository) is
+* A file outside qflow's own library (``qflow/recipe_lib``, in the package) is
   *untrusted*. It must be UTF-8 YAML without duplicate keys, and may not
   contain a ``_target_`` key, a ``hydra`` key (the recipe itself may declare
   ``hydra.searchpath``, of folders only), or a ``# @package hydra...`` header.
@@ -19,6 +19,13 @@ The rules, enforced by :func:`audit_defaults` and :func:`check_composed`:
   cannot shadow ``hydra/launcher/ray`` with its own file.
 * ``hydra.callbacks`` must be empty; launcher/sweeper ``_target_`` values must
   name Hydra's or its plugins' classes (or Optuna's samplers).
+* A defaults name may not contain ``..`` or be an absolute path, a file a
+  library provides must resolve (symlinks followed) inside that library's
+  root, and a name two libraries provide is an error unless qualified
+  (:mod:`qflow.recipe.libraries`).
+* No ``trust_remote_code`` key anywhere (a recipe, a library file, an
+  override): only the command line's ``--trust-remote-code`` lets a
+  checkpoint's own code run (:func:`remote_code_allowed`).
 * ``pkg://`` search paths come only from the command line (``--lib``) or
   ``QFLOW_RECIPE_PATH``: a recipe's own ``hydra.searchpath`` may name folders.
 * ``${oc.env:NAME}`` resolves only for names the user allowed on the command
@@ -42,7 +49,7 @@ from typing import Any
 
 from ..errors import RecipeError
 
-QFLOW_LIB = (Path(__file__).resolve().parents[2] / "recipes" / "lib").resolve()
+from .libraries import QFLOW_LIB  # noqa: E402  (qflow/recipe_lib/qflow/lib, shipped in the package)
 _TRUSTED_SOURCES = ("pkg://hydra.conf", "pkg://hydra_plugins", "structured://")
 _TRUSTED_TARGETS = ("hydra._internal.core_plugins.", "hydra_plugins.", "optuna.samplers.")
 _MIN_REDACT_LEN = 4   # shorter secrets are redacted only where they were read, not inside other strings
@@ -154,20 +161,34 @@ def audit_defaults(config_name: str, overrides: list[str], run_mode: Any, recipe
     """
     from hydra.core.global_hydra import GlobalHydra
 
+    from .libraries import check_config_path, check_contained, check_unambiguous
+
     loader = GlobalHydra.instance().config_loader()
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if "/" in key and value and not key.startswith("hydra"):
+            for v in value.strip("[]").split(","):
+                check_config_path(f"{key}/{v.strip()}", f"override {o}")
     defaults = loader.compute_defaults_list(config_name, overrides, run_mode)
     _, repo = loader._parse_overrides_and_create_caching_repo(config_name, overrides)
+    roots = _search_roots(recipe_path, overrides)
     seen: set[str] = set()
     for d in defaults.defaults:
         path = d.config_path
         if path is None or path in seen:
             continue
         seen.add(path)
+        if path.split("/")[0] != "hydra":
+            check_config_path(path, str(recipe_path))
+            if not d.primary:
+                check_unambiguous(path, roots, str(recipe_path))
         result = repo.load_config(path)
         if result is None:
             continue
         source = str(result.path)
         file = _source_file(source, path)
+        if file is not None and path.split("/")[0] != "hydra":
+            check_contained(file, _containment_root(Path(source[len("file://"):]), path), str(file))
         trusted = source.startswith(_TRUSTED_SOURCES) or (file is not None and _inside(file, QFLOW_LIB))
         where = str(file) if file is not None else f"{source}/{path}.yaml"
         if path.split("/")[0] == "hydra":
@@ -183,6 +204,32 @@ def audit_defaults(config_name: str, overrides: list[str], run_mode: Any, recipe
         data = read_yaml_file(file) if file is not None else _pkg_yaml(source, path, where)
         check_untrusted(data, where, primary=d.primary,
                         header_package=(result.header or {}).get("package"))
+
+
+def _search_roots(recipe_path: Path, overrides: list[str]) -> list[tuple[str, Path, Path]]:
+    """(label, root, containment root) of the recipe's folder and every ``file://`` search-path entry."""
+    from .libraries import QFLOW_LIB_ROOT
+
+    roots = [("the recipe's folder", Path(recipe_path).parent.resolve(), Path(recipe_path).parent.resolve())]
+    entries = [Path(e[len("file://"):]) for o in overrides if o.startswith("hydra.searchpath=")
+               for e in o[len("hydra.searchpath="):].strip("[]").split(",") if e.startswith("file://")]
+    names = {(QFLOW_LIB_ROOT / "qflow").resolve(): "qflow"}
+    for root in entries:
+        if root.parent.name == "names" and root.parent.parent.name == "libs" and root.is_dir():
+            names.update({link.resolve(): link.name for link in root.iterdir()})
+    for root in entries:
+        label = f"library '{names[root.resolve()]}'" if root.resolve() in names else \
+            "a library reached by its qualified name" if root.parent.name == "names" else f"folder {root}"
+        roots.append((label, root, root))
+    return roots
+
+
+def _containment_root(source_root: Path, config_path: str) -> Path:
+    """The library root a file must stay in: the source folder, or for the qualified-name folder of links
+    (``<cache>/libs/names/<digest>/NAME -> library``) the library the link names."""
+    if source_root.parent.name == "names" and source_root.parent.parent.name == "libs":
+        return (source_root / config_path.split("/")[0]).resolve()
+    return source_root.resolve()
 
 
 def _source_file(source: str, config_path: str) -> Path | None:
@@ -217,6 +264,7 @@ def check_composed(cfg: Any, where: str) -> None:
 
     plain = OmegaConf.to_container(cfg, resolve=False)
     hydra = plain.pop("hydra", None) or {}
+    check_no_remote_code(plain, where)
     target = _find_key(plain, "_target_")
     if target:
         raise RecipeError(f"'{target}' names code to instantiate; recipes are data", where=where,
@@ -243,6 +291,32 @@ def _targets(obj: Any, prefix: str):
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
             yield from _targets(v, f"{prefix}[{i}]")
+
+
+# ---- remote code --------------------------------------------------------------------
+
+REMOTE_CODE_ENV = "QFLOW_TRUST_REMOTE_CODE"
+
+
+def allow_remote_code() -> None:
+    """The command line's ``--trust-remote-code``: model code shipped with a checkpoint may run (this process
+    and the sweep jobs it starts). Nothing a recipe or a library says can call this."""
+    os.environ[REMOTE_CODE_ENV] = "1"
+
+
+def remote_code_allowed() -> bool:
+    """What every transformers ``from_pretrained`` / ``from_config`` of a model qflow loads passes as
+    ``trust_remote_code``."""
+    return os.environ.get(REMOTE_CODE_ENV) == "1"
+
+
+def check_no_remote_code(plain: Any, where: str) -> None:
+    found = _find_key(plain, "trust_remote_code")
+    if found:
+        raise RecipeError(f"'{found}': a recipe cannot allow a checkpoint's own Python code to run (recipes are data; "
+                          f"shared libraries would otherwise run code on every user's machine)", where=where,
+                          fix="remove the key, and pass --trust-remote-code on the command line if you trust the "
+                              "model's code")
 
 
 # ---- environment interpolation -----------------------------------------------------
