@@ -30,10 +30,10 @@ class EvaluateConfig(StageConfig):
     # speed: float vs qflow's reference path (QLinear, dequantize every forward), side by side in this run;
     # rounds repeat until every median's 95% CI is within speed_target_rel_ci, or the budget runs out
     speed: bool = True
-    speed_prefill_tokens: int = Field(512, ge=1)
+    speed_prefill_tokens: int = Field(256, ge=1)
     speed_decode_tokens: int = Field(32, ge=0)
     speed_warmup: int = Field(1, ge=0)
-    speed_budget_seconds: float = Field(45.0, gt=0)
+    speed_budget_seconds: float = Field(20.0, gt=0)
     speed_target_rel_ci: float = Field(0.05, gt=0, lt=1)
     speed_min_repeats: int = Field(6, ge=1)
     speed_max_repeats: int = Field(100, ge=1)

@@ -62,7 +62,7 @@ class RepeatPolicy:
 
     min_repeats: int = MIN_CI_SAMPLES
     max_repeats: int = 100
-    budget_seconds: float = 45.0
+    budget_seconds: float = 20.0
     target_rel_ci: float = 0.05
     fixed: int | None = None
 
