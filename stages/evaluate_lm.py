@@ -90,11 +90,12 @@ class EvaluateLM(ReadsText, Stage):
     outputs = {"report": EvalReport}
 
     def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
-        from qflow.models.memory import model_config_of, whole_model_bytes
+        from qflow.evaluation.lm import CHUNK_ELEMENTS
+        from qflow.models.memory import evaluate_stage_bytes, model_config_of
 
-        # the float reference and the quantized model side by side
-        return whole_model_bytes(model_config_of(inputs_meta, upstream), copies=2, batch_size=cfg.batch_size,
-                                 seq_len=cfg.data.seq_len, logit_copies=6)
+        # the float reference and the quantized model side by side; logits one chunk of positions at a time
+        return evaluate_stage_bytes(model_config_of(inputs_meta, upstream), batch_size=cfg.batch_size,
+                                    seq_len=cfg.data.seq_len, chunk_elements=CHUNK_ELEMENTS)
 
     def run(self, ctx, cfg, model, calib=None):
         import json
@@ -128,7 +129,7 @@ class EvaluateLM(ReadsText, Stage):
         base_id = model.meta.get("base_fingerprint") or model.meta.get("fingerprint") or str(base_dir)
         ref_dir = ctx.memo("fp_reference", {"base": base_id, "base_dir": str(base_dir), "windows": fingerprint,
                                             "topk": cfg.topk, "batch_size": cfg.batch_size, "dtype": cfg.dtype,
-                                            "order": "ranked-topk-v3-chunked",
+                                            "order": "ranked-topk-v4-split-head",
                                             **({"device": ctx.device} if ctx.device != "cpu" else {})},
                            compute_fp)
         ref = FloatReference.load(ref_dir)
