@@ -1,6 +1,6 @@
-"""numba kernel for GPTQ's column loop inside one lazy batch (docs/METHODS.md §5).
+"""numba kernel for GPTQ's column loop inside one sub-block of a lazy batch (docs/METHODS.md §5).
 
-The sequential part of GPTQ: for each column ``i`` of a batch of ``n`` working
+The sequential part of GPTQ: for each column ``i`` of a sub-block of ``n`` working
 columns (rows of ``w1``, ``[n, out]`` float32, updated in place), quantize it with
 its own ``(scale, zero)`` rows, turn the rounding error into ``err = (w - ŵ) / d_i``
 and subtract ``u[i, k] · err`` from every later column ``k`` of the batch. Every
@@ -24,7 +24,7 @@ from . import configure_numba
 
 configure_numba()  # before the first numba import: it reads NUMBA_CACHE_DIR once
 
-from numba import get_num_threads, njit, prange  # noqa: E402
+from numba import get_num_threads, njit, prange, uint64  # noqa: E402
 
 CHUNK = 64  # outputs per parallel task: 64 fp32 = 4 cache lines per column
 # below this many multiply-adds a batch runs on one thread: a parallel region costs a wake-up of every
@@ -42,25 +42,28 @@ def _columns(w1, u, scale, zero, diag, qmax, codes, err):  # pragma: no cover - 
     n_chunks = (out + CHUNK - 1) // CHUNK
     zero32 = np.float32(0.0)
     for chunk in prange(n_chunks):
-        o0 = chunk * CHUNK
-        o1 = min(o0 + CHUNK, out)
+        # unsigned indices: numba then knows no index is negative (no wrap-around test), so LLVM vectorizes
+        o0 = uint64(chunk * CHUNK)
+        o1 = uint64(min(chunk * CHUNK + CHUNK, out))
         for i in range(n):
             d = diag[i]
+            w_row = w1[i]
+            s_row = scale[i]
+            z_row = zero[i]
+            c_row = codes[i]
+            e_row = err[i]
             for o in range(o0, o1):
-                w = w1[i, o]
-                s = scale[i, o]
-                z = zero[i, o]
-                q = np.float32(np.rint(w / s)) + z
-                if q < zero32:
-                    q = zero32
-                elif q > qmax:
-                    q = qmax
-                codes[i, o] = np.uint8(q)
-                err[i, o] = (w - (q - z) * s) / d
+                w = w_row[o]
+                s = s_row[o]
+                z = z_row[o]
+                q = min(max(np.float32(np.rint(w / s)) + z, zero32), qmax)
+                c_row[o] = np.uint8(q)
+                e_row[o] = (w - (q - z) * s) / d
             for k in range(i + 1, n):
                 a = u[i, k]
+                t_row = w1[k]
                 for o in range(o0, o1):
-                    w1[k, o] -= a * err[i, o]
+                    t_row[o] -= a * e_row[o]
 
 
 columns = njit(parallel=True, cache=True, fastmath=False)(_columns)

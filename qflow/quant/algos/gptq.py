@@ -321,27 +321,20 @@ class _ColumnParams:
 
 def _columns_torch(W1: torch.Tensor, U1: torch.Tensor, S: torch.Tensor, Z: torch.Tensor,
                    qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch column loop of one lazy batch (the reference of ``qflow/kernels/gptq_cpu.py``).
-
-    Sub-blocks of ``_SUB`` columns take their error feedback as one matmul, the
-    columns inside a sub-block rank-1 updates. ``W1`` is updated in place.
-    """
+    """The torch column loop of one sub-block (the reference of ``qflow/kernels/gptq_cpu.py``):
+    rank-1 updates column by column; ``W1`` is updated in place."""
     n = W1.shape[0]
     dvals = U1.diagonal().tolist()
     codes = torch.empty(W1.shape, dtype=torch.uint8, device=W1.device)
     Err = torch.empty_like(W1)
-    for j1 in range(0, n, _SUB):
-        j2 = min(j1 + _SUB, n)
-        for i in range(j1, j2):
-            w = W1[i]
-            q = torch.round(w / S[i]).add_(Z[i]).clamp_(0.0, qmax)
-            codes[i] = q
-            err = (w - (q - Z[i]) * S[i]).div_(dvals[i])
-            Err[i] = err
-            if i + 1 < j2:
-                W1[i + 1:j2].addr_(U1[i, i + 1:j2], err, alpha=-1.0)
-        if j2 < n:
-            W1[j2:].addmm_(U1[j1:j2, j2:].t(), Err[j1:j2], alpha=-1.0)
+    for i in range(n):
+        w = W1[i]
+        q = torch.round(w / S[i]).add_(Z[i]).clamp_(0.0, qmax)
+        codes[i] = q
+        err = (w - (q - Z[i]) * S[i]).div_(dvals[i])
+        Err[i] = err
+        if i + 1 < n:
+            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
     return codes, Err
 
 
@@ -349,9 +342,10 @@ def _quantize_columns(WT: torch.Tensor, U: torch.Tensor, params: _ColumnParams, 
                       qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes ``[in, out]`` uint8, loss) for the working columns (rows of ``WT``, updated in place).
 
-    Lazy batches of ``block_size`` columns: the column loop of a batch runs in the
-    dispatcher's ``gptq_columns`` (numba on CPU, :func:`_columns_torch` elsewhere);
-    a finished batch updates every later column at once (one matmul).
+    Lazy batches of ``block_size`` columns; inside a batch, sub-blocks of ``_SUB``
+    columns run the sequential column loop (the dispatcher's ``gptq_columns``: numba
+    on CPU, :func:`_columns_torch` elsewhere) and pass their error feedback on to the
+    rest of the batch as one matmul; a finished batch updates every later column at once.
     """
     from ..dispatch import gptq_columns
 
@@ -361,10 +355,16 @@ def _quantize_columns(WT: torch.Tensor, U: torch.Tensor, params: _ColumnParams, 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = WT[i1:i2].clone()
+        Err = torch.empty_like(W1)
         S, Z = params.rows(i1, i2)
-        codes, Err = gptq_columns(W1, U[i1:i2, i1:i2], S, Z, qmax, reference=_columns_torch)
-        codesT[i1:i2] = codes.to(WT.device)
-        Err = Err.to(WT.device)
+        for j1 in range(0, i2 - i1, _SUB):
+            j2 = min(j1 + _SUB, i2 - i1)
+            codes, err = gptq_columns(W1[j1:j2], U[i1 + j1:i1 + j2, i1 + j1:i1 + j2], S[j1:j2], Z[j1:j2], qmax,
+                                      reference=_columns_torch)
+            codesT[i1 + j1:i1 + j2] = codes.to(WT.device)
+            Err[j1:j2] = err.to(WT.device)
+            if j2 < i2 - i1:
+                W1[j2:].addmm_(U[i1 + j1:i1 + j2, i1 + j2:i2].t(), Err[j1:j2], alpha=-1.0)
         if i2 < cols:
             WT[i2:].addmm_(U[i1:i2, i2:].t(), Err, alpha=-1.0)
         loss += Err.double().pow(2).sum() * 0.5
