@@ -44,6 +44,9 @@ def _offline_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    from .threads import passive_wait_policy
+
+    passive_wait_policy()  # before torch loads: idle OpenMP threads sleep instead of spinning on a busy machine
 
 
 # ---- run / explain --------------------------------------------------------------
@@ -63,6 +66,8 @@ def _run(args) -> int:
 
         allow_remote_code()
 
+    if not args.dry_run:
+        _set_threads(args)
     opts = RunOptions(runs_root=_runs_root(args), dry_run=args.dry_run, only=args.only, from_=args.from_,
                       force=args.force or [], track=not args.no_track, quiet=args.quiet,
                       libraries=args.lib or [], allow_env=args.allow_env or [])
@@ -86,6 +91,20 @@ def _run(args) -> int:
     else:
         print_summary(result, dry_run=args.dry_run)
     return 0 if result.status == "ok" else 1
+
+
+def _set_threads(args) -> None:
+    """torch/numba threads from the free cores or QFLOW_THREADS (qflow/threads.py), split across sweep jobs."""
+    from .threads import ThreadChoice, apply_thread_policy, current_choice
+
+    choice = current_choice()
+    jobs = max(1, args.jobs) if args.multirun else 1
+    if jobs > 1:
+        choice = ThreadChoice(max(1, choice.threads // jobs), f"{choice.reason}; split across {jobs} sweep jobs")
+        os.environ["OMP_NUM_THREADS"] = str(choice.threads)  # sweep workers' torch starts with it
+    apply_thread_policy(choice)
+    if not args.quiet:
+        print(f"threads: {choice.threads} ({choice.reason}; QFLOW_THREADS=N overrides)", file=sys.stderr)
 
 
 def _sweep_report(points: list[dict], folder: Path) -> Path | None:

@@ -67,6 +67,18 @@ class Calibrate(ReadsText, Stage):
             save_file(stats, str(out / "stats.safetensors"))
         return {"calib": CalibSet(out, **info)}
 
+    @staticmethod
+    def _skip_logits(net, hooked) -> dict:
+        """``logits_to_keep=1`` unless the output head is a calibration target: the statistics never
+        read the logits, which cost a vocab x hidden matmul per token and, for a 262k vocabulary,
+        gigabytes per batch."""
+        import inspect
+
+        head = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
+        if head is None or any(m is head for m in hooked):
+            return {}
+        return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(type(net).forward).parameters else {}
+
     def _stats(self, ctx, cfg, net, ids, pattern):
         import torch
 
@@ -91,9 +103,12 @@ class Calibrate(ReadsText, Stage):
                     a["xtx"] += (x.T.double() @ x.double())
             return fn
 
+        hooked = []
         for name, module in net.named_modules():
             if isinstance(module, torch.nn.Linear) and pattern.search(name + "."):
                 hooks.append(module.register_forward_pre_hook(hook(name)))
+                hooked.append(module)
+        kwargs = self._skip_logits(net, hooked)
         if not hooks:
             raise StageError(f"no linear layer matches targets {cfg.targets!r}", where=f"stages.{ctx.stage_id}.with.targets",
                              fix="adjust the regex")
@@ -101,7 +116,7 @@ class Calibrate(ReadsText, Stage):
             with torch.no_grad(), ctx.progress(ids.shape[0], "calibration forward") as bar:
                 for i in range(0, ids.shape[0], cfg.batch_size):
                     batch = ids[i:i + cfg.batch_size]
-                    net(input_ids=batch, use_cache=False)
+                    net(input_ids=batch, use_cache=False, **kwargs)
                     bar.update(batch.shape[0])
         finally:
             for h in hooks:

@@ -30,10 +30,10 @@ class EvaluateConfig(StageConfig):
     # speed: float vs qflow's reference path (QLinear, dequantize every forward), side by side in this run;
     # rounds repeat until every median's 95% CI is within speed_target_rel_ci, or the budget runs out
     speed: bool = True
-    speed_prefill_tokens: int = Field(512, ge=1)
+    speed_prefill_tokens: int = Field(256, ge=1)
     speed_decode_tokens: int = Field(32, ge=0)
     speed_warmup: int = Field(1, ge=0)
-    speed_budget_seconds: float = Field(45.0, gt=0)
+    speed_budget_seconds: float = Field(20.0, gt=0)
     speed_target_rel_ci: float = Field(0.05, gt=0, lt=1)
     speed_min_repeats: int = Field(6, ge=1)
     speed_max_repeats: int = Field(100, ge=1)
@@ -94,11 +94,12 @@ class EvaluateLM(ReadsText, Stage):
     outputs = {"report": EvalReport}
 
     def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
-        from qflow.models.memory import model_config_of, whole_model_bytes
+        from qflow.evaluation.lm import CHUNK_ELEMENTS
+        from qflow.models.memory import evaluate_stage_bytes, model_config_of
 
-        # the float reference and the quantized model side by side
-        return whole_model_bytes(model_config_of(inputs_meta, upstream), copies=2, batch_size=cfg.batch_size,
-                                 seq_len=cfg.data.seq_len, logit_copies=6)
+        # the float reference and the quantized model side by side; logits one chunk of positions at a time
+        return evaluate_stage_bytes(model_config_of(inputs_meta, upstream), batch_size=cfg.batch_size,
+                                    seq_len=cfg.data.seq_len, chunk_elements=CHUNK_ELEMENTS)
 
     def run(self, ctx, cfg, model, calib=None):
         import json
@@ -132,7 +133,7 @@ class EvaluateLM(ReadsText, Stage):
         base_id = model.meta.get("base_fingerprint") or model.meta.get("fingerprint") or str(base_dir)
         ref_dir = ctx.memo("fp_reference", {"base": base_id, "base_dir": str(base_dir), "windows": fingerprint,
                                             "topk": cfg.topk, "batch_size": cfg.batch_size, "dtype": cfg.dtype,
-                                            "order": "ranked-topk-v3-chunked",
+                                            "order": "ranked-topk-v4-split-head",
                                             **({"device": ctx.device} if ctx.device != "cpu" else {})},
                            compute_fp)
         ref = FloatReference.load(ref_dir)

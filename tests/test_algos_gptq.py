@@ -252,3 +252,90 @@ def test_input_validation_and_no_mutation():
     with pytest.raises(ValueError, match="integer"):
         gptq_quantize(W, H, QuantSpec(format="nf4", group_size=2))
     assert torch.equal(W, W0) and torch.equal(H, H0)
+
+
+# ---------------------------------------------------------------- one factorisation vs the previous implementation
+
+@pytest.mark.parametrize("out, d", [(48, 96), (96, 192)])
+@pytest.mark.parametrize("act_order,static_groups", [(True, True), (True, False), (False, False)])
+def test_single_factorisation_matches_the_previous_implementation(out, d, act_order, static_groups):
+    """One Cholesky + a blocked triangular inverse vs the previous two-Cholesky path (benchmarks/_gptq_previous.py).
+
+    The factor is the same matrix (Cholesky factors are unique) up to fp32 rounding: U within 1e-4
+    relative, and at most 0.2% of the codes move by one step (rounding ties flipped by that noise).
+    """
+    from benchmarks import _gptq_previous as previous
+    from qflow.quant.algos.gptq import _inverse_cholesky_upper
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(4 * d, d, generator=g) @ (0.2 * torch.randn(d, d, generator=g)) + torch.randn(4 * d, 1, generator=g)
+    X[:, 7] = 0.0                                                  # a dead input
+    H = 2.0 / X.shape[0] * X.t() @ X
+    W = torch.randn(out, d, generator=g)
+    H_dead_one = H.clone()
+    H_dead_one[7, 7] = 1.0
+    U_old, _ = previous._inverse_cholesky_upper(H_dead_one, 0.01, 3)
+    U_new, _ = _inverse_cholesky_upper(H_dead_one, 0.01, 3)
+    assert float((U_new - U_old).norm() / U_old.norm()) < 1e-4
+    assert torch.equal(U_new, U_new.triu())
+    spec = QuantSpec(bits=4, group_size=32)
+    old = previous.gptq_quantize(W, H, spec, act_order=act_order, static_groups=static_groups)
+    new = gptq_quantize(W, H, spec, act_order=act_order, static_groups=static_groups)
+    moved = (new.codes.int() - old.codes.int()).abs()
+    assert int(moved.max()) <= 1 and float((moved > 0).float().mean()) <= 2e-3
+    assert new.loss == pytest.approx(old.loss, rel=1e-3)
+    assert new.damp == old.damp and (new.g_idx is None) == (old.g_idx is None)
+
+
+def test_a_shared_factor_gives_the_same_result_and_refuses_other_settings():
+    from qflow.quant.algos.gptq import factor_hessian
+
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(512, 64, generator=g)
+    H = 2.0 / 512 * X.t() @ X
+    spec = QuantSpec(bits=4, group_size=16)
+    factor = factor_hessian(H, percdamp=0.01, act_order=True)
+    for rows in (8, 24):
+        W = torch.randn(rows, 64, generator=g)
+        alone = gptq_quantize(W, H, spec, act_order=True)
+        shared = gptq_quantize(W, H, spec, act_order=True, factor=factor)
+        assert torch.equal(alone.codes, shared.codes) and torch.equal(alone.scale, shared.scale)
+    with pytest.raises(ValueError, match="shared Hessian factor"):
+        gptq_quantize(W, H, spec, act_order=False, factor=factor)
+
+
+@pytest.mark.parametrize("n, out", [(40, 24), (128, 200)])
+def test_numba_column_loop_matches_the_torch_loop(n, out):
+    """qflow/kernels/gptq_cpu.py vs the torch loop on one lazy batch: same codes, errors to fp32 rounding."""
+    from qflow.kernels import gptq_cpu
+    from qflow.quant.algos.gptq import _columns_torch
+
+    g = torch.Generator().manual_seed(8)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.linalg.inv(A @ A.t() / n + torch.eye(n, dtype=torch.float64)),
+                              upper=True).float()
+    W1 = torch.randn(n, out, generator=g)
+    S = torch.rand(n, out, generator=g) * 0.3 + 0.05
+    Z = torch.randint(0, 16, (n, out), generator=g).float()
+    W_torch, W_numba = W1.clone(), W1.clone().contiguous()
+    codes_t, err_t = _columns_torch(W_torch, U, S, Z, 15.0)
+    codes_n, err_n = gptq_cpu.run_columns(W_numba.numpy(), U.numpy(), S.numpy(), Z.numpy(), 15.0)
+    moved = (torch.from_numpy(codes_n).int() - codes_t.int()).abs()
+    assert int(moved.max()) <= 1 and float((moved > 0).float().mean()) <= 1e-3
+    same = moved == 0
+    assert torch.allclose(torch.from_numpy(err_n)[same], err_t[same], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(W_numba, W_torch, rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_torch_and_numba_backends_agree(monkeypatch):
+    g = torch.Generator().manual_seed(9)
+    X = torch.randn(600, 128, generator=g) @ (0.3 * torch.randn(128, 128, generator=g))
+    H = 2.0 / 600 * X.t() @ X
+    W = torch.randn(64, 128, generator=g)
+    spec = QuantSpec(bits=4, group_size=32)
+    monkeypatch.setenv("QFLOW_KERNEL_BACKEND", "numba")
+    a = gptq_quantize(W, H, spec, act_order=True, static_groups=False)
+    monkeypatch.setenv("QFLOW_KERNEL_BACKEND", "torch")
+    b = gptq_quantize(W, H, spec, act_order=True, static_groups=False)
+    assert float((a.codes != b.codes).float().mean()) <= 2e-3
+    assert a.loss == pytest.approx(b.loss, rel=1e-3)

@@ -60,12 +60,95 @@ def _next_token_logits(model, batch: torch.Tensor) -> torch.Tensor:
     return model(input_ids=batch.to(device), use_cache=False).logits[:, :-1]
 
 
-def _chunks(logits: torch.Tensor) -> Iterator[tuple[int, int, int]]:
+def _split_head(model):
+    """(body, head, softcap) computing the logits from the final hidden states, or None (unknown layout).
+
+    ``body`` returns the hidden states after the final norm (``last_hidden_state``),
+    ``head`` is the output embedding; ``softcap`` the config's ``final_logit_softcapping``
+    (``c·tanh(x/c)``, Gemma 2/3) or None. Anything else a model does to its logits is
+    caught by :func:`_split_matches` (then the full logits are used).
+    """
+    get_decoder = getattr(model, "get_decoder", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    if get_decoder is None or get_head is None:
+        return None
+    try:
+        body, head = get_decoder(), get_head()
+    except (AttributeError, NotImplementedError):
+        return None
+    if body is None or head is None or body is model:
+        return None
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return body, head, softcap
+
+
+class _BatchLogits:
+    """Next-token logits of one window batch, produced a chunk of positions at a time.
+
+    Split mode runs the decoder once (hidden states ``[B, L-1, hidden]`` kept) and
+    applies the output head per chunk, so no ``[B, L-1, V]`` tensor ever exists: the
+    peak for a 262k vocabulary is one chunk (:data:`CHUNK_ELEMENTS`), not the batch.
+    Otherwise (a model whose head cannot be split off) the full logits are computed once.
+    """
+
+    def __init__(self, model, batch: torch.Tensor, split) -> None:
+        device = next(model.parameters()).device
+        self.split = split
+        if split is None:
+            self.full = _next_token_logits(model, batch)
+            self.shape = tuple(self.full.shape)
+        else:
+            body, self.head, self.softcap = split
+            out = body(input_ids=batch.to(device), use_cache=False)
+            self.hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[:, :-1]
+            vocab = self._head(self.hidden[0, :1]).shape[-1]
+            self.shape = (self.hidden.shape[0], self.hidden.shape[1], vocab)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.head(h)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def chunk(self, b: int, s: int, e: int) -> torch.Tensor:
+        """Logits ``[e - s, V]`` of window ``b``, positions ``s..e-1``."""
+        if self.split is None:
+            return self.full[b, s:e]
+        return self._head(self.hidden[b, s:e])
+
+    @property
+    def device(self) -> torch.device:
+        return (self.full if self.split is None else self.hidden).device
+
+
+def _split_matches(model, split, ids: torch.Tensor, tokens: int = 16) -> bool:
+    """Whether ``split`` reproduces the model's own logits on the first ``tokens`` of a window."""
+    if split is None:
+        return False
+    probe = ids[:1, :min(tokens, ids.shape[1])]
+    with torch.no_grad():
+        full = _next_token_logits(model, probe).float()
+        parts = _BatchLogits(model, probe, split)
+        mine = parts.chunk(0, 0, parts.shape[1]).float()[None]
+    if mine.shape != full.shape:
+        return False
+    tol = 1e-3 * float(full.abs().max().clamp(min=1.0))
+    return bool(((mine - full).abs() <= tol + 1e-3 * full.abs()).all())
+
+
+def logit_source(model, ids: torch.Tensor):
+    """How :func:`float_reference` / :func:`compare_to_reference` get ``model``'s logits: the split
+    head when it reproduces the model's own logits on a probe (checked here, once), else None (full)."""
+    split = _split_head(model)
+    return split if _split_matches(model, split, ids) else None
+
+
+def _chunks(shape: tuple[int, int, int]) -> Iterator[tuple[int, int, int]]:
     """(window, first position, end position) chunks of ``[B, L-1, V]`` of at most CHUNK_ELEMENTS each."""
-    rows = max(1, CHUNK_ELEMENTS // logits.shape[-1])
-    for b in range(logits.shape[0]):
-        for s in range(0, logits.shape[1], rows):
-            yield b, s, min(s + rows, logits.shape[1])
+    rows = max(1, CHUNK_ELEMENTS // shape[-1])
+    for b in range(shape[0]):
+        for s in range(0, shape[1], rows):
+            yield b, s, min(s + rows, shape[1])
 
 
 def ranked_topk(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,20 +166,25 @@ def ranked_topk(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def float_reference(model, ids: torch.Tensor, *, batch_size: int, topk: int,
-                    progress: Callable[[int], None] | None = None) -> FloatReference:
-    """The float model's NLL and ranked top-max(topk, 5) log-probs of every scored position."""
+                    progress: Callable[[int], None] | None = None, chunked: bool = True) -> FloatReference:
+    """The float model's NLL and ranked top-max(topk, 5) log-probs of every scored position.
+
+    ``chunked``: the output head runs a chunk of positions at a time (see :class:`_BatchLogits`);
+    False materialises each batch's full logits (the same numbers; tests compare the two).
+    """
     k = max(topk, 5)
     n_win, n_pos = ids.shape[0], ids.shape[1] - 1
     nll = torch.empty(n_win, n_pos, dtype=torch.float64)
     idx = torch.empty(n_win, n_pos, k, dtype=torch.int32)
     vals = torch.empty(n_win, n_pos, k, dtype=torch.float32)
+    split = logit_source(model, ids) if chunked else None
     with torch.no_grad():
         for i in range(0, n_win, batch_size):
             batch = ids[i:i + batch_size]
-            logits = _next_token_logits(model, batch)
+            logits = _BatchLogits(model, batch, split)
             targets = batch[:, 1:].to(logits.device)
-            for b, s, e in _chunks(logits):
-                logp = torch.log_softmax(logits[b, s:e].float(), dim=-1)
+            for b, s, e in _chunks(logits.shape):
+                logp = torch.log_softmax(logits.chunk(b, s, e).float(), dim=-1)
                 nll[i + b, s:e] = -logp.gather(-1, targets[b, s:e, None]).squeeze(-1).double().cpu()
                 v, j = ranked_topk(logp, k)
                 idx[i + b, s:e], vals[i + b, s:e] = j.to(torch.int32).cpu(), v.cpu()
@@ -126,10 +214,12 @@ def exact_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
 
 
 def compare_to_reference(model, ids: torch.Tensor, ref: FloatReference, *, batch_size: int, topk: int,
-                         fp_model=None, progress: Callable[[int], None] | None = None) -> Comparison:
+                         fp_model=None, progress: Callable[[int], None] | None = None,
+                         chunked: bool = True) -> Comparison:
     """Quantized ``model`` vs the float reference; exact KL too when the float ``fp_model`` is given.
 
     ``fp_model is model`` (the float model evaluated against itself) reuses the one forward.
+    ``chunked``: logits a chunk of positions at a time (peak memory one chunk, not a batch).
     """
     n_win, n_pos = ids.shape[0], ids.shape[1] - 1
     k = ref.topk_idx.shape[-1]
@@ -138,16 +228,21 @@ def compare_to_reference(model, ids: torch.Tensor, ref: FloatReference, *, batch
     top5 = torch.empty(n_win, n_pos, dtype=torch.float32)
     kl = torch.empty(n_win, n_pos, dtype=torch.float64) if fp_model is not None else None
     kl_topk = torch.empty(n_win, n_pos, dtype=torch.float64) if topk > 0 else None
+    split = logit_source(model, ids) if chunked else None
+    split_fp = None
+    if chunked and fp_model is not None and fp_model is not model:
+        split_fp = logit_source(fp_model, ids)
     with torch.no_grad():
         for i in range(0, n_win, batch_size):
             batch = ids[i:i + batch_size]
-            logits = _next_token_logits(model, batch)
+            logits = _BatchLogits(model, batch, split)
             logits_fp = None
             if fp_model is not None and fp_model is not model:
-                logits_fp = _next_token_logits(fp_model, batch).to(logits.device)
+                logits_fp = _BatchLogits(fp_model, batch, split_fp)
             targets = batch[:, 1:].to(logits.device)
-            for b, s, e in _chunks(logits):
-                logp = torch.log_softmax(logits[b, s:e].float(), dim=-1)
+            for b, s, e in _chunks(logits.shape):
+                chunk = logits.chunk(b, s, e)
+                logp = torch.log_softmax(chunk.float(), dim=-1)
                 nll[i + b, s:e] = -logp.gather(-1, targets[b, s:e, None]).squeeze(-1).double().cpu()
                 ref_idx = ref.topk_idx[i + b, s:e].long().to(logp.device)
                 # the same k and tie rule as the reference, so that equal models agree exactly
@@ -161,7 +256,7 @@ def compare_to_reference(model, ids: torch.Tensor, ref: FloatReference, *, batch
                     if logits_fp is None:
                         kl[i + b, s:e] = 0.0
                     else:
-                        kl[i + b, s:e] = exact_kl(logits_fp[b, s:e], logits[b, s:e]).cpu()
+                        kl[i + b, s:e] = exact_kl(logits_fp.chunk(b, s, e).to(chunk.device), chunk).cpu()
             del logits, logits_fp
             if progress:
                 progress(batch.shape[0])

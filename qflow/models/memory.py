@@ -90,6 +90,23 @@ def whole_model_bytes(config: dict[str, Any] | None, *, copies: int = 1, batch_s
     return RUNTIME_BYTES + F32 * (copies * params + logits)
 
 
+def evaluate_stage_bytes(config: dict[str, Any] | None, *, batch_size: int, seq_len: int,
+                         chunk_elements: int) -> int | None:
+    """``evaluate.lm``: the float and the quantized model (fp32) side by side, one window batch's
+    activations (hidden states of both models, the widest MLP input, one layer's attention scores) and
+    one chunk of ``chunk_elements`` logits with its working set (three fp32 and five fp64 copies:
+    both logits, log-softmaxes, exact-KL terms). The logits of a whole batch never exist
+    (``qflow/evaluation/lm.py``), so the vocabulary enters only through the weights and the chunk."""
+    params = model_params(config or {})
+    d = _dims(config or {})
+    if params is None or d is None:
+        return None
+    tokens = batch_size * seq_len
+    activations = tokens * (6 * d["hidden"] + 2 * d["inter"]) + batch_size * d["heads"] * seq_len * seq_len
+    chunk = chunk_elements * (3 + 2 * 5)
+    return RUNTIME_BYTES + F32 * (2 * params + activations + chunk)
+
+
 def calibration_shape(inputs_meta: dict[str, Any], slot: str = "calib") -> tuple[int, int] | None:
     """(n_samples, seq_len) of the calibration set feeding ``slot``: from the cached CalibSet's
     metadata, else from the planned calibrate stage's config (``{"planned": config}``)."""

@@ -28,6 +28,7 @@ import functools
 import importlib
 import logging
 import os
+from typing import Callable
 from types import ModuleType
 
 import numpy as np
@@ -41,7 +42,8 @@ from .spec import QuantSpec
 log = logging.getLogger("qflow.kernels")
 _announced: set[tuple[str, str]] = set()
 
-OPS = ("compute_params", "quantize", "dequantize", "fake_quant", "pack", "unpack", "dequantize_packed")
+OPS = ("compute_params", "quantize", "dequantize", "fake_quant", "pack", "unpack", "dequantize_packed",
+       "gptq_columns")
 BACKEND_ENV = "QFLOW_KERNEL_BACKEND"
 _FORCEABLE = ("torch", "numba")
 _CUDA_MODULE = "qflow.kernels.cuda"
@@ -235,3 +237,19 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
                                                    kernel_table(spec))
         return _back(w_hat, packed)
     return affine.dequantize(packing.unpack_reference(packed, spec.bits, in_features), scale, zero, spec)
+
+
+def gptq_columns(w1: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: float,
+                 reference: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's column loop over one lazy batch: (codes uint8, err float32) ``[n, out]``; ``w1`` updated in place.
+
+    numba on CPU (``qflow/kernels/gptq_cpu.py``); elsewhere ``reference`` (the torch loop
+    of ``qflow.quant.algos.gptq``, passed in: this layer does not import the algorithms).
+    """
+    if _pick("gptq_columns", w1) != "numba" or w1.device.type != "cpu" or not w1.is_contiguous():
+        return reference(w1, u, scale, zero, qmax)
+    from ..kernels import gptq_cpu
+
+    codes, err = gptq_cpu.run_columns(w1.numpy(), _np(u, torch.float32), _np(scale, torch.float32),
+                                      _np(zero, torch.float32), qmax)
+    return torch.from_numpy(codes), torch.from_numpy(err)

@@ -137,21 +137,46 @@ def _all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
+def _lower_triangular_inverse(L: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+    """``L⁻¹`` of a lower-triangular ``L`` by recursive 2x2 blocking (``n³/3`` flops, matmuls; a
+    triangular solve against the identity would cost ``n³``)."""
+    n = L.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=L.dtype, device=L.device)
+        return torch.linalg.solve_triangular(L, eye, upper=False)
+    h = n // 2
+    top = _lower_triangular_inverse(L[:h, :h], leaf)
+    bottom = _lower_triangular_inverse(L[h:, h:], leaf)
+    out = torch.zeros_like(L)
+    out[:h, :h] = top
+    out[h:, h:] = bottom
+    out[h:, :h] = -(bottom @ (L[h:, :h] @ top))
+    return out
+
+
 def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float, retries: int) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + percdamp·mean(diag H)·I)⁻¹`` with damping retries."""
+    """Upper Cholesky factor ``U`` of ``(H + percdamp·mean(diag H)·I)⁻¹`` (``H⁻¹ = UᵀU``) with damping retries.
+
+    One factorisation: with ``J`` the order-reversing permutation and ``J·Hd·J = L Lᵀ``,
+    ``Hd⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J)`` and ``J L⁻¹ J`` is upper triangular with a positive
+    diagonal, so by uniqueness it is the factor (the reference computes ``Hd⁻¹`` from a
+    first Cholesky and factors it again: twice the flops, same matrix up to rounding).
+    """
     mean_diag = float(H.diagonal().mean())
+    flipped = H.flip(0, 1)
     pd = float(percdamp)
     tried: list[float] = []
     for _ in range(retries + 1):
         tried.append(pd)
-        Hd = H.clone()
+        Hd = flipped.clone()
         Hd.diagonal().add_(pd * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            U = _lower_triangular_inverse(L).flip(0, 1)
+            del L
             dU = U.diagonal()
-            if int(info2) == 0 and bool(torch.isfinite(dU).all()) and bool((dU > 0).all()):
+            if bool(torch.isfinite(dU).all()) and bool((dU > 0).all()):
                 return U, pd
         pd = pd * 10.0 if pd > 0 else 0.01
     raise ValueError(
@@ -160,9 +185,60 @@ def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float, retries: int) -> t
         "(check the activations for NaN/Inf, use more calibration tokens, or raise percdamp)")
 
 
+@dataclass
+class HessianFactor:
+    """What GPTQ needs from ``H`` alone, so linears that read the same input (q/k/v, gate/up) share it.
+
+    ``U``: upper Cholesky factor of the damped ``H⁻¹`` in act-order; ``perm``: the
+    act-order permutation or None; ``dead``: bool ``[in]`` columns with ``H_jj = 0``
+    (original order); ``damp``: the percdamp used; ``percdamp``/``act_order``: what was
+    asked (a reuse with other settings is refused).
+    """
+
+    U: torch.Tensor
+    perm: torch.Tensor | None
+    dead: torch.Tensor
+    damp: float
+    percdamp: float
+    act_order: bool
+
+
+def factor_hessian(H: torch.Tensor, *, percdamp: float = 0.01, act_order: bool = True,
+                   max_damp_retries: int = 3) -> HessianFactor:
+    """Dead columns, act-order permutation and one damped inverse Cholesky factor of ``H [in, in]``.
+
+    Example::
+
+        f = factor_hessian(acc.H)
+        for W in (q.weight, k.weight, v.weight):
+            gptq_quantize(W, acc.H, spec, factor=f)
+    """
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"gptq_quantize: H must be square [in, in], got shape {tuple(H.shape)}")
+    if percdamp < 0 or max_damp_retries < 0:
+        raise ValueError("percdamp and max_damp_retries must be non-negative")
+    H = H.detach().to(torch.float32)
+    if not _all_finite(H):
+        raise ValueError("gptq_quantize: H contains non-finite values (NaN/Inf in calibration statistics)")
+    dead = H.diagonal() == 0
+    perm = None
+    if act_order:
+        diag = H.diagonal().clone()
+        diag[dead] = 1.0
+        perm = torch.argsort(diag, descending=True, stable=True)
+        Hw = H[perm[:, None], perm]                   # a copy: the caller's H is never modified
+        Hw.diagonal()[dead[perm]] = 1.0
+    else:
+        Hw = H.clone()
+        Hw.diagonal()[dead] = 1.0
+    U, damp_used = _inverse_cholesky_upper(Hw, percdamp, max_damp_retries)
+    return HessianFactor(U=U, perm=perm, dead=dead, damp=damp_used, percdamp=float(percdamp),
+                         act_order=bool(act_order))
+
+
 def _validated(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int, percdamp: float,
-               max_damp_retries: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 working copies of ``W`` and ``H``; ValueError for any argument :func:`gptq_quantize` cannot take."""
+               max_damp_retries: int) -> torch.Tensor:
+    """An fp32 working copy of ``W``; ValueError for any argument :func:`gptq_quantize` cannot take."""
     if W.dim() != 2:
         raise ValueError(f"gptq_quantize: W must be 2-D [out, in], got shape {tuple(W.shape)}")
     out, cols = W.shape
@@ -181,12 +257,9 @@ def _validated(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: in
     if percdamp < 0 or max_damp_retries < 0:
         raise ValueError("percdamp and max_damp_retries must be non-negative")
     W = W.detach().to(torch.float32).clone()
-    H = H.detach().to(device=W.device, dtype=torch.float32).clone()
     if not _all_finite(W):
         raise ValueError("gptq_quantize: W contains non-finite values")
-    if not _all_finite(H):
-        raise ValueError("gptq_quantize: H contains non-finite values (NaN/Inf in calibration statistics)")
-    return W, H
+    return W
 
 
 class _ColumnParams:
@@ -236,37 +309,62 @@ class _ColumnParams:
             self.zero[:, c // self.G] = self.z_col
         return self.s_col, self.z_col
 
+    def rows(self, c1: int, c2: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[c2 - c1, out]`` scale and zero rows of working columns ``c1..c2-1`` (a lazy batch).
+
+        Dynamic groups take their parameters from ``WT``, which no column of the current
+        batch has updated yet, so the whole batch's rows are known at its start.
+        """
+        pairs = [self.at(c) for c in range(c1, c2)]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def _columns_torch(W1: torch.Tensor, U1: torch.Tensor, S: torch.Tensor, Z: torch.Tensor,
+                   qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch column loop of one sub-block (the reference of ``qflow/kernels/gptq_cpu.py``):
+    rank-1 updates column by column; ``W1`` is updated in place."""
+    n = W1.shape[0]
+    dvals = U1.diagonal().tolist()
+    codes = torch.empty(W1.shape, dtype=torch.uint8, device=W1.device)
+    Err = torch.empty_like(W1)
+    for i in range(n):
+        w = W1[i]
+        q = torch.round(w / S[i]).add_(Z[i]).clamp_(0.0, qmax)
+        codes[i] = q
+        err = (w - (q - Z[i]) * S[i]).div_(dvals[i])
+        Err[i] = err
+        if i + 1 < n:
+            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
+    return codes, Err
+
 
 def _quantize_columns(WT: torch.Tensor, U: torch.Tensor, params: _ColumnParams, block_size: int,
                       qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes ``[in, out]`` uint8, loss) for the working columns (rows of ``WT``, updated in place).
 
     Lazy batches of ``block_size`` columns; inside a batch, sub-blocks of ``_SUB``
-    columns take their error feedback as one matmul, the columns inside a sub-block
-    rank-1 updates; a finished batch updates every later column at once.
+    columns run the sequential column loop (the dispatcher's ``gptq_columns``: numba
+    on CPU, :func:`_columns_torch` elsewhere) and pass their error feedback on to the
+    rest of the batch as one matmul; a finished batch updates every later column at once.
     """
+    from ..dispatch import gptq_columns
+
     cols, out = WT.shape
-    dvals = U.diagonal().tolist()
     codesT = torch.empty(cols, out, dtype=torch.uint8, device=WT.device)
     loss = torch.zeros((), dtype=torch.float64, device=WT.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = WT[i1:i2].clone()
         Err = torch.empty_like(W1)
-        for j1 in range(i1, i2, _SUB):
-            j2 = min(j1 + _SUB, i2)
-            for c in range(j1, j2):
-                i = c - i1
-                s_col, z_col = params.at(c)
-                w = W1[i]
-                q = torch.round(w / s_col).add_(z_col).clamp_(0.0, qmax)
-                codesT[c] = q
-                err = (w - (q - z_col) * s_col).div_(dvals[c])
-                Err[i] = err
-                if c + 1 < j2:
-                    W1[i + 1:j2 - i1].addr_(U[c, c + 1:j2], err, alpha=-1.0)
-            if j2 < i2:
-                W1[j2 - i1:].addmm_(U[j1:j2, j2:i2].t(), Err[j1 - i1:j2 - i1], alpha=-1.0)
+        S, Z = params.rows(i1, i2)
+        for j1 in range(0, i2 - i1, _SUB):
+            j2 = min(j1 + _SUB, i2 - i1)
+            codes, err = gptq_columns(W1[j1:j2], U[i1 + j1:i1 + j2, i1 + j1:i1 + j2], S[j1:j2], Z[j1:j2], qmax,
+                                      reference=_columns_torch)
+            codesT[i1 + j1:i1 + j2] = codes.to(WT.device)
+            Err[j1:j2] = err.to(WT.device)
+            if j2 < i2 - i1:
+                W1[j2:].addmm_(U[i1 + j1:i1 + j2, i1 + j2:i2].t(), Err[j1:j2], alpha=-1.0)
         if i2 < cols:
             WT[i2:].addmm_(U[i1:i2, i2:].t(), Err, alpha=-1.0)
         loss += Err.double().pow(2).sum() * 0.5
@@ -275,31 +373,40 @@ def _quantize_columns(WT: torch.Tensor, U: torch.Tensor, params: _ColumnParams, 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
                   percdamp: float = 0.01, act_order: bool = True, static_groups: bool = True,
-                  max_damp_retries: int = 3) -> GPTQResult:
-    """GPTQ-quantize ``W [out, in]`` given the input Hessian ``H [in, in]`` (docs/METHODS.md §5)."""
-    W, H = _validated(W, H, spec, block_size, percdamp, max_damp_retries)
+                  max_damp_retries: int = 3, factor: HessianFactor | None = None) -> GPTQResult:
+    """GPTQ-quantize ``W [out, in]`` given the input Hessian ``H [in, in]`` (docs/METHODS.md §5).
+
+    ``factor``: :func:`factor_hessian` of this ``H`` with the same ``percdamp`` and
+    ``act_order``, to share one factorisation between linears that read the same input.
+    """
+    W = _validated(W, H, spec, block_size, percdamp, max_damp_retries)
     cols = W.shape[1]
     G = spec.group_size
+    if factor is None:
+        factor = factor_hessian(H.to(W.device), percdamp=percdamp, act_order=act_order,
+                                max_damp_retries=max_damp_retries)
+    elif factor.act_order != bool(act_order) or factor.percdamp != float(percdamp) or factor.U.shape[0] != cols:
+        raise ValueError(f"gptq_quantize: the shared Hessian factor was made for act_order={factor.act_order}, "
+                         f"percdamp={factor.percdamp}, {factor.U.shape[0]} columns, not {act_order}, "
+                         f"{percdamp}, {cols}")
     fixed = compute_params(W, spec) if G <= 0 else None          # per row (or tensor), from the original W
-    dead = H.diagonal() == 0
+    dead = factor.dead.to(W.device)
     if bool(dead.any()):
-        H.diagonal()[dead] = 1.0
         W[:, dead] = 0.0
     static = compute_params(W, spec) if G > 0 and static_groups else None  # original column order, dead zeroed
 
-    perm = invperm = None
-    if act_order:
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+    perm = factor.perm
+    invperm = None
+    if perm is not None:
         invperm = torch.argsort(perm)
         W = W[:, perm]
-        H = H[perm[:, None], perm]
 
-    U, damp_used = _inverse_cholesky_upper(H, percdamp, max_damp_retries)
-    del H
+    U = factor.U
     WT = W.t().contiguous()                          # [in, out]; row c = working column c
     del W
     params = _ColumnParams(spec, WT, fixed=fixed, static=static, perm=perm)
     codesT, loss = _quantize_columns(WT, U, params, block_size, float(spec.qmax))
+    del WT
     codes = (codesT[invperm] if perm is not None else codesT).t().contiguous()
 
     g_idx = None
@@ -309,4 +416,4 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_si
         if not torch.equal(gi, default):
             g_idx = gi
     return GPTQResult(codes=codes, scale=params.scale, zero=params.zero, g_idx=g_idx, loss=float(loss),
-                      damp=damp_used, perm=perm)
+                      damp=factor.damp, perm=perm)

@@ -84,21 +84,36 @@ def _sub_steps(block: Block, opts: GPTQOptions,
 def _quantize_sub_step(block: Block, group: list[str], hessians: dict[str, HessianAccumulator],
                        layer_spec: Callable[[str], QuantSpec | None], opts: GPTQOptions,
                        hessian_seconds: float) -> None:
-    """GPTQ-quantize the linears of one sub-step in place (each with its own spec) and add them to the checkpoint."""
-    from .gptq import dequantize_result, gptq_quantize
+    """GPTQ-quantize the linears of one sub-step in place (each with its own spec) and add them to the checkpoint.
 
+    Linears that read the same input (q/k/v, gate/up) share one Hessian factorisation;
+    it is dropped as soon as the last of them is done.
+    """
+    from .gptq import dequantize_result, factor_hessian, gptq_quantize
+
+    uses: dict[str, int] = {}
+    for name in group:
+        key = block.adapter.canonical_input(name)
+        uses[key] = uses.get(key, 0) + 1
+    factors: dict[str, Any] = {}
     for name in group:
         spec = layer_spec(name)
         t1 = time.perf_counter()
         lin = block.linear(name)
-        H = hessians[block.adapter.canonical_input(name)].H
+        key = block.adapter.canonical_input(name)
+        H = hessians[key].H
         try:
+            if key not in factors:
+                factors[key] = factor_hessian(H, percdamp=opts.percdamp, act_order=opts.act_order)
             res = gptq_quantize(lin.weight.data.float(), H, spec, block_size=opts.block_size,
                                 percdamp=opts.percdamp, act_order=opts.act_order,
-                                static_groups=opts.static_groups)
+                                static_groups=opts.static_groups, factor=factors[key])
         except ValueError as exc:
             raise StageError(f"GPTQ failed: {exc}", where=block.full_name(name),
                              fix="use more calibration tokens or a larger percdamp") from exc
+        uses[key] -= 1
+        if not uses[key]:
+            del factors[key]
         lin.weight.data = dequantize_result(res, spec).to(lin.weight.dtype)
         block.writer.add_quantized(block.full_name(name), spec, res.codes, res.scale, res.zero, res.g_idx)
         block.record(layer=block.full_name(name), gptq_loss=res.loss, damp=res.damp,

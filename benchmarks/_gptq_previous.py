@@ -1,0 +1,320 @@
+"""Frozen copy of qflow/quant/algos/gptq.py before the one-factorisation change (issue 18).
+
+The reference side of benchmarks/gptq_layer.py and of the old-vs-new test in
+tests/test_algos_gptq.py: two Cholesky factorisations and a Cholesky inverse per
+layer. Not used by qflow itself. The original module docstring follows.
+
+GPTQ for one linear layer (docs/METHODS.md §5, following IST-DASLab/gptq ``fasterquant``).
+
+Pure torch, fp32. Two pieces:
+
+* :class:`HessianAccumulator` collects ``H = (2/N) Σ_t x_t x_tᵀ`` online over
+  calibration tokens (N counts tokens, not sequences; any positive scaling of H
+  leaves the result unchanged).
+* :func:`gptq_quantize` quantizes ``W [out, in]`` column by column with
+  error feedback through the upper Cholesky factor of the damped ``H⁻¹``.
+
+Parameters come from :func:`qflow.quant.affine.compute_params` and codes are
+made with exactly :func:`qflow.quant.affine.quantize`'s arithmetic
+(``clamp(round(w / scale) + zero, 0, qmax)`` with the fp16-rounded scale), so
+``affine.dequantize(codes, scale, zero, spec)`` reproduces the quantized
+weight bit for bit whenever ``g_idx`` is ``None`` (and :func:`dequantize_result`
+does in every case).
+
+Implementation notes (numerically equivalent to the reference, not
+bit-identical in the error-feedback arithmetic):
+
+* the working matrix is kept transposed (``[in, out]``) so a column is a
+  contiguous row;
+* inside each lazy-batch block (``block_size`` columns) a second level of
+  blocking (``_SUB`` columns) replaces most rank-1 updates by matmuls. Group
+  parameters are still taken from the block-level working matrix (it holds
+  every completed block's update but none of the current block's), exactly as
+  the reference does.
+"""
+
+
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qflow.quant.affine import compute_params, dequantize
+from qflow.quant.spec import QuantSpec
+
+_SUB = 32  # inner sub-block (columns) for the intra-block error feedback
+
+
+# --------------------------------------------------------------------------- Hessian
+
+
+class HessianAccumulator:
+    """Online ``H = (2/N) Σ x xᵀ`` over every token fed to :meth:`add`.
+
+    ``dtype`` is the accumulation dtype (float32 by default, as the reference;
+    float64 is accepted). Half-precision accumulation is refused (METHODS §5).
+    """
+
+    def __init__(self, in_features: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        if int(in_features) <= 0:
+            raise ValueError(f"in_features must be positive, got {in_features}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"Hessian accumulation dtype must be float32 or float64, got {dtype}")
+        self.in_features = int(in_features)
+        self.dtype = dtype
+        self._H = torch.zeros(self.in_features, self.in_features, dtype=dtype, device=device)
+        self.n_tokens = 0
+
+    @property
+    def H(self) -> torch.Tensor:
+        """The current ``[in, in]`` Hessian estimate (zeros before any token)."""
+        return self._H
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate activations ``x`` of shape ``[..., in]`` (every leading index is a token)."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"HessianAccumulator.add: expected input of shape [..., {self.in_features}], "
+                             f"got {tuple(x.shape)}")
+        x = x.detach().reshape(-1, self.in_features)
+        m = x.shape[0]
+        if m == 0:
+            return
+        if not x.is_floating_point():
+            raise ValueError(f"HessianAccumulator.add: expected a floating-point input, got {x.dtype}")
+        if not bool(torch.isfinite(x.sum(dtype=torch.float32))):  # cheap test first; count only on failure
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(f"HessianAccumulator.add: input contains {bad} non-finite value(s) "
+                             f"(NaN/Inf) out of {x.numel()}; refusing to accumulate the Hessian")
+        x = x.to(device=self._H.device, dtype=self.dtype)
+        n = self.n_tokens
+        total = n + m
+        if n:
+            self._H.mul_(n / total)
+        xs = x * math.sqrt(2.0 / total)
+        self._H.addmm_(xs.t(), xs)
+        self.n_tokens = total
+
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        return f"HessianAccumulator(in_features={self.in_features}, n_tokens={self.n_tokens})"
+
+
+# --------------------------------------------------------------------------- GPTQ
+
+
+@dataclass
+class GPTQResult:
+    """Output of :func:`gptq_quantize`.
+
+    ``codes``: uint8 ``[out, in]`` in the original column order.
+    ``scale``/``zero``: fp32 ``[out, n_groups]`` (``[1, 1]`` per tensor). With
+    act-order and dynamic groups, group ``k`` is the ``k``-th run of ``G``
+    columns in permuted order and ``g_idx`` maps each original column to it.
+    ``g_idx``: int32 ``[in]`` or ``None`` when it is the default ``j // G``.
+    ``loss``: ``Σ e²/2`` with ``e = (w − q)/U_cc`` (reporting only).
+    ``damp``: the ``percdamp`` that was finally used.
+    ``perm``: the act-order permutation (int64 ``[in]``) or ``None``.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    g_idx: torch.Tensor | None
+    loss: float
+    damp: float
+    perm: torch.Tensor | None = None
+
+
+def dequantize_result(res: GPTQResult, spec: QuantSpec) -> torch.Tensor:
+    """fp32 ``[out, in]`` weight of a :class:`GPTQResult`, honouring ``g_idx``."""
+    if res.g_idx is None:
+        return dequantize(res.codes, res.scale, res.zero, spec)
+    gi = res.g_idx.long()
+    s = res.scale.float()[:, gi]
+    z = res.zero.float()[:, gi]
+    return (res.codes.float() - z) * s
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x)                        # NaN and ±inf propagate; one pass, no copy
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float, retries: int) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + percdamp·mean(diag H)·I)⁻¹`` with damping retries."""
+    mean_diag = float(H.diagonal().mean())
+    pd = float(percdamp)
+    tried: list[float] = []
+    for _ in range(retries + 1):
+        tried.append(pd)
+        Hd = H.clone()
+        Hd.diagonal().add_(pd * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            dU = U.diagonal()
+            if int(info2) == 0 and bool(torch.isfinite(dU).all()) and bool((dU > 0).all()):
+                return U, pd
+        pd = pd * 10.0 if pd > 0 else 0.01
+    raise ValueError(
+        "gptq_quantize: Cholesky factorization of the damped Hessian failed "
+        f"(not positive definite) for percdamp in {tried}; the calibration Hessian is degenerate "
+        "(check the activations for NaN/Inf, use more calibration tokens, or raise percdamp)")
+
+
+def _validated(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int, percdamp: float,
+               max_damp_retries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 working copies of ``W`` and ``H``; ValueError for any argument :func:`gptq_quantize` cannot take."""
+    if W.dim() != 2:
+        raise ValueError(f"gptq_quantize: W must be 2-D [out, in], got shape {tuple(W.shape)}")
+    out, cols = W.shape
+    if tuple(H.shape) != (cols, cols):
+        raise ValueError(f"gptq_quantize: H must be [{cols}, {cols}] for W of shape {tuple(W.shape)}, "
+                         f"got {tuple(H.shape)}")
+    if spec.format != "int":
+        raise ValueError(f"gptq_quantize supports integer affine formats only, got format={spec.format!r}")
+    if spec.zero_float:
+        raise ValueError("gptq_quantize needs integer zero points; zero_float specs (HQQ) are not supported")
+    problem = spec.check_shape(out, cols)
+    if problem:
+        raise ValueError(f"gptq_quantize: {problem}")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if percdamp < 0 or max_damp_retries < 0:
+        raise ValueError("percdamp and max_damp_retries must be non-negative")
+    W = W.detach().to(torch.float32).clone()
+    H = H.detach().to(device=W.device, dtype=torch.float32).clone()
+    if not _all_finite(W):
+        raise ValueError("gptq_quantize: W contains non-finite values")
+    if not _all_finite(H):
+        raise ValueError("gptq_quantize: H contains non-finite values (NaN/Inf in calibration statistics)")
+    return W, H
+
+
+class _ColumnParams:
+    """The ``(scale, zero)`` rows ``[out]`` that quantize each working column, in quantization order.
+
+    Three cases, as in the reference: no groups (one pair per row, or per tensor,
+    taken from the original W); static groups (every group's pair taken before
+    act-order, looked up through the permutation); dynamic groups (a group's pair
+    is taken from the working matrix ``WT`` when its first column comes up, so it
+    holds every completed lazy block's update). ``scale``/``zero`` are the
+    ``[out, n_groups]`` tables the result reports.
+    """
+
+    def __init__(self, spec: QuantSpec, WT: torch.Tensor, *, fixed: tuple[torch.Tensor, torch.Tensor] | None,
+                 static: tuple[torch.Tensor, torch.Tensor] | None, perm: torch.Tensor | None) -> None:
+        cols, out = WT.shape
+        self.WT = WT
+        self.G = spec.group_size
+        self.col_group: list[int] | None = None
+        self.spec_pc: QuantSpec | None = None
+        if fixed is not None:
+            self.scale, self.zero = fixed
+            self.s_col = self.scale[:, 0].contiguous()
+            self.z_col = self.zero[:, 0].contiguous()
+        elif static is not None:
+            self.scale, self.zero = static
+            self.sT = self.scale.t().contiguous()
+            self.zT = self.zero.t().contiguous()
+            src = perm.tolist() if perm is not None else range(cols)
+            self.col_group = [j // self.G for j in src]
+        else:
+            n_groups = spec.n_groups(cols)
+            self.scale = torch.zeros(out, n_groups, dtype=torch.float32, device=WT.device)
+            self.zero = torch.zeros(out, n_groups, dtype=torch.float32, device=WT.device)
+            self.spec_pc = spec.model_copy(update={"group_size": -1})
+
+    def at(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero)`` for working column ``c``; called for c = 0, 1, ... in order."""
+        if self.col_group is not None:
+            g = self.col_group[c]
+            return self.sT[g], self.zT[g]
+        if self.spec_pc is not None and c % self.G == 0:
+            s, z = compute_params(self.WT[c:c + self.G].t(), self.spec_pc)
+            self.s_col = s[:, 0].contiguous()
+            self.z_col = z[:, 0].contiguous()
+            self.scale[:, c // self.G] = self.s_col
+            self.zero[:, c // self.G] = self.z_col
+        return self.s_col, self.z_col
+
+
+def _quantize_columns(WT: torch.Tensor, U: torch.Tensor, params: _ColumnParams, block_size: int,
+                      qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes ``[in, out]`` uint8, loss) for the working columns (rows of ``WT``, updated in place).
+
+    Lazy batches of ``block_size`` columns; inside a batch, sub-blocks of ``_SUB``
+    columns take their error feedback as one matmul, the columns inside a sub-block
+    rank-1 updates; a finished batch updates every later column at once.
+    """
+    cols, out = WT.shape
+    dvals = U.diagonal().tolist()
+    codesT = torch.empty(cols, out, dtype=torch.uint8, device=WT.device)
+    loss = torch.zeros((), dtype=torch.float64, device=WT.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = WT[i1:i2].clone()
+        Err = torch.empty_like(W1)
+        for j1 in range(i1, i2, _SUB):
+            j2 = min(j1 + _SUB, i2)
+            for c in range(j1, j2):
+                i = c - i1
+                s_col, z_col = params.at(c)
+                w = W1[i]
+                q = torch.round(w / s_col).add_(z_col).clamp_(0.0, qmax)
+                codesT[c] = q
+                err = (w - (q - z_col) * s_col).div_(dvals[c])
+                Err[i] = err
+                if c + 1 < j2:
+                    W1[i + 1:j2 - i1].addr_(U[c, c + 1:j2], err, alpha=-1.0)
+            if j2 < i2:
+                W1[j2 - i1:].addmm_(U[j1:j2, j2:i2].t(), Err[j1 - i1:j2 - i1], alpha=-1.0)
+        if i2 < cols:
+            WT[i2:].addmm_(U[i1:i2, i2:].t(), Err, alpha=-1.0)
+        loss += Err.double().pow(2).sum() * 0.5
+    return codesT, loss
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
+                  percdamp: float = 0.01, act_order: bool = True, static_groups: bool = True,
+                  max_damp_retries: int = 3) -> GPTQResult:
+    """GPTQ-quantize ``W [out, in]`` given the input Hessian ``H [in, in]`` (docs/METHODS.md §5)."""
+    W, H = _validated(W, H, spec, block_size, percdamp, max_damp_retries)
+    cols = W.shape[1]
+    G = spec.group_size
+    fixed = compute_params(W, spec) if G <= 0 else None          # per row (or tensor), from the original W
+    dead = H.diagonal() == 0
+    if bool(dead.any()):
+        H.diagonal()[dead] = 1.0
+        W[:, dead] = 0.0
+    static = compute_params(W, spec) if G > 0 and static_groups else None  # original column order, dead zeroed
+
+    perm = invperm = None
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        invperm = torch.argsort(perm)
+        W = W[:, perm]
+        H = H[perm[:, None], perm]
+
+    U, damp_used = _inverse_cholesky_upper(H, percdamp, max_damp_retries)
+    del H
+    WT = W.t().contiguous()                          # [in, out]; row c = working column c
+    del W
+    params = _ColumnParams(spec, WT, fixed=fixed, static=static, perm=perm)
+    codesT, loss = _quantize_columns(WT, U, params, block_size, float(spec.qmax))
+    codes = (codesT[invperm] if perm is not None else codesT).t().contiguous()
+
+    g_idx = None
+    if G > 0 and act_order and not static_groups:
+        gi = (invperm // G).to(torch.int32)
+        default = (torch.arange(cols, device=gi.device) // G).to(torch.int32)
+        if not torch.equal(gi, default):
+            g_idx = gi
+    return GPTQResult(codes=codes, scale=params.scale, zero=params.zero, g_idx=g_idx, loss=float(loss),
+                      damp=damp_used, perm=perm)
