@@ -118,8 +118,9 @@ def test_two_concurrent_runs_compute_once(tmp_path, tiny_model_dir, runs_dir):
         assert results[0]["stages"][sid]["key"] == results[1]["stages"][sid]["key"]
     assert results[0]["metrics"]["evaluate/ppl"] == results[1]["metrics"]["evaluate/ppl"]
     assert results[0]["mlflow_run_id"] != results[1]["mlflow_run_id"]          # two tracked runs
-    entries = list(runs_dir.glob("cache/??/*"))
-    assert len(entries) == len(results[0]["stages"])
+    entries = {p.name for p in runs_dir.glob("cache/??/*")}
+    stage_keys = {st["key"] for st in results[0]["stages"].values()}
+    assert stage_keys <= entries and len(entries - stage_keys) <= 1     # one entry per stage (+ the float-reference memo)
     verify = subprocess.run([sys.executable, "-m", "qflow.cli", "cache", "verify"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0 and "0 corrupt" in verify.stdout, verify.stdout + verify.stderr
