@@ -198,7 +198,8 @@ def main() -> int:
     runs = work / "runs"
     from qflow.models.sources import resolve_model
 
-    tokenizer_dir = resolve_model("zoo:smollm2-135m", runs / "cache").path
+    # the bundled model's tokenizer (ids < 49152 fit the 128k vocabulary), converted once per machine
+    tokenizer_dir = resolve_model("zoo:smollm2-135m", REPO / "runs" / "test-cache").path
     tag = f"{args.shape}-{shape['layers']}l"
     t0 = time.perf_counter()
     model_dir = write_model(work / f"model-{tag}", shape, tokenizer_dir)
