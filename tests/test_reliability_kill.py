@@ -30,6 +30,7 @@ from qflow.engine.cache import CacheStore
 from .conftest import REPO, run_cli, tiny_recipe, write_recipe
 
 VOLATILE = ("seconds", "peak_rss", "_s", "tokens_per_s", "speed")   # timings and memory: not results
+RENDERINGS = (".html", ".png", ".qflow-export.json")   # reports and the export marker carry dates, not results
 
 
 def _recipe(model_dir: Path, export_dir: Path) -> str:
@@ -55,9 +56,22 @@ def _results(runs: Path, summary: dict, export_dir: Path) -> dict:
         entry = store.get(st["key"])
         assert entry is not None, sid
         files[sid] = {rel: meta for rel, meta in entry.manifest["files"].items()
-                      if rel.startswith("outputs/") and not rel.endswith("artifact.json")}
+                      if rel.startswith("outputs/") and not rel.endswith(("artifact.json", *RENDERINGS))}
     metrics = {k: v for k, v in summary["metrics"].items() if not any(t in k for t in VOLATILE)}
-    return {"files": files, "export": _hashes(export_dir), "metrics": metrics}
+    export = {rel: h for rel, h in _hashes(export_dir).items() if not rel.endswith(RENDERINGS)}
+    return {"files": files, "export": export, "metrics": metrics}
+
+
+def _differences(got: dict, want: dict) -> list[str]:
+    out = []
+    for part in want:
+        a, b = got.get(part, {}), want[part]
+        if part == "files":
+            out += [f"{sid}/{rel}" for sid in b for rel in set(a.get(sid, {})) | set(b[sid])
+                    if a.get(sid, {}).get(rel) != b[sid].get(rel)]
+        else:
+            out += [f"{part}:{k}" for k in set(a) | set(b) if a.get(k) != b.get(k)]
+    return sorted(out)
 
 
 def _phase(stderr: str, victim: str) -> str:
@@ -124,7 +138,7 @@ def kill_loop(tmp_path: Path, model_dir: Path, runs: Path, n_kills: int, seed: i
         assert again.returncode == 0, f"kill {i} ({victim}): re-run failed\n{again.stderr}"
         _check_clean(runs, export_dir)
         got = _results(runs, json.loads(again.stdout), export_dir)
-        assert got == baseline, f"kill {i} ({victim}): results differ from the uninterrupted run"
+        assert got == baseline, f"kill {i} ({victim}): results differ: {_differences(got, baseline)}"
         states["re-runs bit-identical"] += 1
     return {"kills": n_kills, "seed": seed, "uninterrupted_run_s": round(full_s, 1), "cached_run_s": round(cached_s, 1),
             "phases": dict(sorted(phases.items())), "states": dict(states)}
