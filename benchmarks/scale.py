@@ -236,7 +236,8 @@ def main() -> int:
             continue
         st = json.loads(out)["stages"]["quantize"]
         rows.append((method, rss, st["seconds"], st["seconds"] / shape["layers"]))
-        print(f"  {method}: done in {secs:.0f} s (process)", file=sys.stderr, flush=True)
+        print(f"  {method}: peak RSS {rss / 1e9:.2f} GB = {rss / fp32_bytes:.3f} of fp32, stage {st['seconds']:.0f} s, "
+              f"process {secs:.0f} s, load average {os.getloadavg()[0]:.1f}", flush=True)
 
     print(f"\nreference: a process importing torch/transformers/qflow's block-wise code peaks at {floor / 1e9:.2f} GB "
           f"({floor / fp32_bytes:.3f} of the fp32 model)")
