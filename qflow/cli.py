@@ -667,6 +667,14 @@ def main(argv: list[str] | None = None) -> int:
     except QflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk outside a stage (run folder, summary): say so; other errors are bugs
+        from .errors import disk_full
+
+        full = disk_full(exc, where=f"qflow {getattr(args, 'cmd', '')}".strip())
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; finished stages are cached, a re-run resumes", file=sys.stderr)
         return 130

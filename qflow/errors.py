@@ -51,6 +51,31 @@ class SourceError(QflowError):
     """A model or text source cannot be resolved (missing file, offline hub...)."""
 
 
+class DiskFullError(QflowError):
+    """A write failed because the file system is full (ENOSPC) or over quota (EDQUOT)."""
+
+
+def disk_full(exc: BaseException, where: str | None = None) -> DiskFullError | None:
+    """The clear error for an ``OSError`` that is ENOSPC/EDQUOT, else None (other errors keep their traceback)."""
+    import errno
+
+    if isinstance(exc, OSError):
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return None
+        target = f" while writing {exc.filename}" if exc.filename else ""
+        why = exc.strerror or "ENOSPC"
+    else:  # writers in Rust/C (safetensors, onnx) wrap the OS error in their own type
+        text = str(exc)
+        markers = ("No space left on device", "Disk quota exceeded", f"os error {errno.ENOSPC})")
+        if not any(m in text for m in markers):
+            return None
+        target, why = "", " ".join(text.split())[:200]
+    return DiskFullError(f"no space left on the device{target} ({why})", where=where,
+                         fix="free space on that file system (`qflow cache gc --keep N` removes old entries) or "
+                             "point --runs-dir at a larger disk, then re-run: finished stages stay cached, the "
+                             "half-written output was discarded")
+
+
 def closest(word: str, options: Iterable[str]) -> str | None:
     """The option closest to ``word`` (for "did you mean" hints), or None."""
     matches = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)

@@ -82,7 +82,11 @@ class Stage:
         return {}
 
     def check(self, cfg: Any, inputs_meta: dict[str, Any]) -> list[str]:
-        """Problems found before anything runs (override); each a one-line message."""
+        """Problems found before anything runs (override); each a one-line message.
+
+        ``inputs_meta``: per input slot the upstream artifact, or in preflight ``{"planned":
+        <upstream stage config>}`` when it is not computed yet (as for ``estimate_peak_bytes``).
+        """
         return []
 
     def estimate_peak_bytes(self, cfg: Any, inputs_meta: dict[str, Any], upstream: Sequence[Upstream]) -> int | None:

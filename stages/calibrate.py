@@ -54,7 +54,12 @@ class Calibrate(ReadsText, Stage):
         from qflow.data.tokens import token_windows, windows_fingerprint
         from qflow.models.loading import load_model
 
-        net, tok = load_model(model.base_model_dir, dtype="float32")
+        if cfg.stats:
+            net, tok = load_model(model.base_model_dir, dtype="float32")
+        else:   # the token windows need only the tokenizer: a model larger than memory is never loaded
+            from transformers import AutoTokenizer
+
+            net, tok = None, AutoTokenizer.from_pretrained(model.base_model_dir, local_files_only=True)
         ids = token_windows(cfg.data, tok, cfg.n_samples, ctx.memo_dir, where=f"stages.{ctx.stage_id}.with")
         out = ctx.output("calib")
         torch.save(ids, out / "ids.pt")

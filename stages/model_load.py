@@ -15,6 +15,8 @@ class ModelLoad(Stage):
         model: {source: "zoo:smollm2-135m"}          # or hf:org/name@rev, gguf:PATH, ./folder
 
     GGUF sources are dequantized to float once; the folder is reused by every run.
+    Weights holding NaN or Inf are refused here, naming the tensors, before any
+    other stage runs (``qflow/models/finite.py``).
     """
 
     version = 1
@@ -37,7 +39,10 @@ class ModelLoad(Stage):
     def run(self, ctx, cfg):
         from qflow.models.sources import resolve_model
 
+        from qflow.models.finite import check_finite_weights
+
         resolved = resolve_model(cfg.source, ctx.memo_dir)
+        check_finite_weights(resolved.path, where=f"stages.{ctx.stage_id} (model: {{source: {cfg.source}}})")
         ctx.log.info("model %s -> %s", cfg.source, resolved.path)
         return {"model": ModelRef(resolved.path, external=True, source=cfg.source,
                                   fingerprint=resolved.fingerprint, dtype=cfg.dtype)}

@@ -7,6 +7,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from ..errors import StageError
@@ -55,4 +56,82 @@ class ReadsText:
     def check(self, cfg, inputs_meta):
         from .sources import text_source_problems
 
-        return text_source_problems(cfg.data.source, "with.data")
+        problems = text_source_problems(cfg.data.source, "with.data")
+        if problems:
+            return problems
+        wanted = getattr(cfg, "n_samples", None) or getattr(cfg, "n_windows", None)
+        folder = tokenizer_folder((inputs_meta or {}).get("model"))
+        if folder is None:
+            return []   # the tokenizer is not known yet: token_windows refuses right before the stage
+        problem = windows_shortfall(cfg.data, folder, wanted)
+        return [f"with.data: {problem}"] if problem else []
+
+
+def tokenizer_folder(ref) -> Path | None:
+    """The local folder holding the tokenizer of a model input: a computed artifact, or a planned
+    ``model.load`` whose source is a local folder (a zoo/hub model is known once converted)."""
+    folder = getattr(ref, "base_model_dir", None)
+    if folder is None and isinstance(ref, dict):
+        source = (ref.get("planned") or {}).get("source")
+        if isinstance(source, str) and ":" not in source.split("/")[0]:
+            folder = Path(source).expanduser()
+    if folder is None:
+        return None
+    folder = Path(folder)
+    has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+    return folder if has_tokenizer else None
+
+
+@functools.lru_cache(maxsize=64)
+def _token_count_at_least(source: str, field: str, folder: str, add_special_tokens: bool,
+                          needed: int) -> tuple[bool, int]:
+    """``(whole text tokenized?, tokens)``: tokenizes growing prefixes of the text and stops as soon as
+    ``needed`` tokens are certain, so a short calibration set costs milliseconds, not the whole text."""
+    from .sources import load_text
+
+    text = load_text(source, field=field, cache_dir=None)
+    encode = _encoder(folder, add_special_tokens)
+    length = needed * 8 + 1024
+    while True:
+        if length >= len(text):
+            return True, encode(text)
+        count = encode(text[:length])
+        if count - 2 >= needed:   # a prefix cut mid-word may merge differently: keep a margin
+            return False, count
+        length *= 4
+
+
+def _encoder(folder: str, add_special_tokens: bool):
+    path = Path(folder) / "tokenizer.json"
+    if path.is_file():   # the fast tokenizer's own backend: the same ids, without loading transformers
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(str(path))
+        return lambda text: len(backend.encode(text, add_special_tokens=add_special_tokens).ids)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return lambda text: len(tok(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
+
+
+def windows_shortfall(spec, folder: Path, n_windows: int | None) -> str | None:
+    """Why ``spec``'s text cannot give ``n_windows`` windows (at least one when None), or None.
+
+    Local files and bundled texts only (a hub dataset is checked when loaded). Any failure to read
+    or tokenize here is left to the stage, which reports it with the same words."""
+    from .sources import parse_text_source
+
+    try:
+        if parse_text_source(spec.source)[0] == "hf":
+            return None
+        needed = (n_windows or 1) * spec.seq_len
+        whole, tokens = _token_count_at_least(spec.source, spec.field, str(folder), spec.add_special_tokens, needed)
+    except Exception:  # noqa: BLE001 - preflight must not replace the stage's own error
+        return None
+    if tokens >= needed or not whole:
+        return None
+    available = tokens // spec.seq_len
+    asked = f"{n_windows} requested" if n_windows else "at least one requested"
+    return (f"{spec.source} yields only {available} windows of {spec.seq_len} tokens ({tokens} tokens with "
+            f"the model's tokenizer), {asked}; fix: lower the number of windows to at most {max(available, 1)}, "
+            f"shorten seq_len, or use more text")

@@ -65,7 +65,9 @@ def preflight(plan: Plan, store: CacheStore, keys: Keys, device: str) -> None:
     A stage that ``requires_gpu`` is refused unless the run's device is ``cuda``;
     every ``requires_packages`` entry must be importable; a stage's ``check(cfg,
     inputs)`` sees the upstream artifacts that are already cached (e.g. the model
-    folder, for group-size checks). The runner calls ``check`` again with the real
+    folder, for group-size checks) and ``{"planned": <upstream config>}`` for the
+    others (e.g. ``model.load``'s local folder, whose tokenizer measures a
+    calibration text). The runner calls ``check`` again with the real
     inputs right before the stage runs.
     """
     known = cached_outputs(plan, store, keys)
@@ -77,7 +79,7 @@ def preflight(plan: Plan, store: CacheStore, keys: Keys, device: str) -> None:
         for pkg in st.cls.requires_packages:
             if importlib.util.find_spec(pkg) is None:
                 problems.append(f"stages.{sid} ({st.uses}) needs the Python package '{pkg}' (pip install {pkg})")
-        for msg in st.cls().check(st.config, inputs_meta(st, known)):
+        for msg in st.cls().check(st.config, inputs_meta(st, known, plan)):
             problems.append(f"stages.{sid} ({st.uses}): {msg}")
     if problems:
         raise PlanError("; ".join(problems), where=plan.source, fix="fix the listed problems before running")

@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import __version__
 from ..artifacts import Artifact
-from ..errors import PlanError, QflowError, StageError
+from ..errors import PlanError, QflowError, StageError, disk_full
 from ..recipe.compose import compose_recipe, to_plain
 from ..recipe.safety import redact
 from ..recipe.validate import validate_shape
@@ -406,9 +406,13 @@ def _run_selected(plan: Plan, st: PlannedStage, key: str, ingredients: dict[str,
     except QflowError as exc:
         res, outs = StageResult(sid, st.uses, "failed", key, error=str(exc)), None
         _say(opts, f"[{sid}] failed: {exc}")
-    except Exception as exc:  # qflow's own bug: keep the traceback
-        traceback.print_exc(file=sys.stderr)
-        res, outs = StageResult(sid, st.uses, "failed", key, error=f"{type(exc).__name__}: {exc}"), None
+    except Exception as exc:  # qflow's own bug: keep the traceback (a full disk is the user's to fix)
+        full = disk_full(exc, where=f"stages.{sid} ({st.uses})")
+        if full is not None:
+            _say(opts, f"[{sid}] failed: {full}")
+        else:
+            traceback.print_exc(file=sys.stderr)
+        res, outs = StageResult(sid, st.uses, "failed", key, error=str(full or f"{type(exc).__name__}: {exc}")), None
     res.peak_estimate_bytes = estimate
     if outs is not None:
         _say(opts, f"[{sid}] {res.status} in {res.seconds:.1f}s")

@@ -89,6 +89,31 @@ def copy_from_checkpoint(targets: dict[str, torch.Tensor], files: dict[str, Path
                     target.copy_(tensor.to(target.dtype))
 
 
+MAP_MIN_BYTES = 64 * 2**20   # non-block tensors this large (embeddings, untied heads) are memory-mapped
+_NUMPY_DTYPES = {"F32": "float32", "F16": "float16", "F64": "float64"}
+
+
+def mapped_tensor(path: Path, name: str, target: torch.Tensor) -> torch.Tensor | None:
+    """``name`` from the safetensors file ``path`` as a copy-on-write memory map shaped and typed
+    like ``target``, or None when it cannot be mapped as is (another dtype or shape, bf16).
+
+    A model's embedding is its largest tensor (a 128k vocabulary x 2048 is 1 GiB in fp32) and
+    a block-wise pass reads only the rows of the calibration tokens: mapped, only those pages
+    become resident, instead of the whole table. Writes (there are none) would stay private."""
+    import numpy as np
+
+    from .integrity import check_safetensors
+
+    header, _, data_start = check_safetensors(path)
+    info = header.get(name)
+    np_dtype = _NUMPY_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+    if np_dtype is None or getattr(torch, np_dtype) != target.dtype or tuple(info["shape"]) != tuple(target.shape):
+        return None
+    begin, _ = info["data_offsets"]
+    array = np.memmap(path, dtype=np_dtype, mode="c", offset=data_start + begin, shape=tuple(info["shape"]))
+    return torch.from_numpy(array)
+
+
 @functools.cache
 def _malloc_trim():
     try:
@@ -162,7 +187,12 @@ def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str 
     for name, target in wanted.items():
         if name in files and id(target) not in unique:
             unique[id(target)] = name
-    copy_from_checkpoint({name: wanted[name] for name in unique.values()}, files, path, SourceError)
+    to_copy = {name: wanted[name] for name in unique.values()}
+    for name in [n for n, t in to_copy.items() if t.numel() * t.element_size() >= MAP_MIN_BYTES]:
+        mapped = mapped_tensor(files[name], name, to_copy[name])
+        if mapped is not None:   # the embedding: pages come from the file as rows are used
+            to_copy.pop(name).data = mapped
+    copy_from_checkpoint(to_copy, files, path, SourceError)
     loaded = set(unique)
     buffers = {name for name, _ in net.named_buffers()}
     missing = [n for n, t in wanted.items() if id(t) not in loaded and n not in buffers]
