@@ -297,8 +297,8 @@ def check_block_layout(adapter: ArchAdapter, block: "nn.Module") -> None:
     family = adapter.config.model_type
     if missing:
         matched = "none" if len(missing) == len(wanted) else f"{len(wanted) - len(missing)} of {len(wanted)}"
-        raise StageError(f"the {family} adapter ({type(adapter).__name__}) expects {', '.join(missing)} in "
-                         f"{type(block).__name__}, which has {_block_modules(block)} (names matched: {matched})",
+        raise StageError(f"the {family} adapter ({type(adapter).__name__}): {type(block).__name__} lacks "
+                         f"{', '.join(missing)}; it has {_block_modules(block)} (names matched: {matched})",
                          where="qflow.models.adapters",
                          fix=f"load a standard transformers {family} model, or add an adapter for this layout "
                              "in qflow/models/families.py")
