@@ -29,9 +29,12 @@ VOCAB = 97
 # family -> (config class, model class, config extras); every one has 2 layers, hidden 64, 4 heads
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 16,
+                                                      "query_pre_attn_scalar": 16}),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 16}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
@@ -42,6 +45,8 @@ FAMILIES = {
 # (AWQ site names, SmoothQuant norms) with GQA (kv_heads 2); without GQA v_o joins after attn_in
 SITES = {
     "llama": (["attn_in", "mlp_in", "up_down"], ["input_layernorm", "post_attention_layernorm"]),
+    "mistral": (["attn_in", "mlp_in", "up_down"], ["input_layernorm", "post_attention_layernorm"]),
+    "qwen2": (["attn_in", "mlp_in", "up_down"], ["input_layernorm", "post_attention_layernorm"]),
     "qwen3": (["attn_in", "mlp_in", "up_down"], ["input_layernorm", "post_attention_layernorm"]),
     "gemma": (["attn_in", "mlp_in", "up_down"], ["input_layernorm", "post_attention_layernorm"]),
     "gemma2": (["attn_in", "mlp_in", "up_down"], ["input_layernorm", "pre_feedforward_layernorm"]),
@@ -213,3 +218,67 @@ def test_fused_layout_under_the_wrong_family_is_refused(tmp_path):
     with pytest.raises(StageError) as err:
         get_adapter(model)
     assert "qkv_proj" in str(err.value) and "names matched" in str(err.value)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3", "qwen3"])
+def test_gguf_and_onnx_exports_refuse_other_families_before_writing(tmp_path, family):
+    """llama.cpp GGUF and qflow's ONNX graph carry Llama decoders: the stage check says so up front."""
+    from qflow.artifacts import QuantizedCheckpoint
+    from qflow.quant.ir import CheckpointWriter
+    from qflow.quant.spec import QuantSpec
+    from stages.export_gguf import ExportGGUF
+    from stages.export_onnx import ExportOnnx
+
+    tiny_family(family).config.save_pretrained(tmp_path / "base")
+    writer = CheckpointWriter(tmp_path / "ir", base_model=str(tmp_path / "base"), method="rtn")
+    spec = QuantSpec(bits=4, group_size=32, scheme="asym_z")
+    w = torch.randn(64, 64)
+    from qflow.quant import dispatch
+
+    scale, zero = dispatch.compute_params(w, spec)
+    writer.add_quantized("model.layers.0.mlp.down_proj", spec, dispatch.quantize(w, scale, zero, spec), scale, zero)
+    writer.flush()
+    writer.close()
+    ref = QuantizedCheckpoint(tmp_path / "ir", base_model=str(tmp_path / "base"), method="rtn")
+    for stage, cfg in ((ExportGGUF, ExportGGUF.Config(path=str(tmp_path / "out" / "m.gguf"))),
+                       (ExportOnnx, ExportOnnx.Config())):
+        problems = stage().check(cfg, {"model": ref})
+        assert any(f"base model is '{family}'" in p and "export.safetensors" in p for p in problems), problems
+        assert not (tmp_path / "out").exists()
+
+
+# ---- the CLI, per family (slow: about half a minute each on two shared cores) --------------------
+
+def save_tiny_family(folder, family: str, tokenizer_dir) -> str:
+    """``tiny_family`` with the bundled tokenizer's vocabulary, saved as a model folder."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    model = tiny_family(family, vocab=len(tok))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def family_recipe(model_dir: str) -> str:
+    evaluate = '{data: "${data.eval}", n_windows: 2, topk: 16, speed: false, layer_report: false}'
+    verify = '{verify_data: "${data.eval}", verify_windows: 2}'
+    return f"""
+name: family
+model: {{source: "{model_dir}"}}
+data:
+  calib: {{source: "zoo:wiki-pages", seq_len: 64}}
+  eval: {{source: "zoo:lee-news", seq_len: 64}}
+stages:
+  calibrate: {{uses: calibrate, with: {{data: "${{data.calib}}", n_samples: 4}}}}
+  rtn: {{uses: quantize.rtn, with: {{bits: 4, group_size: 32}}}}
+  hqq: {{uses: quantize.hqq, with: {{bits: 4, group_size: 32}}}}
+  awq: {{uses: quantize.awq, needs: [calibrate], with: {{bits: 4, group_size: 32, n_grid: 4}}}}
+  gptq: {{uses: quantize.gptq, needs: [calibrate], with: {{bits: 4, group_size: 32}}}}
+  sq: {{uses: quantize.smoothquant, needs: [calibrate]}}
+  eval_awq: {{uses: evaluate.lm, needs: [awq], with: {evaluate}}}
+  eval_sq: {{uses: evaluate.lm, needs: [sq], with: {evaluate}}}
+  export_gptq: {{uses: export.safetensors, needs: [gptq], with: {verify}}}
+  export_rtn: {{uses: export.safetensors, needs: [rtn], with: {verify}}}
+  export_hqq: {{uses: export.safetensors, needs: [hqq], with: {verify}}}
+"""

@@ -130,7 +130,17 @@ def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str 
                           fix="pass the .path of resolve_model(source, cache_dir)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
+        try:
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype,
+                                                        attn_implementation=attn_implementation)
+        except ValueError:
+            if attn_implementation != "sdpa":
+                raise
+            # Gemma 2 has no sdpa path (logit softcapping): run it eager, as the reference does
+            log.info("%s (%s) has no sdpa attention; using eager", path, config.model_type)
+            attn_implementation = "eager"
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype,
+                                                        attn_implementation=attn_implementation)
     adapter = get_adapter(skeleton)
     blocks = adapter.blocks()
     if _non_persistent_buffers(blocks[0]):
