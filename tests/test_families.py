@@ -188,6 +188,20 @@ def test_unsupported_family_is_refused_naming_it_and_the_fix():
     assert "'gpt2'" in msg and "known:" in msg and "gemma2" in msg and "Fix:" in msg
 
 
+@pytest.mark.parametrize("model_type,hint", [("mixtral", "mixture-of-experts"), ("qwen2_moe", "mixture-of-experts"),
+                                             ("bert", "encoder models"), ("cohere", "parallel attention")])
+def test_families_without_an_adapter_are_refused_with_the_reason(model_type, hint):
+    class Cfg:
+        pass
+
+    class Fake(nn.Module):
+        config = Cfg()
+
+    Fake.config.model_type = model_type
+    with pytest.raises(StageError, match=f"model_type '{model_type}'.*Fix: .*{hint}"):
+        get_adapter(Fake())
+
+
 def test_multimodal_gemma3_is_refused_with_the_text_model_hint():
     class Cfg:
         model_type = "gemma3"
@@ -282,3 +296,21 @@ stages:
   export_rtn: {{uses: export.safetensors, needs: [rtn], with: {verify}}}
   export_hqq: {{uses: export.safetensors, needs: [hqq], with: {verify}}}
 """
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cli_every_method_evaluate_and_export_per_family(tmp_path, runs_dir, bundled_tokenizer_dir, family):
+    from .conftest import parse_json_stdout, run_cli, write_recipe
+
+    model_dir = save_tiny_family(tmp_path / "model", family, bundled_tokenizer_dir)
+    recipe = write_recipe(tmp_path / "recipes", family_recipe(model_dir))
+    done = run_cli("run", str(recipe), "--json", runs_dir=runs_dir, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = parse_json_stdout(done)
+    assert {s["status"] for s in out["stages"].values()} == {"ran"}
+    m = out["metrics"]
+    for ev in ("eval_awq", "eval_sq"):
+        assert m[f"{ev}/ppl"] > 1 and 0 < m[f"{ev}/kl_mean"] < 1, (ev, m)
+    for ex in ("export_gptq", "export_rtn", "export_hqq"):
+        assert m[f"{ex}/roundtrip_top1_agree"] >= 0.99, (ex, m)

@@ -54,6 +54,8 @@ def write_family_gguf(path: Path, model, arch: str) -> None:
     w.add_bos_token_id(257)
     w.add_eos_token_id(257)
     w.add_add_bos_token(False)
+    if arch.startswith("gemma"):   # transformers builds Gemma's tokenizer class, which needs an unknown token
+        w.add_unk_token_id(257)
 
     arch_enum = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
     tmap = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
