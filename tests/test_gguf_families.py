@@ -46,16 +46,26 @@ def write_family_gguf(path: Path, model, arch: str) -> None:
         w.add_sliding_window(config.sliding_window)
         w.add_attn_logit_softcapping(config.attn_logit_softcapping)
         w.add_final_logit_softcapping(config.final_logit_softcapping)
-    byte_tokens = [bytes_to_unicode()[b] for b in range(256)]
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(byte_tokens + ["\u0120t", "<|endoftext|>"])
-    w.add_token_types([1] * 257 + [3])
-    w.add_token_merges(["\u0120 t"])
-    w.add_bos_token_id(257)
-    w.add_eos_token_id(257)
-    w.add_add_bos_token(False)
-    if arch.startswith("gemma"):   # transformers builds Gemma's tokenizer class, which needs an unknown token
-        w.add_unk_token_id(257)
+    if arch.startswith("gemma"):   # Gemma GGUFs carry a SentencePiece vocabulary: 4 specials, 256 bytes, 2 pieces
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+                         + ["\u2581t", "\u2581"])
+        w.add_token_scores([0.0] * 260 + [-1.0, -2.0])
+        w.add_token_types([3, 3, 3, 2] + [6] * 256 + [1, 1])
+        w.add_pad_token_id(0)
+        w.add_eos_token_id(1)
+        w.add_bos_token_id(2)
+        w.add_unk_token_id(3)
+        w.add_add_bos_token(False)
+    else:
+        byte_tokens = [bytes_to_unicode()[b] for b in range(256)]
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(byte_tokens + ["\u0120t", "<|endoftext|>"])
+        w.add_token_types([1] * 257 + [3])
+        w.add_token_merges(["\u0120 t"])
+        w.add_bos_token_id(257)
+        w.add_eos_token_id(257)
+        w.add_add_bos_token(False)
 
     arch_enum = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
     tmap = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
@@ -80,7 +90,7 @@ def write_family_gguf(path: Path, model, arch: str) -> None:
 
 @pytest.mark.parametrize("family", sorted(GGUF_ARCH))
 def test_gguf_import_gives_the_original_logits(tmp_path, family):
-    original = tiny_family(family, vocab=258)
+    original = tiny_family(family, vocab=262 if family.startswith("gemma") else 258)
     if family == "gemma2":   # llama.cpp has no tied-embedding choice for Gemma: always tied
         original.config.tie_word_embeddings = True
         original.lm_head.weight = original.model.embed_tokens.weight
@@ -94,7 +104,11 @@ def test_gguf_import_gives_the_original_logits(tmp_path, family):
         ref = original(input_ids=ids).logits
         got = ours(input_ids=ids).logits
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5), float((got - ref).abs().max())
-    assert tokenizer("a t", add_special_tokens=False).input_ids == [ord("a"), 256]
+    encoded = tokenizer("a t", add_special_tokens=False).input_ids
+    if family.startswith("gemma"):   # SentencePiece with byte fallback: "a" is <0x61>, the text survives
+        assert encoded[0] == 4 + ord("a") and tokenizer.decode(encoded) == "a t", encoded
+    else:
+        assert encoded == [ord("a"), 256]
 
 
 def test_gguf_of_an_unknown_architecture_is_refused(tmp_path):

@@ -241,6 +241,7 @@ def gguf_config(reader, source: str):
         for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))
         if f"tokenizer.ggml.{key}_token_id" in meta
     })
+    kwargs.setdefault("pad_token_id", None)   # not the config class's default (Phi-3's 32000 may exceed the vocab)
     if arch in ("qwen3", "gemma2"):
         kwargs["head_dim"] = head_dim
     if arch == "gemma2":
