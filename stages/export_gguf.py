@@ -67,12 +67,16 @@ class ExportGGUF(Stage):
     outputs = {"export": ExportedModel}
 
     def check(self, cfg, inputs_meta):
+        from qflow.export.mixed import checkpoint_from_inputs, family_problems
+
+        ckpt = checkpoint_from_inputs(inputs_meta)
+        problems = family_problems(ckpt, "export.gguf", ("llama",)) if ckpt is not None else []
         if not cfg.path:
-            return []
+            return problems
         from qflow.export.atomic import target_problem
 
         problem = target_problem(cfg.path, is_dir=False, overwrite=cfg.overwrite)
-        return [f"with.path: {problem}"] if problem else []
+        return problems + ([f"with.path: {problem}"] if problem else [])
 
     @classmethod
     def fingerprint_sources(cls, cfg, cache_root):

@@ -80,10 +80,12 @@ class ExportOnnx(Stage):
     requires_packages = ("onnx", "onnxruntime")
 
     def check(self, cfg, inputs_meta):
-        from qflow.export.mixed import checkpoint_from_inputs, onnx_problems
+        from qflow.export.mixed import checkpoint_from_inputs, family_problems, onnx_problems
 
         ckpt = checkpoint_from_inputs(inputs_meta)   # per-layer specs: refused before anything is written
-        return onnx_problems(ckpt) if ckpt is not None else []
+        if ckpt is None:
+            return []
+        return family_problems(ckpt, "export.onnx", ("llama",)) + onnx_problems(ckpt)
 
     @classmethod
     def fingerprint_sources(cls, cfg, cache_root):

@@ -106,6 +106,9 @@ class SmoothQuant(Stage):
         net, adapter = open_float_model(cfg, model)
         names = [f"{adapter.block_name(i)}.{site.linears[0]}" for i, b in enumerate(adapter.blocks())
                  for site in adapter.smooth_sites(b)]
+        if not names:   # e.g. OLMo 2: no norm precedes any linear (docs/METHODS.md §4.1)
+            ctx.log.warning("%s has no smoothing site (no norm precedes its linears): W8A8 without smoothing",
+                            net.config.model_type)
         act_max = {}
         stats_path = calib.path / "stats.safetensors"
         if stats_path.is_file():

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..quant.layerspec import spec_text
@@ -34,6 +35,21 @@ def checkpoint_from_inputs(inputs_meta: dict[str, Any] | None, slot: str = "mode
         return Checkpoint(ir_dir)
     except (OSError, ValueError):
         return None   # a damaged input is reported by the stage that reads it
+
+
+def family_problems(ckpt, fmt: str, families: tuple[str, ...]) -> list[str]:
+    """Why ``fmt`` cannot carry ``ckpt``'s model family (empty when it can, or the base config is unreadable)."""
+    import json
+
+    try:
+        config = json.loads((Path(ckpt.base_model) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return []
+    family = config.get("model_type")
+    if family in families:
+        return []
+    return [f"{fmt} carries the {', '.join(families)} architecture only; the base model is {family!r} "
+            f"(fix: export this model with export.safetensors)"]
 
 
 def _listing(bad: dict[str, str]) -> str:

@@ -1,4 +1,7 @@
-"""Llama GGUF -> float32 Hugging Face folder (config, safetensors, tokenizer), converted once.
+"""GGUF -> float32 Hugging Face folder (config, safetensors, tokenizer), converted once.
+
+Architectures: llama (also Mistral, which llama.cpp writes as llama), qwen2, qwen3,
+phi3, gemma2 (``IMPORTABLE``); anything else is refused naming the architecture.
 
     converted_folder(Path("model.gguf"), Path("runs/cache/models/gguf-ab12"), "gguf:model.gguf", fingerprint)
     convert_gguf(Path("model.gguf"), Path("out"))   # the conversion alone, into an existing folder
@@ -129,11 +132,7 @@ def gguf_llama_config(reader, source: str):
     meta = gguf_metadata(reader)
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise SourceError(
-            f"the GGUF holds a '{arch}' model and qflow converts only Llama-architecture GGUFs",
-            where=source,
-            fix="use the model's Hugging Face checkpoint (hf:ORG/NAME or a local folder) instead",
-        )
+        _refuse_arch(arch, source)
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names or "llama.rope.scaling.type" in meta:
         raise SourceError(
@@ -177,6 +176,105 @@ def gguf_llama_config(reader, source: str):
     )
 
 
+# llama.cpp architecture -> transformers config class (docs/ARCHITECTURE.md "Model families")
+IMPORTABLE = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "phi3": "Phi3Config",
+              "gemma2": "Gemma2Config"}
+# convert_hf_to_gguf.py permutes Q/K rows for these (llama.cpp rotates adjacent pairs there);
+# NeoX-rope architectures (qwen2/3, phi3, gemma*) keep transformers' row order
+_PERMUTED_QK = {"llama"}
+# Gemma's RMSNorm scales by 1 + w; the converter stores 1 + w in every *norm.weight
+_NORM_STORED_PLUS_ONE = {"gemma", "gemma2", "gemma3"}
+
+
+def _refuse_arch(arch, source: str):
+    raise SourceError(
+        f"the GGUF holds a '{arch}' model and qflow converts only Llama-lineage GGUFs "
+        f"({', '.join(sorted(IMPORTABLE))})",
+        where=source,
+        fix="use the model's Hugging Face checkpoint (hf:ORG/NAME or a local folder) instead",
+    )
+
+
+def gguf_config(reader, source: str):
+    """The transformers config of a GGUF of any ``IMPORTABLE`` architecture (metadata keys ``{arch}.*``)."""
+    import transformers
+
+    meta = gguf_metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch == "llama":
+        return gguf_llama_config(reader, source)
+    if arch not in IMPORTABLE:
+        _refuse_arch(arch, source)
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names or f"{arch}.rope.scaling.type" in meta or any("rope_factors" in n for n in names):
+        raise SourceError(
+            "the GGUF uses scaled RoPE (rope_freqs / rope.scaling / rope factors), whose Hugging Face parameters "
+            "it does not record",
+            where=source,
+            fix="use the model's Hugging Face checkpoint (hf:ORG/NAME or a local folder) instead",
+        )
+    heads = meta[f"{arch}.attention.head_count"]
+    hidden = meta[f"{arch}.embedding_length"]
+    head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads)
+    if meta.get(f"{arch}.rope.dimension_count", head_dim) != head_dim:
+        raise SourceError(
+            "the GGUF rotates only part of each attention head (rope.dimension_count != head size)",
+            where=source,
+            fix="use the model's Hugging Face checkpoint instead",
+        )
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    kwargs = dict(
+        vocab_size=meta.get(f"{arch}.vocab_size", len(tokens.data) if tokens else 32000),
+        hidden_size=hidden,
+        intermediate_size=meta[f"{arch}.feed_forward_length"],
+        num_hidden_layers=meta[f"{arch}.block_count"],
+        num_attention_heads=heads,
+        num_key_value_heads=meta.get(f"{arch}.attention.head_count_kv", heads),
+        max_position_embeddings=meta.get(f"{arch}.context_length", 2048),
+        rms_norm_eps=meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        rope_parameters={"rope_type": "default", "rope_theta": meta.get(f"{arch}.rope.freq_base", 10000.0)},
+        tie_word_embeddings="output.weight" not in names,
+        dtype="float32",
+    )
+    kwargs.update({
+        f"{name}_token_id": meta[f"tokenizer.ggml.{key}_token_id"]
+        for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))
+        if f"tokenizer.ggml.{key}_token_id" in meta
+    })
+    kwargs.setdefault("pad_token_id", None)   # not the config class's default (Phi-3's 32000 may exceed the vocab)
+    if arch in ("qwen3", "gemma2"):
+        kwargs["head_dim"] = head_dim
+    if arch == "gemma2":
+        # llama.cpp scales queries by 1/sqrt(head size) (the 27B model's hidden/heads is not recorded)
+        kwargs.update(query_pre_attn_scalar=head_dim, hidden_activation="gelu_pytorch_tanh",
+                      sliding_window=meta.get("gemma2.attention.sliding_window", 4096),
+                      attn_logit_softcapping=meta.get("gemma2.attn_logit_softcapping"),
+                      final_logit_softcapping=meta.get("gemma2.final_logit_softcapping"))
+    config = getattr(transformers, IMPORTABLE[arch])(**kwargs)
+    config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
+    return config
+
+
+def _gguf_to_hf_names(config, arch: str) -> dict[str, str]:
+    """``{gguf tensor name: transformers parameter name}`` from the gguf package's own name map
+    (the one convert_hf_to_gguf.py writes with), over the parameters of a meta-device model."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    arch_enum = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    tmap = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    out = {}
+    for name in skeleton.state_dict():
+        base, _, suffix = name.rpartition(".")
+        target = tmap.get_name(base)
+        if target is not None:
+            out[f"{target}.{suffix}"] = name
+    return out
+
+
 def _unpermute_rows(weights, n_head: int):
     """Undo llama.cpp's Q/K row permutation (convert_hf_to_gguf.py ``permute``)."""
     shape = weights.shape
@@ -201,10 +299,11 @@ def _hf_tensor_name(gguf_name: str, n_layers: int, source: str) -> str:
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, source: str | None = None) -> None:
-    """Write a float32 HF folder (config, safetensors, tokenizer) for a Llama GGUF.
+    """Write a float32 HF folder (config, safetensors, tokenizer) for a GGUF of an ``IMPORTABLE`` architecture.
 
-    Weights: ``gguf.quants.dequantize`` per tensor, Q/K rows un-permuted; the
-    same numbers as ``LlamaForCausalLM.from_pretrained(dir, gguf_file=...)``.
+    Weights: ``gguf.quants.dequantize`` per tensor; Llama's Q/K rows un-permuted, Gemma's
+    stored ``1 + w`` norms back to ``w``; the same numbers as
+    ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`` where transformers reads the architecture.
     Tokenizer: transformers' own GGUF tokenizer conversion, saved as files.
     """
     import gguf
@@ -225,12 +324,23 @@ def convert_gguf(gguf_path: Path, out_dir: Path, source: str | None = None) -> N
             where=source,
             fix="check that the file is a complete GGUF (v2 or v3) download",
         ) from err
-    config = gguf_llama_config(reader, source)
+    config = gguf_config(reader, source)
+    arch = gguf_metadata(reader)["general.architecture"]
     n_heads, n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+    names = None if arch == "llama" else _gguf_to_hf_names(config, arch)
 
     writer = ShardWriter(out_dir, max_bytes=MAX_SHARD_BYTES)
     for tensor in reader.tensors:
-        name = _hf_tensor_name(tensor.name, config.num_hidden_layers, source)
+        if names is None:
+            name = _hf_tensor_name(tensor.name, config.num_hidden_layers, source)
+        elif tensor.name in names:
+            name = names[tensor.name]
+        else:
+            raise SourceError(
+                f"the GGUF holds a tensor '{tensor.name}' that has no place in a {arch} model",
+                where=source,
+                fix="use the model's Hugging Face checkpoint (hf:ORG/NAME or a local folder) instead",
+            )
         try:
             weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as err:
@@ -240,10 +350,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path, source: str | None = None) -> N
                 fix="upgrade the gguf package, or use a GGUF with another quantization type",
             ) from err
         weights = weights.reshape(tuple(int(d) for d in reversed(tensor.shape))).astype(np.float32, copy=False)
-        if ".attn_q." in tensor.name:
+        if arch in _PERMUTED_QK and ".attn_q." in tensor.name:
             weights = _unpermute_rows(weights, n_heads)
-        elif ".attn_k." in tensor.name:
+        elif arch in _PERMUTED_QK and ".attn_k." in tensor.name:
             weights = _unpermute_rows(weights, n_kv_heads)
+        elif arch in _NORM_STORED_PLUS_ONE and tensor.name.endswith("norm.weight"):
+            weights = weights - np.float32(1.0)
         writer.add(name, np.ascontiguousarray(weights))
     writer.close()
     config.save_pretrained(out_dir)

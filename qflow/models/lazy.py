@@ -158,8 +158,19 @@ def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str 
     remote = remote_code_allowed()   # only the command line's --trust-remote-code, never a recipe
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=remote)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation,
-                                                    trust_remote_code=remote)
+        try:
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype,
+                                                        attn_implementation=attn_implementation,
+                                                        trust_remote_code=remote)
+        except ValueError:
+            if attn_implementation != "sdpa":
+                raise
+            # Gemma 2 has no sdpa path (logit softcapping): run it eager, as the reference does
+            log.info("%s (%s) has no sdpa attention; using eager", path, config.model_type)
+            attn_implementation = "eager"
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype,
+                                                        attn_implementation=attn_implementation,
+                                                        trust_remote_code=remote)
     adapter = get_adapter(skeleton)
     blocks = adapter.blocks()
     if _non_persistent_buffers(blocks[0]):

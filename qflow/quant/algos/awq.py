@@ -55,7 +55,7 @@ from torch import nn
 
 from ...errors import StageError
 from .. import dispatch
-from ...models.adapters import ArchAdapter, ScaleSite
+from ...models.adapters import ArchAdapter, ScaleSite, norm_weight_offset
 from ..spec import QuantSpec
 from .blockwise import Activations, Block, run_blockwise, write_records
 
@@ -221,7 +221,10 @@ def search_scale(loss_module: nn.Module, linears: list[nn.Linear], x: torch.Tens
 
 @torch.no_grad()
 def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
-    """Apply ``s`` exactly: ``prev`` output ``/ s`` (norm γ, β; or a linear's last rows and bias), linears ``W·s``."""
+    """Apply ``s`` exactly: ``prev`` output ``/ s`` (norm γ, β; or a linear's last rows and bias), linears ``W·s``.
+
+    A norm that scales by ``1 + w`` (Gemma) gets ``w' = (1 + w)/s - 1``.
+    """
     s = s.float()
     if isinstance(prev, nn.Linear):
         n = s.numel()
@@ -234,7 +237,8 @@ def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> No
         if weight is None or weight.dim() != 1 or weight.numel() != s.numel():
             raise StageError(f"cannot fold AWQ scales into {type(prev).__name__} (no matching 1-D weight)",
                              where="awq fold", fix="add the norm type to the architecture adapter")
-        weight.data = (weight.data.float() / s).to(weight.dtype)
+        offset = norm_weight_offset(prev)   # Gemma: the norm scales by 1 + w
+        weight.data = ((weight.data.float() + offset) / s - offset).to(weight.dtype)
         bias = getattr(prev, "bias", None)
         if bias is not None:
             bias.data = (bias.data.float() / s).to(bias.dtype)

@@ -60,14 +60,17 @@ def smooth_scales(x_absmax: torch.Tensor, weights: Sequence[torch.Tensor] | torc
 
 
 def fold_into_norm(norm_weight: torch.Tensor, norm_bias: torch.Tensor | None,
-                   s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """New ``(γ/s, β/s)`` for the norm preceding the smoothed linears (``β`` may be ``None``)."""
+                   s: torch.Tensor, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """New ``(γ/s, β/s)`` for the norm preceding the smoothed linears (``β`` may be ``None``).
+
+    ``offset``: 1 for a norm that scales by ``1 + w`` (Gemma), giving ``w' = (1 + w)/s - 1``.
+    """
     if norm_weight.shape != s.shape or (norm_bias is not None and norm_bias.shape != s.shape):
         raise ValueError(f"fold_into_norm: shapes differ (weight {tuple(norm_weight.shape)}, "
                          f"bias {None if norm_bias is None else tuple(norm_bias.shape)}, s {tuple(s.shape)})")
     dt = _compute_dtype(norm_weight, norm_bias, s)
     sd = s.detach().to(dt)
-    w = (norm_weight.detach().to(dt) / sd).to(norm_weight.dtype)
+    w = ((norm_weight.detach().to(dt) + offset) / sd - offset).to(norm_weight.dtype)
     b = None if norm_bias is None else (norm_bias.detach().to(dt) / sd).to(norm_bias.dtype)
     return w, b
 

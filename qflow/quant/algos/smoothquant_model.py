@@ -30,7 +30,7 @@ from torch import nn
 
 from ...errors import StageError
 from .. import dispatch
-from ...models.adapters import ArchAdapter
+from ...models.adapters import ArchAdapter, norm_weight_offset
 from ..spec import QuantSpec
 from .blockwise import Block, check_calibration, run_blockwise, write_records
 
@@ -110,7 +110,8 @@ def smooth_block(block: nn.Module, prefix: str, adapter: ArchAdapter, act_max: d
                              where="smoothquant", fix="check the activation statistics")
         norm = block.get_submodule(site.norm)
         bias = getattr(norm, "bias", None)
-        new_w, new_b = fold_into_norm(norm.weight.data, bias.data if bias is not None else None, s)
+        new_w, new_b = fold_into_norm(norm.weight.data, bias.data if bias is not None else None, s,
+                                      offset=norm_weight_offset(norm))
         norm.weight.data = new_w
         changed.append((f"{prefix}.{site.norm}.weight", new_w.clone()))
         if bias is not None:

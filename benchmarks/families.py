@@ -1,0 +1,121 @@
+"""AWQ and GPTQ cost per decoder block, per model family, as ratios to Llama measured in the same run.
+
+For each family of tests/test_families.py a random model of the same shape
+(4 layers, hidden 256, 8 heads / 4 KV heads, MLP 768, vocabulary 512) is
+quantized at 4 bits, group 64, on 16 calibration windows of 128 tokens, each
+(family, method) in a fresh subprocess so that its peak RSS is its own.
+Printed per row: seconds per block (the method's wall time / number of blocks),
+peak RSS growth during the method (MiB: ``ru_maxrss`` at the end minus the RSS
+once the model and inputs are built; the block-wise driver holds one block's
+activations at a time, so this is the per-block working set), and both as ratios
+to Llama's row. A family whose ratio jumps is where a regression is.
+
+Example::
+
+    .venv/bin/python benchmarks/families.py                 # every family
+    .venv/bin/python benchmarks/families.py llama gemma2    # some
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHAPE = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
+         "num_key_value_heads": 4}
+VOCAB, N_CALIB, SEQ_LEN = 512, 16, 128
+
+
+def build(family: str):
+    """The family's model at SHAPE (config extras from tests/test_families.py), weights ~N(0, 0.05²)."""
+    import torch
+    import transformers
+
+    from tests.test_families import FAMILIES
+
+    cfg_name, model_name, extra = FAMILIES[family]
+    extra = {k: v for k, v in extra.items() if k != "head_dim"}
+    cfg = getattr(transformers, cfg_name)(vocab_size=VOCAB, max_position_embeddings=512, tie_word_embeddings=False,
+                                          head_dim=SHAPE["hidden_size"] // SHAPE["num_attention_heads"],
+                                          **SHAPE, **extra)
+    model = getattr(transformers, model_name)(cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def one(family: str, method: str) -> dict:
+    """Quantize one family with one method in this process; seconds per block and peak RSS growth."""
+    import torch
+
+    from qflow.models.adapters import get_adapter
+    from qflow.quant.algos.awq import AWQOptions, quantize_model_awq
+    from qflow.quant.algos.blockwise import peak_rss_bytes
+    from qflow.quant.algos.gptq_model import GPTQOptions, quantize_model_gptq
+    from tests.test_blockwise import make_ctx
+
+    torch.set_num_threads(1)
+    model = build(family)
+    adapter = get_adapter(model)
+    ids = torch.randint(0, VOCAB, (N_CALIB, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = make_ctx(Path(tmp))
+        start_rss = rss_bytes()
+        t0 = time.perf_counter()
+        if method == "awq":
+            quantize_model_awq(ctx, model, adapter, ids, AWQOptions(bits=4, group_size=64), base_model="bench",
+                               batch_size=8)
+        else:
+            quantize_model_gptq(ctx, model, adapter, ids, GPTQOptions(bits=4, group_size=64), base_model="bench",
+                                batch_size=8)
+        seconds = time.perf_counter() - t0
+    return {"family": family, "method": method, "seconds_per_block": seconds / adapter.n_blocks(),
+            "peak_rss_growth_mib": (peak_rss_bytes() - start_rss) / 2**20}
+
+
+def main(argv: list[str]) -> None:
+    from tests.test_families import FAMILIES
+
+    if len(argv) == 3 and argv[0] == "--one":
+        print(json.dumps(one(argv[1], argv[2])))
+        return
+    families = argv or sorted(FAMILIES)
+    if "llama" not in families:
+        families = ["llama", *families]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    rows = {}
+    for method in ("awq", "gptq"):
+        for family in families:
+            done = subprocess.run([sys.executable, __file__, "--one", family, method], capture_output=True,
+                                  text=True, env=env, cwd=REPO)
+            if done.returncode != 0:
+                print(f"{family} {method}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            rows[family, method] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{'family':<12} {'method':<6} {'s/block':>8} {'x llama':>8} {'peak RSS growth MiB':>20} {'x llama':>8}")
+    for (family, method), row in rows.items():
+        ref = rows.get(("llama", method))
+        t_ratio = row["seconds_per_block"] / ref["seconds_per_block"] if ref else float("nan")
+        m_ratio = row["peak_rss_growth_mib"] / max(ref["peak_rss_growth_mib"], 1e-9) if ref else float("nan")
+        print(f"{family:<12} {method:<6} {row['seconds_per_block']:>8.3f} {t_ratio:>8.2f} "
+              f"{row['peak_rss_growth_mib']:>20.1f} {m_ratio:>8.2f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,118 @@
+"""GGUF import per family: a tiny random model written the way convert_hf_to_gguf.py writes it
+(the gguf package's tensor-name map, Llama's Q/K permutation, Gemma's stored ``1 + w`` norms),
+imported back by qflow, gives the original's logits to float tolerance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qflow.errors import SourceError
+from qflow.models.loading import load_model
+from qflow.models.sources import resolve_model
+
+from .test_families import tiny_family
+from .test_models import _llama_cpp_permute
+
+# transformers family -> llama.cpp architecture (Mistral is written as llama)
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+             "gemma2": "gemma2"}
+
+
+def write_family_gguf(path: Path, model, arch: str) -> None:
+    """The model as convert_hf_to_gguf.py would write it (F32 tensors; byte-level BPE tokenizer of 258 tokens)."""
+    import gguf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_vocab_size(config.vocab_size)
+    if arch == "gemma2":
+        w.add_sliding_window(config.sliding_window)
+        w.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        w.add_final_logit_softcapping(config.final_logit_softcapping)
+    if arch.startswith("gemma"):   # Gemma GGUFs carry a SentencePiece vocabulary: 4 specials, 256 bytes, 2 pieces
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+                         + ["\u2581t", "\u2581"])
+        w.add_token_scores([0.0] * 260 + [-1.0, -2.0])
+        w.add_token_types([3, 3, 3, 2] + [6] * 256 + [1, 1])
+        w.add_pad_token_id(0)
+        w.add_eos_token_id(1)
+        w.add_bos_token_id(2)
+        w.add_unk_token_id(3)
+        w.add_add_bos_token(False)
+    else:
+        byte_tokens = [bytes_to_unicode()[b] for b in range(256)]
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(byte_tokens + ["\u0120t", "<|endoftext|>"])
+        w.add_token_types([1] * 257 + [3])
+        w.add_token_merges(["\u0120 t"])
+        w.add_bos_token_id(257)
+        w.add_eos_token_id(257)
+        w.add_add_bos_token(False)
+
+    arch_enum = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    tmap = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        base, _, suffix = name.rpartition(".")
+        gguf_name = f"{tmap.get_name(base)}.{suffix}"
+        array = tensor.numpy().astype(np.float32)
+        if arch == "llama" and ".attn_q." in gguf_name:
+            array = _llama_cpp_permute(array, config.num_attention_heads)
+        elif arch == "llama" and ".attn_k." in gguf_name:
+            array = _llama_cpp_permute(array, config.num_key_value_heads)
+        elif arch.startswith("gemma") and gguf_name.endswith("norm.weight"):
+            array = array + np.float32(1.0)
+        w.add_tensor(gguf_name, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("family", sorted(GGUF_ARCH))
+def test_gguf_import_gives_the_original_logits(tmp_path, family):
+    original = tiny_family(family, vocab=262 if family.startswith("gemma") else 258)
+    if family == "gemma2":   # llama.cpp has no tied-embedding choice for Gemma: always tied
+        original.config.tie_word_embeddings = True
+        original.lm_head.weight = original.model.embed_tokens.weight
+    path = tmp_path / f"{family}.gguf"
+    write_family_gguf(path, original, GGUF_ARCH[family])
+    resolved = resolve_model(f"gguf:{path}", tmp_path / "cache")
+    ours, tokenizer = load_model(resolved.path)
+    assert ours.config.model_type == ("llama" if family == "mistral" else family)
+    ids = torch.tensor([[257, 5, 100, 200, 33, 84, 7, 7, 9, 64, 3, 250]])
+    with torch.no_grad():
+        ref = original(input_ids=ids).logits
+        got = ours(input_ids=ids).logits
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5), float((got - ref).abs().max())
+    encoded = tokenizer("a t", add_special_tokens=False).input_ids
+    if family.startswith("gemma"):   # SentencePiece with byte fallback: "a" is <0x61>, the text survives
+        assert encoded[0] == 4 + ord("a") and tokenizer.decode(encoded) == "a t", encoded
+    else:
+        assert encoded == [ord("a"), 256]
+
+
+def test_gguf_of_an_unknown_architecture_is_refused(tmp_path):
+    path = tmp_path / "olmo2.gguf"
+    write_family_gguf(path, tiny_family("olmo2", vocab=258), "olmo2")
+    with pytest.raises(SourceError, match="'olmo2' model and qflow converts only Llama-lineage GGUFs .*gemma2.*Fix:"):
+        resolve_model(f"gguf:{path}", tmp_path / "cache")
