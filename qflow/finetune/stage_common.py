@@ -1,0 +1,46 @@
+"""What every fine-tune stage does around its method: open the start IR and the windows, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import StageError
+
+
+def open_start(ctx: Any, cfg: Any, model: Any, calib: Any):
+    """(start Checkpoint, Windows, IR meta) from a stage's ``model`` (an IR) and ``calib`` inputs."""
+    from ..quant.algos.calibrated import calibration_ids, calibration_info
+    from ..quant.ir import Checkpoint
+    from .data import split_windows
+
+    where = f"stages.{ctx.stage_id}"
+    try:
+        start = Checkpoint(model.path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise StageError(f"the model input is not a qflow quantized checkpoint ({exc})", where=f"{where}.needs",
+                         fix="feed the fine-tune stage from a quantize.* stage") from None
+    if not start.layers:
+        raise StageError("the starting checkpoint has no quantized layer", where=f"{where}.needs",
+                         fix="feed the fine-tune stage from a quantize.* stage that quantizes layers")
+    ids = calibration_ids(ctx, calib, uses=ctx.uses)
+    windows = split_windows(ids, cfg.heldout_windows, where=f"{where}.with.heldout_windows")
+    info = calibration_info(calib)
+    meta = {"config": cfg.model_dump(mode="json"), "calib_fingerprint": info.get("fingerprint"),
+            "calib_source": info.get("source"), **windows.describe()}
+    for k, v in windows.describe().items():
+        ctx.info[k] = v
+    ctx.log_metric("train_windows", windows.train.shape[0])
+    ctx.log_metric("heldout_windows", windows.heldout.shape[0])
+    return start, windows, meta
+
+
+def finish_report(ctx: Any, windows: Any, records: list[dict[str, Any]], *, curve_key: str = "") -> None:
+    """``finetune.json`` (windows, overlap statement, per-block/step records) into the stage's report."""
+    path = Path(ctx.scratch) / "finetune.json"
+    path.write_text(json.dumps({**windows.describe(), "records": records}, indent=1, default=float))
+    try:
+        ctx.log_artifact(path, "finetune.json")
+    except Exception as exc:  # a report copy must not fail the stage; say so
+        ctx.log.warning("could not record finetune.json: %s", exc)
