@@ -11,7 +11,7 @@ and ``z`` are the IR's per-group scale and zero, and for an integer grid
     code = clamp(round(u + k + V), 0, 2^b - 1)
     Ŵ    = (code - z) · s·f
 
-``k`` is the integer that makes ``round(u + k) == start code`` (0 for RTN; GPTQ's
+``k`` is the integer that makes ``round(u + k) == start code`` (``round(x) = floor(x + 0.5)``) (0 for RTN; GPTQ's
 error compensation moves some codes), so with ``V = 0, f = 1`` the layer is
 exactly the starting IR; ``V`` (rounding offsets, SignRound) and ``f`` (per-group
 scale factors, clipping when < 1) are what a method trains, through a
@@ -79,9 +79,15 @@ def layer_start(ckpt: Checkpoint, name: str, float_weight: torch.Tensor) -> Laye
     return LayerStart(name, rec.spec, w, codes, scale.float(), zero.float(), col_group, g_idx)
 
 
+def round_half_up(x: torch.Tensor) -> torch.Tensor:
+    """``floor(x + 0.5)``: unlike round-half-to-even, ``round(u + k) == round(u) + k`` for every integer ``k``,
+    which the start offsets ``k`` rely on."""
+    return torch.floor(x + 0.5)
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """``round(x)`` forward, identity backward (straight-through estimator)."""
-    return x + (torch.round(x) - x).detach()
+    """``round_half_up(x)`` forward, identity backward (straight-through estimator)."""
+    return x + (round_half_up(x) - x).detach()
 
 
 def store_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -119,7 +125,9 @@ class FakeQuantLinear(nn.Module):
             self.register_buffer("codes0", None, persistent=False)
             with torch.no_grad():
                 u = self._continuous(self.scale0)
-                offset = start.codes.float() - torch.round(u)
+                offset = start.codes.float() - round_half_up(u)
+                for _ in range(2):  # fp32 rounding of u + k near a half: nudge k until the start is exact
+                    offset += start.codes.float() - torch.clamp(round_half_up(u + offset), 0.0, float(self.spec.qmax))
             self.register_buffer("offset", offset, persistent=False)
         self.v = nn.Parameter(torch.zeros_like(start.weight)) if rounding and not self.lookup else None
         self.f = nn.Parameter(torch.ones_like(start.scale)) if scale else None
@@ -138,7 +146,7 @@ class FakeQuantLinear(nn.Module):
         x = self._continuous(scale) + self.offset
         if self.v is not None:
             x = x + self.v
-        q = round_ste(x) if ste else torch.round(x)
+        q = round_ste(x) if ste else round_half_up(x)
         return torch.clamp(q, 0.0, float(self.spec.qmax))
 
     def weight_hat(self) -> torch.Tensor:
