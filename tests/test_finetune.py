@@ -189,3 +189,107 @@ def test_heldout_windows_must_leave_training_windows(tmp_path, tiny_model_dir):
     start = quantize(tmp_path / "q", tiny_model_dir, "quantize.rtn", bits=3, group_size=32)
     with pytest.raises(StageError, match="heldout_windows"):
         run_blockwise(tmp_path / "ft", start, calib, heldout_windows=3)
+
+
+# ---------------------------------------------------------------------------
+# end-to-end methods: distill, qat, lora
+# ---------------------------------------------------------------------------
+
+def run_stage(root: Path, uses: str, start: QuantizedCheckpoint, calib: CalibSet, *, scratch: Path | None = None, **cfg):
+    from qflow import registry
+
+    stage_cls = registry.get(uses)
+    ctx = make_ctx(root, uses=uses, scratch=scratch)
+    out = stage_cls().run(ctx, stage_cls.Config(**cfg), model=start, calib=calib)["model"]
+    return out, ctx
+
+
+@pytest.fixture()
+def rtn_start(tmp_path, tiny_model_dir):
+    calib = calib_set(tmp_path / "calib", vocab_of(tiny_model_dir), n=6)
+    return quantize(tmp_path / "q", tiny_model_dir, "quantize.rtn", bits=3, group_size=32), calib
+
+
+def test_distill_lowers_heldout_kl_and_writes_a_real_ir(tmp_path, rtn_start):
+    start, calib = rtn_start
+    out, ctx = run_stage(tmp_path / "d", "finetune.distill", start, calib, steps=12, lr=2e-2, eval_every=4)
+    assert ctx.metrics["heldout_kl_best"] < ctx.metrics["heldout_kl_start"]
+    check_real_ir(out.path, start.path)
+    curve = json.loads((ctx.run_dir / "artifacts" / "finetune" / "finetune.json").read_text())["records"]
+    assert [r["step"] for r in curve if "heldout_loss" in r] == [0, 4, 8, 12]
+
+
+def test_lsq_initialisation_and_gradient_scale():
+    from qflow.finetune.fakequant import LayerStart
+    from qflow.finetune.lsq import LSQLinear
+    from qflow.quant.spec import QuantSpec
+
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec(bits=3, group_size=32)
+    start = LayerStart("x", spec, w, torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 2), torch.full((4, 2), 4.0),
+                       torch.arange(64) // 32, None)
+    layer = LSQLinear(start, None)
+    qp = 3  # 2^(3-1) - 1
+    torch.testing.assert_close(layer.step[1, 0], 2 * w[1, :32].abs().mean() / qp ** 0.5)
+    (layer.weight_hat().sum()).backward()
+    grad_scaled = layer.step.grad.clone()
+    layer.step.grad = None
+    layer.grad_scale.fill_(1.0)
+    (layer.weight_hat().sum()).backward()
+    torch.testing.assert_close(grad_scaled, layer.step.grad / (32 * qp) ** 0.5)
+    codes, _, _ = layer.export()
+    assert int(codes.max()) <= spec.qmax
+
+
+def test_qat_writes_a_real_ir(tmp_path, rtn_start):
+    start, calib = rtn_start
+    out, ctx = run_stage(tmp_path / "qat", "finetune.qat", start, calib, steps=4, init="start", lr=1e-4)
+    assert ctx.metrics["n_layers_frozen"] == 0 and ctx.metrics["train_steps"] == 4
+    check_real_ir(out.path, start.path)
+
+
+def test_lora_merged_or_adapter(tmp_path, rtn_start):
+    from safetensors import safe_open
+
+    start, calib = rtn_start
+    merged, ctx = run_stage(tmp_path / "m", "finetune.lora", start, calib, steps=4, lr=1e-2, rank=4,
+                            targets=r"\.(q_proj|v_proj)$", dropout=0.1, heldout_windows=0)
+    check_real_ir(merged.path, start.path)
+    assert ctx.metrics["n_adapted_layers"] == 4
+    a, s = Checkpoint(merged.path), Checkpoint(start.path)
+    changed = [n for n in a.layers if not torch.equal(a.params(n)[0], s.params(n)[0])]
+    assert changed and all(n.endswith(("q_proj", "v_proj")) for n in changed)
+    adapter, _ = run_stage(tmp_path / "a", "finetune.lora", start, calib, steps=2, rank=4, output="adapter")
+    b = Checkpoint(adapter.path)
+    assert all(torch.equal(b.params(n)[0], s.params(n)[0]) for n in b.layers)
+    with safe_open(str(adapter.path / "adapter" / "adapter_model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert json.loads((adapter.path / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_killed_distill_resumes_on_the_same_loss_trajectory(tmp_path, rtn_start, monkeypatch):
+    """Bitwise: the checkpoint holds parameters, AdamW moments, the batch generator and the curve, and CPU
+    kernels are deterministic for a fixed thread count, so every later step repeats exactly."""
+    from qflow.finetune.loop import TrainLoop
+
+    start, calib = rtn_start
+    cfg = {"steps": 6, "lr": 2e-2, "eval_every": 2, "checkpoint_every": 2}
+    whole, ctx_a = run_stage(tmp_path / "a", "finetune.distill", start, calib, **cfg)
+    original = TrainLoop._save
+
+    def save_then_die(self, step, *args):
+        original(self, step, *args)
+        if step == 4:
+            raise KeyboardInterrupt("simulated kill after the step-4 checkpoint")
+
+    monkeypatch.setattr(TrainLoop, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path / "b", "finetune.distill", start, calib, scratch=tmp_path / "scratch-b", **cfg)
+    monkeypatch.setattr(TrainLoop, "_save", original)
+    resumed, ctx_b = run_stage(tmp_path / "b2", "finetune.distill", start, calib, scratch=tmp_path / "scratch-b", **cfg)
+    curve = lambda ctx: json.loads((ctx.run_dir / "artifacts" / "finetune" / "finetune.json").read_text())["records"]
+    assert curve(ctx_a) == curve(ctx_b)
+    a, b = Checkpoint(whole.path), Checkpoint(resumed.path)
+    for name in a.layers:
+        assert torch.equal(a.params(name)[0], b.params(name)[0]) and torch.equal(a.params(name)[1], b.params(name)[1])

@@ -44,3 +44,18 @@ def finish_report(ctx: Any, windows: Any, records: list[dict[str, Any]], *, curv
         ctx.log_artifact(path, "finetune.json")
     except Exception as exc:  # a report copy must not fail the stage; say so
         ctx.log.warning("could not record finetune.json: %s", exc)
+
+
+def log_e2e_result(ctx: Any, result: Any, seconds: float) -> None:
+    """The loop's outcome as metrics: steps run, why it stopped, held-out KL at the start and the best."""
+    ctx.log_metric("train_steps", result.steps)
+    ctx.log_metric("train_seconds", seconds)
+    ctx.log_metric("best_step", result.best_step)
+    ctx.info["stopped"] = result.stopped
+    if result.first_heldout is not None:
+        ctx.log_metric("heldout_kl_start", result.first_heldout)
+        ctx.log_metric("heldout_kl_best", result.best_heldout)
+        ctx.log_metric("heldout_kl_ratio", result.best_heldout / result.first_heldout if result.first_heldout else float("nan"))
+    losses = [row["train_loss"] for row in result.curve if "train_loss" in row]
+    if losses:
+        ctx.log_metric("train_loss_last", losses[-1])
