@@ -12,6 +12,8 @@ from qflow.artifacts import CalibSet, ModelRef, QuantizedCheckpoint
 from qflow.engine.context import StageContext
 from qflow.quant.ir import Checkpoint
 
+SLOW = pytest.mark.slow   # seconds of CPU each; `make test-slow`
+
 
 def make_ctx(root: Path, stage_id: str = "finetune", uses: str = "finetune.blockwise", *,
              scratch: Path | None = None, seed: int = 0) -> StageContext:
@@ -79,7 +81,6 @@ def kl_to_float(model_dir: Path, ckpt_dir: Path, ids: torch.Tensor) -> float:
 # the fake-quant layer starts exactly at the IR, for every kind of start
 # ---------------------------------------------------------------------------
 
-SLOW = pytest.mark.slow
 STARTS = {
     "rtn-asym_z": ("quantize.rtn", {"bits": 3, "group_size": 32}),
     "rtn-nf4-dq": ("quantize.rtn", {"format": "nf4", "group_size": 32, "double_quant": True}),
@@ -149,6 +150,7 @@ def test_blockwise_reduces_block_mse_and_kl_and_writes_a_real_ir(tmp_path, tiny_
     assert Checkpoint(out.path).method == "rtn+blockwise"
 
 
+@SLOW
 def test_blockwise_from_awq_keeps_folds_and_improves(tmp_path, tiny_model_dir):
     calib = calib_set(tmp_path / "calib", vocab_of(tiny_model_dir), n=10)
     start = quantize(tmp_path / "q", tiny_model_dir, "quantize.awq", calib, bits=3, group_size=32)
@@ -210,6 +212,7 @@ def rtn_start(tmp_path, tiny_model_dir):
     return quantize(tmp_path / "q", tiny_model_dir, "quantize.rtn", bits=3, group_size=32), calib
 
 
+@SLOW
 def test_distill_lowers_heldout_kl_and_writes_a_real_ir(tmp_path, rtn_start):
     start, calib = rtn_start
     out, ctx = run_stage(tmp_path / "d", "finetune.distill", start, calib, steps=12, lr=2e-2, eval_every=4)
@@ -241,6 +244,7 @@ def test_lsq_initialisation_and_gradient_scale():
     assert int(codes.max()) <= spec.qmax
 
 
+@SLOW
 def test_qat_writes_a_real_ir(tmp_path, rtn_start):
     start, calib = rtn_start
     out, ctx = run_stage(tmp_path / "qat", "finetune.qat", start, calib, steps=4, init="start", lr=1e-4)
@@ -248,6 +252,7 @@ def test_qat_writes_a_real_ir(tmp_path, rtn_start):
     check_real_ir(out.path, start.path)
 
 
+@SLOW
 def test_lora_merged_or_adapter(tmp_path, rtn_start):
     from safetensors import safe_open
 
