@@ -1,4 +1,4 @@
-"""``finetune.blockwise``: block-by-block reconstruction after quantization (SignRound, docs/METHODS.md §14.2)."""
+"""``finetune.blockwise``: block-by-block reconstruction after quantization (SignRound, docs/METHODS.md §10.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``finetune.distill``: end-to-end knowledge distillation into the quantization parameters (docs/METHODS.md §14.3)."""
+"""``finetune.distill``: end-to-end knowledge distillation into the quantization parameters (docs/METHODS.md §10.3)."""
 
 from __future__ import annotations
 

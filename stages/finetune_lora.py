@@ -1,4 +1,4 @@
-"""``finetune.lora``: LoRA adapters over the frozen quantized model (docs/METHODS.md §14.5)."""
+"""``finetune.lora``: LoRA adapters over the frozen quantized model (docs/METHODS.md §10.5)."""
 
 from __future__ import annotations
 

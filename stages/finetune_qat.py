@@ -1,4 +1,4 @@
-"""``finetune.qat``: quantization-aware training with LSQ step sizes (docs/METHODS.md §14.4)."""
+"""``finetune.qat``: quantization-aware training with LSQ step sizes (docs/METHODS.md §10.4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Block-wise reconstruction (SignRound / AutoRound family, docs/METHODS.md §14.2).
+"""Block-wise reconstruction (SignRound / AutoRound family, docs/METHODS.md §10.2).
 
 For each decoder block ``i``, with one block in memory (the others stay on disk,
 ``qflow.models.lazy``):

@@ -5,7 +5,7 @@ Storing full-vocabulary logits costs ``windows × seq_len × vocab`` floats (16 
 ``topk`` largest logits, their token ids and ``logsumexp(logits / T)`` (and at T = 1 for the held-out KL). The
 distillation loss then is the KL over the ``topk`` tokens plus one tail bin holding
 the remaining probability mass (a lower bound of the full KL that is exact as
-``topk`` approaches the vocabulary; docs/METHODS.md §14.3).
+``topk`` approaches the vocabulary; docs/METHODS.md §10.3).
 
     folder = ctx.memo("teacher-logits", ingredients, lambda d: write_teacher(d, net, ids, topk=64, temperature=2.0))
     teacher = load_teacher(folder)
