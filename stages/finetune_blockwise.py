@@ -66,7 +66,7 @@ class FinetuneBlockwise(Stage):
 
     def run(self, ctx, cfg, model, calib):
         from qflow.finetune.blockwise import BlockwiseOptions, finetune_blockwise
-        from qflow.finetune.stage_common import finish_report, open_start
+        from qflow.finetune.stage_common import finish_report, log_curve, open_start
 
         start, windows, meta = open_start(ctx, cfg, model, calib)
         lr = cfg.lr if cfg.lr is not None else 1.0 / cfg.steps
@@ -82,6 +82,10 @@ class FinetuneBlockwise(Stage):
         ctx.log_metric("block_mse_start_sum", start_mse)
         ctx.log_metric("block_mse_end_sum", end_mse)
         ctx.log_metric("block_mse_ratio", end_mse / start_mse if start_mse else float("nan"))
-        finish_report(ctx, windows, records, curve_key="block")
+        for r in records:   # per block: MSE before/after (step = block index), and the block's own training curve
+            ctx.log_metric_at("block_mse_start", r["block"], r["mse_start"])
+            ctx.log_metric_at("block_mse_end", r["block"], r["mse_final_hard"])
+            log_curve(ctx, r.get("curve", []), offset=r["block"] * cfg.steps, prefix="block_")
+        finish_report(ctx, windows, records)
         return {"model": QuantizedCheckpoint(result.checkpoint_dir, base_model=str(model.base_model_dir),
                                              method=f"{start.method}+blockwise", source=model.meta.get("source"))}

@@ -141,6 +141,8 @@ def test_blockwise_reduces_block_mse_and_kl_and_writes_a_real_ir(tmp_path, tiny_
     start = quantize(tmp_path / "q", tiny_model_dir, "quantize.rtn", bits=3, group_size=32)
     out, ctx = run_blockwise(tmp_path / "ft", start, calib, heldout_windows=2)
     assert ctx.metrics["block_mse_ratio"] < 0.8
+    assert [step for step, _ in ctx.curves["block_mse_end"]] == [0, 1]             # tracked with steps
+    assert ctx.curves["block_heldout_loss_curve"][0][0] == 0 and ctx.curves["block_heldout_loss_curve"][-1][0] == 30
     report = json.loads((ctx.run_dir / "artifacts" / "finetune" / "finetune.json").read_text())
     assert report["train_windows"] == 8 and report["heldout_windows"] == 2 and "none" in report["heldout_overlap"]
     for row in report["records"]:
@@ -298,3 +300,40 @@ def test_killed_distill_resumes_on_the_same_loss_trajectory(tmp_path, rtn_start,
     a, b = Checkpoint(whole.path), Checkpoint(resumed.path)
     for name in a.layers:
         assert torch.equal(a.params(name)[0], b.params(name)[0]) and torch.equal(a.params(name)[1], b.params(name)[1])
+
+
+# ---------------------------------------------------------------------------
+# the CLI: quantize -> fine-tune -> evaluate -> every export format
+# ---------------------------------------------------------------------------
+
+@SLOW
+def test_recipe_quantize_finetune_evaluate_exports_every_format(tmp_path, tiny_model_dir, runs_dir):
+    from .conftest import parse_json_stdout, run_cli, write_recipe
+
+    recipe = write_recipe(tmp_path, f"""
+name: tiny-ft
+model: {{source: "{tiny_model_dir}"}}
+data:
+  calib: {{source: "zoo:wiki-pages", seq_len: 64}}
+  eval: {{source: "zoo:lee-news", seq_len: 64}}
+stages:
+  calibrate: {{uses: calibrate, with: {{data: "${{data.calib}}", n_samples: 6, stats: false}}}}
+  quantize: {{uses: quantize.rtn, needs: [calibrate], with: {{bits: 4, group_size: 32}}}}
+  finetune: {{uses: finetune.blockwise, needs: [quantize, calibrate], with: {{steps: 4, batch_size: 2}}}}
+  evaluate:
+    uses: evaluate.lm
+    needs: [finetune]
+    with: {{data: "${{data.eval}}", n_windows: 2, topk: 16, speed: false, layer_report: false}}
+  export_st: {{uses: export.safetensors, needs: [finetune]}}
+  export_gguf: {{uses: export.gguf, needs: [finetune]}}
+  export_onnx: {{uses: export.onnx, needs: [finetune]}}
+""")
+    done = run_cli("run", str(recipe), "--json", runs_dir=runs_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = parse_json_stdout(done)
+    assert result["status"] == "ok"
+    assert all(s["status"] == "ran" for s in result["stages"].values())
+    m = result["metrics"]
+    assert m["finetune/block_mse_ratio"] < 1.0
+    assert m["export_st/roundtrip_kl"] < 1e-6
+    assert "evaluate/kl_mean" in m

@@ -36,7 +36,7 @@ def open_start(ctx: Any, cfg: Any, model: Any, calib: Any):
     return start, windows, meta
 
 
-def finish_report(ctx: Any, windows: Any, records: list[dict[str, Any]], *, curve_key: str = "") -> None:
+def finish_report(ctx: Any, windows: Any, records: list[dict[str, Any]]) -> None:
     """``finetune.json`` (windows, overlap statement, per-block/step records) into the stage's report."""
     path = Path(ctx.scratch) / "finetune.json"
     path.write_text(json.dumps({**windows.describe(), "records": records}, indent=1, default=float))
@@ -56,6 +56,18 @@ def log_e2e_result(ctx: Any, result: Any, seconds: float) -> None:
         ctx.log_metric("heldout_kl_start", result.first_heldout)
         ctx.log_metric("heldout_kl_best", result.best_heldout)
         ctx.log_metric("heldout_kl_ratio", result.best_heldout / result.first_heldout if result.first_heldout else float("nan"))
+    log_curve(ctx, result.curve)
     losses = [row["train_loss"] for row in result.curve if "train_loss" in row]
     if losses:
         ctx.log_metric("train_loss_last", losses[-1])
+
+
+def log_curve(ctx: Any, curve: list[dict[str, float]], *, offset: int = 0, prefix: str = "") -> None:
+    """Train loss and held-out loss per step as tracked curves (``<prefix>train_loss_curve``,
+    ``<prefix>heldout_loss_curve``: MLflow metrics with steps; held-out = the method's held-out loss)."""
+    if not hasattr(ctx, "log_metric_at"):
+        return
+    for row in curve:
+        for key in ("train_loss", "heldout_loss"):
+            if key in row:
+                ctx.log_metric_at(f"{prefix}{key}_curve", offset + int(row["step"]), row[key])
