@@ -20,6 +20,8 @@ class BlockwiseConfig(TrainConfig):
     ``lr`` unset = SignRound's 1/steps with a linear decay to 0 (signed-gradient
     descent). ``rounding`` trains offsets V in [-0.5, 0.5]; ``scale`` trains a
     per-group scale factor in ``scale_range`` (< 1 clips the group's range).
+    Resume is per block (the state is saved after every block), so
+    ``checkpoint_every`` is not used here; ``eval_every``/``patience`` act within each block.
     """
 
     steps: int = Field(200, ge=1, description="signed-gradient steps per block")
@@ -79,6 +81,7 @@ class FinetuneBlockwise(Stage):
                                                         "start": str(model.path)})
         start_mse = sum(r["mse_start"] for r in records)
         end_mse = sum(r["mse_final_hard"] for r in records)
+        ctx.log_metric("finetune_seconds", result.seconds)
         ctx.log_metric("block_mse_start_sum", start_mse)
         ctx.log_metric("block_mse_end_sum", end_mse)
         ctx.log_metric("block_mse_ratio", end_mse / start_mse if start_mse else float("nan"))
