@@ -121,7 +121,10 @@ def finetune_blockwise(ctx: Any, start: Checkpoint, base_dir: str, windows: Wind
                 _set(block, name[len(prefix) + 1:], _hard_linear(layer, codes, scale, zero))
             copy_floats_and_folds(writer, start, block_prefix=prefix)
             q_out = _forward(block, q_in, kwargs, opts.forward_batch)
-            row["mse_final_hard"] = float(((q_out - fp_out) ** 2).mean(dtype=torch.float64))
+            err = (q_out - fp_out) ** 2   # the stored (hard) block, on the same windows as mse_start / heldout_start
+            row["mse_final_hard"] = float(err[:n_train].mean(dtype=torch.float64))
+            if n_train < err.shape[0]:
+                row["heldout_final_hard"] = float(err[n_train:].mean(dtype=torch.float64))
             records.append({"block": i, **row})
             for rel, module in originals.items():
                 _set(block, rel, module)
