@@ -56,6 +56,11 @@ class FinetuneBlockwise(Stage):
     outputs and the float block fed float inputs; trains rounding offsets and
     per-group scale factors, keeps the lowest held-out MSE, re-quantizes into the
     IR (same specs, zero points, g_idx and folds as the start). Resumes per block.
+
+    Metrics: ``block_mse_start_sum`` / ``block_mse_end_sum``: sum over blocks of the block-output
+    MSE on the training windows, start IR vs stored result, each block fed the same quantized
+    stream; ``block_mse_ratio`` = end / start. Per block (``finetune.json``, and curves
+    ``block_mse_start``/``block_mse_end`` with step = block index) also the held-out MSE.
     """
 
     version = 1
