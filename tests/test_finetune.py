@@ -137,7 +137,7 @@ def run_blockwise(root: Path, start: QuantizedCheckpoint, calib: CalibSet, *, sc
     return out["model"], ctx
 
 
-def test_blockwise_reduces_block_mse_and_kl_and_writes_a_real_ir(tmp_path, tiny_model_dir):
+def test_blockwise_reduces_block_mse_and_writes_a_real_ir(tmp_path, tiny_model_dir):
     calib = calib_set(tmp_path / "calib", vocab_of(tiny_model_dir), n=10)
     start = quantize(tmp_path / "q", tiny_model_dir, "quantize.rtn", bits=3, group_size=32)
     out, ctx = run_blockwise(tmp_path / "ft", start, calib, heldout_windows=2)
