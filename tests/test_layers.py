@@ -4,7 +4,7 @@ Layers, top to bottom; a module may import its own layer or any layer below,
 never one above (docs/ARCHITECTURE.md §2)::
 
     qflow/cli.py > qflow/engine/ > stages/ > qflow/evaluation/ > qflow/export/
-    > qflow/quant/algos/ > qflow/models/ > qflow/data/ > qflow/quant/ (core)
+    > qflow/quant/algos/ (and qflow/finetune/) > qflow/models/ > qflow/data/ > qflow/quant/ (core)
     > qflow/kernels/ > foundations (qflow/recipe/, registry, artifacts, specs, units, tracking, errors,
       fingerprint, source_common)
 
@@ -34,6 +34,7 @@ LAYERS = {
     "qflow.evaluation": 3,
     "qflow.export": 4,
     "qflow.quant.algos": 5,
+    "qflow.finetune": 5,   # fine-tune methods sit beside the quantize algorithms
     "qflow.models": 6,
     "qflow.data": 7,
     "qflow.quant": 8,

@@ -101,6 +101,7 @@ class StageContext:
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: list[Path] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)   # extra summary facts (e.g. peak RSS)
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)   # metric -> [(step, value)]
 
     @property
     def log(self) -> logging.Logger:
@@ -114,6 +115,10 @@ class StageContext:
     def log_metric(self, name: str, value: float) -> None:
         value = float(value)
         self.metrics[name] = value
+
+    def log_metric_at(self, name: str, step: int, value: float) -> None:
+        """One point of a curve (e.g. a held-out loss during training), tracked as an MLflow metric with a step."""
+        self.curves.setdefault(name, []).append((int(step), float(value)))
 
     def log_metrics(self, values: dict[str, float]) -> None:
         for k, v in values.items():

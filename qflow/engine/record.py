@@ -66,6 +66,10 @@ def finish_tracking(tracker: Tracker, result: RunResult, run_dir: Path) -> None:
     if any(not g["passed"] for g in result.gates):
         tags["qflow.gates"] = "failed"
     safe(tracker.log_metrics, result.metrics)
+    for sid, r in result.stages.items():   # curves: one metric per name, a value per step
+        for name, points in getattr(r, "curves", {}).items():
+            for step, value in points:
+                safe(tracker.log_metrics, {f"{sid}/{name}": value}, step)
     safe(tracker.set_tags, tags)
     safe(tracker.log_artifact, run_dir / "recipe.resolved.yaml")
     safe(tracker.log_artifact, run_dir / "summary.json")

@@ -62,6 +62,7 @@ class StageResult:
     peak_estimate_bytes: int | None = None   # the stage's own estimate (Stage.estimate_peak_bytes)
     memo_keys: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)     # stage-provided MLflow tags (ctx.info["tags"])
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)   # ctx.log_metric_at points
 
 
 @dataclass
@@ -206,6 +207,7 @@ def _run_stage(st: PlannedStage, key: str, ingredients: dict[str, Any], inputs: 
             result.metrics = {**ctx.metrics, "peak_rss_mb": result.peak_rss_bytes / 2**20}
             result.memo_keys = memo_keys
             result.tags = {str(k): str(v) for k, v in (ctx.info.get("tags") or {}).items()}
+            result.curves = {k: list(v) for k, v in ctx.curves.items()}
             manifest = {"ingredients": ingredients, "stage_id": st.id, "metrics": result.metrics,
                         "seconds": time.perf_counter() - t0, "peak_rss_bytes": result.peak_rss_bytes,
                         "memo_keys": memo_keys, "info": _jsonable(ctx.info)}

@@ -1,0 +1,88 @@
+"""``finetune.distill``: end-to-end knowledge distillation into the quantization parameters (docs/METHODS.md §10.3)."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from qflow.artifacts import CalibSet, QuantizedCheckpoint
+from qflow.finetune.config import TrainConfig
+from qflow.registry import Stage, register
+
+
+class DistillConfig(TrainConfig):
+    """Distillation knobs.
+
+        finetune:
+          uses: finetune.distill
+          needs: [quantize, calibrate]
+          with: {steps: 100, lr: 5.0e-3, temperature: 2.0, ce_weight: 0.0, topk: 64}
+
+    Trains the rounding offsets V in [-0.5, 0.5] of every quantized weight (a
+    straight-through estimate of the rounded weight, each weight may move to a
+    neighbouring grid point) and per-group scale factors in ``scale_range``; zero
+    points stay the start's. Loss: T²·KL_T(teacher || student) on the teacher's
+    top-k tokens + a tail bin, plus ``ce_weight`` × next-token cross-entropy.
+    """
+
+    steps: int = Field(100, ge=1)
+    lr: float = Field(5e-3, gt=0)
+    batch_size: int = Field(2, ge=1)
+    temperature: float = Field(2.0, gt=0, description="softmax temperature of teacher and student (loss scaled by T^2)")
+    ce_weight: float = Field(0.0, ge=0, description="weight of the next-token cross-entropy added to the KL")
+    topk: int = Field(64, ge=1, description="teacher logits kept per token (the rest is one tail bin)")
+    rounding: bool = True
+    scale: bool = True
+    scale_range: tuple[float, float] = (0.5, 1.0)
+    forward_batch: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        lo, hi = self.scale_range
+        if not 0 < lo <= 1 <= hi:
+            raise ValueError(f"scale_range must satisfy 0 < low <= 1 <= high (the start factor is 1), got {self.scale_range}")
+        if not (self.rounding or self.scale):
+            raise ValueError("nothing to train: set rounding and/or scale to true")
+        return self
+
+
+@register("finetune.distill")
+class FinetuneDistill(Stage):
+    """Distil the float model into a quantized IR's rounding and scales, end to end; writes the same IR.
+
+        finetune:
+          uses: finetune.distill
+          needs: [quantize, calibrate]
+          with: {steps: 100, temperature: 2.0}
+
+    Teacher logits are computed once and memoised (top-k + logsumexp per token).
+    The whole model is in memory. Checkpoints every ``checkpoint_every`` steps.
+    """
+
+    version = 1
+    Config = DistillConfig
+    inputs = {"model": QuantizedCheckpoint, "calib": CalibSet}
+    outputs = {"model": QuantizedCheckpoint}
+
+    def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
+        return None
+
+    def run(self, ctx, cfg, model, calib):
+        from qflow.finetune.e2e import E2EOptions, finetune_e2e
+        from qflow.finetune.fakequant import FakeQuantLinear
+        from qflow.finetune.stage_common import finish_report, log_e2e_result, open_start
+
+        start, windows, meta = open_start(ctx, cfg, model, calib)
+        opts = E2EOptions(settings=cfg.loop_settings("adamw"), temperature=cfg.temperature, ce_weight=cfg.ce_weight,
+                          topk=cfg.topk, train_batch=cfg.batch_size, forward_batch=cfg.forward_batch)
+
+        def make_layer(layer_start, linear):
+            return FakeQuantLinear(layer_start, linear.bias, rounding=cfg.rounding, scale=cfg.scale,
+                                   scale_range=tuple(cfg.scale_range))
+
+        result, seconds, _ = finetune_e2e(ctx, start, str(model.base_model_dir), windows, opts, make_layer,
+                                       method="finetune.distill", meta=meta, attn=cfg.attn_implementation,
+                                       signature={"config": cfg.model_dump(mode="json"), "start": str(model.path)})
+        log_e2e_result(ctx, result, seconds)
+        finish_report(ctx, windows, result.curve)
+        return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.base_model_dir),
+                                             method=f"{start.method}+distill", source=model.meta.get("source"))}

@@ -1,0 +1,84 @@
+"""``finetune.qat``: quantization-aware training with LSQ step sizes (docs/METHODS.md §10.4)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from qflow.artifacts import CalibSet, QuantizedCheckpoint
+from qflow.finetune.config import TrainConfig
+from qflow.registry import Stage, register
+
+
+class QATConfig(TrainConfig):
+    """QAT knobs.
+
+        finetune:
+          uses: finetune.qat
+          needs: [quantize, calibrate]
+          with: {steps: 100, lr: 1.0e-5, init: lsq}
+
+    Trains every quantized layer's float weight and its per-group LSQ step sizes
+    (straight-through estimator), loss as finetune.distill (T²·KL_T to the float
+    teacher, optional cross-entropy), then re-quantizes into the IR with the
+    learned steps as scales and the start's zero points. ``init: lsq`` is the
+    paper's 2·mean|w|/sqrt(Qp); ``init: start`` keeps the start IR's scales.
+    """
+
+    steps: int = Field(100, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    batch_size: int = Field(2, ge=1)
+    init: Literal["lsq", "start"] = Field("lsq", description="step-size initialisation")
+    temperature: float = Field(2.0, gt=0)
+    ce_weight: float = Field(0.0, ge=0)
+    topk: int = Field(64, ge=1)
+    forward_batch: int = Field(2, ge=1)
+
+
+@register("finetune.qat")
+class FinetuneQAT(Stage):
+    """Fake-quant training with LSQ learnable step sizes, ending by re-quantizing into the IR.
+
+        finetune:
+          uses: finetune.qat
+          needs: [quantize, calibrate]
+          with: {steps: 100, init: lsq}
+
+    Layers in a lookup format (nf4/fp4) or with a fractional zero (HQQ) are
+    not LSQ grids and are written back unchanged (counted in ``n_layers_frozen``).
+    """
+
+    version = 1
+    Config = QATConfig
+    inputs = {"model": QuantizedCheckpoint, "calib": CalibSet}
+    outputs = {"model": QuantizedCheckpoint}
+
+    def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
+        return None
+
+    def run(self, ctx, cfg, model, calib):
+        from qflow.finetune.e2e import E2EOptions, finetune_e2e
+        from qflow.finetune.fakequant import FakeQuantLinear
+        from qflow.finetune.lsq import LSQLinear
+        from qflow.finetune.stage_common import finish_report, log_e2e_result, open_start
+
+        start, windows, meta = open_start(ctx, cfg, model, calib)
+        opts = E2EOptions(settings=cfg.loop_settings("adamw"), temperature=cfg.temperature, ce_weight=cfg.ce_weight,
+                          topk=cfg.topk, train_batch=cfg.batch_size, forward_batch=cfg.forward_batch)
+        frozen = []
+
+        def make_layer(layer_start, linear):
+            if layer_start.lookup or layer_start.spec.zero_float:
+                frozen.append(layer_start.name)
+                return FakeQuantLinear(layer_start, linear.bias, rounding=False, scale=False)
+            return LSQLinear(layer_start, linear.bias, init=cfg.init)
+
+        result, seconds, _ = finetune_e2e(ctx, start, str(model.base_model_dir), windows, opts, make_layer,
+                                          method="finetune.qat", meta=meta, attn=cfg.attn_implementation,
+                                          signature={"config": cfg.model_dump(mode="json"), "start": str(model.path)})
+        ctx.log_metric("n_layers_frozen", len(frozen))
+        log_e2e_result(ctx, result, seconds)
+        finish_report(ctx, windows, result.curve)
+        return {"model": QuantizedCheckpoint(ctx.output("model"), base_model=str(model.base_model_dir),
+                                             method=f"{start.method}+qat", source=model.meta.get("source"))}
