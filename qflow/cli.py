@@ -501,9 +501,35 @@ def _add_cache(sub) -> None:
     c.set_defaults(fn=cmd_cache)
 
 
+def _accept_global_options(parser: argparse.ArgumentParser, options: list | None = None) -> argparse.ArgumentParser:
+    """Let the global options follow the command as well (``qflow run R --runs-dir D``, ``qflow cache ls -v``).
+
+    Every (nested) subcommand gets a copy whose default is SUPPRESS, so a value given before the
+    command survives unless the same option is repeated after it; a subcommand with its own
+    spelling of an option (``qflow sync --runs-dir``) keeps its own. argparse has no public way
+    to list subcommands, hence ``_actions``.
+    """
+    if options is None:
+        options = [a for a in parser._actions if isinstance(a, (argparse._StoreAction, argparse._StoreTrueAction))]
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for subparser in {id(s): s for s in action.choices.values()}.values():
+            for opt in options:
+                kwargs = {"dest": opt.dest, "default": argparse.SUPPRESS, "help": opt.help}
+                if isinstance(opt, argparse._StoreTrueAction):
+                    kwargs["action"] = "store_true"
+                try:
+                    subparser.add_argument(*opt.option_strings, **kwargs)
+                except argparse.ArgumentError:  # the subcommand defines this option itself
+                    pass
+            _accept_global_options(subparser, options)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
-    parser = build_parser()
+    parser = _accept_global_options(build_parser())
     # overrides may come after flags (`qflow run R --json a=1`): collect the leftovers
     args, extra = parser.parse_known_args(argv)
     if extra:
