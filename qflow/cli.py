@@ -53,18 +53,23 @@ def cmd_run(args) -> int:
 
 
 def _run(args) -> int:
-    from .engine.runner import RunOptions, execute, load_plan
+    from . import api
 
-    opts = RunOptions(runs_root=_runs_root(args), dry_run=args.dry_run, only=args.only, from_=args.from_,
-                      force=args.force or [], track=not args.no_track, quiet=args.quiet,
-                      libraries=args.lib or [], allow_env=args.allow_env or [])
+    common = dict(runs_dir=_runs_root(args), track=not args.no_track, quiet=args.quiet, libraries=args.lib or [],
+                  allow_env=args.allow_env or [])
     if args.multirun:
-        from .engine.sweep import run_sweep
+        from .engine.sweep import _print_points
 
-        return run_sweep(args.recipe, args.overrides, opts, as_json=args.json, jobs=args.jobs,
-                         objective=args.objective, constraints=args.constraint, report=_sweep_report)
-    plan = load_plan(args.recipe, args.overrides, opts)
-    result = execute(plan, opts, args.overrides)
+        swept = api.sweep(args.recipe, args.overrides, jobs=args.jobs, objective=args.objective,
+                          constraints=args.constraint or [], **common)
+        out = swept.to_json()
+        if args.json:
+            print(json.dumps(out, default=str))
+        else:
+            _print_points(out["points"], out.get("best"), swept.sweep_dir, swept.mlflow_parent_run_id)
+        return 0 if swept.ok else 1
+    result = api.run(args.recipe, args.overrides, dry_run=args.dry_run, only=args.only, from_=args.from_,
+                     force=args.force or [], **common)
     if args.json:
         print(json.dumps(result.to_json(), default=str))
     else:
@@ -114,8 +119,8 @@ def print_summary(result, dry_run: bool = False) -> None:
         for sid, k, v in notes:
             print(f"  {sid}/{k.split('.', 2)[2]}: {v}", file=stream)
     for g in result.gates:
-        mark = "PASS" if g["passed"] else "FAIL"
-        print(f"gate {mark} {g['stage']}/{g['metric']}: {g.get('reason') or _fmt(g['value'])}", file=stream)
+        mark = "PASS" if g.passed else "FAIL"
+        print(f"gate {mark} {g.stage}/{g.metric}: {g.reason or _fmt(g.value)}", file=stream)
     if not dry_run:
         print(f"\nrun folder: {result.run_dir}", file=stream)
         if result.mlflow_run_id:
@@ -130,31 +135,21 @@ def _fmt(v) -> str:
 
 
 def cmd_explain(args) -> int:
-    from .engine.cache import CacheStore
-    from .engine.keys import closest_entry, compute_keys, environment, resolve_device
-    from .engine.runner import RunOptions, load_plan
+    from . import api
 
-    opts = RunOptions(runs_root=_runs_root(args), libraries=args.lib or [], allow_env=args.allow_env or [])
-    plan = load_plan(args.recipe, args.overrides, opts)
-    store = CacheStore(opts.runs_root / "cache")
-    keys = compute_keys(plan, store, environment(resolve_device(plan.recipe.device)))
-    report = {}
-    for sid, (key, ingredients) in keys.items():
-        if store.get(key) is not None:
-            report[sid] = {"key": key, "status": "hit"}
-            print(f"{sid:<14} hit   {key[:12]}")
-            continue
-        entry, lines = closest_entry(store, ingredients)
-        if entry is None:
-            report[sid] = {"key": key, "status": "miss", "reason": "no cached entry of this stage"}
-            print(f"{sid:<14} miss  {key[:12]}  (no cached entry of stage {ingredients['stage']})")
+    report = api.explain(args.recipe, args.overrides, runs_dir=_runs_root(args), libraries=args.lib or [],
+                         allow_env=args.allow_env or [])
+    for sid, e in report.items():
+        if e.status == "hit":
+            print(f"{sid:<14} hit   {e.key[:12]}")
+        elif e.closest is None:
+            print(f"{sid:<14} miss  {e.key[:12]}  ({e.reason})")
         else:
-            report[sid] = {"key": key, "status": "miss", "closest": entry.key, "differs": lines}
-            print(f"{sid:<14} miss  {key[:12]}  closest {entry.key[:12]} differs in:")
-            for line in lines:
+            print(f"{sid:<14} miss  {e.key[:12]}  closest {e.closest[:12]} differs in:")
+            for line in e.differs:
                 print(f"{'':<22}{line}")
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps({sid: e.to_json() for sid, e in report.items()}))
     return 0
 
 
