@@ -397,10 +397,41 @@ def cmd_sync(args) -> int:
 
 # ---- parser -------------------------------------------------------------------------
 
+VERSIONED = ("torch", "transformers", "safetensors", "hydra-core", "omegaconf", "pydantic", "mlflow", "numpy",
+             "numba", "gguf", "onnx", "onnxruntime", "compressed-tensors", "lm-eval", "optuna", "ray")
+
+
+def versions() -> dict[str, str | None]:
+    """qflow's version, Python's and each key library's (None: not installed), read from package metadata."""
+    import platform
+    from importlib import metadata
+
+    from . import __version__
+
+    found: dict[str, str | None] = {"qflow": __version__, "python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+class _PrintVersions(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for name, version in versions().items():
+            print(f"{name:<20} {version or 'not installed'}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qflow", description="Declarative, cached, tracked model quantization.")
     p.add_argument("--runs-dir", help="output root (default: $QFLOW_RUNS_DIR or ./runs)")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action=_PrintVersions, help="print the versions of qflow, torch and key libraries")
     sub = p.add_subparsers(dest="cmd", required=True)
     _add_run(sub)
 
