@@ -367,9 +367,15 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from .tracking import serve_ui
+    from .tracking import find_run, run_page, serve_ui
 
-    return serve_ui(_runs_root(args), port=args.port)
+    root = _runs_root(args)
+    if args.open:
+        experiment_id, run_id = find_run(root, args.open)
+        print(f"run {run_id}: {run_page(experiment_id, run_id, f'http://127.0.0.1:{args.port}')}", flush=True)
+        if args.url_only:
+            return 0
+    return serve_ui(root, port=args.port)
 
 
 def cmd_sync(args) -> int:
@@ -487,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--open", metavar="RUN", help="print the URL of this run (MLflow run id or run folder)")
+    u.add_argument("--url-only", action="store_true", help="with --open: print the URL, start no server")
     u.set_defaults(fn=cmd_ui)
     return p
 

@@ -307,10 +307,16 @@ def log_sweep(runs_root: Path, sweep_dir: Path, recipe: Path, overrides: list[st
         best = best_point(points, sweep_cfg)
         if best is not None:
             _safe(tracker.set_tags, {"qflow.sweep.best_job": best["job"], "qflow.sweep.best_overrides": " ".join(best["overrides"])})
+        folder = None
         if report is not None and tracker.run_id and not tracker.unavailable:
             folder = report(points, sweep_dir / "pareto")
             if folder:
                 _safe(tracker.log_artifacts, folder, "pareto")
+        if parent_id and not tracker.unavailable:   # the parent links to its points and their plots
+            from ..tracking import sweep_note
+
+            shown = sorted(p.name for p in Path(folder).iterdir() if p.suffix in (".png", ".html")) if folder else []
+            _safe(tracker.set_tags, {"mlflow.note.content": sweep_note(parent_id, tracker.experiment_id, points, shown)})
         _safe(tracker.end, status)
     except BaseException as exc:
         status = "FAILED" if isinstance(exc, Exception) else "KILLED"
