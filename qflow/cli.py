@@ -59,7 +59,7 @@ def cmd_run(args) -> int:
 
 
 def _run(args) -> int:
-    from .engine.runner import RunOptions, execute, load_plan
+    from . import api
 
     if args.trust_remote_code:
         from .recipe.safety import allow_remote_code
@@ -68,24 +68,25 @@ def _run(args) -> int:
 
     if not args.dry_run:
         _set_threads(args)
-    opts = RunOptions(runs_root=_runs_root(args), dry_run=args.dry_run, only=args.only, from_=args.from_,
-                      force=args.force or [], track=not args.no_track, quiet=args.quiet,
-                      libraries=args.lib or [], allow_env=args.allow_env or [])
     if args.multirun and (args.locked or args.lock_file):
         raise QflowError("--locked checks one run against its lock; a sweep is many runs", where="qflow run -m",
                          fix="lock and run each point (qflow lock RECIPE params.bits=3; qflow run --locked ...)")
+    common = dict(runs_dir=_runs_root(args), track=not args.no_track, quiet=args.quiet, libraries=args.lib or [],
+                  allow_env=args.allow_env or [])
     if args.multirun:
-        from .engine.sweep import run_sweep
+        from .engine.sweep import _print_points
 
-        return run_sweep(args.recipe, args.overrides, opts, as_json=args.json, jobs=args.jobs,
-                         objective=args.objective, constraints=args.constraint, report=_sweep_report)
-    plan = load_plan(args.recipe, args.overrides, opts)
-    if args.locked or args.lock_file:
-        from .engine.lock import check_locked
-
-        check_locked(plan, args.recipe, args.overrides, libraries=opts.libraries, cache_root=opts.runs_root / "cache",
-                     path=args.lock_file)
-    result = execute(plan, opts, args.overrides)
+        swept = api.sweep(args.recipe, args.overrides, jobs=args.jobs, objective=args.objective,
+                          constraints=args.constraint or [], **common)
+        out = swept.to_json()
+        if args.json:
+            print(json.dumps(out, default=str))
+        else:
+            _print_points(out["points"], out.get("best"), swept.sweep_dir, swept.mlflow_parent_run_id)
+        return 0 if swept.ok else 1
+    result = api.run(args.recipe, args.overrides, dry_run=args.dry_run, only=args.only, from_=args.from_,
+                     force=args.force or [], locked=bool(args.locked or args.lock_file), lock_file=args.lock_file,
+                     **common)
     if args.json:
         print(json.dumps(result.to_json(), default=str))
     else:
@@ -149,8 +150,8 @@ def print_summary(result, dry_run: bool = False) -> None:
         for sid, k, v in notes:
             print(f"  {sid}/{k.split('.', 2)[2]}: {v}", file=stream)
     for g in result.gates:
-        mark = "PASS" if g["passed"] else "FAIL"
-        print(f"gate {mark} {g['stage']}/{g['metric']}: {g.get('reason') or _fmt(g['value'])}", file=stream)
+        mark = "PASS" if g.passed else "FAIL"
+        print(f"gate {mark} {g.stage}/{g.metric}: {g.reason or _fmt(g.value)}", file=stream)
     if not dry_run:
         print(f"\nrun folder: {result.run_dir}", file=stream)
         if result.mlflow_run_id:
@@ -165,31 +166,21 @@ def _fmt(v) -> str:
 
 
 def cmd_explain(args) -> int:
-    from .engine.cache import CacheStore
-    from .engine.keys import closest_entry, compute_keys, environment, resolve_device
-    from .engine.runner import RunOptions, load_plan
+    from . import api
 
-    opts = RunOptions(runs_root=_runs_root(args), libraries=args.lib or [], allow_env=args.allow_env or [])
-    plan = load_plan(args.recipe, args.overrides, opts)
-    store = CacheStore(opts.runs_root / "cache")
-    keys = compute_keys(plan, store, environment(resolve_device(plan.recipe.device)))
-    report = {}
-    for sid, (key, ingredients) in keys.items():
-        if store.get(key) is not None:
-            report[sid] = {"key": key, "status": "hit"}
-            print(f"{sid:<14} hit   {key[:12]}")
-            continue
-        entry, lines = closest_entry(store, ingredients)
-        if entry is None:
-            report[sid] = {"key": key, "status": "miss", "reason": "no cached entry of this stage"}
-            print(f"{sid:<14} miss  {key[:12]}  (no cached entry of stage {ingredients['stage']})")
+    report = api.explain(args.recipe, args.overrides, runs_dir=_runs_root(args), libraries=args.lib or [],
+                         allow_env=args.allow_env or [])
+    for sid, e in report.items():
+        if e.status == "hit":
+            print(f"{sid:<14} hit   {e.key[:12]}")
+        elif e.closest is None:
+            print(f"{sid:<14} miss  {e.key[:12]}  ({e.reason})")
         else:
-            report[sid] = {"key": key, "status": "miss", "closest": entry.key, "differs": lines}
-            print(f"{sid:<14} miss  {key[:12]}  closest {entry.key[:12]} differs in:")
-            for line in lines:
+            print(f"{sid:<14} miss  {e.key[:12]}  closest {e.closest[:12]} differs in:")
+            for line in e.differs:
                 print(f"{'':<22}{line}")
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps({sid: e.to_json() for sid, e in report.items()}))
     return 0
 
 
@@ -407,9 +398,15 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from .tracking import serve_ui
+    from .tracking import find_run, run_page, serve_ui
 
-    return serve_ui(_runs_root(args), port=args.port)
+    root = _runs_root(args)
+    if args.open:
+        experiment_id, run_id = find_run(root, args.open)
+        print(f"run {run_id}: {run_page(experiment_id, run_id, f'http://127.0.0.1:{args.port}')}", flush=True)
+        if args.url_only:
+            return 0
+    return serve_ui(root, port=args.port)
 
 
 def cmd_sync(args) -> int:
@@ -515,10 +512,41 @@ def cmd_lint(args) -> int:
 
 # ---- parser -------------------------------------------------------------------------
 
+VERSIONED = ("torch", "transformers", "safetensors", "hydra-core", "omegaconf", "pydantic", "mlflow", "numpy",
+             "numba", "gguf", "onnx", "onnxruntime", "compressed-tensors", "lm-eval", "optuna", "ray")
+
+
+def versions() -> dict[str, str | None]:
+    """qflow's version, Python's and each key library's (None: not installed), read from package metadata."""
+    import platform
+    from importlib import metadata
+
+    from . import __version__
+
+    found: dict[str, str | None] = {"qflow": __version__, "python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+class _PrintVersions(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for name, version in versions().items():
+            print(f"{name:<20} {version or 'not installed'}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qflow", description="Declarative, cached, tracked model quantization.")
     p.add_argument("--runs-dir", help="output root (default: $QFLOW_RUNS_DIR or ./runs)")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action=_PrintVersions, help="print the versions of qflow, torch and key libraries")
     sub = p.add_subparsers(dest="cmd", required=True)
     _add_run(sub)
 
@@ -576,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--open", metavar="RUN", help="print the URL of this run (MLflow run id or run folder)")
+    u.add_argument("--url-only", action="store_true", help="with --open: print the URL, start no server")
     u.set_defaults(fn=cmd_ui)
     return p
 
@@ -651,9 +681,35 @@ def _add_cache(sub) -> None:
     c.set_defaults(fn=cmd_cache)
 
 
+def _accept_global_options(parser: argparse.ArgumentParser, options: list | None = None) -> argparse.ArgumentParser:
+    """Let the global options follow the command as well (``qflow run R --runs-dir D``, ``qflow cache ls -v``).
+
+    Every (nested) subcommand gets a copy whose default is SUPPRESS, so a value given before the
+    command survives unless the same option is repeated after it; a subcommand with its own
+    spelling of an option (``qflow sync --runs-dir``) keeps its own. argparse has no public way
+    to list subcommands, hence ``_actions``.
+    """
+    if options is None:
+        options = [a for a in parser._actions if isinstance(a, (argparse._StoreAction, argparse._StoreTrueAction))]
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for subparser in {id(s): s for s in action.choices.values()}.values():
+            for opt in options:
+                kwargs = {"dest": opt.dest, "default": argparse.SUPPRESS, "help": opt.help}
+                if isinstance(opt, argparse._StoreTrueAction):
+                    kwargs["action"] = "store_true"
+                try:
+                    subparser.add_argument(*opt.option_strings, **kwargs)
+                except argparse.ArgumentError:  # the subcommand defines this option itself
+                    pass
+            _accept_global_options(subparser, options)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
-    parser = build_parser()
+    parser = _accept_global_options(build_parser())
     # overrides may come after flags (`qflow run R --json a=1`): collect the leftovers
     args, extra = parser.parse_known_args(argv)
     if extra:

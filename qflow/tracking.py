@@ -39,6 +39,14 @@ _HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BAC
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
+# MLflow 3's UI opens an experiment in the view its kind names (tag ``mlflow.experimentKind``,
+# the UI's ExperimentKind enum); with no kind it guesses the GenAI view (traces, sessions) for
+# an experiment without training metrics, where a qflow run hides under "Evaluation runs".
+# "custom_model_development" is the model-training view: runs table, charts, compare.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
 class TrackingUnavailable(QflowError):
     """The MLflow tracking store cannot be reached."""
 
@@ -120,6 +128,7 @@ class Tracker:
         self.unavailable: str | None = None   # why MLflow failed; later calls are skipped by the caller
         self._pending: dict[str, Any] = {}
         self._client = None
+        self.experiment_id: str | None = None
 
     @classmethod
     def null(cls) -> "Tracker":
@@ -142,12 +151,14 @@ class Tracker:
                 exp_id = client.get_experiment_by_name(self.experiment).experiment_id
         else:
             exp_id = exp.experiment_id
+        if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:   # a kind the user chose in the UI stays
+            client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return mlflow, client, exp_id
 
     def start(self, run_name: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str | None:
         if not self.enabled:
             return None
-        tags = dict(tags or {})
+        tags = {**source_tags(tags.get("qflow.recipe") if tags else None), **(tags or {})}
         if self.run_dir is not None:
             tags.setdefault(RUN_DIR_TAG, self.run_dir.name)
         self._pending = {"experiment": self.experiment, "run_name": run_name, "tags": dict(tags),
@@ -161,13 +172,15 @@ class Tracker:
         run = client.create_run(exp_id, run_name=run_name, tags=tags)
         self._client = client
         self.run_id = run.info.run_id
+        self.experiment_id = exp_id
         return self.run_id
 
     def attach(self, run_id: str) -> str:
         """Continue an existing run (``qflow sync`` completing an upload) instead of creating one."""
-        _, client, _ = self.client_and_experiment()
+        _, client, exp_id = self.client_and_experiment()
         self._client = client
         self.run_id = client.get_run(run_id).info.run_id
+        self.experiment_id = exp_id
         return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -239,6 +252,119 @@ class Tracker:
         path = self.run_dir / PENDING_FILE
         write_json(path, record)
         return path
+
+
+def _git(folder: Path, *args: str) -> str | None:
+    """One line of git's output in ``folder``, or None (no git, not a repository, slow)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=5,
+                              env={**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0"})
+    except (OSError, subprocess.SubprocessError):
+        return None
+    out = done.stdout.strip()
+    return out if done.returncode == 0 else None
+
+
+def source_tags(recipe: str | None) -> dict[str, str]:
+    """MLflow's standard source tags for a run of ``recipe``: who ran what, from which commit.
+
+    ``mlflow.source.name`` is the recipe file, ``mlflow.source.type`` LOCAL, ``mlflow.user``
+    the user, ``mlflow.source.git.commit``/``.branch``/``.repoURL`` the git repository the
+    recipe file lives in (when it does; ``qflow.source.git.dirty`` says whether the recipe
+    differs from that commit), and ``qflow.command`` the command line (the Python script's,
+    for the API). Example: ``source_tags("recipes/llama-awq.yaml")["mlflow.source.git.commit"]``.
+    """
+    import getpass
+    import shlex
+    import sys
+
+    try:
+        user = getpass.getuser()
+    except Exception:   # no login name in a container: getpass raises OSError or KeyError
+        user = "unknown"
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.user": user, "qflow.command": shlex.join(sys.argv)[:5000]}
+    if not recipe:
+        return tags
+    path = Path(recipe).resolve()
+    tags["mlflow.source.name"] = str(path)
+    commit = _git(path.parent, "rev-parse", "HEAD") if path.parent.is_dir() else None
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        branch = _git(path.parent, "rev-parse", "--abbrev-ref", "HEAD")
+        if branch and branch != "HEAD":
+            tags["mlflow.source.git.branch"] = branch
+        remote = _git(path.parent, "config", "--get", "remote.origin.url")
+        if remote:
+            tags["mlflow.source.git.repoURL"] = remote
+        status = _git(path.parent, "status", "--porcelain", "--", path.name)
+        if status is not None:
+            tags["qflow.source.git.dirty"] = "true" if status else "false"
+    return tags
+
+
+def _ui_root(base_url: str) -> str:
+    """``http://host:port/`` for a server; empty for a link relative to the UI page itself."""
+    return base_url.rstrip("/") + "/" if base_url else ""
+
+
+def run_page(experiment_id: str, run_id: str, base_url: str = "") -> str:
+    """The MLflow UI's page of one run, e.g. ``http://127.0.0.1:5000/#/experiments/1/runs/ab12...``."""
+    return f"{_ui_root(base_url)}#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def compare_page(run_ids: list[str], experiment_ids: list[str], base_url: str = "") -> str:
+    """The MLflow UI's compare page of runs (it opens on the parallel-coordinates plot)."""
+    from urllib.parse import quote
+
+    return (f"{_ui_root(base_url)}#/compare-runs?runs={quote(json.dumps(run_ids, separators=(',', ':')))}"
+            f"&experiments={quote(json.dumps(experiment_ids, separators=(',', ':')))}")
+
+
+def sweep_note(parent_id: str, experiment_id: str, points: list[dict[str, Any]], report_files: list[str]) -> str:
+    """The description (``mlflow.note.content``, markdown) of a sweep's parent run: links to its points.
+
+    Links are relative to the UI's address, so they work on any host and port: the compare
+    page of the point runs (parallel coordinates of their params and metrics), and the Pareto
+    plots and report logged under the parent's ``pareto/`` artifacts (``report_files``).
+    """
+    from urllib.parse import quote
+
+    run_ids = [p["mlflow_run_id"] for p in points if p.get("mlflow_run_id")]
+    lines = [f"Sweep of {len(points)} points ({sum(p.get('status') == 'ok' for p in points)} ok)."]
+    if run_ids:
+        lines.append(f"- [Parallel coordinates of the {len(run_ids)} point runs]"
+                     f"({compare_page(run_ids, [experiment_id])})")
+    for name in report_files:
+        link = f"get-artifact?path={quote('pareto/' + name)}&run_uuid={parent_id}"
+        if name.endswith(".png"):
+            lines.append(f"- Pareto plot {name}: [open]({link})\n\n  ![{name}]({link})")
+        elif name.endswith(".html"):
+            lines.append(f"- [Pareto report]({link}) (also under Artifacts: pareto/{name})")
+    return "\n".join(lines)
+
+
+def find_run(runs_root: Path, run: str) -> tuple[str, str]:
+    """``(experiment_id, run_id)`` of an MLflow run id, or of a run folder (its name or path, tag ``qflow.run_dir``)."""
+    _mlflow(runs_root)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    name = Path(run).name
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    if exp_ids:
+        found = client.search_runs(exp_ids, filter_string=f"tags.`{RUN_DIR_TAG}` = '{name}'", max_results=1) \
+            if "'" not in name else []
+        if found:
+            return found[0].info.experiment_id, found[0].info.run_id
+    try:
+        info = client.get_run(run).info
+    except Exception:   # MLflow raises its own error types for an unknown or malformed id
+        raise QflowError(f"no MLflow run '{run}' in {tracking_uri(runs_root)}", where="qflow ui --open",
+                         fix="pass a run id (qflow run --json prints mlflow_run_id) or a run folder under "
+                             f"{Path(runs_root) / 'runs'}, with the same --runs-dir") from None
+    return info.experiment_id, info.run_id
 
 
 def _param_value(v: Any) -> str:

@@ -156,6 +156,19 @@ def estimate_point_bytes(recipe: str, overrides: list[str], opts) -> int | None:
 def run_sweep(recipe: str, overrides: list[str], opts, *, as_json: bool = False, jobs: int = 1,
               objective: str | None = None, constraints: list[str] | None = None,
               report: SweepReport | None = None) -> int:
+    """:func:`sweep`, printed (one JSON object with ``as_json``); the exit status (0: every point ok)."""
+    out = sweep(recipe, overrides, opts, jobs=jobs, objective=objective, constraints=constraints, report=report)
+    if as_json:
+        print(json.dumps(out, default=str))
+    else:
+        _print_points(out["points"], out.get("best"), Path(out["sweep_dir"]), out["mlflow_parent_run_id"])
+    return 0 if out["points"] and all(p["status"] == "ok" for p in out["points"]) else 1
+
+
+def sweep(recipe: str, overrides: list[str], opts, *, jobs: int = 1, objective: str | None = None,
+          constraints: list[str] | None = None, report: SweepReport | None = None) -> dict[str, Any]:
+    """Run a sweep; its result (``sweep_dir``, ``mlflow_parent_run_id``, ``points``, ``best``), also in
+    ``<sweep_dir>/result.json``."""
     import hydra
 
     from ..recipe.compose import _yaml_preflight, audit_multirun, recipe_file, search_path, searchpath_override
@@ -226,7 +239,7 @@ def run_sweep(recipe: str, overrides: list[str], opts, *, as_json: bool = False,
                               where=recipe, fix="check the sweep overrides (key=a,b  key=range(1,4)  key=choice(a,b))") from None
     finally:
         sys.argv = old_argv
-    return _finish(sweep_dir, path, overrides, sweep_cfg, opts, as_json, report)
+    return _finish(sweep_dir, path, overrides, sweep_cfg, opts, report)
 
 
 def load_points(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -236,8 +249,8 @@ def load_points(sweep_dir: Path) -> list[dict[str, Any]]:
     return points
 
 
-def _finish(sweep_dir: Path, recipe: Path, overrides: list[str], sweep_cfg: dict[str, Any], opts, as_json: bool,
-            report: SweepReport | None) -> int:
+def _finish(sweep_dir: Path, recipe: Path, overrides: list[str], sweep_cfg: dict[str, Any], opts,
+            report: SweepReport | None) -> dict[str, Any]:
     points = load_points(sweep_dir)
     _write_table(points, sweep_dir / "summary.csv")
     parent_id = log_sweep(Path(opts.runs_root), sweep_dir, recipe, overrides, sweep_cfg, points,
@@ -248,11 +261,7 @@ def _finish(sweep_dir: Path, recipe: Path, overrides: list[str], sweep_cfg: dict
         out["best"] = {"job": best["job"], "overrides": best["overrides"], "objective": sweep_cfg.get("objective"),
                        "value": best["metrics"].get(sweep_cfg.get("objective"))}
     (sweep_dir / "result.json").write_text(json.dumps(out, indent=1, default=str))
-    if as_json:
-        print(json.dumps(out, default=str))
-    else:
-        _print_points(points, out.get("best"), sweep_dir, parent_id)
-    return 0 if points and all(p["status"] == "ok" for p in points) else 1
+    return out
 
 
 def best_point(points: list[dict[str, Any]], sweep_cfg: dict[str, Any]) -> dict[str, Any] | None:
@@ -298,10 +307,16 @@ def log_sweep(runs_root: Path, sweep_dir: Path, recipe: Path, overrides: list[st
         best = best_point(points, sweep_cfg)
         if best is not None:
             _safe(tracker.set_tags, {"qflow.sweep.best_job": best["job"], "qflow.sweep.best_overrides": " ".join(best["overrides"])})
+        folder = None
         if report is not None and tracker.run_id and not tracker.unavailable:
             folder = report(points, sweep_dir / "pareto")
             if folder:
                 _safe(tracker.log_artifacts, folder, "pareto")
+        if parent_id and not tracker.unavailable:   # the parent links to its points and their plots
+            from ..tracking import sweep_note
+
+            shown = sorted(p.name for p in Path(folder).iterdir() if p.suffix in (".png", ".html")) if folder else []
+            _safe(tracker.set_tags, {"mlflow.note.content": sweep_note(parent_id, tracker.experiment_id, points, shown)})
         _safe(tracker.end, status)
     except BaseException as exc:
         status = "FAILED" if isinstance(exc, Exception) else "KILLED"
