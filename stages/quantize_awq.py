@@ -74,7 +74,6 @@ class AWQConfig(PerLayerConfig):
             stray = sorted(f for f in _GPTQ_FIELDS if f in self.model_fields_set)
             if stray:
                 raise ValueError(f"{', '.join(stray)} only apply with then: gptq")
-        from qflow.quant.spec import QuantSpec  # torch-free: validation stays fast
 
         self.base_spec()
         return self

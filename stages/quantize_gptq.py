@@ -46,7 +46,6 @@ class GPTQConfig(PerLayerConfig):
             raise ValueError(f"group_size must be > 0 or -1 (per channel), got {self.group_size}")
         if self.static_groups and self.group_size == -1 and "static_groups" in self.model_fields_set:
             raise ValueError("static_groups needs group_size > 0")
-        from qflow.quant.spec import QuantSpec  # torch-free: validation stays fast
 
         self.base_spec()
         return self

@@ -44,7 +44,6 @@ class HQQConfig(PerLayerConfig):
             raise ValueError(f"group_size must be > 0 or -1 (per channel), got {self.group_size}")
         if not self.early_stop and self.iters > 1000:
             raise ValueError("iters > 1000 without early_stop is almost certainly a typo")
-        from qflow.quant.spec import QuantSpec  # torch-free: validation stays fast
 
         self.base_spec()
         return self

@@ -44,7 +44,6 @@ class SmoothQuantConfig(PerLayerConfig):
     def _cross_checks(self):
         if not self.smooth and "alpha" in self.model_fields_set:
             raise ValueError("alpha has no effect with smooth: false")
-        from qflow.quant.spec import QuantSpec  # torch-free: validation stays fast
 
         self.base_spec()
         return self
