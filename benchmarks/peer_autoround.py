@@ -244,6 +244,11 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def _load_range(*sides: dict) -> str:
+    vals = [d[k] for d in sides for k in ("load_start", "load_end") if k in d]
+    return f"{min(vals):.1f}-{max(vals):.1f}" if vals else "—"
+
+
 def table(rows: list[dict]) -> str:
     head = ("| target avg bits (peer) | peer bpw (qflow count / own count) | peer KL | peer ppl | peer s "
             "| qflow bpw (budget / realised) | qflow KL | qflow ppl | qflow s | KL ratio qflow/peer | time ratio qflow/peer "
@@ -262,8 +267,7 @@ def table(rows: list[dict]) -> str:
                  _f(q.get("kl"), ".4f"), _f(q.get("ppl"), ".3f"), _f(q.get("seconds"), ".0f"),
                  _f(kl_ratio, ".3f"), _f(_ratio(q.get("seconds"), p.get("seconds")), ".2f"),
                  f"KL <= {TARGET_KL_RATIO}: {verdict}",
-                 f"{min(p.get('load_start', 99), q.get('load_start', 99)):.1f}-"
-                 f"{max(p.get('load_end', 0), q.get('load_end', 0)):.1f}"]
+                 _load_range(p, q)]
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
