@@ -15,7 +15,7 @@ Steps:
    as ``QuantizationScheme(bits=b, group_size=64, sym=False, data_type="int", act_bits=16)``,
    nsamples=n, seqlen=512, low_gpu_mem_usage=False, low_cpu_mem_usage=False,
    enable_torch_compile=False), iters=0, nsamples=n, seqlen=512, batch_size=1,
-   device_map="cpu").quantize()``: AutoScheme scores every (layer, option) by its
+   device_map="cpu", amp=False).quantize()`` (fp32 throughout: no bf16 cast): AutoScheme scores every (layer, option) by its
    delta-loss (a forward + backward per option over the calibration windows), picks one
    option per layer under the average-bits budget, then RTN (``iters=0``; auto-round's
    optimized-RTN class, which for asymmetric int without ``enable_neuqi`` is min/max
@@ -38,7 +38,8 @@ Steps:
    weight must hold at most ``2**bits`` distinct values in every group of 64 inputs, and must
    differ from the float checkpoint's weight. Embeddings must be unchanged. Any failure exits
    non-zero with the reason.
-5. Evaluate with the protocol of ``_peer_worker.py`` (same function): PPL = exp(mean NLL over
+5. Evaluate a plain fp32 model holding the peer's dequantized decoder weights (every other tensor
+   from the float checkpoint) with the protocol of ``_peer_worker.py`` (same function): PPL = exp(mean NLL over
    every scored token), exact full-vocabulary KL(p_fp || p_q) per scored token, the top-k +
    tail estimate, top-1 agreement, in lockstep with the float model.
 """
@@ -106,6 +107,10 @@ def peer_layer_bits(bits: int, group: int, out_f: int, in_f: int) -> float:
     """auto-round's own count (compute_layer_bits): b per weight + (16-bit scale + b-bit zero) per group."""
     n_group = out_f * -(-in_f // group)
     return bits * out_f * in_f + n_group * (16 + bits)
+
+
+def get_weight(model, name: str) -> torch.Tensor:
+    return model.get_submodule(name).weight.detach().float().clone()
 
 
 def check_quantized(model, group_size: int, float_sd: dict) -> dict[str, dict]:
@@ -185,13 +190,14 @@ def main(argv=None) -> int:
                           "autoscheme_method": scheme.method, "ignore_scale_zp_bits": scheme.ignore_scale_zp_bits,
                           "nsamples": n, "seqlen": seqlen, "scheme_batch_size": a.scheme_batch_size,
                           "low_gpu_mem_usage": a.low_mem, "low_cpu_mem_usage": a.low_mem,
-                          "enable_torch_compile": a.compile,
+                          "enable_torch_compile": a.compile, "amp": False,
                           "AR_ALLOW_W8_ASYM": os.environ.get("AR_ALLOW_W8_ASYM")}
     gc.collect()
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         ar = AutoRound(model, tokenizer=tok, scheme=scheme, iters=0, nsamples=n, seqlen=seqlen, batch_size=1,
-                       device_map="cpu", dataset="qflow-calibration-ids", enable_torch_compile=a.compile)
+                       device_map="cpu", dataset="qflow-calibration-ids", enable_torch_compile=a.compile,
+                       amp=False)
         qmodel, _ = ar.quantize()
         seconds = time.perf_counter() - t0
     qmodel = qmodel if isinstance(qmodel, torch.nn.Module) else model
@@ -223,13 +229,24 @@ def main(argv=None) -> int:
                               for t in sorted({k.rsplit(".", 1)[1] for k in layers})}
     print(f"peer avg bits (auto-round's count) {result['peer_avg_bits']:.4f}; by type {result['bits_by_type']}",
           file=sys.stderr, flush=True)
-    del ar, model, float_sd
+    # evaluate a plain fp32 model holding the peer's dequantized decoder weights (every other
+    # tensor from the float checkpoint), so compute dtype and module wrappers cannot differ from qflow's
+    dq = {k + ".weight": get_weight(qmodel, k) for k in layers}
+    del ar, model, qmodel
+    gc.collect()
+    q_model = load_float(a.model)
+    sd = q_model.state_dict()
+    missing = [k for k in dq if k not in sd]
+    if missing:
+        raise Fail(f"float model lacks {missing[:3]}")
+    q_model.load_state_dict({**sd, **dq}, strict=True)
+    del float_sd, sd, dq
     gc.collect()
 
     # ---- step 5: evaluation --------------------------------------------------------------
     fp_model = load_float(a.model)
     t1 = time.perf_counter()
-    result |= evaluate(qmodel, fp_model, eval_ids, a.topk, a.batch_size)
+    result |= evaluate(q_model, fp_model, eval_ids, a.topk, a.batch_size)
     result["eval_seconds"] = time.perf_counter() - t1
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k not in ("layers", "layer_shapes")}))
