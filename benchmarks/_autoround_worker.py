@@ -30,7 +30,9 @@ Steps:
    ``auto_round.auto_scheme.delta_loss``, which imported it by name) with one that yields
    the exact ``[n, 512]`` token ids qflow's ``calibrate`` stage uses, in order, batch size as
    asked, all-ones attention mask; it fails if auto-round asks for another sequence length
-   or more windows than given. The replacement is recorded in the result JSON.
+   or more windows than given. The replacement is recorded in the result JSON. auto-round
+   caches AutoScheme scores on disk (``~/.cache/auto_round``); each run gets a fresh, empty
+   ``AR_AUTO_SCHEME_CACHE`` folder beside ``--out``, so every target is scored from scratch.
    ``AR_ALLOW_W8_ASYM=1`` keeps the W8 option asymmetric (auto-round otherwise pins 8-bit
    asymmetric layers to symmetric for formats that cannot serve them; nothing is exported here).
 4. Verify the peer really quantized: every decoder Linear must carry ``bits`` in {2,3,4,8},
@@ -53,6 +55,7 @@ import json
 import os
 import resource
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -179,6 +182,10 @@ def main(argv=None) -> int:
               "n_eval_windows": int(eval_ids.shape[0]), "auto_round": auto_round.__version__,
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     loaders = patch_dataloaders(calib)
+    # auto-round caches AutoScheme scores on disk (~/.cache/auto_round, keyed by model, dataset name,
+    # nsamples, scheme...): a fresh, empty cache folder per run, so every target is scored from scratch
+    os.environ["AR_AUTO_SCHEME_CACHE"] = tempfile.mkdtemp(prefix="autoscheme-cache-", dir=Path(a.out).parent)
+    result["autoscheme_cache_dir"] = os.environ["AR_AUTO_SCHEME_CACHE"]
 
     model = load_float(a.model)
     tok = AutoTokenizer.from_pretrained(a.model, local_files_only=True)
