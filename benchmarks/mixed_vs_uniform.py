@@ -127,6 +127,9 @@ def main(argv=None) -> int:
                    help="bits:group list to measure (default: every uniform point of the grid that fits the largest "
                         "budget), e.g. 2:32,3:-1,3:32,4:-1")
     p.add_argument("--mixed-first", action="store_true", help="run the plans before the uniform points")
+    p.add_argument("--table-from-log", action="store_true",
+                   help="run nothing: build the table from the points logged in <runs-dir>/mixed_vs_uniform.jsonl "
+                        "(the latest successful entry of each point; e.g. after runs split over several invocations)")
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench-mixed")
     p.add_argument("--extra", action="append", default=[], help="extra override for the mixed runs")
     p.add_argument("--timeout", type=float, default=3 * 3600)
@@ -136,6 +139,8 @@ def main(argv=None) -> int:
     budgets = [float(b) for b in args.budgets.split(",")]
     load0 = loadavg()
     t_start = time.perf_counter()
+    if args.table_from_log:
+        return _table_from_log(args, methods, budgets)
     uniform: dict[str, list[dict]] = {m: [] for m in methods}
     mixed: dict[tuple[str, float], dict] = {}
     wanted = None if args.uniform is None else [tuple(int(v) for v in x.split(":")) for x in args.uniform.split(",")]
@@ -172,10 +177,32 @@ def main(argv=None) -> int:
                 fn()
     if args.phase != "all":
         return 0
+    header = (f"\n### {_dt.date.today().isoformat()} — estimator {args.estimator or 'recipe default'}; "
+              f"load {load0:.1f} -> {loadavg():.1f} (2-core machine), {time.perf_counter() - t_start:.0f} s\n")
+    return _report(args, methods, budgets, uniform, mixed, header)
+
+
+def _table_from_log(args, methods, budgets) -> int:
+    uniform: dict[str, dict] = {m: {} for m in methods}
+    mixed: dict[tuple[str, float], dict] = {}
+    walls = []
+    for line in (args.runs_dir / "mixed_vs_uniform.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if not row.get("ok") or row.get("method") not in methods:
+            continue
+        walls.append(row["wall_s"])
+        if row["kind"] == "uniform":
+            uniform[row["method"]][(row["bits"], row["group"])] = row
+        elif row["budget"] in budgets:
+            mixed[(row["method"], row["budget"])] = row
+    header = (f"\n### {_dt.date.today().isoformat()} — estimator {args.estimator or 'recipe default'}; "
+              f"points logged in {args.runs_dir.name}/mixed_vs_uniform.jsonl (wall per point "
+              f"{min(walls, default=0):.0f}-{max(walls, default=0):.0f} s on the 2-core machine under load)\n")
+    return _report(args, methods, budgets, {m: list(v.values()) for m, v in uniform.items()}, mixed, header)
+
+
+def _report(args, methods, budgets, uniform, mixed, header) -> int:
     lines = table(methods, budgets, uniform, mixed)
-    header = (f"\n### {args.date if hasattr(args, 'date') else _dt.date.today().isoformat()} — "
-              f"estimator {args.estimator or 'recipe default'}; load {load0:.1f} -> {loadavg():.1f} "
-              f"(2-core machine; other CPU-bound work running), {time.perf_counter() - t_start:.0f} s\n")
     text = header + "\n".join(lines) + "\n"
     print(text)
     if not args.no_results:
