@@ -104,8 +104,11 @@ def _set_threads(args) -> None:
         choice = ThreadChoice(max(1, choice.threads // jobs), f"{choice.reason}; split across {jobs} sweep jobs")
         os.environ["OMP_NUM_THREADS"] = str(choice.threads)  # sweep workers' torch starts with it
     apply_thread_policy(choice)
-    if not args.quiet:
-        print(f"threads: {choice.threads} ({choice.reason}; QFLOW_THREADS=N overrides)", file=sys.stderr)
+    # logged (shown with -v), not printed: a bad recipe's error must stay the only paragraph on stderr
+    import logging
+
+    logging.getLogger("qflow.threads").info("threads: %d (%s; QFLOW_THREADS=N overrides)", choice.threads,
+                                            choice.reason)
 
 
 def _sweep_report(points: list[dict], folder: Path) -> Path | None:
