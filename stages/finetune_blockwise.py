@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from qflow.artifacts import CalibSet, QuantizedCheckpoint
-from qflow.finetune.config import TrainConfig
+from qflow.finetune.config import RoundingScaleConfig
 from qflow.registry import Stage, register
 
 
-class BlockwiseConfig(TrainConfig):
+class BlockwiseConfig(RoundingScaleConfig):
     """SignRound-style knobs; ``steps`` and the batch are per block.
 
         finetune:
@@ -28,19 +28,7 @@ class BlockwiseConfig(TrainConfig):
     lr: float | None = Field(None, gt=0, description="step size of V and the scale factors; unset = 1/steps")
     schedule: str = Field("linear", pattern="^(cosine|linear|constant)$")
     grad_clip: float = Field(0.0, ge=0, description="unused by signed-gradient descent")
-    rounding: bool = True
-    scale: bool = True
-    scale_range: tuple[float, float] = (0.5, 1.0)
     forward_batch: int = Field(8, ge=1, description="windows per no-grad forward")
-
-    @model_validator(mode="after")
-    def _ranges(self):
-        lo, hi = self.scale_range
-        if not 0 < lo <= 1 <= hi:
-            raise ValueError(f"scale_range must satisfy 0 < low <= 1 <= high (the start factor is 1), got {self.scale_range}")
-        if not (self.rounding or self.scale):
-            raise ValueError("nothing to train: set rounding and/or scale to true")
-        return self
 
 
 @register("finetune.blockwise")

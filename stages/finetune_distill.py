@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from qflow.artifacts import CalibSet, QuantizedCheckpoint
-from qflow.finetune.config import TrainConfig
+from qflow.finetune.config import RoundingScaleConfig
 from qflow.registry import Stage, register
 
 
-class DistillConfig(TrainConfig):
+class DistillConfig(RoundingScaleConfig):
     """Distillation knobs.
 
         finetune:
@@ -30,19 +30,7 @@ class DistillConfig(TrainConfig):
     temperature: float = Field(2.0, gt=0, description="softmax temperature of teacher and student (loss scaled by T^2)")
     ce_weight: float = Field(0.0, ge=0, description="weight of the next-token cross-entropy added to the KL")
     topk: int = Field(64, ge=1, description="teacher logits kept per token (the rest is one tail bin)")
-    rounding: bool = True
-    scale: bool = True
-    scale_range: tuple[float, float] = (0.5, 1.0)
     forward_batch: int = Field(2, ge=1)
-
-    @model_validator(mode="after")
-    def _ranges(self):
-        lo, hi = self.scale_range
-        if not 0 < lo <= 1 <= hi:
-            raise ValueError(f"scale_range must satisfy 0 < low <= 1 <= high (the start factor is 1), got {self.scale_range}")
-        if not (self.rounding or self.scale):
-            raise ValueError("nothing to train: set rounding and/or scale to true")
-        return self
 
 
 @register("finetune.distill")

@@ -50,3 +50,20 @@ class TrainConfig(StageConfig):
                             weight_decay=self.weight_decay, grad_clip=self.grad_clip or None,
                             seconds=self.seconds, eval_every=self.eval_every, patience=self.patience,
                             checkpoint_every=self.checkpoint_every)
+
+
+class RoundingScaleConfig(TrainConfig):
+    """What a rounding/scale fine-tune trains: offsets V in [-0.5, 0.5] and per-group scale factors in ``scale_range``."""
+
+    rounding: bool = True
+    scale: bool = True
+    scale_range: tuple[float, float] = (0.5, 1.0)
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        lo, hi = self.scale_range
+        if not 0 < lo <= 1 <= hi:
+            raise ValueError(f"scale_range must satisfy 0 < low <= 1 <= high (the start factor is 1), got {self.scale_range}")
+        if not (self.rounding or self.scale):
+            raise ValueError("nothing to train: set rounding and/or scale to true")
+        return self
