@@ -16,7 +16,7 @@ class EvaluateConfig(StageConfig):
     data: DataSpec
     n_windows: int | None = Field(None, ge=1)     # None: every full window of the text
     batch_size: int = Field(4, ge=1)
-    # kl_* metrics: exact full-vocabulary KL(p_fp || p_q); costs one extra float forward per window batch
+    # kl_* metrics: exact full-vocabulary KL(p_fp || p_q); float logits from cached float hidden states + the head
     kl_exact: bool = True
     topk: int = Field(128, ge=0)                  # float top-k kept: kl_topk_* lower-bound estimate (0: none)
     # bpw_model / size_bytes_deploy: unquantized tensors counted at this deployment dtype
@@ -67,8 +67,10 @@ class EvaluateLM(ReadsText, Stage):
     Metrics: ppl, ppl_fp, ppl_ratio, ppl_diff (+ ``_ci_low/_ci_high``: paired bootstrap
     over windows); kl_mean (+ CI), kl_median, kl_p99, kl_max: **exact full-vocabulary**
     KL(p_fp || p_q) per token in nats (``kl_exact``, on by default: the float logits are
-    recomputed window batch by window batch next to the quantized ones, one extra float
-    forward per batch, about +100% of the quantized pass, nothing stored); kl_topk_mean
+    rebuilt chunk by chunk from the float final hidden states cached with the float reference
+    and the float output head, the same numbers as a float forward at the cost of the head;
+    a float forward per batch when the head cannot be split off or the cache would exceed
+    2 GiB); kl_topk_mean
     (+ CI), kl_topk_median, kl_topk_p99, kl_topk_max: the **top-k estimate (lower bound)**
     over the cached float top-``topk`` tokens + a tail bin, always reported when ``topk``
     > 0 (cheap); top1_agree, top5_overlap; size (qflow/evaluation/size.py):
@@ -133,7 +135,7 @@ class EvaluateLM(ReadsText, Stage):
         base_id = model.meta.get("base_fingerprint") or model.meta.get("fingerprint") or str(base_dir)
         ref_dir = ctx.memo("fp_reference", {"base": base_id, "base_dir": str(base_dir), "windows": fingerprint,
                                             "topk": cfg.topk, "batch_size": cfg.batch_size, "dtype": cfg.dtype,
-                                            "order": "ranked-topk-v4-split-head",
+                                            "order": "ranked-topk-v5-hidden",
                                             **({"device": ctx.device} if ctx.device != "cpu" else {})},
                            compute_fp)
         ref = FloatReference.load(ref_dir)

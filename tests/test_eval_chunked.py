@@ -80,3 +80,29 @@ def test_softcapped_head_is_split_and_an_unknown_transform_falls_back(monkeypatc
     assert lm.logit_source(llama, ids) is None
     ref = lm.float_reference(llama, ids, batch_size=2, topk=8)          # falls back to the full logits, same numbers
     assert torch.equal(ref.topk_idx, lm.float_reference(llama, ids, batch_size=2, topk=8, chunked=False).topk_idx)
+
+
+def test_cached_float_hidden_gives_the_same_kl_without_a_float_forward(models_and_ids, tmp_path, monkeypatch):
+    """The exact KL from the reference's cached float hidden states equals the one from a float forward per batch,
+    and the float body never runs again; the cache survives save/load and is skipped above its size cap."""
+    fp, q, ids = models_and_ids
+    kept = lm.float_reference(fp, ids, batch_size=2, topk=16)
+    assert kept.hidden is not None and kept.hidden.shape == (3, 39, 64)
+    kept.save(tmp_path)
+    kept = lm.FloatReference.load(tmp_path)
+    plain = lm.float_reference(fp, ids, batch_size=2, topk=16, keep_hidden=False)
+    assert plain.hidden is None
+    calls = []
+    handle = fp.get_decoder().register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        cached = lm.compare_to_reference(q, ids, kept, batch_size=2, topk=16, fp_model=fp)
+        n_cached = len(calls)
+        forward = lm.compare_to_reference(q, ids, plain, batch_size=2, topk=16, fp_model=fp)
+    finally:
+        handle.remove()
+    assert all(shape == (1, 16) for shape in calls[:n_cached])          # the split probe only
+    assert (2, 40) in calls[n_cached:]                                  # the fallback runs the float body per batch
+    assert torch.allclose(cached.kl, forward.kl, rtol=1e-6, atol=1e-9)
+    monkeypatch.setattr(lm, "HIDDEN_CACHE_BYTES", 100)
+    assert lm.float_reference(fp, ids, batch_size=2, topk=16).hidden is None

@@ -4,12 +4,16 @@ Two KL numbers, both ``KL(p_fp || p_q) = sum_v p_fp(v) (log p_fp(v) - log p_q(v)
 scored token, in nats, float model first:
 
 * ``kl_*`` (the default, always computed when ``exact`` is on): **exact, full
-  vocabulary**. The float logits of a window batch are recomputed alongside the
-  quantized ones (one extra float forward per window batch, about +100% of the
-  quantized pass; nothing stored); both log-softmaxes and the sum over the
+  vocabulary**. The float model's final hidden states (after the final norm) are
+  cached with the reference (``n_windows x (seq_len-1) x hidden`` values: 173 MB for
+  147 x 512 tokens of a 576-wide model), so the float logits of each chunk are the
+  float output head applied to them: the same numbers as a float forward, at the cost
+  of the head alone. Above :data:`HIDDEN_CACHE_BYTES`, or when the head cannot be split
+  off, the float logits are recomputed by a float forward per window batch (about
+  +100% of the quantized pass). Both log-softmaxes and the sum over the
   vocabulary run in fp64 from the logits, over chunks of positions (bounded memory
-  for large vocabularies; fp32 log-softmax would add ~1e-6 nats of rounding). Storing the float distributions instead would cost
-  ``n_windows x (seq_len-1) x vocab x 2`` bytes in fp16 (1.6 GB for 32 x 512 tokens
+  for large vocabularies; fp32 log-softmax would add ~1e-6 nats of rounding). Storing the float distributions
+  instead would cost ``n_windows x (seq_len-1) x vocab x 2`` bytes in fp16 (1.6 GB for 32 x 512 tokens
   of a 49k vocabulary).
 * ``kl_topk_*``: **top-k estimate (lower bound)**. The float model's per-token
   results are cached once per (model, windows): the NLL of every target plus the
@@ -36,6 +40,8 @@ import torch
 
 # elements of one chunk of positions x vocabulary: 16 MiB in fp32, 32 MiB in fp64 (exact KL holds ~4 such)
 CHUNK_ELEMENTS = 1 << 22
+# largest float hidden-state cache kept with the reference (bytes); above it the exact KL re-runs the float model
+HIDDEN_CACHE_BYTES = 2 << 30
 
 
 @dataclass
@@ -43,15 +49,22 @@ class FloatReference:
     nll: torch.Tensor          # [n_win, L-1] float64
     topk_idx: torch.Tensor     # [n_win, L-1, k] int32 (sorted by probability, descending)
     topk_logp: torch.Tensor    # [n_win, L-1, k] float32
+    # [n_win, L-1, hidden] model dtype: final hidden states (split head only; None: not kept)
+    hidden: torch.Tensor | None = None
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         torch.save({"nll": self.nll, "topk_idx": self.topk_idx, "topk_logp": self.topk_logp}, folder / "fp_ref.pt")
+        if self.hidden is not None:
+            torch.save({"hidden": self.hidden}, folder / "fp_hidden.pt")
 
     @classmethod
     def load(cls, folder: Path) -> "FloatReference":
         d = torch.load(folder / "fp_ref.pt", weights_only=True)
-        return cls(d["nll"], d["topk_idx"], d["topk_logp"])
+        hidden = None
+        if (folder / "fp_hidden.pt").is_file():
+            hidden = torch.load(folder / "fp_hidden.pt", weights_only=True)["hidden"]
+        return cls(d["nll"], d["topk_idx"], d["topk_logp"], hidden)
 
 
 def _next_token_logits(model, batch: torch.Tensor) -> torch.Tensor:
@@ -166,11 +179,14 @@ def ranked_topk(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def float_reference(model, ids: torch.Tensor, *, batch_size: int, topk: int,
-                    progress: Callable[[int], None] | None = None, chunked: bool = True) -> FloatReference:
+                    progress: Callable[[int], None] | None = None, chunked: bool = True,
+                    keep_hidden: bool = True) -> FloatReference:
     """The float model's NLL and ranked top-max(topk, 5) log-probs of every scored position.
 
     ``chunked``: the output head runs a chunk of positions at a time (see :class:`_BatchLogits`);
     False materialises each batch's full logits (the same numbers; tests compare the two).
+    ``keep_hidden``: also keep the final hidden states (split head, at most :data:`HIDDEN_CACHE_BYTES`),
+    from which :func:`compare_to_reference` rebuilds the float logits without a float forward.
     """
     k = max(topk, 5)
     n_win, n_pos = ids.shape[0], ids.shape[1] - 1
@@ -178,10 +194,17 @@ def float_reference(model, ids: torch.Tensor, *, batch_size: int, topk: int,
     idx = torch.empty(n_win, n_pos, k, dtype=torch.int32)
     vals = torch.empty(n_win, n_pos, k, dtype=torch.float32)
     split = logit_source(model, ids) if chunked else None
+    hidden = None
     with torch.no_grad():
         for i in range(0, n_win, batch_size):
             batch = ids[i:i + batch_size]
             logits = _BatchLogits(model, batch, split)
+            if keep_hidden and split is not None and i == 0:
+                width, dtype = logits.hidden.shape[-1], logits.hidden.dtype
+                if n_win * n_pos * width * logits.hidden.element_size() <= HIDDEN_CACHE_BYTES:
+                    hidden = torch.empty(n_win, n_pos, width, dtype=dtype)
+            if hidden is not None:
+                hidden[i:i + batch.shape[0]] = logits.hidden.cpu()
             targets = batch[:, 1:].to(logits.device)
             for b, s, e in _chunks(logits.shape):
                 logp = torch.log_softmax(logits.chunk(b, s, e).float(), dim=-1)
@@ -191,7 +214,21 @@ def float_reference(model, ids: torch.Tensor, *, batch_size: int, topk: int,
             del logits
             if progress:
                 progress(batch.shape[0])
-    return FloatReference(nll, idx, vals)
+    return FloatReference(nll, idx, vals, hidden)
+
+
+class _CachedLogits:
+    """Float logits of one window batch from the reference's cached hidden states and the float head."""
+
+    def __init__(self, hidden: torch.Tensor, split, device) -> None:
+        _, self.head, self.softcap = split
+        self.hidden, self.device = hidden, device
+
+    def chunk(self, b: int, s: int, e: int) -> torch.Tensor:
+        logits = self.head(self.hidden[b, s:e].to(self.device))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 @dataclass
@@ -220,6 +257,8 @@ def compare_to_reference(model, ids: torch.Tensor, ref: FloatReference, *, batch
 
     ``fp_model is model`` (the float model evaluated against itself) reuses the one forward.
     ``chunked``: logits a chunk of positions at a time (peak memory one chunk, not a batch).
+    When ``ref`` kept the float hidden states, the float logits are ``fp_model``'s head applied to
+    them (no float forward); otherwise ``fp_model`` runs on each window batch.
     """
     n_win, n_pos = ids.shape[0], ids.shape[1] - 1
     k = ref.topk_idx.shape[-1]
@@ -238,7 +277,10 @@ def compare_to_reference(model, ids: torch.Tensor, ref: FloatReference, *, batch
             logits = _BatchLogits(model, batch, split)
             logits_fp = None
             if fp_model is not None and fp_model is not model:
-                logits_fp = _BatchLogits(fp_model, batch, split_fp)
+                if ref.hidden is not None and split_fp is not None:
+                    logits_fp = _CachedLogits(ref.hidden[i:i + batch.shape[0]], split_fp, logits.device)
+                else:
+                    logits_fp = _BatchLogits(fp_model, batch, split_fp)
             targets = batch[:, 1:].to(logits.device)
             for b, s, e in _chunks(logits.shape):
                 chunk = logits.chunk(b, s, e)

@@ -56,7 +56,8 @@ def write_run_report(folder: Path, *, title: str, metrics: dict[str, float], pro
     if "kl_mean" in metrics:
         notes.append("KL (exact, full vocabulary): KL(p_fp || p_q) = sum over the whole vocabulary of "
                      "p_fp (log p_fp - log p_q) per scored token, in nats, float model first; the float logits "
-                     "are recomputed next to the quantized ones (one extra float forward per window batch).")
+                     "are the float head applied to the float model's cached final hidden states (or a float forward "
+                     "per window batch when those are not cached).")
     if "kl_topk_mean" in metrics:
         notes.append("KL top-k estimate (lower bound): the same KL over the float model's top-k tokens plus one "
                      "tail bin; it never exceeds the exact KL.")
