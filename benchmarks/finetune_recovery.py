@@ -35,7 +35,7 @@ RECIPE = "recipes/llama-w3-finetune.yaml"
 STARTS = {"rtn": "quantize.rtn", "awq": "quantize.awq"}
 METHODS = {"blockwise": "finetune.blockwise", "distill": "finetune.distill", "qat": "finetune.qat",
            "lora": "finetune.lora"}
-DEFAULT_STEPS = {"blockwise": 30, "distill": 60, "qat": 60, "lora": 60}
+DEFAULT_STEPS = {"blockwise": 30, "distill": 90, "qat": 60, "lora": 60}
 
 
 def loadavg() -> float:
