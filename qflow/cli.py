@@ -172,7 +172,7 @@ def cmd_explain(args) -> int:
     from . import api
 
     report = api.explain(args.recipe, args.overrides, runs_dir=_runs_root(args), libraries=args.lib or [],
-                         allow_env=args.allow_env or [])
+                         allow_env=args.allow_env or [], trust_remote_code=args.trust_remote_code)
     for sid, e in report.items():
         if e.status == "hit":
             print(f"{sid:<14} hit   {e.key[:12]}")
@@ -469,14 +469,11 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_lock(args) -> int:
-    from .engine.lock import lock_path, lock_record, write_lock
-    from .engine.runner import RunOptions, load_plan
+    from . import api
 
-    opts = RunOptions(runs_root=_runs_root(args), libraries=args.lib or [], allow_env=args.allow_env or [])
-    plan = load_plan(args.recipe, args.overrides, opts)
-    record = lock_record(plan, args.recipe, args.overrides, libraries=opts.libraries,
-                         cache_root=opts.runs_root / "cache")
-    path = write_lock(record, Path(args.output) if args.output else lock_path(args.recipe))
+    path, record = api.lock(args.recipe, args.overrides, runs_dir=_runs_root(args), libraries=args.lib or [],
+                            allow_env=args.allow_env or [], output=args.output,
+                            trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps(record, default=str))
     else:
@@ -558,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*")
     e.add_argument("--lib", action="append")
     e.add_argument("--allow-env", action="append", metavar="NAME")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="let a checkpoint's own Python code (auto_map) run; a recipe can never ask for it")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_explain)
 
@@ -657,6 +656,8 @@ def _add_library_commands(sub) -> None:
     lk.add_argument("--lib", action="append", help="recipe library: folder, NAME=DIR, pkg://NAME, git+URL@COMMIT")
     lk.add_argument("--allow-env", action="append", metavar="NAME")
     lk.add_argument("-o", "--output", help="lock file (default: the recipe's path with .lock)")
+    lk.add_argument("--trust-remote-code", action="store_true",
+                    help="let a checkpoint's own Python code (auto_map) run; a recipe can never ask for it")
     lk.add_argument("--json", action="store_true")
     lk.set_defaults(fn=cmd_lock)
 

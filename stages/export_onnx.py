@@ -174,7 +174,10 @@ def _roundtrip(ctx, cfg, ckpt, base_dir, info, metrics: dict) -> dict:
     from qflow.export.onnx_bench import OnnxDecoder, make_session
     from qflow.export.onnx_check import reference_logits, roundtrip
 
-    tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+    from qflow.recipe.safety import remote_code_allowed, remote_code_refusal
+
+    with remote_code_refusal(str(base_dir)):   # only the command line's --trust-remote-code, never a recipe
+        tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True, trust_remote_code=remote_code_allowed())
     ids = token_windows(cfg.data, tok, cfg.n_windows, ctx.memo_dir, where=f"stages.{ctx.stage_id}.with")
     has_nbits = bool(info.linear_kinds.get("nbits"))
     levels = sorted(set(info.variants)) if has_nbits else [0]   # accuracy_level only acts on MatMulNBits
