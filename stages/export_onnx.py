@@ -74,6 +74,14 @@ class ExportOnnx(Stage):
     """
 
     version = 1
+    # sizes, linear kinds, the round trip per accuracy level (_accN), and with benchmark the timings per
+    # graph (NAME: fp32, quant, w8a8, accN; _mt multi-threaded) and the faster graph's speedups
+    metrics = ("onnx_bytes", "onnx_data_bytes", "n_linear_*",
+               "roundtrip_kl", "roundtrip_kl_acc*", "roundtrip_kl_max", "roundtrip_kl_max_acc*",
+               "roundtrip_top1_agree", "roundtrip_top1_agree_acc*", "roundtrip_max_abs_diff",
+               "roundtrip_max_abs_diff_acc*", "roundtrip_kv_max_abs_diff",
+               "prefill_ms_*", "decode_ms_*", "prefill_p90_ms_*", "decode_p90_ms_*",
+               "prefill_speedup_vs_fp32*", "decode_speedup_vs_fp32*", "faster_accuracy_level")
     Config = ExportOnnxConfig
     inputs = {"model": ModelRef}
     outputs = {"export": ExportedModel}

@@ -25,12 +25,12 @@ Example::
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import QflowError
+from ..registry import undeclared_metrics
 
 ModelCheck = Callable[[str | None, list[tuple[str, Any]]], list[dict[str, str]]]
 _PARAM_REF = re.compile(r"\$\{\s*params\.([A-Za-z0-9_]+)")
@@ -148,7 +148,7 @@ def _gates(recipe: str, plan) -> list[dict[str, str]]:
         if declared is None:
             continue
         for metric in st.gates:
-            if not any(fnmatch.fnmatchcase(metric, p) for p in declared):
+            if undeclared_metrics(st.cls, [metric]):
                 shown = ", ".join(declared) or "none"
                 out.append(_finding(recipe, "gate-metric", f"stages.{sid}.gates.{metric}",
                                     f"stage {st.uses} produces no metric '{metric}' (it logs: {shown}); the gate "
