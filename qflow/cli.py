@@ -291,7 +291,7 @@ def cmd_cache(args) -> int:
                   + (f", {n_broken} broken" if n_broken else ""))
         return 0
     if args.cache_cmd == "gc":
-        return _gc(root, store, args.keep, args.dry_run, args.stale_days)
+        return _gc(root, store, args.keep, args.dry_run, args.stale_days, args.libs_days)
     if args.cache_cmd == "verify":
         return _verify(store, args.fix)
     return 2
@@ -326,12 +326,15 @@ def _verify(store, fix: bool) -> int:
     return 1 if bad and (not fix or busy) else 0
 
 
-def _gc(root: Path, store, keep: int, dry_run: bool, stale_days: float) -> int:
-    """Entries not used by the last ``keep`` runs, orphan scratch and temp folders, old quarantine, trash."""
+def _gc(root: Path, store, keep: int, dry_run: bool, stale_days: float, libs_days: float = 30.0) -> int:
+    """Entries not used by the last ``keep`` runs, orphan scratch and temp folders, old quarantine, trash,
+    fetched recipe libraries (``<cache>/libs``) neither listed by those runs nor used for ``libs_days`` days."""
     from .engine.cache import Broken
+    from .recipe.libraries import collect_fetched
 
     runs = sorted((root / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     live: set[str] = set()
+    live_libs: set[str] = set()
     for summary in runs[:keep]:
         try:
             data = json.loads(summary.read_text())
@@ -339,6 +342,7 @@ def _gc(root: Path, store, keep: int, dry_run: bool, stale_days: float) -> int:
             continue  # a run killed while writing its summary uses nothing
         live |= {k for k in data.get("keys", {}).values() if k}
         live |= set(data.get("memo_keys", []))
+        live_libs |= {str(n) for n in data.get("libraries", []) or []}
     freed = removed = busy = 0
     for e in list(store.items()):
         if e.key in live and not isinstance(e, Broken):
@@ -367,6 +371,12 @@ def _gc(root: Path, store, keep: int, dry_run: bool, stale_days: float) -> int:
               f"{len(tmp)} temp folders of ended runs, {trash} leftovers in trash")
     else:
         print(f"would remove {len(scratch)} scratch folders and {len(quarantined)} quarantined entries")
+    libs = collect_fetched(store.root, live_libs, libs_days, stale_days, dry_run=dry_run)
+    freed = sum(n for rows in libs.values() for _, n in rows)
+    shown = ", ".join(name for name, _ in libs["libraries"][:5]) + (" ..." if len(libs["libraries"]) > 5 else "")
+    print(f"{verb} {len(libs['libraries'])} fetched recipe libraries ({freed / 1e6:.1f} MB"
+          + (f": {shown}" if shown else "") + f"; kept those used by the last {keep} runs or in the last "
+          f"{libs_days:g} days), {len(libs['names'])} qualified-name folders, {len(libs['temps'])} fetch temps")
     return 0
 
 
@@ -680,6 +690,9 @@ def _add_cache(sub) -> None:
     cg.add_argument("--dry-run", action="store_true")
     cg.add_argument("--stale-days", type=float, default=7.0,
                     help="also remove scratch (resume state) of uncommitted keys and quarantined entries this old")
+    cg.add_argument("--libs-days", type=float, default=30.0,
+                    help="remove fetched git recipe libraries (<cache>/libs) no run used for this many days, "
+                         "unless one of the last --keep runs used them (a pinned commit is fetched again)")
     cv = csub.add_parser("verify", help="re-hash every entry")
     cv.add_argument("--fix", action="store_true", help="remove corrupt and broken entries")
     c.set_defaults(fn=cmd_cache)

@@ -25,6 +25,7 @@ from .. import __version__
 from ..artifacts import Artifact
 from ..errors import PlanError, QflowError, StageError, disk_full
 from ..recipe.compose import compose_recipe, to_plain
+from ..recipe.libraries import fetched_folders
 from ..recipe.safety import redact
 from ..recipe.validate import validate_shape
 from ..registry import UndeclaredMetricWarning, undeclared_metrics
@@ -340,6 +341,7 @@ def _execute(plan: Plan, opts: RunOptions, overrides: list[str] | None, started:
         {**result.to_json(), "recipe": plan.source, "overrides": overrides or [], "name": plan.recipe.name,
          "keys": {sid: r.key for sid, r in results.items()},
          "memo_keys": sorted({k for r in results.values() for k in r.memo_keys}),
+         "libraries": fetched_folders(opts.libraries),   # fetched git libraries: `qflow cache gc` keeps them
          "finished_at": time.time()}, indent=1, default=str))
     finish_tracking(tracker, result, run_dir)
     return result
