@@ -130,8 +130,8 @@ def _unused_params(recipe: str, raw: dict[str, Any], overrides: list[str], shape
 
     used = {m.group(1) for s in _strings(raw) for m in _PARAM_REF.finditer(s)}
     used |= {k.split(".", 1)[1].split(".")[0] for k in shape.sweep.params if k.startswith("params.")}
-    own = {k.split(".")[1]: f"{recipe}:{line}" for k, line in file_lines(Path(recipe), "").items()
-           if k.startswith("params.") and k.count(".") >= 1}
+    own = {path[1]: f"{recipe}:{line}" for path, line in file_lines(Path(recipe), "").items()
+           if len(path) >= 2 and path[0] == "params"}
     for o in overrides:
         key = o.lstrip("+~").partition("=")[0]
         if key.startswith("params."):
