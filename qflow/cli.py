@@ -220,6 +220,8 @@ def cmd_show(args) -> int:
     print(cls.doc() or "(no description)")
     print("\ninputs:  " + (", ".join(f"{k}: {v.__name__}" for k, v in cls.inputs.items()) or "none"))
     print("outputs: " + (", ".join(f"{k}: {v.__name__}" for k, v in cls.outputs.items()) or "none"))
+    if cls.metrics is not None:   # what gates may name (qflow lint); the engine adds peak_rss_mb to every stage
+        print("metrics: " + ", ".join((*cls.metrics, "peak_rss_mb")))
     print("\nconfig schema:")
     print(json.dumps(cls.Config.model_json_schema(), indent=2))
     return 0
