@@ -35,3 +35,11 @@ def test_the_engine_warns_on_an_undeclared_metric():
         _check_metric_names(st, {"roundtrip_kl": 0.1, "size_bytes": 3.0, "peak_rss_mb": 9.0})   # all declared
     with pytest.warns(UndeclaredMetricWarning, match=r"export.gguf \(export\) logged roundtrip_kld,"):
         _check_metric_names(st, {"roundtrip_kld": 0.1, "size_bytes": 3.0})
+
+
+def test_show_stage_lists_what_gates_may_name(capsys):
+    from qflow.cli import main
+
+    assert main(["show", "stage", "allocate-bits"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("metrics: "))
+    assert line.split(": ", 1)[1].split(", ") == [*discover().stages["allocate-bits"].metrics, "peak_rss_mb"]
