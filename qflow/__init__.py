@@ -13,7 +13,7 @@ the calls that need them.
 
 __version__ = "0.1.0"
 
-_API = ("run", "sweep", "explain", "load_quantized", "RunSummary", "StageSummary", "GateResult", "SweepSummary",
+_API = ("run", "sweep", "explain", "lock", "load_quantized", "RunSummary", "StageSummary", "GateResult", "SweepSummary",
         "SweepPoint", "BestPoint", "StageExplanation", "QuantizedModel")
 
 __all__ = ["__version__", *_API]

@@ -28,7 +28,7 @@ from typing import Any, Iterable, NamedTuple
 
 from .errors import QflowError, SourceError
 
-__all__ = ["run", "sweep", "explain", "load_quantized", "RunSummary", "StageSummary", "GateResult",
+__all__ = ["run", "sweep", "explain", "lock", "load_quantized", "RunSummary", "StageSummary", "GateResult",
            "SweepSummary", "SweepPoint", "BestPoint", "StageExplanation", "QuantizedModel", "default_runs_dir"]
 
 
@@ -266,7 +266,7 @@ def run(recipe: str | os.PathLike, overrides: Iterable[str] | None = None, *, ru
         dry_run: bool = False, only: str | None = None, from_: str | None = None, force: Iterable[str] | None = None,
         track: bool = True, quiet: bool = False, libraries: Iterable[str] | None = None,
         allow_env: Iterable[str] | None = None, locked: bool = False,
-        lock_file: str | os.PathLike | None = None) -> RunSummary:
+        lock_file: str | os.PathLike | None = None, trust_remote_code: bool = False) -> RunSummary:
     """Run a recipe, as ``qflow run RECIPE [OVERRIDES]``; the run's summary.
 
     Example::
@@ -279,30 +279,33 @@ def run(recipe: str | os.PathLike, overrides: Iterable[str] | None = None, *, ru
     ``--no-track``; ``libraries`` are ``--lib`` values; ``allow_env`` names the environment
     variables the recipe may read (``--allow-env``); ``quiet`` silences progress lines on stderr;
     ``locked`` / ``lock_file`` are ``--locked`` / ``--lock-file`` (refuse when anything resolves
-    differently from ``RECIPE.lock``).
+    differently from ``RECIPE.lock``); ``trust_remote_code=True`` is ``--trust-remote-code`` (a
+    checkpoint's own Python code may run, for this call only; a recipe can never ask for it).
     Raises a ``QflowError`` subclass for a bad recipe or source; a failing stage or gate is
     reported in the result instead.
     """
     from .engine.runner import execute, load_plan
+    from .recipe.safety import remote_code
 
     offline_defaults()
     overrides = _strings(overrides, "overrides")
     opts = _options(runs_dir, dry_run=dry_run, only=only, from_=from_, force=_strings(force, "force"), track=track,
                     quiet=quiet, libraries=_strings(libraries, "libraries"), allow_env=_strings(allow_env, "allow_env"))
-    plan = load_plan(str(recipe), overrides, opts)
-    if locked or lock_file:
-        from .engine.lock import check_locked
+    with remote_code(trust_remote_code):
+        plan = load_plan(str(recipe), overrides, opts)
+        if locked or lock_file:
+            from .engine.lock import check_locked
 
-        check_locked(plan, str(recipe), overrides, libraries=opts.libraries, cache_root=opts.runs_root / "cache",
-                     path=lock_file)
-    result = execute(plan, opts, overrides)
+            check_locked(plan, str(recipe), overrides, libraries=opts.libraries, cache_root=opts.runs_root / "cache",
+                         path=lock_file)
+        result = execute(plan, opts, overrides)
     return RunSummary.from_json(result.to_json(), name=result.name)
 
 
 def sweep(recipe: str | os.PathLike, overrides: Iterable[str] | None = None, *, runs_dir: str | os.PathLike | None = None,
           jobs: int = 1, objective: str | None = None, constraints: Iterable[str] | None = None, track: bool = True,
           quiet: bool = False, libraries: Iterable[str] | None = None,
-          allow_env: Iterable[str] | None = None) -> SweepSummary:
+          allow_env: Iterable[str] | None = None, trust_remote_code: bool = False) -> SweepSummary:
     """Run a sweep (Hydra multirun), as ``qflow run -m RECIPE [OVERRIDES]``; every point's summary.
 
     Example::
@@ -312,14 +315,17 @@ def sweep(recipe: str | os.PathLike, overrides: Iterable[str] | None = None, *, 
         s.best.overrides, [p.metrics["evaluate/kl_mean"] for p in s.points]
 
     The sweep's parent MLflow run gets the Pareto report of its points (``pareto/``).
+    ``trust_remote_code=True`` is ``--trust-remote-code`` (for this sweep's points only).
     """
     from .engine.sweep import sweep as run_points
+    from .recipe.safety import remote_code
 
     offline_defaults()
     opts = _options(runs_dir, track=track, quiet=quiet, libraries=_strings(libraries, "libraries"),
                     allow_env=_strings(allow_env, "allow_env"))
-    out = run_points(str(recipe), _strings(overrides, "overrides"), opts, jobs=jobs, objective=objective,
-                     constraints=_strings(constraints, "constraints"), report=pareto_report)
+    with remote_code(trust_remote_code):   # the environment carries it to the sweep's job processes
+        out = run_points(str(recipe), _strings(overrides, "overrides"), opts, jobs=jobs, objective=objective,
+                         constraints=_strings(constraints, "constraints"), report=pareto_report)
     return SweepSummary.from_json(out)
 
 
@@ -332,10 +338,10 @@ def pareto_report(points: list[dict[str, Any]], folder: Path) -> Path | None:
 
 def explain(recipe: str | os.PathLike, overrides: Iterable[str] | None = None, *,
             runs_dir: str | os.PathLike | None = None, libraries: Iterable[str] | None = None,
-            allow_env: Iterable[str] | None = None) -> dict[str, StageExplanation]:
+            allow_env: Iterable[str] | None = None, trust_remote_code: bool = False) -> dict[str, StageExplanation]:
     """Per stage: is its key in the cache, and if not, which ingredient changed (``qflow explain``).
 
-    Example::
+    ``trust_remote_code=True`` is ``--trust-remote-code``. Example::
 
         for sid, e in qflow.explain("recipes/llama-rtn.yaml", ["params.group_size=32"]).items():
             print(sid, e.status, e.differs)
@@ -343,12 +349,14 @@ def explain(recipe: str | os.PathLike, overrides: Iterable[str] | None = None, *
     from .engine.cache import CacheStore
     from .engine.keys import closest_entry, compute_keys, environment, resolve_device
     from .engine.runner import load_plan
+    from .recipe.safety import remote_code
 
     offline_defaults()
     opts = _options(runs_dir, libraries=_strings(libraries, "libraries"), allow_env=_strings(allow_env, "allow_env"))
-    plan = load_plan(str(recipe), _strings(overrides, "overrides"), opts)
-    store = CacheStore(opts.runs_root / "cache")
-    keys = compute_keys(plan, store, environment(resolve_device(plan.recipe.device)))
+    with remote_code(trust_remote_code):
+        plan = load_plan(str(recipe), _strings(overrides, "overrides"), opts)
+        store = CacheStore(opts.runs_root / "cache")
+        keys = compute_keys(plan, store, environment(resolve_device(plan.recipe.device)))
     report: dict[str, StageExplanation] = {}
     for sid, (key, ingredients) in keys.items():
         if store.get(key) is not None:
@@ -362,16 +370,42 @@ def explain(recipe: str | os.PathLike, overrides: Iterable[str] | None = None, *
     return report
 
 
+def lock(recipe: str | os.PathLike, overrides: Iterable[str] | None = None, *,
+         runs_dir: str | os.PathLike | None = None, libraries: Iterable[str] | None = None,
+         allow_env: Iterable[str] | None = None, output: str | os.PathLike | None = None,
+         trust_remote_code: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Write ``RECIPE.lock`` (``qflow lock``): ``(path, record)``, the record being the lock's JSON.
+
+    ``output`` is ``-o`` (default: the recipe's path with ``.lock``); ``trust_remote_code=True`` is
+    ``--trust-remote-code``. ``run(..., locked=True)`` then refuses any drift. Example::
+
+        path, record = qflow.lock("recipes/llama-rtn.yaml", ["params.bits=3"])
+    """
+    from .engine.lock import lock_path, lock_record, write_lock
+    from .engine.runner import load_plan
+    from .recipe.safety import remote_code
+
+    offline_defaults()
+    overrides = _strings(overrides, "overrides")
+    opts = _options(runs_dir, libraries=_strings(libraries, "libraries"), allow_env=_strings(allow_env, "allow_env"))
+    with remote_code(trust_remote_code):
+        plan = load_plan(str(recipe), overrides, opts)
+        record = lock_record(plan, str(recipe), overrides, libraries=opts.libraries,
+                             cache_root=opts.runs_root / "cache")
+    return write_lock(record, Path(output) if output else lock_path(recipe)), record
+
+
 def load_quantized(run_or_path: "RunSummary | str | os.PathLike", *, stage: str | None = None,
                    runs_dir: str | os.PathLike | None = None, dtype: str = "float32",
-                   mode: str = "qlinear") -> QuantizedModel:
+                   mode: str = "qlinear", trust_remote_code: bool = False) -> QuantizedModel:
     """The quantized model of a run, built from its IR checkpoint over the float base: ``(model, tokenizer)``.
 
     ``run_or_path`` is a :class:`RunSummary`, a run folder (``runs/runs/<stamp>-<name>``), an
     MLflow run id (looked up in ``runs_dir``'s store), or a checkpoint folder (one with
     ``ir.json``). A run with several quantizing stages needs ``stage``. ``mode="qlinear"``
     keeps packed weights (``QLinear`` modules running qflow's kernels, activation quantization
-    included); ``mode="dequant"`` writes dequantized weights into the float model. Example::
+    included); ``mode="dequant"`` writes dequantized weights into the float model;
+    ``trust_remote_code=True`` lets the base model's own Python code run. Example::
 
         model, tok = qflow.load_quantized(result)
         ids = tok("The capital of France is", return_tensors="pt").input_ids
@@ -390,7 +424,10 @@ def load_quantized(run_or_path: "RunSummary | str | os.PathLike", *, stage: str 
         raise SourceError(f"the float base model of checkpoint {ir_dir} is gone ({ckpt.base_model})",
                           where="qflow.load_quantized",
                           fix="re-run the recipe (its model stage restores the base model into the cache)")
-    model, tokenizer = load_quantized_model(ckpt, dtype=_torch_dtype(dtype), mode=mode)
+    from .recipe.safety import remote_code
+
+    with remote_code(trust_remote_code):
+        model, tokenizer = load_quantized_model(ckpt, dtype=_torch_dtype(dtype), mode=mode)
     return QuantizedModel(model.eval(), tokenizer)
 
 

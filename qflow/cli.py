@@ -172,7 +172,7 @@ def cmd_explain(args) -> int:
     from . import api
 
     report = api.explain(args.recipe, args.overrides, runs_dir=_runs_root(args), libraries=args.lib or [],
-                         allow_env=args.allow_env or [])
+                         allow_env=args.allow_env or [], trust_remote_code=args.trust_remote_code)
     for sid, e in report.items():
         if e.status == "hit":
             print(f"{sid:<14} hit   {e.key[:12]}")
@@ -220,6 +220,8 @@ def cmd_show(args) -> int:
     print(cls.doc() or "(no description)")
     print("\ninputs:  " + (", ".join(f"{k}: {v.__name__}" for k, v in cls.inputs.items()) or "none"))
     print("outputs: " + (", ".join(f"{k}: {v.__name__}" for k, v in cls.outputs.items()) or "none"))
+    if cls.metrics is not None:   # what gates may name (qflow lint); the engine adds peak_rss_mb to every stage
+        print("metrics: " + ", ".join((*cls.metrics, "peak_rss_mb")))
     print("\nconfig schema:")
     print(json.dumps(cls.Config.model_json_schema(), indent=2))
     return 0
@@ -291,7 +293,7 @@ def cmd_cache(args) -> int:
                   + (f", {n_broken} broken" if n_broken else ""))
         return 0
     if args.cache_cmd == "gc":
-        return _gc(root, store, args.keep, args.dry_run, args.stale_days)
+        return _gc(root, store, args.keep, args.dry_run, args.stale_days, args.libs_days)
     if args.cache_cmd == "verify":
         return _verify(store, args.fix)
     return 2
@@ -326,12 +328,15 @@ def _verify(store, fix: bool) -> int:
     return 1 if bad and (not fix or busy) else 0
 
 
-def _gc(root: Path, store, keep: int, dry_run: bool, stale_days: float) -> int:
-    """Entries not used by the last ``keep`` runs, orphan scratch and temp folders, old quarantine, trash."""
+def _gc(root: Path, store, keep: int, dry_run: bool, stale_days: float, libs_days: float = 30.0) -> int:
+    """Entries not used by the last ``keep`` runs, orphan scratch and temp folders, old quarantine, trash,
+    fetched recipe libraries (``<cache>/libs``) neither listed by those runs nor used for ``libs_days`` days."""
     from .engine.cache import Broken
+    from .recipe.libraries import collect_fetched
 
     runs = sorted((root / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     live: set[str] = set()
+    live_libs: set[str] = set()
     for summary in runs[:keep]:
         try:
             data = json.loads(summary.read_text())
@@ -339,6 +344,7 @@ def _gc(root: Path, store, keep: int, dry_run: bool, stale_days: float) -> int:
             continue  # a run killed while writing its summary uses nothing
         live |= {k for k in data.get("keys", {}).values() if k}
         live |= set(data.get("memo_keys", []))
+        live_libs |= {str(n) for n in data.get("libraries", []) or []}
     freed = removed = busy = 0
     for e in list(store.items()):
         if e.key in live and not isinstance(e, Broken):
@@ -367,6 +373,12 @@ def _gc(root: Path, store, keep: int, dry_run: bool, stale_days: float) -> int:
               f"{len(tmp)} temp folders of ended runs, {trash} leftovers in trash")
     else:
         print(f"would remove {len(scratch)} scratch folders and {len(quarantined)} quarantined entries")
+    libs = collect_fetched(store.root, live_libs, libs_days, stale_days, dry_run=dry_run)
+    freed = sum(n for rows in libs.values() for _, n in rows)
+    shown = ", ".join(name for name, _ in libs["libraries"][:5]) + (" ..." if len(libs["libraries"]) > 5 else "")
+    print(f"{verb} {len(libs['libraries'])} fetched recipe libraries ({freed / 1e6:.1f} MB"
+          + (f": {shown}" if shown else "") + f"; kept those used by the last {keep} runs or in the last "
+          f"{libs_days:g} days), {len(libs['names'])} qualified-name folders, {len(libs['temps'])} fetch temps")
     return 0
 
 
@@ -469,14 +481,11 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_lock(args) -> int:
-    from .engine.lock import lock_path, lock_record, write_lock
-    from .engine.runner import RunOptions, load_plan
+    from . import api
 
-    opts = RunOptions(runs_root=_runs_root(args), libraries=args.lib or [], allow_env=args.allow_env or [])
-    plan = load_plan(args.recipe, args.overrides, opts)
-    record = lock_record(plan, args.recipe, args.overrides, libraries=opts.libraries,
-                         cache_root=opts.runs_root / "cache")
-    path = write_lock(record, Path(args.output) if args.output else lock_path(args.recipe))
+    path, record = api.lock(args.recipe, args.overrides, runs_dir=_runs_root(args), libraries=args.lib or [],
+                            allow_env=args.allow_env or [], output=args.output,
+                            trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps(record, default=str))
     else:
@@ -558,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*")
     e.add_argument("--lib", action="append")
     e.add_argument("--allow-env", action="append", metavar="NAME")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="let a checkpoint's own Python code (auto_map) run; a recipe can never ask for it")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_explain)
 
@@ -657,6 +668,8 @@ def _add_library_commands(sub) -> None:
     lk.add_argument("--lib", action="append", help="recipe library: folder, NAME=DIR, pkg://NAME, git+URL@COMMIT")
     lk.add_argument("--allow-env", action="append", metavar="NAME")
     lk.add_argument("-o", "--output", help="lock file (default: the recipe's path with .lock)")
+    lk.add_argument("--trust-remote-code", action="store_true",
+                    help="let a checkpoint's own Python code (auto_map) run; a recipe can never ask for it")
     lk.add_argument("--json", action="store_true")
     lk.set_defaults(fn=cmd_lock)
 
@@ -679,6 +692,9 @@ def _add_cache(sub) -> None:
     cg.add_argument("--dry-run", action="store_true")
     cg.add_argument("--stale-days", type=float, default=7.0,
                     help="also remove scratch (resume state) of uncommitted keys and quarantined entries this old")
+    cg.add_argument("--libs-days", type=float, default=30.0,
+                    help="remove fetched git recipe libraries (<cache>/libs) no run used for this many days, "
+                         "unless one of the last --keep runs used them (a pinned commit is fetched again)")
     cv = csub.add_parser("verify", help="re-hash every entry")
     cv.add_argument("--fix", action="store_true", help="remove corrupt and broken entries")
     c.set_defaults(fn=cmd_cache)

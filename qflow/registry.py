@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import traceback
 from dataclasses import dataclass, field
@@ -35,6 +36,22 @@ from pydantic import BaseModel, ConfigDict
 from .artifacts import Artifact
 
 ENTRY_POINT_GROUP = "qflow.stages"
+ENGINE_METRICS = ("peak_rss_mb",)   # logged by the engine for every stage that runs (its process's peak RSS, MiB)
+
+
+class UndeclaredMetricWarning(UserWarning):
+    """A stage logged a metric that its ``Stage.metrics`` does not declare, so ``qflow lint`` would call a
+    gate on it unknown (the test suite turns this warning into an error)."""
+
+
+def undeclared_metrics(stage: "type[Stage]", names) -> list[str]:
+    """The names in ``names`` that match none of ``stage.metrics`` (nor the engine's own); [] when the
+    stage declares nothing."""
+    declared = getattr(stage, "metrics", None)
+    if declared is None:
+        return []
+    patterns = (*declared, *ENGINE_METRICS)
+    return sorted(n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in patterns))
 
 
 class StageConfig(BaseModel):
@@ -70,7 +87,8 @@ class Stage:
     # capability flags, checked by the engine's preflight before any stage starts
     requires_packages: ClassVar[tuple[str, ...]] = ()
     requires_gpu: ClassVar[bool] = False   # refused unless the run's device is a CUDA GPU
-    # the metric names the stage logs (fnmatch patterns); None: not declared, `qflow lint` skips its gates
+    # the metric names the stage logs (fnmatch patterns); None: not declared, `qflow lint` skips its gates.
+    # The engine warns (UndeclaredMetricWarning) when a declaring stage logs a name no pattern matches
     metrics: ClassVar[tuple[str, ...] | None] = None
 
     def run(self, ctx: Any, cfg: Any, **inputs: Artifact) -> dict[str, Artifact]:

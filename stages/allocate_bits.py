@@ -81,6 +81,9 @@ class AllocateBits(Stage):
     """
 
     version = 1
+    # the plan's predicted bpw (real and nominal), bytes and damage, the budget, and the solver's outcome
+    metrics = ("predicted_bpw", "predicted_bpw_nominal", "predicted_bytes", "predicted_damage", "budget_bytes",
+               "solver_optimal", "solver_seconds", "solver_gap")
     Config = AllocateConfig
     inputs = {"table": SensitivityTable}
     outputs = {"plan": BitAllocation}

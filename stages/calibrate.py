@@ -59,7 +59,11 @@ class Calibrate(ReadsText, Stage):
         else:   # the token windows need only the tokenizer: a model larger than memory is never loaded
             from transformers import AutoTokenizer
 
-            net, tok = None, AutoTokenizer.from_pretrained(model.base_model_dir, local_files_only=True)
+            from qflow.recipe.safety import remote_code_allowed, remote_code_refusal
+
+            with remote_code_refusal(str(model.base_model_dir)):   # only from --trust-remote-code
+                net, tok = None, AutoTokenizer.from_pretrained(model.base_model_dir, local_files_only=True,
+                                                               trust_remote_code=remote_code_allowed())
         ids = token_windows(cfg.data, tok, cfg.n_samples, ctx.memo_dir, where=f"stages.{ctx.stage_id}.with")
         out = ctx.output("calib")
         torch.save(ids, out / "ids.pt")

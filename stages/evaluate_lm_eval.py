@@ -44,6 +44,8 @@ class EvaluateLMEval(Stage):
     """
 
     version = 1
+    # TASK.METRIC[.FILTER] as lm-eval names them (arc_easy.acc, gsm8k.exact_match.strict-match)
+    metrics = ("*.*",)
     Config = LMEvalConfig
     inputs = {"model": ModelRef}
     outputs = {"report": EvalReport}

@@ -62,6 +62,11 @@ class ExportGGUF(Stage):
     """
 
     version = 1
+    # tensors per fidelity, file size, read-back max |IR - file|, worst approximate tensor's SQNR; with
+    # verify_windows the logits round trip (KL, top-1, max |dlogit|), with llama_cpp the same through llama.cpp
+    metrics = ("n_exact_tensors", "n_approx_tensors", "n_requantized_tensors", "n_float_tensors", "size_bytes",
+               "roundtrip_max_abs_diff", "min_sqnr_db", "roundtrip_kl", "roundtrip_top1_agree",
+               "roundtrip_logits_max_abs_diff", "llama_cpp_kl", "llama_cpp_top1_agree", "llama_cpp_max_abs_diff")
     Config = ExportGGUFConfig
     inputs = {"model": QuantizedCheckpoint}
     outputs = {"export": ExportedModel}

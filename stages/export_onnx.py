@@ -74,6 +74,14 @@ class ExportOnnx(Stage):
     """
 
     version = 1
+    # sizes, linear kinds, the round trip per accuracy level (_accN), and with benchmark the timings per
+    # graph (NAME: fp32, quant, w8a8, accN; _mt multi-threaded) and the faster graph's speedups
+    metrics = ("onnx_bytes", "onnx_data_bytes", "n_linear_*",
+               "roundtrip_kl", "roundtrip_kl_acc*", "roundtrip_kl_max", "roundtrip_kl_max_acc*",
+               "roundtrip_top1_agree", "roundtrip_top1_agree_acc*", "roundtrip_max_abs_diff",
+               "roundtrip_max_abs_diff_acc*", "roundtrip_kv_max_abs_diff",
+               "prefill_ms_*", "decode_ms_*", "prefill_p90_ms_*", "decode_p90_ms_*",
+               "prefill_speedup_vs_fp32*", "decode_speedup_vs_fp32*", "faster_accuracy_level")
     Config = ExportOnnxConfig
     inputs = {"model": ModelRef}
     outputs = {"export": ExportedModel}
@@ -174,7 +182,10 @@ def _roundtrip(ctx, cfg, ckpt, base_dir, info, metrics: dict) -> dict:
     from qflow.export.onnx_bench import OnnxDecoder, make_session
     from qflow.export.onnx_check import reference_logits, roundtrip
 
-    tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+    from qflow.recipe.safety import remote_code_allowed, remote_code_refusal
+
+    with remote_code_refusal(str(base_dir)):   # only the command line's --trust-remote-code, never a recipe
+        tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True, trust_remote_code=remote_code_allowed())
     ids = token_windows(cfg.data, tok, cfg.n_windows, ctx.memo_dir, where=f"stages.{ctx.stage_id}.with")
     has_nbits = bool(info.linear_kinds.get("nbits"))
     levels = sorted(set(info.variants)) if has_nbits else [0]   # accuracy_level only acts on MatMulNBits

@@ -60,6 +60,9 @@ class ExportSafetensors(Stage):
     """
 
     version = 1
+    # layers per fidelity, folder size, worst rounded layer's SQNR; with verify_windows the logits round trip
+    metrics = ("n_exact_layers", "n_rounded_layers", "n_float_layers", "size_bytes", "min_layer_sqnr_db",
+               "roundtrip_kl", "roundtrip_top1_agree", "roundtrip_max_abs_diff")
     Config = ExportSafetensorsConfig
     inputs = {"model": QuantizedCheckpoint}
     outputs = {"export": ExportedModel}

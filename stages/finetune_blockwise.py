@@ -52,6 +52,9 @@ class FinetuneBlockwise(Stage):
     """
 
     version = 1
+    # windows used, time, summed per-block output MSE before/after and their ratio (curves are not gateable)
+    metrics = ("train_windows", "heldout_windows", "finetune_seconds", "quantize_seconds", "block_mse_start_sum",
+               "block_mse_end_sum", "block_mse_ratio")
     Config = BlockwiseConfig
     inputs = {"model": QuantizedCheckpoint, "calib": CalibSet}
     outputs = {"model": QuantizedCheckpoint}

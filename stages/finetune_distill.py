@@ -47,6 +47,9 @@ class FinetuneDistill(Stage):
     """
 
     version = 1
+    # windows used, steps, time, held-out KL at the start and at the best step (curves are not gateable)
+    metrics = ("train_windows", "heldout_windows", "train_steps", "train_seconds", "best_step", "heldout_kl_start",
+               "heldout_kl_best", "heldout_kl_ratio", "train_loss_last")
     Config = DistillConfig
     inputs = {"model": QuantizedCheckpoint, "calib": CalibSet}
     outputs = {"model": QuantizedCheckpoint}

@@ -112,7 +112,7 @@ class AWQ(Stage):
     """
 
     version = 4  # 2: n_sample_token renamed n_clip_tokens; 3: fold factors recorded; 4: per-layer specs
-    metrics = ("mean_best_ratio",)   # what it logs (qflow lint checks gates against it)
+    metrics = ("mean_best_ratio", "quantize_seconds")   # what it logs (qflow lint checks gates against it)
     Config = AWQConfig
     inputs = {"model": ModelRef, "calib": CalibSet, "plan": BitAllocation}
     optional_inputs = frozenset({"plan"})

@@ -79,7 +79,7 @@ class GPTQ(Stage):
     """
 
     version = 2  # 2: per-layer specs (layers, ignore, plan)
-    metrics = ("gptq_loss_total",)   # what it logs (qflow lint checks gates against it)
+    metrics = ("gptq_loss_total", "quantize_seconds")   # what it logs (qflow lint checks gates against it)
     Config = GPTQConfig
     inputs = {"model": ModelRef, "calib": CalibSet, "plan": BitAllocation}
     optional_inputs = frozenset({"plan"})

@@ -75,7 +75,7 @@ class HQQ(Stage):
     """
 
     version = 2  # 2: per-layer specs (layers, ignore, plan)
-    metrics = ("err_reduction",)   # what it logs (qflow lint checks gates against it)
+    metrics = ("err_reduction", "quantize_seconds")   # what it logs (qflow lint checks gates against it)
     Config = HQQConfig
     inputs = {"model": ModelRef, "plan": BitAllocation}
     optional_inputs = frozenset({"plan"})

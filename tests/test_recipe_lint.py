@@ -96,3 +96,24 @@ def test_text_output_lists_findings(tmp_path, capsys, tiny_model_dir):
     assert main(["--runs-dir", str(tmp_path / "runs"), "lint", str(recipe), "--no-model"]) == 1
     out = capsys.readouterr().out
     assert "[unused-param]" in out and out.strip().endswith("1 finding in 1 recipe")
+
+
+def test_gates_on_export_and_allocation_metrics(tmp_path, capsys, tiny_model_dir):
+    """Export and allocate-bits declare what they log: a gate on a real name passes lint, a misspelt one
+    is found; `peak_rss_mb` (logged by the engine for every stage) is gateable everywhere."""
+    extra = """  export:
+    uses: export.safetensors
+    needs: [quantize]
+    gates: {roundtrip_kl: {max: 0.01}, size_bytes: {max: 1.0e9}, peak_rss_mb: {max: 1.0e5}, roundtrip_kld: {max: 0.01}}
+  sensitivity: {uses: sensitivity-analyze, needs: [calibrate], with: {bits: [2, 4], group_sizes: [32]}}
+  allocate:
+    uses: allocate-bits
+    needs: [sensitivity]
+    with: {bpw: 3.5}
+    gates: {predicted_bpw: {max: 3.6}, solver_optimal: {min: 1}, bpw: {max: 3.6}}
+"""
+    code, findings = lint(capsys, tmp_path, base(tiny_model_dir, extra=extra), "--no-model")
+    gates = sorted(f["where"] for f in findings if f["code"] == "gate-metric")
+    assert code == 1 and gates == ["stages.allocate.gates.bpw", "stages.export.gates.roundtrip_kld"]
+    said = {f["where"]: f["message"] for f in findings}
+    assert "predicted_bpw" in said["stages.allocate.gates.bpw"]   # the message lists what the stage logs

@@ -55,6 +55,36 @@ def test_recipes_show_names_the_file_and_line_of_every_value(tmp_path, capsys):
     assert code == 0 and "batch_size: 4" in text and "default.yaml:4" in text
 
 
+def test_recipes_show_keys_containing_dots(tmp_path, capsys):
+    """A per-layer pattern is one key: its values get their own lines, not a parent's nor those of a nested
+    key that flattens to the same text."""
+    lib = tmp_path / "teamlib"
+    (lib / "team").mkdir(parents=True)
+    (lib / "team" / "edges.yaml").write_text(
+        "# @package _global_\nstages:\n  q:\n    with:\n      layers:\n"
+        "        \"model.layers.0.mlp.down_proj\": {bits: 8}\n"
+        "        \".*o_proj\":\n          bits: 6\n"
+        "notes:\n  \"b.c\": 1\n")
+    recipe = write_recipe(tmp_path / "r", "defaults: [team/edges, _self_]\nname: r\n"
+                                          "stages:\n  q:\n    uses: quantize.rtn\n    with:\n      layers:\n"
+                                          "        \"model.layers.0.mlp\": {group_size: 32}\n"
+                                          "notes:\n  b:\n    c: 2\n")
+    code, out, _ = qflow(capsys, "--runs-dir", str(tmp_path / "runs"), "recipes", "show", str(recipe),
+                         "--lib", str(lib), "--json")
+    assert code == 0
+    where, edges = json.loads(out)["sources"], lib / "team" / "edges.yaml"
+    layers = "stages.q.with.layers"
+    assert where[f'{layers}["model.layers.0.mlp.down_proj"].bits'] == f"{edges}:6"
+    assert where[f'{layers}[".*o_proj"].bits'] == f"{edges}:8"
+    assert where[f'{layers}["model.layers.0.mlp"].group_size'] == f"{recipe}:8"
+    assert where['notes["b.c"]'] == f"{edges}:10" and where["notes.b.c"] == f"{recipe}:11"
+    code, text, _ = qflow(capsys, "--runs-dir", str(tmp_path / "runs"), "recipes", "show", str(recipe),
+                          "--lib", str(lib))
+    lines = [line.strip() for line in text.splitlines()]
+    assert any(line.startswith("b.c: 1") and line.endswith(f"# {edges}:10") for line in lines)
+    assert any(line.startswith("c: 2") and line.endswith(f"# {recipe}:11") for line in lines)
+
+
 @pytest.fixture()
 def locked_setup(tmp_path, tiny_model_dir):
     model = shutil.copytree(tiny_model_dir, tmp_path / "model")

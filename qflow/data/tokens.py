@@ -110,7 +110,10 @@ def _encoder(folder: str, add_special_tokens: bool):
         return lambda text: len(backend.encode(text, add_special_tokens=add_special_tokens).ids)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    from ..recipe.safety import remote_code_allowed, remote_code_refusal
+
+    with remote_code_refusal(str(folder)):   # only the command line's --trust-remote-code, never a recipe
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=remote_code_allowed())
     return lambda text: len(tok(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
 
 

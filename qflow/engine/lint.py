@@ -25,12 +25,12 @@ Example::
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import QflowError
+from ..registry import undeclared_metrics
 
 ModelCheck = Callable[[str | None, list[tuple[str, Any]]], list[dict[str, str]]]
 _PARAM_REF = re.compile(r"\$\{\s*params\.([A-Za-z0-9_]+)")
@@ -130,8 +130,8 @@ def _unused_params(recipe: str, raw: dict[str, Any], overrides: list[str], shape
 
     used = {m.group(1) for s in _strings(raw) for m in _PARAM_REF.finditer(s)}
     used |= {k.split(".", 1)[1].split(".")[0] for k in shape.sweep.params if k.startswith("params.")}
-    own = {k.split(".")[1]: f"{recipe}:{line}" for k, line in file_lines(Path(recipe), "").items()
-           if k.startswith("params.") and k.count(".") >= 1}
+    own = {path[1]: f"{recipe}:{line}" for path, line in file_lines(Path(recipe), "").items()
+           if len(path) >= 2 and path[0] == "params"}
     for o in overrides:
         key = o.lstrip("+~").partition("=")[0]
         if key.startswith("params."):
@@ -148,7 +148,7 @@ def _gates(recipe: str, plan) -> list[dict[str, str]]:
         if declared is None:
             continue
         for metric in st.gates:
-            if not any(fnmatch.fnmatchcase(metric, p) for p in declared):
+            if undeclared_metrics(st.cls, [metric]):
                 shown = ", ".join(declared) or "none"
                 out.append(_finding(recipe, "gate-metric", f"stages.{sid}.gates.{metric}",
                                     f"stage {st.uses} produces no metric '{metric}' (it logs: {shown}); the gate "

@@ -9,7 +9,8 @@ A lock (``RECIPE.lock`` next to the recipe: ``recipes/llama-awq.yaml`` ->
   revision or content hash, the data's content hash);
 * ``libraries``: each recipe library that provided a file of the defaults tree,
   with its git commit or the content hash of its YAML files;
-* ``qflow``: qflow's version.
+* ``qflow``: qflow's version;
+* ``trust_remote_code``: true when locked with ``--trust-remote-code`` (absent otherwise).
 
 ``qflow run --locked`` composes and plans the recipe again, builds the same
 record, and refuses to run (exit 2) listing every value that differs.
@@ -59,15 +60,18 @@ def used_libraries(recipe: str | os.PathLike, overrides: list[str], libraries: l
 
 def lock_record(plan, recipe: str | os.PathLike, overrides: list[str], *, libraries: list[str],
                 cache_root: Path) -> dict[str, Any]:
-    from ..recipe.safety import redact
+    from ..recipe.safety import redact, remote_code_allowed
 
     stages = {sid: {"uses": st.uses, "version": st.cls.version,
                     "external": st.cls.fingerprint_sources(st.config, cache_root)}
               for sid, st in plan.stages.items()}
-    return {"qflow_lock": LOCK_FORMAT, "recipe": str(recipe), "overrides": list(overrides),
-            "qflow": __version__,
-            "libraries": used_libraries(recipe, overrides, libraries, cache_root),
-            "stages": stages, "resolved": redact(plan.resolved)}
+    record = {"qflow_lock": LOCK_FORMAT, "recipe": str(recipe), "overrides": list(overrides),
+              "qflow": __version__,
+              "libraries": used_libraries(recipe, overrides, libraries, cache_root),
+              "stages": stages, "resolved": redact(plan.resolved)}
+    if remote_code_allowed():   # locked with --trust-remote-code: a run without it (or the reverse) is drift
+        record["trust_remote_code"] = True
+    return record
 
 
 def write_lock(record: dict[str, Any], path: Path) -> Path:

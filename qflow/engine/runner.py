@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -24,8 +25,10 @@ from .. import __version__
 from ..artifacts import Artifact
 from ..errors import PlanError, QflowError, StageError, disk_full
 from ..recipe.compose import compose_recipe, to_plain
+from ..recipe.libraries import fetched_folders
 from ..recipe.safety import redact
 from ..recipe.validate import validate_shape
+from ..registry import UndeclaredMetricWarning, undeclared_metrics
 from .cache import CacheStore, Entry, flatten
 from .context import StageContext
 from .keys import Keys, compute_keys, environment, resolve_device
@@ -201,6 +204,7 @@ def _run_stage(st: PlannedStage, key: str, ingredients: dict[str, Any], inputs: 
             with _PeakRSS() as rss:
                 outputs = stage.run(ctx, st.config, **inputs)
             _check_outputs(st, outputs, tmp / "outputs")
+            _check_metric_names(st, ctx.metrics)
             for slot, art in outputs.items():
                 Artifact.save(art, tmp / "outputs" / slot)
             result.peak_rss_bytes = ctx.info.get("peak_rss_bytes", rss.peak)
@@ -230,6 +234,17 @@ def _jsonable(obj: Any) -> Any:
         return obj
     except TypeError:
         return json.loads(json.dumps(obj, default=str))
+
+
+def _check_metric_names(st: PlannedStage, metrics: dict[str, float]) -> None:
+    """Warn when a stage logs a metric its ``Stage.metrics`` does not declare: `qflow lint` checks gates
+    against the declaration, so an undeclared name would be refused there although a run logs it."""
+    extra = undeclared_metrics(st.cls, metrics)
+    if extra:
+        warnings.warn(UndeclaredMetricWarning(
+            f"stage {st.uses} ({st.id}) logged {', '.join(extra)}, which its Stage.metrics "
+            f"({', '.join(st.cls.metrics) or 'nothing'}) does not declare; add the names to the stage's metrics"),
+            stacklevel=2)
 
 
 def _check_outputs(st: PlannedStage, outputs: Any, out_dir: Path) -> None:
@@ -326,6 +341,7 @@ def _execute(plan: Plan, opts: RunOptions, overrides: list[str] | None, started:
         {**result.to_json(), "recipe": plan.source, "overrides": overrides or [], "name": plan.recipe.name,
          "keys": {sid: r.key for sid, r in results.items()},
          "memo_keys": sorted({k for r in results.values() for k in r.memo_keys}),
+         "libraries": fetched_folders(opts.libraries),   # fetched git libraries: `qflow cache gc` keeps them
          "finished_at": time.time()}, indent=1, default=str))
     finish_tracking(tracker, result, run_dir)
     return result

@@ -148,7 +148,10 @@ def build_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ckpt
     out_dir.mkdir(parents=True, exist_ok=True)
     if mode == "quantized" and ckpt is None:
         raise OnnxExportError("a quantized export needs a checkpoint")
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    from qflow.recipe.safety import remote_code_allowed, remote_code_refusal
+
+    with remote_code_refusal(str(model_dir)):   # only the command line's --trust-remote-code, never a recipe
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=remote_code_allowed())
     dims = LlamaDims.from_config(config)
     src = FloatSource(model_dir, ckpt)
     _check_layer_names(ckpt, dims)

@@ -219,6 +219,7 @@ def load_exported_model(folder: str | Path, dtype: str = "float32"):
     from transformers import AutoTokenizer
 
     from qflow.models.loading import _torch_dtype
+    from qflow.recipe.safety import remote_code_allowed, remote_code_refusal
 
     folder = Path(folder)
     torch_dtype = _torch_dtype(dtype)
@@ -228,7 +229,9 @@ def load_exported_model(folder: str | Path, dtype: str = "float32"):
     if act:
         _hook_activations(model, act)
     model.eval()
-    return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    with remote_code_refusal(str(folder)):
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=remote_code_allowed())
+    return model, tokenizer
 
 
 # ---------------------------------------------------------------- the compressed-tensors library as reader
@@ -294,9 +297,11 @@ def load_with_compressed_tensors(folder: str | Path, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qflow.models.loading import DEFAULT_ATTN_IMPLEMENTATION, _torch_dtype
+    from qflow.recipe.safety import remote_code_allowed, remote_code_refusal
 
     folder = Path(folder)
     torch_dtype = _torch_dtype(dtype)
+    remote = remote_code_allowed()   # only the command line's --trust-remote-code, never a recipe
     import contextlib
     import io
 
@@ -308,7 +313,8 @@ def load_with_compressed_tensors(folder: str | Path, dtype: str = "float32"):
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             hf_logging.set_verbosity(hf_logging.CRITICAL)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True,
-                                                         attn_implementation=DEFAULT_ATTN_IMPLEMENTATION)
+                                                         attn_implementation=DEFAULT_ATTN_IMPLEMENTATION,
+                                                         trust_remote_code=remote)
         how = "transformers+compressed-tensors"
     except (RuntimeError, ValueError, OSError) as err:
         model = _float_model(folder, torch_dtype)
@@ -328,7 +334,9 @@ def load_with_compressed_tensors(folder: str | Path, dtype: str = "float32"):
     if act and not how.startswith("transformers"):
         _hook_activations(model, act)
     model.eval()
-    return model, AutoTokenizer.from_pretrained(folder, local_files_only=True), how
+    with remote_code_refusal(str(folder)):
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=remote)
+    return model, tokenizer, how
 
 
 def _ct_version() -> str:
@@ -344,12 +352,22 @@ def _float_model(folder: Path, torch_dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qflow.models.loading import DEFAULT_ATTN_IMPLEMENTATION
+    from qflow.recipe.safety import remote_code_allowed, remote_code_refusal
 
+    remote = remote_code_allowed()   # only the command line's --trust-remote-code, never a recipe
     raw = json.loads((folder / "config.json").read_text())
-    raw.pop("quantization_config", None)
-    raw.pop("qflow", None)
-    config = AutoConfig.for_model(**raw)
-    return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=DEFAULT_ATTN_IMPLEMENTATION)
+    dropped = ("quantization_config", "qflow")   # the float model qflow fills with its own decoded weights
+    if "auto_map" in raw:   # the checkpoint's own configuration class
+        with remote_code_refusal(str(folder)):
+            config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=remote)
+        for key in dropped:
+            if hasattr(config, key):
+                delattr(config, key)
+    else:
+        config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k not in dropped})
+    with remote_code_refusal(str(folder)):
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=remote,
+                                                attn_implementation=DEFAULT_ATTN_IMPLEMENTATION)
 
 
 def _load_decoded(model, state: dict, folder: Path, torch_dtype) -> None:

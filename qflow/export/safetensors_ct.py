@@ -57,9 +57,13 @@ def linear_module_names(config_dir: Path) -> list[str]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    from qflow.recipe.safety import remote_code_allowed, remote_code_refusal
+
+    remote = remote_code_allowed()   # only the command line's --trust-remote-code, never a recipe
+    with remote_code_refusal(str(config_dir)):
+        config = AutoConfig.from_pretrained(config_dir, local_files_only=True, trust_remote_code=remote)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 

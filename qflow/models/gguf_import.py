@@ -265,7 +265,7 @@ def _gguf_to_hf_names(config, arch: str) -> dict[str, str]:
     arch_enum = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
     tmap = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)   # a config qflow built
     out = {}
     for name in skeleton.state_dict():
         base, _, suffix = name.rpartition(".")
@@ -360,5 +360,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, source: str | None = None) -> N
     writer.close()
     config.save_pretrained(out_dir)
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    from ..recipe.safety import remote_code_allowed
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                              trust_remote_code=remote_code_allowed())
     tokenizer.save_pretrained(out_dir)

@@ -153,10 +153,11 @@ def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str 
     if not (path / "config.json").is_file():
         raise SourceError(f"{path} is not a resolved model folder (no config.json)",
                           fix="pass the .path of resolve_model(source, cache_dir)")
-    from qflow.recipe.safety import remote_code_allowed
+    from qflow.recipe.safety import remote_code_allowed, remote_code_refusal
 
     remote = remote_code_allowed()   # only the command line's --trust-remote-code, never a recipe
-    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=remote)
+    with remote_code_refusal(str(path)):
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=remote)
     with torch.device("meta"):
         try:
             skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype,

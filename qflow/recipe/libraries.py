@@ -15,7 +15,11 @@ A *library* is a folder of YAML recipe pieces with a name. The sources:
 * ``--lib git+URL@COMMIT[#SUBDIR]``: a git repository pinned to a commit,
   cloned once into ``<cache>/libs`` with hooks, LFS filters, symlinks and
   submodules off, and a time limit (``QFLOW_GIT_TIMEOUT`` seconds, default 120)
-  so an unreachable URL is an error, not a hang.
+  so an unreachable URL is an error, not a hang. Each run that resolves it
+  touches its ``.qflow-used`` stamp and lists it in its ``summary.json``;
+  ``qflow cache gc`` removes fetched libraries that none of the last ``--keep``
+  runs lists and that no run used for ``--libs-days`` days
+  (:func:`collect_fetched`), and only folders of the shapes qflow writes.
 
 Every library is reachable unqualified (``team/model``) and qualified by its
 name (``teamlib/team/model``). A name that two libraries (or a library and the
@@ -38,6 +42,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +53,10 @@ QFLOW_LIB = QFLOW_LIB_ROOT / "qflow" / "lib"
 ENTRY_POINT_GROUP = "qflow.recipes"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 _SHA = re.compile(r"^[0-9a-fA-F]{7,40}$")
+FETCHED_STAMP = ".qflow-commit"   # written inside a fetch's temp folder, before its rename into place
+USED_STAMP = ".qflow-used"        # touched whenever a run resolves the library (its age: days unused)
+_FETCHED = re.compile(r"^[A-Za-z0-9_.-]+-[0-9a-f]{10}-[0-9a-f]{7,40}$")   # <repo>-<url hash>-<commit>
+_NAMES = re.compile(r"^[0-9a-f]{16}$")                                    # libs/names/<digest>
 
 
 @dataclass(frozen=True)
@@ -81,12 +90,17 @@ def builtin() -> Library:
 
 # ---- sources -----------------------------------------------------------------------
 
-def resolve_library(spec: str, cache_dir: Path) -> Library:
-    """The :class:`Library` for one ``--lib`` / ``QFLOW_RECIPE_PATH`` spec."""
-    name = ""
+def _split_name(spec: str) -> tuple[str, str]:
+    """``NAME=SPEC`` -> (NAME, SPEC); a spec without a name -> ("", spec)."""
     head, sep, tail = spec.partition("=")
     if sep and _NAME.match(head) and "://" not in head:
-        name, spec = head, tail
+        return head, tail
+    return "", spec
+
+
+def resolve_library(spec: str, cache_dir: Path) -> Library:
+    """The :class:`Library` for one ``--lib`` / ``QFLOW_RECIPE_PATH`` spec."""
+    name, spec = _split_name(spec)
     if spec.startswith("git+"):
         lib = _git_library(spec, cache_dir)
     elif spec.startswith("pkg://"):
@@ -183,14 +197,47 @@ def parse_git_spec(spec: str) -> tuple[str, str, str]:
     return url, ref.lower(), subdir
 
 
+def _repo_name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git") or "git"
+
+
+def git_folder(spec: str, cache_dir: Path) -> Path:
+    """Where ``git+URL@COMMIT[#SUBDIR]`` is fetched: ``<cache>/libs/<repo>-<url hash>-<commit>``."""
+    url, sha, _ = parse_git_spec(spec)
+    return Path(cache_dir) / "libs" / (f"{re.sub(r'[^A-Za-z0-9_.-]', '_', _repo_name(url))}-"
+                                       f"{hashlib.sha256(url.encode()).hexdigest()[:10]}-{sha}")
+
+
+def fetched_folders(specs: list[str]) -> list[str]:
+    """The ``<cache>/libs`` folder names of the git libraries among ``specs`` and ``QFLOW_RECIPE_PATH``
+    (what a run's summary records, so that ``qflow cache gc`` keeps them)."""
+    env = [s for s in os.environ.get("QFLOW_RECIPE_PATH", "").split(os.pathsep) if s]
+    out = set()
+    for spec in list(specs) + env:
+        spec = _split_name(spec)[1]
+        if spec.startswith("git+"):
+            try:
+                out.add(git_folder(spec, Path(".")).name)
+            except RecipeError:
+                continue
+    return sorted(out)
+
+
+def _touch(path: Path) -> None:
+    try:
+        path.touch()
+    except OSError:   # a read-only cache: the library is simply never counted as used
+        pass
+
+
 def _git_library(spec: str, cache_dir: Path) -> Library:
     url, sha, subdir = parse_git_spec(spec)
-    base = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git") or "git"
-    dest = Path(cache_dir) / "libs" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', base)}-" \
-        f"{hashlib.sha256(url.encode()).hexdigest()[:10]}-{sha}"
-    stamp = dest / ".qflow-commit"
+    base = _repo_name(url)
+    dest = git_folder(spec, cache_dir)
+    stamp = dest / FETCHED_STAMP
     if not stamp.is_file():
         _git_fetch(url, sha, dest, spec)
+    _touch(dest / USED_STAMP)
     commit = stamp.read_text().strip()
     root = (dest / "tree" / subdir).resolve() if subdir else (dest / "tree").resolve()
     if not root.is_dir() or not _inside(root, (dest / "tree").resolve()):
@@ -229,11 +276,11 @@ def _git_fetch(url: str, sha: str, dest: Path, spec: str) -> None:
         if not commit.startswith(sha):
             raise RecipeError(f"{sha} resolved to commit {commit}, not a commit with that prefix",
                               where=f"--lib {spec}", fix="pin the library to a commit id, not a branch or tag name")
-        (tmp / ".qflow-commit").write_text(commit + "\n")
+        (tmp / FETCHED_STAMP).write_text(commit + "\n")
         try:
             os.replace(tmp, dest)
         except OSError:
-            if not (dest / ".qflow-commit").is_file():   # not a concurrent fetch of the same commit
+            if not (dest / FETCHED_STAMP).is_file():   # not a concurrent fetch of the same commit
                 raise
     finally:
         if tmp.exists():
@@ -272,7 +319,9 @@ def qualified_root(libs: list[Library], cache_dir: Path) -> Path | None:
         return None
     digest = hashlib.sha256("\n".join(f"{lib.name}={lib.root}" for lib in mine).encode()).hexdigest()[:16]
     folder = Path(cache_dir).resolve() / "libs" / "names" / digest
-    if not folder.is_dir():
+    if folder.is_dir():
+        _touch(folder)   # its age is the time since the last run used it (qflow cache gc)
+    else:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".names-", dir=folder.parent))
         for lib in mine:
@@ -390,3 +439,75 @@ def list_recipes(libs: list[Library], local: Path | None = None) -> list[dict[st
             rows.append({"name": name, "qualified": name if lib_name == "local" else f"{lib_name}/{name}",
                          "library": lib_name, "file": str(path), "description": header_comment(path)})
     return rows
+
+
+# ---- cache gc ------------------------------------------------------------------------
+
+def _days_since(path: Path, now: float) -> float:
+    try:
+        return (now - path.stat().st_mtime) / 86400
+    except OSError:
+        return float("inf")
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def collect_fetched(cache_dir: Path, keep: set[str], unused_days: float, stale_days: float,
+                    dry_run: bool = False) -> dict[str, list[tuple[str, int]]]:
+    """Remove (or with ``dry_run`` list) what ``<cache>/libs`` holds that no run needs any more.
+
+    * a fetched git library (``<repo>-<url hash>-<commit>/`` holding ``.qflow-commit``) whose name is not
+      in ``keep`` (the libraries the last runs list in their summaries) and that no run resolved for
+      ``unused_days`` days (its ``.qflow-used`` stamp; ``.qflow-commit`` for a library never used since);
+      a run that needs it again fetches it again (the commit is pinned);
+    * a qualified-name folder (``names/<digest>/`` of links only) unused for ``unused_days`` days or
+      whose link targets are gone (re-created on the next use);
+    * temp folders of fetches or name folders (``.fetch-*``, ``names/.names-*``) ``stale_days`` old.
+
+    Anything else (other names, files, links, a folder holding something qflow does not write) is
+    never touched. Returns ``{"libraries" | "names" | "temps": [(name, bytes)]}``.
+    """
+    out: dict[str, list[tuple[str, int]]] = {"libraries": [], "names": [], "temps": []}
+    libs = Path(cache_dir) / "libs"
+    if libs.is_symlink() or not libs.is_dir():
+        return out
+    now = time.time()
+
+    def drop(kind: str, folder: Path) -> None:
+        size = _size(folder)
+        out[kind].append((folder.name, size))
+        if dry_run:
+            return
+        if kind == "libraries":   # out of the way first: a killed gc leaves a temp the next gc removes
+            moved = folder.with_name(f".fetch-gc-{folder.name}")
+            os.replace(folder, moved)
+            folder = moved
+        shutil.rmtree(folder, ignore_errors=True)
+
+    for child in sorted(libs.iterdir()):
+        if child.is_symlink() or not child.is_dir():
+            continue
+        if child.name.startswith(".fetch-"):
+            if _days_since(child, now) >= stale_days:
+                drop("temps", child)
+        elif _FETCHED.match(child.name) and (child / FETCHED_STAMP).is_file() and child.name not in keep:
+            used = child / USED_STAMP
+            if _days_since(used if used.exists() else child / FETCHED_STAMP, now) >= unused_days:
+                drop("libraries", child)
+    names = libs / "names"
+    if names.is_dir() and not names.is_symlink():
+        for child in sorted(names.iterdir()):
+            if child.is_symlink() or not child.is_dir():
+                continue
+            links = list(child.iterdir())
+            if not all(link.is_symlink() for link in links):
+                continue   # not a folder of links qflow wrote
+            if child.name.startswith(".names-"):
+                if _days_since(child, now) >= stale_days:
+                    drop("temps", child)
+            elif _NAMES.match(child.name):
+                if any(not link.exists() for link in links) or _days_since(child, now) >= unused_days:
+                    drop("names", child)
+    return out

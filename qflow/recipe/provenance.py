@@ -5,7 +5,11 @@ Hydra merges the files of the defaults tree in order (each at its package:
 the command-line overrides. :func:`sources` replays that order on the files'
 YAML node trees, which carry line numbers, and answers, for each leaf of the
 composed recipe, the last file and line (or override) that set it or a mapping
-above it.
+above it. Keys are matched as paths of components, so a key that contains dots
+(a per-layer pattern such as ``model.layers.0.mlp.down_proj``) is one component:
+it never takes the line of a different key that flattens to the same text. In
+the returned dotted keys such a component is written ``["..."]``
+(:func:`dotted`): ``stages.quantize.with.layers["model.layers.0.mlp"].bits``.
 
 Example::
 
@@ -52,7 +56,22 @@ def defaults_files(recipe: str | os.PathLike, overrides: list[str], *, libraries
     return out
 
 
-def _leaf_lines(node, prefix: str, out: dict[str, int]) -> None:
+Path_ = tuple[str, ...]   # a key as its components: ("stages", "quantize", "with", "layers", "model.layers.0")
+
+
+def dotted(path: Path_) -> str:
+    """A key path as one string: components joined by dots, a component holding a dot or a bracket as
+    ``["..."]`` (JSON-quoted), so two different paths never give the same string."""
+    out = ""
+    for part in path:
+        if "." in part or "[" in part or "]" in part or not part:
+            out += f"[{json.dumps(part)}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _leaf_lines(node, prefix: Path_, out: dict[Path_, int]) -> None:
     import yaml
 
     if isinstance(node, yaml.MappingNode):
@@ -61,35 +80,37 @@ def _leaf_lines(node, prefix: str, out: dict[str, int]) -> None:
             key = str(key_node.value)
             if not prefix and key == "defaults":
                 continue
-            _leaf_lines(value_node, f"{prefix}.{key}" if prefix else key, out)
+            _leaf_lines(value_node, (*prefix, key), out)
     else:
         out[prefix] = node.start_mark.line + 1
 
 
-def file_lines(file: Path, package: str) -> dict[str, int]:
-    """Dotted key -> line for every key the file sets, under its package."""
+def file_lines(file: Path, package: str) -> dict[Path_, int]:
+    """Key path -> line for every key the file sets, under its package (a dotted group path)."""
     import yaml
 
     node = yaml.compose(Path(file).read_text(encoding="utf-8"))
-    lines: dict[str, int] = {}
+    lines: dict[Path_, int] = {}
     if node is not None:
-        _leaf_lines(node, "", lines)
-    return {f"{package}.{k}" if package else k: v for k, v in lines.items()}
+        _leaf_lines(node, (), lines)
+    base = tuple(package.split(".")) if package else ()
+    return {(*base, *k): v for k, v in lines.items()}
 
 
-def _override_keys(overrides: list[str]) -> dict[str, str]:
+def _override_keys(overrides: list[str]) -> dict[Path_, str]:
     keys = {}
     for o in overrides:
         key, eq, _ = o.partition("=")
         key = key.lstrip("+~")
         if eq and "/" not in key and not key.startswith("hydra"):
-            keys[key] = f"command line: {o}"
+            keys[tuple(key.split("."))] = f"command line: {o}"   # Hydra's override keys: dots separate keys
     return keys
 
 
 def sources(recipe: str | os.PathLike, overrides: list[str] | None = None, *, libraries: list[str] | None = None,
             cache_dir: Path | None = None) -> tuple[dict[str, Any], dict[str, str]]:
-    """The composed recipe (resolved) and, per dotted leaf key, ``file:line`` or ``command line: OVERRIDE``."""
+    """The composed recipe (resolved) and, per leaf key (:func:`dotted`), ``file:line`` or
+    ``command line: OVERRIDE``."""
     from .compose import compose_recipe, to_plain
 
     overrides = list(overrides or [])
@@ -98,31 +119,31 @@ def sources(recipe: str | os.PathLike, overrides: list[str] | None = None, *, li
 
     raw = OmegaConf.to_container(compose_recipe(recipe, overrides, libraries=libraries, cache_dir=cache_dir,
                                                 resolve=False), resolve=False)
-    setters: dict[str, str] = {}
+    setters: dict[Path_, str] = {}
     for file, package in defaults_files(recipe, overrides, libraries=libraries, cache_dir=cache_dir):
-        for key, line in file_lines(file, package).items():
-            setters[key] = f"{file}:{line}"
+        for path, line in file_lines(file, package).items():
+            setters[path] = f"{file}:{line}"
     setters.update(_override_keys(overrides))
     where = {}
-    for key in _leaves(cfg, ""):
-        parts = key.split(".")
-        for n in range(len(parts), 0, -1):
-            found = setters.get(".".join(parts[:n]))
+    for path in _leaves(cfg, ()):
+        key = dotted(path)
+        for n in range(len(path), 0, -1):
+            found = setters.get(path[:n])
             if found:
                 where[key] = found
                 break
         else:
             where[key] = "?"
-        expr = _raw_at(raw, key)
+        expr = _raw_at(raw, path)
         if isinstance(expr, str) and "${" in expr:
             where[key] += f" (= {expr})"
     return cfg, where
 
 
-def _raw_at(raw: Any, key: str) -> Any:
-    """The unresolved value at ``key`` or at the nearest parent that is an interpolation string."""
+def _raw_at(raw: Any, path: Path_) -> Any:
+    """The unresolved value at ``path`` or at the nearest parent that is an interpolation string."""
     node = raw
-    for part in key.split("."):
+    for part in path:
         if isinstance(node, str):
             return node
         if not isinstance(node, dict) or part not in node:
@@ -131,10 +152,10 @@ def _raw_at(raw: Any, key: str) -> Any:
     return node
 
 
-def _leaves(obj: Any, prefix: str):
+def _leaves(obj: Any, prefix: Path_):
     if isinstance(obj, dict) and obj:
         for k, v in obj.items():
-            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+            yield from _leaves(v, (*prefix, str(k)))
     else:
         yield prefix
 
@@ -151,17 +172,17 @@ def render(cfg: dict[str, Any], where: dict[str, str], root: Path | None = None)
                 return src
         return src
 
-    def walk(obj: Any, prefix: str, indent: int) -> None:
+    def walk(obj: Any, prefix: Path_, indent: int) -> None:
         for k, v in obj.items():
-            key = f"{prefix}.{k}" if prefix else str(k)
+            path = (*prefix, str(k))
             pad = "  " * indent
             if isinstance(v, dict) and v:
                 rows.append((f"{pad}{k}:", ""))
-                walk(v, key, indent + 1)
+                walk(v, path, indent + 1)
             else:
-                rows.append((f"{pad}{k}: {json.dumps(v, default=str)}", short(where.get(key, "?"))))
+                rows.append((f"{pad}{k}: {json.dumps(v, default=str)}", short(where.get(dotted(path), "?"))))
 
-    walk(cfg, "", 0)
+    walk(cfg, (), 0)
     width = min(max((len(t) for t, _ in rows), default=0), 70)
     return "\n".join(f"{t:<{width}}  # {s}" if s else t for t, s in rows)
 

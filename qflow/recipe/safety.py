@@ -44,10 +44,11 @@ Example::
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from ..errors import RecipeError
+from ..errors import RecipeError, SourceError
 
 from .libraries import QFLOW_LIB  # noqa: E402  (qflow/recipe_lib/qflow/lib, shipped in the package)
 _TRUSTED_SOURCES = ("pkg://hydra.conf", "pkg://hydra_plugins", "structured://")
@@ -308,6 +309,38 @@ def remote_code_allowed() -> bool:
     """What every transformers ``from_pretrained`` / ``from_config`` of a model qflow loads passes as
     ``trust_remote_code``."""
     return os.environ.get(REMOTE_CODE_ENV) == "1"
+
+
+@contextmanager
+def remote_code(enabled: bool) -> Iterator[None]:
+    """The Python API's ``trust_remote_code=True`` for one call (and the sweep jobs it starts): set for the
+    call, restored after it, so a later call in the same notebook does not inherit it."""
+    before = os.environ.get(REMOTE_CODE_ENV)
+    if enabled:
+        os.environ[REMOTE_CODE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if enabled:
+            if before is None:
+                os.environ.pop(REMOTE_CODE_ENV, None)
+            else:
+                os.environ[REMOTE_CODE_ENV] = before
+
+
+@contextmanager
+def remote_code_refusal(where: str) -> Iterator[None]:
+    """transformers' refusal to run a checkpoint's own code (a ValueError naming ``trust_remote_code``) as
+    qflow's one-paragraph error naming the flag."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc) or remote_code_allowed():
+            raise
+        raise SourceError("the model's configuration needs its own Python code (auto_map), which qflow runs only "
+                          "when you allow it", where=where,
+                          fix="pass --trust-remote-code on the command line (trust_remote_code=True in the Python "
+                              "API) if you trust the model's code") from None
 
 
 def check_no_remote_code(plain: Any, where: str) -> None:
