@@ -140,6 +140,8 @@ class PerLayerConfig(StageConfig):
         default_factory=dict, description="per-layer spec changes {module name | re:REGEX: {bits, group_size, ...}}, "
                                           "applied in order, the last match wins; beat a plan input")
     ignore: list[str] = Field(default_factory=list, description="module names / re:REGEX patterns left float")
+    moe_quantize_router: bool = Field(False, description="mixture-of-experts: quantize the routers (mlp.gate, "
+                                      "mlp.shared_expert_gate) too; by default they stay float")
 
     @field_validator("ignore")
     @classmethod

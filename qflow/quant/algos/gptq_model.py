@@ -163,7 +163,8 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
     mid: torch.Tensor | None = None      # residual stream after the (quantized) attention half
     out_of = {adapter.attn_out_linear: "attn", adapter.mlp_out_linear: "mlp"} if adapter.splits_residual else {}
     kept: torch.Tensor | None = None     # the inputs of a half's output linear, captured by its pass
-    counted = False                      # tokens per expert recorded (mixture-of-experts blocks)
+    token_rows: dict[str, int] = {}      # mixture-of-experts: calibration rows per (canonical) input
+    routed_counts: dict[str, list[int]] = {}
 
     def mlp_half(h: torch.Tensor) -> torch.Tensor:
         return adapter.mlp_half(block.module, h)
@@ -198,9 +199,12 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
                 acts = block.run(stream=group, capture=keep, on_input=on_input, inputs=mid, forward=mlp_half)
             else:
                 acts = block.run(stream=group, capture=keep, on_input=on_input)
-        if not counted and any(adapter.routed(n) for n in group):   # the experts' gate/up pass
-            record_expert_tokens(block, routed, lambda rel: accs[rel].n_tokens if rel in accs else 0)
-            counted = True
+        if any(adapter.routed(n) for n in group):
+            # tokens per expert: each input's rows as first streamed (gate/up), and the router's
+            # assignments from a pass that ran the routing (a pass may stop inside the router)
+            token_rows.update({k: acc.n_tokens for k, acc in accs.items() if k not in token_rows})
+            if any(sum(c) for c in routed.values()):
+                routed_counts = routed
         kept = acts.inputs.get(keep[0]) if keep else None
         _quantize_sub_step(block, group, accs, layer_spec, opts, hessian_seconds=time.perf_counter() - t0)
         done.update(group)
@@ -214,6 +218,8 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
             kept = None
     if mid is not None and not block.is_last and block.next_inputs is None:
         block.next_inputs = block.run(outputs=True, inputs=mid, forward=mlp_half).outputs
+    if routed_counts:
+        record_expert_tokens(block, routed_counts, lambda rel: token_rows.get(rel, 0))
 
 
 def quantize_model_gptq(ctx: Any, model: torch.nn.Module, adapter: ArchAdapter, ids: torch.Tensor,
