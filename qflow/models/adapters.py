@@ -204,6 +204,10 @@ class ArchAdapter:
         leaf = name.rsplit(".", 1)[-1]
         return any(marker in leaf for marker in self.clip_skip_markers)
 
+    def is_router(self, name: str) -> bool:
+        """True for a mixture-of-experts router linear: left float unless a spec says otherwise."""
+        return False
+
     def routed(self, name: str) -> bool:
         """True for a linear that sees only the tokens a router sends it (an expert: a pass may give it none)."""
         return False

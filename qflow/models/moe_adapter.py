@@ -78,6 +78,9 @@ class MoEAdapter(ArchAdapter):
         return ([f"{SHARED}.down_proj"] if moe.has_shared_expert else []) + [
             self.expert_linears(e)[2] for e in range(moe.num_experts)]
 
+    def is_router(self, name: str) -> bool:
+        return name in (ROUTER, SHARED_GATE)
+
     def routed(self, name: str) -> bool:
         return name.startswith("mlp.experts.")
 

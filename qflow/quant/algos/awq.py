@@ -447,8 +447,10 @@ def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True,
 
     base = opts.spec()
 
-    def layer_spec(rel: str) -> QuantSpec | None:
-        return spec_for(block.full_name(rel)) if spec_for is not None else base
+    def layer_spec(rel: str) -> QuantSpec | None:   # default: every linear but MoE routers
+        if spec_for is not None:
+            return spec_for(block.full_name(rel))
+        return None if block.adapter.is_router(rel) else base
 
     names = block.adapter.linear_names(block.module)
     for name in names:

@@ -154,8 +154,10 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
     adapter: ArchAdapter = block.adapter
     base = spec or opts.spec()
 
-    def layer_spec(rel: str) -> QuantSpec | None:
-        return spec_for(block.full_name(rel)) if spec_for is not None else base
+    def layer_spec(rel: str) -> QuantSpec | None:   # default: every linear but MoE routers
+        if spec_for is not None:
+            return spec_for(block.full_name(rel))
+        return None if adapter.is_router(rel) else base
 
     names, groups, floats = _sub_steps(block, opts, layer_spec)
     attn = set(adapter.attn_linears)
