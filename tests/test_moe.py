@@ -197,8 +197,10 @@ def _quantize(tmp_path, model, method, ids, **kw):
     return Checkpoint(res.checkpoint_dir), json.loads((tmp_path / "scratch" / "moe_tokens.json").read_text())
 
 
-@pytest.mark.parametrize("family,method", [("mixtral", "awq"), ("mixtral", "gptq"), ("qwen2_moe", "awq"),
-                                           ("qwen2_moe", "gptq")])
+@pytest.mark.parametrize("family,method", [("mixtral", "awq"), ("qwen2_moe", "gptq"),
+                                           pytest.param("mixtral", "gptq", marks=pytest.mark.slow),
+                                           pytest.param("qwen2_moe", "awq", marks=pytest.mark.slow),
+                                           pytest.param("qwen3_moe", "gptq", marks=pytest.mark.slow)])
 def test_methods_calibrate_each_expert_on_its_tokens(tmp_path, family, method):
     fp = tiny_moe(family, seed=5)
     ids = calib_ids(4, 16, vocab=VOCAB)
@@ -234,7 +236,7 @@ def _without_expert_3(model: nn.Module) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq"])
+@pytest.mark.parametrize("method", ["gptq", pytest.param("awq", marks=pytest.mark.slow)])
 def test_an_expert_without_tokens_falls_back_to_rtn_with_a_warning(tmp_path, method, caplog):
     """Expert 3 is never routed to: it is rounded to nearest (no scale, no Hessian), named in a warning
     and counted in moe_experts_without_tokens; with the all-experts option it is calibrated."""
