@@ -54,7 +54,7 @@ def family_problems(ckpt, fmt: str, families: tuple[str, ...]) -> list[str]:
             f"(fix: export this model with export.safetensors)"]
 
 
-# mixture-of-experts families: qflow quantizes their experts as separate linears (docs/METHODS.md §12);
+# mixture-of-experts families: qflow quantizes their experts as separate linears (docs/METHODS.md §4.2);
 # no exporter writes them back into a loader's expert layout (fused 3-D tensors or Mixtral's w1/w2/w3) yet
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 

@@ -395,7 +395,7 @@ def config_linear_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
     head_dim = int(config.get("head_dim") or hidden // heads)
     inter = int(config["intermediate_size"])
     experts = {}
-    if config.get("moe_intermediate_size") or config.get("num_local_experts"):   # docs/METHODS.md §12
+    if config.get("moe_intermediate_size") or config.get("num_local_experts"):   # docs/METHODS.md §4.2
         moe = int(config.get("moe_intermediate_size") or inter)
         experts = {"mlp.experts.0.gate_proj": (moe, hidden), "mlp.experts.0.down_proj": (hidden, moe)}
         if config.get("shared_expert_intermediate_size"):

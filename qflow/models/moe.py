@@ -1,4 +1,4 @@
-"""Mixture-of-experts blocks with one ``nn.Linear`` per expert (docs/METHODS.md §12).
+"""Mixture-of-experts blocks with one ``nn.Linear`` per expert (docs/METHODS.md §4.2).
 
 transformers 5 keeps all experts of a Mixtral / Qwen2-MoE / Qwen3-MoE block in two
 3-D parameters (``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``)

@@ -1,4 +1,4 @@
-"""The architecture adapter of Mixtral, Qwen2-MoE and Qwen3-MoE (docs/METHODS.md §12).
+"""The architecture adapter of Mixtral, Qwen2-MoE and Qwen3-MoE (docs/METHODS.md §4.2).
 
 Attention is the Llama layout (Qwen3-MoE adds q/k norms after the projections, not
 fold targets). The MLP half is an :class:`~qflow.models.moe.UnfusedSparseMoe` (the

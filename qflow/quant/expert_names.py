@@ -1,6 +1,6 @@
 """Per-expert tensor names of a mixture-of-experts checkpoint, whatever layout the files use.
 
-qflow names every expert projection like any linear (docs/METHODS.md §12):
+qflow names every expert projection like any linear (docs/METHODS.md §4.2):
 ``model.layers.N.mlp.experts.E.{gate,up,down}_proj`` and the router ``model.layers.N.mlp.gate``.
 A model folder may store them three ways, all mapped onto those names here:
 

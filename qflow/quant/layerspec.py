@@ -387,7 +387,7 @@ def stage_layer_specs(cfg: Any, model: Any, plan: Any, *, stage_id: str | None =
     if not shapes:
         raise StageError(f"no linear weights match targets {targets!r} in {folder}", where=f"{where}.targets",
                          fix="adjust the targets regex")
-    # mixture-of-experts routers stay float unless the stage says otherwise (docs/METHODS.md §12)
+    # mixture-of-experts routers stay float unless the stage says otherwise (docs/METHODS.md §4.2)
     from .expert_names import is_router
 
     routers = [] if getattr(cfg, "moe_quantize_router", False) else [n for n in shapes if is_router(n)]

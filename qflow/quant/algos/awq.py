@@ -370,7 +370,7 @@ def search_block_scales(block: Block, opts: AWQOptions, acts: Activations,
         if all(s is None for s in spec):
             continue
         x = acts.inputs[adapter.canonical_input(site.input_of)]
-        if x.numel() == 0:   # an expert no calibration token reached: no scale (RTN fallback, §12)
+        if x.numel() == 0:   # an expert no calibration token reached: no scale (RTN fallback, docs/METHODS.md §4.2)
             continue
         loss_mod = mod.get_submodule(site.loss_module)
         linears = [block.linear(n) for n in site.linears]
@@ -467,7 +467,7 @@ def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True,
                          module_outputs=_nonlinear_loss_modules(block))
     rows = {rel: x.reshape(-1, x.shape[-1]).shape[0] for rel, x in acts.inputs.items()}
     record_expert_tokens(block, routed, lambda rel: rows.get(rel, 0))
-    for name in names:   # experts no calibration token reached: RTN fallback (docs/METHODS.md §12)
+    for name in names:   # experts no calibration token reached: RTN fallback (docs/METHODS.md §4.2)
         if block.adapter.routed(name) and layer_spec(name) is not None and \
                 acts.inputs[block.adapter.canonical_input(name)].numel() == 0:
             warn_no_tokens(block, name, "AWQ")

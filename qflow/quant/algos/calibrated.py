@@ -54,7 +54,7 @@ def open_float_model(cfg: Any, model: Any, *, lazy: bool = True):
     else:
         net, _ = load_model(model.base_model_dir, dtype="float32", attn_implementation=cfg.attn_implementation)
         adapter = get_adapter(net)
-    # mixture-of-experts: every expert sees every token in calibration passes (docs/METHODS.md §12)
+    # mixture-of-experts: every expert sees every token in calibration passes (docs/METHODS.md §4.2)
     set_calibrate_all_experts(net, getattr(cfg, "moe_calibrate_all_experts", False))
     return net, adapter
 

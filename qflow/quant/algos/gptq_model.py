@@ -104,7 +104,7 @@ def _quantize_sub_step(block: Block, group: list[str], hessians: dict[str, Hessi
         key = block.adapter.canonical_input(name)
         tokens = hessians[key].n_tokens
         if block.adapter.routed(name) and tokens == 0:
-            # an expert no calibration token was routed to: no Hessian, RTN (docs/METHODS.md §12)
+            # an expert no calibration token was routed to: no Hessian, RTN (docs/METHODS.md §4.2)
             uses[key] -= 1
             _rtn_fallback(block, name, spec)
             continue

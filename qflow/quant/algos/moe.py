@@ -1,4 +1,4 @@
-"""Mixture-of-experts bookkeeping shared by the calibration-based methods (docs/METHODS.md §12).
+"""Mixture-of-experts bookkeeping shared by the calibration-based methods (docs/METHODS.md §4.2).
 
 Per MoE block, each method records two token counts per expert:
 
