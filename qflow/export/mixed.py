@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..models.moe_adapter import MOE_MODEL_TYPES
 from ..quant.layerspec import spec_text
 
 MAX_NAMED = 6
@@ -56,7 +57,7 @@ def family_problems(ckpt, fmt: str, families: tuple[str, ...]) -> list[str]:
 
 # mixture-of-experts families: qflow quantizes their experts as separate linears (docs/METHODS.md §4.2);
 # no exporter writes them back into a loader's expert layout (fused 3-D tensors or Mixtral's w1/w2/w3) yet
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_FAMILIES = MOE_MODEL_TYPES
 
 
 def moe_export_problem(fmt: str, family: str) -> str:

@@ -35,9 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import StageError
-
-# model_type -> how the router turns logits into top-k weights
-MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+from .moe_adapter import MOE_MODEL_TYPES
 
 
 class ExpertMLP(nn.Module):

@@ -26,10 +26,14 @@ from typing import TYPE_CHECKING
 
 from ..errors import StageError
 from .adapters import ArchAdapter, ScaleSite, SmoothSite, register_adapter
-from .moe import MOE_MODEL_TYPES, UnfusedSparseMoe, is_fused_moe
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch stays out of module import (qflow/models/adapters.py imports this module)
     from torch import nn
+
+    from .moe import UnfusedSparseMoe
+
+# the families whose sparse blocks qflow unfuses (qflow/models/moe.py)
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 ROUTER = "mlp.gate"
 SHARED_GATE = "mlp.shared_expert_gate"
@@ -43,6 +47,8 @@ class MoEAdapter(ArchAdapter):
     model_types = MOE_MODEL_TYPES
 
     def __init__(self, model: "nn.Module"):
+        from .moe import is_fused_moe
+
         super().__init__(model)
         fused = [i for i, layer in enumerate(self.blocks()) if is_fused_moe(getattr(layer, "mlp", layer))]
         if fused:
@@ -52,8 +58,10 @@ class MoEAdapter(ArchAdapter):
                                  "qflow.models.moe.unfuse_experts(model) first")
 
     # ---- the sparse block --------------------------------------------------
-    def sparse(self, block: "nn.Module | None" = None) -> UnfusedSparseMoe | None:
+    def sparse(self, block: "nn.Module | None" = None) -> "UnfusedSparseMoe | None":
         """The block's UnfusedSparseMoe (block 0 by default), or None for a dense layer."""
+        from .moe import UnfusedSparseMoe
+
         block = block if block is not None else self.blocks()[0]
         mlp = getattr(block, "mlp", None)
         return mlp if isinstance(mlp, UnfusedSparseMoe) else None
@@ -62,10 +70,10 @@ class MoEAdapter(ArchAdapter):
     def expert_linears(e: int) -> tuple[str, str, str]:
         return (f"mlp.experts.{e}.gate_proj", f"mlp.experts.{e}.up_proj", f"mlp.experts.{e}.down_proj")
 
-    def _routers(self, moe: UnfusedSparseMoe) -> list[str]:
+    def _routers(self, moe: "UnfusedSparseMoe") -> list[str]:
         return [ROUTER] + ([SHARED_GATE] if moe.has_shared_expert else [])
 
-    def _mlp_in(self, moe: UnfusedSparseMoe) -> list[str]:
+    def _mlp_in(self, moe: "UnfusedSparseMoe") -> list[str]:
         """Everything reading the post-attention norm's output."""
         names = self._routers(moe)
         if moe.has_shared_expert:
@@ -74,7 +82,7 @@ class MoEAdapter(ArchAdapter):
             names += list(self.expert_linears(e)[:2])
         return names
 
-    def _downs(self, moe: UnfusedSparseMoe) -> list[str]:
+    def _downs(self, moe: "UnfusedSparseMoe") -> list[str]:
         return ([f"{SHARED}.down_proj"] if moe.has_shared_expert else []) + [
             self.expert_linears(e)[2] for e in range(moe.num_experts)]
 
@@ -102,8 +110,7 @@ class MoEAdapter(ArchAdapter):
         if name in (SHARED_GATE, f"{SHARED}.gate_proj", f"{SHARED}.up_proj"):
             return ROUTER
         if name.startswith("mlp.experts.") and name.endswith(("gate_proj", "up_proj")):
-            if any(isinstance(getattr(layer, "mlp", None), UnfusedSparseMoe) and layer.mlp.calibrate_all_experts
-                   for layer in self.blocks()):
+            if any(getattr(getattr(layer, "mlp", None), "calibrate_all_experts", False) for layer in self.blocks()):
                 return ROUTER     # every expert runs on every token: its input is the router's
             return name.rsplit(".", 1)[0] + ".gate_proj"
         return super().canonical_input(name)
