@@ -137,6 +137,19 @@ def test_fused_model_is_refused_by_the_adapter_with_the_fix():
         get_adapter(tiny_moe("mixtral", fused=True))
 
 
+def test_preflight_sees_the_experts_widths_and_weights():
+    """Group-size check and memory estimate from config.json count the experts (no model build)."""
+    from qflow.models.adapters import check_group_size
+    from qflow.models.memory import calibrated_stage_bytes, model_params
+
+    config = tiny_moe("qwen2_moe").config.to_dict()
+    assert any("[32]" in p for p in check_group_size(config, 64))   # moe_intermediate_size 32
+    dense = {k: v for k, v in config.items() if k not in ("num_experts", "moe_intermediate_size")}
+    assert model_params(config) > model_params(dense)
+    assert calibrated_stage_bytes(config, n_samples=4, seq_len=16, hessians=True) > \
+        calibrated_stage_bytes(dense, n_samples=4, seq_len=16, hessians=True)
+
+
 # ---- adapter and exact folds ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -207,8 +220,16 @@ def test_methods_calibrate_each_expert_on_its_tokens(tmp_path, family, method):
     ckpt, report = _quantize(tmp_path / "routed", copy.deepcopy(fp), method, ids)
     assert len(ckpt.layers) == 2 * _n_linears(family)
     assert not any(n.endswith("mlp.gate") or n.endswith("shared_expert_gate") for n in ckpt.layers)   # routers float
-    err = _rel(_logits(apply_checkpoint(copy.deepcopy(fp), ckpt, mode="dequant"), ids), _logits(fp, ids))
+    quant = apply_checkpoint(copy.deepcopy(fp), ckpt, mode="dequant")
+    err = _rel(_logits(quant, ids), _logits(fp, ids))
     assert 0 < err < 0.5, err
+    if method == "awq":   # evaluation's per-layer report: experts get the isolated error only
+        from qflow.evaluation.layers import layer_report
+
+        rows = {r["layer"]: r for r in layer_report(fp, quant, ckpt, ids[:2])}
+        expert = rows["model.layers.1.mlp.experts.0.up_proj"]
+        assert expert["isolated_sqnr_db"] > 0 and expert["accumulated_sqnr_db"] != expert["accumulated_sqnr_db"]
+        assert rows["model.layers.1.self_attn.o_proj"]["accumulated_sqnr_db"] > 0
     n_tokens = ids.numel()
     for name, counts in report["blocks"].items():
         assert sum(counts["routed"]) == 2 * n_tokens, name   # top-2: every token reaches two experts
