@@ -131,7 +131,7 @@ def _decoder_blocks(model: nn.Module, sites: list[_Site]) -> tuple[str, list[nn.
     stacks = set()
     for s in sites:
         parts = s.name.split(".")
-        for k in range(len(parts) - 1, 0, -1):
+        for k in range(1, len(parts)):   # the outermost numbered list (not a block's experts)
             parent = ".".join(parts[:k - 1])
             if parts[k - 1].isdigit() and isinstance(model.get_submodule(parent), nn.ModuleList):
                 stacks.add(parent)
