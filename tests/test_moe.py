@@ -137,6 +137,21 @@ def test_fused_model_is_refused_by_the_adapter_with_the_fix():
         get_adapter(tiny_moe("mixtral", fused=True))
 
 
+@pytest.mark.parametrize("quantize_router", [False, True])
+def test_routers_stay_float_unless_the_stage_quantizes_them(tmp_path, quantize_router):
+    from types import SimpleNamespace
+
+    from qflow.quant.layerspec import stage_layer_specs
+    from stages.quantize_rtn import RTNConfig
+
+    tiny_moe("qwen2_moe", fused=True).save_pretrained(tmp_path)
+    cfg = RTNConfig(bits=4, group_size=32, moe_quantize_router=quantize_router)
+    specs = stage_layer_specs(cfg, SimpleNamespace(base_model_dir=tmp_path), None)
+    routers = ["model.layers.0.mlp.gate", "model.layers.1.mlp.shared_expert_gate"]
+    assert all((specs.spec_for(n) is not None) == quantize_router for n in routers)
+    assert specs.spec_for("model.layers.1.mlp.experts.3.down_proj") is not None
+
+
 def test_preflight_sees_the_experts_widths_and_weights():
     """Group-size check and memory estimate from config.json count the experts (no model build)."""
     from qflow.models.adapters import check_group_size
