@@ -34,6 +34,13 @@ SHAPE = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "
 VOCAB, N_CALIB, SEQ_LEN = 512, 16, 128
 
 
+# mixture-of-experts families (docs/METHODS.md §4.2): 4 experts of width MLP/2, top-2 (the active
+# MLP width per token equals the dense families'), Qwen2-MoE with a shared expert of width MLP/2
+MOE = {"mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4}),
+       "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {"num_experts": 4, "shared_expert_intermediate_size": 384}),
+       "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"num_experts": 4})}
+
+
 def build(family: str):
     """The family's model at SHAPE (config extras from tests/test_families.py), weights ~N(0, 0.05²)."""
     import torch
@@ -41,17 +48,28 @@ def build(family: str):
 
     from tests.test_families import FAMILIES
 
-    cfg_name, model_name, extra = FAMILIES[family]
+    shape = dict(SHAPE)
+    if family in MOE:
+        cfg_name, model_name, extra = MOE[family]
+        extra = {**extra, "num_experts_per_tok": 2, "moe_intermediate_size": shape["intermediate_size"] // 2}
+        if family == "mixtral":
+            shape["intermediate_size"] = extra.pop("moe_intermediate_size")
+    else:
+        cfg_name, model_name, extra = FAMILIES[family]
     extra = {k: v for k, v in extra.items() if k != "head_dim"}
     cfg = getattr(transformers, cfg_name)(vocab_size=VOCAB, max_position_embeddings=512, tie_word_embeddings=False,
-                                          head_dim=SHAPE["hidden_size"] // SHAPE["num_attention_heads"],
-                                          **SHAPE, **extra)
+                                          head_dim=shape["hidden_size"] // shape["num_attention_heads"],
+                                          **shape, **extra)
     model = getattr(transformers, model_name)(cfg).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    if family in MOE:
+        from qflow.models.moe import unfuse_experts
+
+        unfuse_experts(model)
     return model
 
 
@@ -95,7 +113,7 @@ def main(argv: list[str]) -> None:
     if len(argv) == 3 and argv[0] == "--one":
         print(json.dumps(one(argv[1], argv[2])))
         return
-    families = argv or sorted(FAMILIES)
+    families = argv or sorted(FAMILIES) + sorted(MOE)
     if "llama" not in families:
         families = ["llama", *families]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")

@@ -57,6 +57,9 @@ class AWQConfig(PerLayerConfig):
     attn_implementation: Literal["sdpa", "eager"] = Field(
         "sdpa", description="attention kernel of the float model while quantizing (sdpa: ~3x faster on CPU)")
     batch_size: int = Field(8, ge=1, description="calibration sequences per forward (memory bound)")
+    moe_calibrate_all_experts: bool = Field(
+        False, description="mixture-of-experts: calibrate every expert on every token (default: on the tokens "
+                           "routed to it); the model's output still uses top-k routing")
 
     @model_validator(mode="before")
     @classmethod
@@ -112,7 +115,8 @@ class AWQ(Stage):
     """
 
     version = 4  # 2: n_sample_token renamed n_clip_tokens; 3: fold factors recorded; 4: per-layer specs
-    metrics = ("mean_best_ratio", "quantize_seconds")   # what it logs (qflow lint checks gates against it)
+    # what it logs (qflow lint checks gates against it); moe_*: mixture-of-experts models only
+    metrics = ("mean_best_ratio", "quantize_seconds", "moe_expert_tokens_min", "moe_experts_without_tokens", "moe_routed_share_min")
     Config = AWQConfig
     inputs = {"model": ModelRef, "calib": CalibSet, "plan": BitAllocation}
     optional_inputs = frozenset({"plan"})

@@ -39,6 +39,9 @@ class GPTQConfig(PerLayerConfig):
     attn_implementation: Literal["sdpa", "eager"] = Field(
         "sdpa", description="attention kernel of the float model while quantizing (sdpa: ~3x faster on CPU)")
     batch_size: int = Field(8, ge=1, description="calibration sequences per forward (memory bound)")
+    moe_calibrate_all_experts: bool = Field(
+        False, description="mixture-of-experts: calibrate every expert on every token (default: on the tokens "
+                           "routed to it); the model's output still uses top-k routing")
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -79,7 +82,8 @@ class GPTQ(Stage):
     """
 
     version = 2  # 2: per-layer specs (layers, ignore, plan)
-    metrics = ("gptq_loss_total", "quantize_seconds")   # what it logs (qflow lint checks gates against it)
+    # what it logs (qflow lint checks gates against it); moe_*: mixture-of-experts models only
+    metrics = ("gptq_loss_total", "quantize_seconds", "moe_expert_tokens_min", "moe_experts_without_tokens", "moe_routed_share_min")
     Config = GPTQConfig
     inputs = {"model": ModelRef, "calib": CalibSet, "plan": BitAllocation}
     optional_inputs = frozenset({"plan"})

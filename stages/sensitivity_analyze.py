@@ -122,20 +122,17 @@ class SensitivityAnalyze(Stage):
 
 
 def _shapes(ctx, cfg, folder) -> dict[str, tuple[int, int]]:
-    from safetensors import safe_open
-
     from qflow.errors import StageError
-    from qflow.quant.weights import linear_names, weight_files
+    from qflow.quant.weights import linear_names, tensor_index
 
     names = linear_names(folder, cfg.targets, cfg.exclude)
     if not names:
         raise StageError(f"no linear weights match targets {cfg.targets!r} in {folder}",
                          where=f"stages.{ctx.stage_id}.with.targets", fix="adjust the targets regex")
-    files = weight_files(folder)
+    index = tensor_index(folder)   # qflow's names (mixture-of-experts: one entry per expert projection)
     shapes = {}
     for name in names:
-        with safe_open(str(files[name + ".weight"]), framework="pt") as h:
-            out_features, in_features = h.get_slice(name + ".weight").get_shape()
+        out_features, in_features = index[name + ".weight"].shape
         shapes[name] = (int(out_features), int(in_features))
     return shapes
 

@@ -47,6 +47,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from qflow.quant.expert_names import expert_of
 from qflow.quant.sqnr import sqnr_from_sums
 
 from .stats import fmt_db
@@ -130,7 +131,7 @@ def _decoder_blocks(model: nn.Module, sites: list[_Site]) -> tuple[str, list[nn.
     stacks = set()
     for s in sites:
         parts = s.name.split(".")
-        for k in range(len(parts) - 1, 0, -1):
+        for k in range(1, len(parts)):   # the outermost numbered list (not a block's experts)
             parent = ".".join(parts[:k - 1])
             if parts[k - 1].isdigit() and isinstance(model.get_submodule(parent), nn.ModuleList):
                 stacks.add(parent)
@@ -201,11 +202,18 @@ def layer_report(fp_model: nn.Module, q_model: nn.Module, ckpt, ids: torch.Tenso
         return hook
 
     def q_site_hook(site: _Site):
+        routed = expert_of(site.name) is not None
+
         def hook(mod, args, out):
+            y = fp_out.pop(site.name, None)
+            if routed or y is None:
+                # an expert (docs/METHODS.md §4.2): the float and quantized models route tokens on
+                # different hidden states, so its rows do not pair up; only the isolated error is defined
+                return
             y_hat = out.detach()
             if site.row_scale is not None:
                 y_hat = y_hat / site.row_scale.to(y_hat.device, y_hat.dtype)
-            site.acc.add(fp_out.pop(site.name), y_hat)
+            site.acc.add(y, y_hat)
         return hook
 
     def capture_args(i: int):
@@ -266,17 +274,20 @@ def layer_report(fp_model: nn.Module, q_model: nn.Module, ckpt, ids: torch.Tenso
 
 def _rows(sites: list[_Site], fold: str) -> list[dict[str, Any]]:
     rows = []
+    nan = math.nan
     for i, s in enumerate(sites):
         spec = s.record.spec
+        iso, acc = s.iso, s.acc   # no token measured (an expert nothing was routed to): NaN, not a perfect score
         rows.append({
             "index": i, "layer": s.name, "format": spec.format, "bits": spec.bits, "group_size": spec.group_size,
             "scheme": spec.scheme or "", "act_bits": spec.act_bits or 0,
             "bpw": s.record.bpw(),   # this layer's own spec (mixed checkpoints differ per row)
             "shape": [s.record.out_features, s.record.in_features],
             "weight_sqnr_db": s.weight_sqnr,
-            "isolated_sqnr_db": s.iso.sqnr(), "isolated_cos": s.iso.cos(), "isolated_cos_token": s.iso.cos_token(),
-            "accumulated_sqnr_db": s.acc.sqnr(), "accumulated_cos": s.acc.cos(),
-            "accumulated_cos_token": s.acc.cos_token(),
+            "isolated_sqnr_db": iso.sqnr() if iso.n_tokens else nan, "isolated_cos": iso.cos() if iso.n_tokens else nan,
+            "isolated_cos_token": iso.cos_token(),
+            "accumulated_sqnr_db": acc.sqnr() if acc.n_tokens else nan, "accumulated_cos": acc.cos() if acc.n_tokens else nan,
+            "accumulated_cos_token": acc.cos_token(),
             "n_tokens": s.iso.n_tokens, "fold_corrected": fold != "none", "fold": fold,
         })
     ranked = sorted(rows, key=lambda r: (r["isolated_sqnr_db"], r["index"]))

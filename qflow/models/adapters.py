@@ -204,6 +204,14 @@ class ArchAdapter:
         leaf = name.rsplit(".", 1)[-1]
         return any(marker in leaf for marker in self.clip_skip_markers)
 
+    def is_router(self, name: str) -> bool:
+        """True for a mixture-of-experts router linear: left float unless a spec says otherwise."""
+        return False
+
+    def routed(self, name: str) -> bool:
+        """True for a linear that sees only the tokens a router sends it (an expert: a pass may give it none)."""
+        return False
+
     # ---- residual halves (lets GPTQ reuse the attention half) ------------
     # True when block(h) == mlp_half(attention_half(h)) op for op (tests check bit-equality)
     splits_residual: ClassVar[bool] = True
@@ -265,6 +273,7 @@ for _cls in (ArchAdapter, MistralAdapter, Qwen2Adapter):
     register_adapter(_cls)
 
 from . import families as _families  # noqa: E402,F401  (registers the other families; needs ArchAdapter)
+from . import moe_adapter as _moe_adapter  # noqa: E402,F401  (Mixtral, Qwen2-MoE, Qwen3-MoE)
 
 
 def known_model_types() -> list[str]:
@@ -385,7 +394,14 @@ def config_linear_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
     kv = int(config.get("num_key_value_heads") or heads)
     head_dim = int(config.get("head_dim") or hidden // heads)
     inter = int(config["intermediate_size"])
-    return {"self_attn.q_proj": (heads * head_dim, hidden), "self_attn.k_proj": (kv * head_dim, hidden),
+    experts = {}
+    if config.get("moe_intermediate_size") or config.get("num_local_experts"):   # docs/METHODS.md §4.2
+        moe = int(config.get("moe_intermediate_size") or inter)
+        experts = {"mlp.experts.0.gate_proj": (moe, hidden), "mlp.experts.0.down_proj": (hidden, moe)}
+        if config.get("shared_expert_intermediate_size"):
+            shared = int(config["shared_expert_intermediate_size"])
+            experts.update({"mlp.shared_expert.gate_proj": (shared, hidden), "mlp.shared_expert.down_proj": (hidden, shared)})
+    return experts | {"self_attn.q_proj": (heads * head_dim, hidden), "self_attn.k_proj": (kv * head_dim, hidden),
             "self_attn.v_proj": (kv * head_dim, hidden), "self_attn.o_proj": (hidden, heads * head_dim),
             "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
 

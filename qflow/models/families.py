@@ -99,10 +99,6 @@ UNSUPPORTED: dict[str, str] = {
               "Gemma3ForConditionalGeneration is not supported",
     "cohere": "Cohere's parallel attention+MLP blocks (one LayerNorm feeding both halves) have no adapter yet",
     "cohere2": "Cohere's parallel attention+MLP blocks (one LayerNorm feeding both halves) have no adapter yet",
-    # transformers 5 keeps all experts of a block in two 3-D parameters (MixtralExperts.gate_up_proj
-    # [E, 2I, H], down_proj [E, H, I]), not one nn.Linear per expert; per-expert quantization is not built
-    **{t: "mixture-of-experts blocks (experts fused into 3-D parameters in transformers 5) are not supported "
-          "yet; quantize a dense model" for t in ("mixtral", "qwen2_moe", "qwen3_moe")},
     **{t: "encoder models (BERT family) are not supported yet; qflow quantizes decoder-only causal LMs"
        for t in ("bert", "roberta", "xlm-roberta", "modernbert")},
 }

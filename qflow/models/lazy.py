@@ -26,11 +26,15 @@ import ctypes.util
 import functools
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import SourceError, StageError
+
+if TYPE_CHECKING:
+    from ..quant.expert_names import TensorRef
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,7 @@ _LOADER_ATTR = "qflow_block_loader"
 class BlockLoader:
     """Loads block ``i``'s tensors into the meta-built ``blocks[i]`` and frees them again."""
 
-    def __init__(self, model_dir: Path, blocks: nn.ModuleList, prefix: str, files: dict[str, Path]):
+    def __init__(self, model_dir: Path, blocks: nn.ModuleList, prefix: str, files: dict[str, "TensorRef"]):
         self.model_dir = Path(model_dir)
         self.blocks = blocks
         self.prefix = prefix
@@ -70,19 +74,20 @@ class BlockLoader:
             self.loaded.discard(index)
 
 
-def copy_from_checkpoint(targets: dict[str, torch.Tensor], files: dict[str, Path], model_dir: Path,
+def copy_from_checkpoint(targets: dict[str, torch.Tensor], files: dict[str, "TensorRef"], model_dir: Path,
                          error: type[Exception]) -> None:
-    """Fill ``targets`` (checkpoint name -> tensor) from the safetensors ``files``, one open per file."""
+    """Fill ``targets`` (tensor name -> tensor) from the safetensors tensors ``files`` names
+    (qflow/quant/expert_names.py: an expert's projection may be a slice of a fused tensor), one open per file."""
     from safetensors import safe_open
 
     by_file: dict[Path, list[str]] = {}
     for name in targets:
-        by_file.setdefault(files[name], []).append(name)
+        by_file.setdefault(files[name].path, []).append(name)
     with torch.no_grad():
         for path, names in by_file.items():
             with safe_open(str(path), framework="pt") as handle:
                 for name in names:
-                    tensor, target = handle.get_tensor(name), targets[name]
+                    tensor, target = files[name].read(handle), targets[name]
                     if tuple(tensor.shape) != tuple(target.shape):
                         raise error(f"{name} has shape {tuple(tensor.shape)} in {model_dir}, the model expects "
                                     f"{tuple(target.shape)}", where=str(model_dir), fix="rebuild the model folder")
@@ -144,9 +149,10 @@ def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str 
     """``(model, adapter)``: non-block weights loaded, blocks on the meta device (see the module doc)."""
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-    from ..quant.weights import weight_files
+    from ..quant.weights import tensor_index
     from .adapters import get_adapter
     from .loading import _torch_dtype, load_model
+    from .moe import unfuse_experts
 
     path = Path(path)
     torch_dtype = _torch_dtype(dtype)
@@ -172,6 +178,7 @@ def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str 
             skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype,
                                                         attn_implementation=attn_implementation,
                                                         trust_remote_code=remote)
+    unfuse_experts(skeleton)   # mixture-of-experts: one linear per expert (qflow/models/moe.py)
     adapter = get_adapter(skeleton)
     blocks = adapter.blocks()
     if _non_persistent_buffers(blocks[0]):
@@ -191,7 +198,7 @@ def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str 
         if isinstance(getattr(module, "config", None), PretrainedConfig):
             module.config = skeleton.config
 
-    files = weight_files(path)
+    files = tensor_index(path)   # qflow's tensor names -> where each is stored
     prefix = adapter.block_prefix + "."
     wanted = {k: v for k, v in net.state_dict(keep_vars=True).items() if not k.startswith(prefix)}
     # tied weights (lm_head = embed_tokens) are one tensor: filled once, under the name the file has
@@ -201,7 +208,8 @@ def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str 
             unique[id(target)] = name
     to_copy = {name: wanted[name] for name in unique.values()}
     for name in [n for n, t in to_copy.items() if t.numel() * t.element_size() >= MAP_MIN_BYTES]:
-        mapped = mapped_tensor(files[name], name, to_copy[name])
+        ref = files[name]
+        mapped = mapped_tensor(ref.path, ref.key, to_copy[name]) if ref.expert is None else None
         if mapped is not None:   # the embedding: pages come from the file as rows are used
             to_copy.pop(name).data = mapped
     copy_from_checkpoint(to_copy, files, path, SourceError)

@@ -77,6 +77,9 @@ def load_model(
             fix="check that the folder holds config.json, *.safetensors weights and tokenizer files "
             "for a causal language model (delete a damaged converted folder under the cache to rebuild it)",
         ) from err
+    from qflow.models.moe import unfuse_experts
+
+    unfuse_experts(model)   # mixture-of-experts: one nn.Linear per expert, as qflow names them
     model.to(device)
     model.eval()
     return model, tokenizer

@@ -37,8 +37,16 @@ def _dims(config: dict[str, Any]) -> dict[str, int] | None:
     vocab = int(config.get("vocab_size") or 32000)
     attn = hidden * heads * head_dim + 2 * hidden * kv * head_dim + heads * head_dim * hidden
     mlp = 3 * hidden * inter
+    hessian = 3 * max(hidden, inter) ** 2     # GPTQ's Hessians of the widest sub-step
+    experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    if experts:   # mixture of experts (METHODS.md §4.2): E gated MLPs, a shared one, the router
+        moe_inter = int(config.get("moe_intermediate_size") or inter)
+        shared = int(config.get("shared_expert_intermediate_size") or 0)
+        mlp = 3 * hidden * (experts * moe_inter + shared) + experts * hidden
+        hessian = max(hessian, (experts + 1) * hidden ** 2, experts * moe_inter ** 2 + shared ** 2)
     return {"hidden": hidden, "layers": layers, "heads": heads, "inter": inter, "vocab": vocab,
-            "block": attn + mlp + 2 * hidden, "tied": bool(config.get("tie_word_embeddings", False))}
+            "block": attn + mlp + 2 * hidden, "tied": bool(config.get("tie_word_embeddings", False)),
+            "hessian": hessian}
 
 
 def model_params(config: dict[str, Any]) -> int | None:
@@ -65,7 +73,7 @@ def calibrated_stage_bytes(config: dict[str, Any] | None, *, n_samples: int, seq
     tokens = n_samples * seq_len
     activations = tokens * (3 * d["hidden"] + d["inter"])
     scores = min(batch_size, n_samples) * d["heads"] * seq_len * seq_len * 2
-    hess = 3 * max(d["hidden"], d["inter"]) ** 2 if hessians else 0
+    hess = d["hessian"] if hessians else 0
     return RUNTIME_BYTES + F32 * (embed + 2 * d["block"] + activations + scores + hess)
 
 

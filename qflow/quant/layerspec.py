@@ -140,6 +140,8 @@ class PerLayerConfig(StageConfig):
         default_factory=dict, description="per-layer spec changes {module name | re:REGEX: {bits, group_size, ...}}, "
                                           "applied in order, the last match wins; beat a plan input")
     ignore: list[str] = Field(default_factory=list, description="module names / re:REGEX patterns left float")
+    moe_quantize_router: bool = Field(False, description="mixture-of-experts: quantize the routers (mlp.gate, "
+                                      "mlp.shared_expert_gate) too; by default they stay float")
 
     @field_validator("ignore")
     @classmethod
@@ -354,17 +356,14 @@ def resolve(shapes: dict[str, tuple[int, int]], base: QuantSpec, *, layers: dict
 def linear_shapes(folder: str | Path, targets: str | None = None,
                   exclude: list[str] | None = None) -> dict[str, tuple[int, int]]:
     """``{module: (out, in)}`` of the folder's decoder linears (safetensors headers only)."""
-    from safetensors import safe_open
-
-    from .weights import DEFAULT_TARGETS, linear_names, weight_files
+    from .weights import DEFAULT_TARGETS, linear_names, tensor_index
 
     folder = Path(folder)
     names = linear_names(folder, targets or DEFAULT_TARGETS, exclude)
-    files = weight_files(folder)
+    index = tensor_index(folder)
     out: dict[str, tuple[int, int]] = {}
     for name in names:
-        with safe_open(str(files[name + ".weight"]), framework="pt") as h:
-            rows, cols = h.get_slice(name + ".weight").get_shape()
+        rows, cols = index[name + ".weight"].shape
         out[name] = (int(rows), int(cols))
     return out
 
@@ -388,7 +387,11 @@ def stage_layer_specs(cfg: Any, model: Any, plan: Any, *, stage_id: str | None =
     if not shapes:
         raise StageError(f"no linear weights match targets {targets!r} in {folder}", where=f"{where}.targets",
                          fix="adjust the targets regex")
-    return resolve(shapes, cfg.base_spec(), layers=cfg.layers, ignore=cfg.ignore,
+    # mixture-of-experts routers stay float unless the stage says otherwise (docs/METHODS.md §4.2)
+    from .expert_names import is_router
+
+    routers = [] if getattr(cfg, "moe_quantize_router", False) else [n for n in shapes if is_router(n)]
+    return resolve(shapes, cfg.base_spec(), layers=cfg.layers, ignore=[*cfg.ignore, *routers],
                    plan=read_plan(plan, where=f"stages.{stage_id}.inputs.plan" if stage_id else "plan"),
                    plan_fields=plan_fields if plan_fields is not None else cfg.layer_fields, where=where)
 

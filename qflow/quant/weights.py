@@ -37,24 +37,25 @@ def weight_files(folder: Path) -> dict[str, Path]:
     return out
 
 
-def linear_names(folder: Path, targets: str = DEFAULT_TARGETS, exclude: list[str] | None = None) -> list[str]:
-    """Module names of 2-D ``*.weight`` tensors matching ``targets`` (decoder linears), in file order."""
-    from safetensors import safe_open
+def tensor_index(folder: Path):
+    """``{tensor name: TensorRef}`` of a float folder under qflow's names (mixture-of-experts
+    checkpoints: one entry per expert projection, whatever the stored layout; qflow/quant/expert_names.py)."""
+    from .expert_names import tensor_index as index
 
+    return index(folder, weight_files(folder))
+
+
+def linear_names(folder: Path, targets: str = DEFAULT_TARGETS, exclude: list[str] | None = None) -> list[str]:
+    """Module names of 2-D ``*.weight`` tensors matching ``targets`` (decoder linears), in natural order."""
     pattern = re.compile(targets)
     excl = [re.compile(e) for e in exclude or []]
     names = []
-    files = weight_files(folder)
-    for f in dict.fromkeys(files.values()):
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                if not k.endswith(".weight") or not pattern.search(k):
-                    continue
-                module = k[: -len(".weight")]
-                if any(e.search(module) for e in excl):
-                    continue
-                if len(h.get_slice(k).get_shape()) == 2:
-                    names.append(module)
+    for k, ref in tensor_index(folder).items():
+        if not k.endswith(".weight") or not pattern.search(k) or len(ref.shape) != 2:
+            continue
+        module = k[: -len(".weight")]
+        if not any(e.search(module) for e in excl):
+            names.append(module)
     return sorted(names, key=_natural_key)
 
 
@@ -63,12 +64,9 @@ def _natural_key(name: str):
 
 
 def iter_linear_weights(folder: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    files = weight_files(folder)
+    index = tensor_index(folder)
     for name in names:
-        with safe_open(str(files[name + ".weight"]), framework="pt") as h:
-            yield name, h.get_tensor(name + ".weight").float()
+        yield name, index[name + ".weight"].read().float()
 
 
 def block_index(name: str) -> int | None:

@@ -58,6 +58,7 @@ from .. import dispatch
 from ...models.adapters import ArchAdapter, ScaleSite, norm_weight_offset
 from ..spec import QuantSpec
 from .blockwise import Activations, Block, run_blockwise, write_records
+from .moe import count_routed_tokens, record_expert_tokens, report_expert_tokens, warn_no_tokens
 
 
 @dataclass(frozen=True)
@@ -369,6 +370,8 @@ def search_block_scales(block: Block, opts: AWQOptions, acts: Activations,
         if all(s is None for s in spec):
             continue
         x = acts.inputs[adapter.canonical_input(site.input_of)]
+        if x.numel() == 0:   # an expert no calibration token reached: no scale (RTN fallback, docs/METHODS.md §4.2)
+            continue
         loss_mod = mod.get_submodule(site.loss_module)
         linears = [block.linear(n) for n in site.linears]
         where = f"{block.name}.{site.loss_module} (AWQ site {site.name})"
@@ -400,9 +403,12 @@ def fold_block_scales(block: Block, searches: list[tuple[ScaleSite, ScaleSearch]
         if folds is not None:
             folds.append((block.full_name(site.prev), [block.full_name(n) for n in site.linears],
                           res.scales.detach().float().clone()))
-        key = adapter.canonical_input(site.input_of)
-        if key in feats:
-            feats[key] = feats[key] / res.scales.to(feats[key].dtype)
+        # every cached input the site's linears read (one for a dense site; the router's and each
+        # expert's for a mixture-of-experts mlp_in site) is now divided by s
+        keys = dict.fromkeys([adapter.canonical_input(site.input_of)] + [adapter.canonical_input(n) for n in site.linears])
+        for key in keys:
+            if key in feats:
+                feats[key] = feats[key] / res.scales.to(feats[key].dtype)
         for pname, tensor in _prev_float_params(f"{block.name}.{site.prev}", prev):
             changed[pname] = tensor
     return [(k, v.detach().clone()) for k, v in changed.items()]
@@ -416,10 +422,11 @@ def clip_block(block: Block, opts: AWQOptions, feats: dict[str, torch.Tensor],
     out = []
     for name in block.adapter.linear_names(block.module):
         spec = layer_spec(name)
-        if block.adapter.clip_skipped(name) or spec is None:
+        x = feats[block.adapter.canonical_input(name)]
+        if block.adapter.clip_skipped(name) or spec is None or x.numel() == 0:
             continue
         lin = block.linear(name)
-        clip = search_clip(lin.weight.data, feats[block.adapter.canonical_input(name)], spec, n_grid=opts.n_grid,
+        clip = search_clip(lin.weight.data, x, spec, n_grid=opts.n_grid,
                            max_shrink=opts.max_shrink, n_clip_tokens=opts.n_clip_tokens)
         apply_clip(lin, clip.max_val, spec.effective_group(lin.in_features))
         out.append((name, clip))
@@ -440,8 +447,10 @@ def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True,
 
     base = opts.spec()
 
-    def layer_spec(rel: str) -> QuantSpec | None:
-        return spec_for(block.full_name(rel)) if spec_for is not None else base
+    def layer_spec(rel: str) -> QuantSpec | None:   # default: every linear but MoE routers
+        if spec_for is not None:
+            return spec_for(block.full_name(rel))
+        return None if block.adapter.is_router(rel) else base
 
     names = block.adapter.linear_names(block.module)
     for name in names:
@@ -453,8 +462,15 @@ def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True,
     floats = {n: block.linear(n).weight.data.clone() for n in names if layer_spec(n) is None}
     t0 = time.perf_counter()
     # step 1: one pass of the FP block
-    acts = block.run(capture=names, outputs=propagate_fp and not block.is_last,
-                     module_outputs=_nonlinear_loss_modules(block))
+    with count_routed_tokens(block.module) as routed:
+        acts = block.run(capture=names, outputs=propagate_fp and not block.is_last,
+                         module_outputs=_nonlinear_loss_modules(block))
+    rows = {rel: x.reshape(-1, x.shape[-1]).shape[0] for rel, x in acts.inputs.items()}
+    record_expert_tokens(block, routed, lambda rel: rows.get(rel, 0))
+    for name in names:   # experts no calibration token reached: RTN fallback (docs/METHODS.md §4.2)
+        if block.adapter.routed(name) and layer_spec(name) is not None and \
+                acts.inputs[block.adapter.canonical_input(name)].numel() == 0:
+            warn_no_tokens(block, name, "AWQ")
     if propagate_fp:
         block.next_inputs = acts.outputs
     searches = search_block_scales(block, opts, acts, layer_spec)
@@ -516,4 +532,5 @@ def quantize_model_awq(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: to
                            signature=signature, propagate="fp" if propagate_fp else "quant",
                            batch_size=batch_size, desc="awq")
     write_records(ctx, result.records, "awq_layers.json")
+    report_expert_tokens(ctx, result.records)
     return result

@@ -218,6 +218,7 @@ class _PassHooks:
         self.acts = Activations()
         self.seen: set[str] = set()
         self.span = (0, 0)
+        self.rows: dict[str, list[torch.Tensor]] = {}   # token-row inputs (experts: their routed tokens)
 
     def start_batch(self, b0: int, b1: int) -> None:
         self.span = (b0, b1)
@@ -230,7 +231,9 @@ class _PassHooks:
                 raise StageError(f"non-finite activations at the input of {rel}", where=self.block_name,
                                  fix="check the calibration data and the float model (fp16 overflow?)")
             b0, b1 = self.span
-            if rel in self.keep:
+            if rel in self.keep and x.dim() == 2:   # [tokens, in]: a variable number per mini-batch
+                self.rows.setdefault(rel, []).append(x.detach().clone())
+            elif rel in self.keep:
                 buf = self.acts.inputs.get(rel)
                 if buf is None:
                     buf = torch.empty((self.n_rows, *x.shape[1:]), dtype=x.dtype)
@@ -286,7 +289,8 @@ class Block:
             forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Activations:
         """One mini-batched pass of the block over its inputs.
 
-        ``capture``: linears whose inputs are kept (``[N, T, in]``, shared inputs once);
+        ``capture``: linears whose inputs are kept (``[N, T, in]``, shared inputs once; ``[tokens, in]``
+        for a linear called on token rows, e.g. an expert on its routed tokens, possibly none);
         ``stream``: linears whose inputs go to ``on_input(name, x2d)`` per mini-batch
         (Hessians) without being kept; ``module_outputs``: sub-modules whose outputs are
         kept (first element of a tuple); ``outputs``: keep the block outputs. The pass
@@ -325,7 +329,14 @@ class Block:
         finally:
             for h in handles:
                 h.remove()
-        missing = [r for r in hooks.targets if r not in hooks.seen]
+        for rel, rows in hooks.rows.items():
+            acts.inputs[rel] = torch.cat(rows)
+        # a routed linear (an expert) may get no token at all: its kept input is then empty
+        for rel in hooks.keep:
+            if rel not in acts.inputs and self.adapter.routed(rel):
+                lin = self.linear(rel)
+                acts.inputs[rel] = torch.empty((0, lin.in_features), dtype=lin.weight.dtype)
+        missing = [r for r in hooks.targets if r not in hooks.seen and not self.adapter.routed(r)]
         if missing:
             raise StageError(f"the block never called {', '.join(missing)}", where=self.name,
                              fix="the architecture adapter does not match this model")

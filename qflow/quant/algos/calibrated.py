@@ -46,10 +46,17 @@ def open_float_model(cfg: Any, model: Any, *, lazy: bool = True):
     from qflow.models.lazy import load_model_lazy
     from qflow.models.loading import load_model
 
+    from qflow.models.moe import set_calibrate_all_experts
+
     if lazy:
-        return load_model_lazy(model.base_model_dir, dtype="float32", attn_implementation=cfg.attn_implementation)
-    net, _ = load_model(model.base_model_dir, dtype="float32", attn_implementation=cfg.attn_implementation)
-    return net, get_adapter(net)
+        net, adapter = load_model_lazy(model.base_model_dir, dtype="float32",
+                                       attn_implementation=cfg.attn_implementation)
+    else:
+        net, _ = load_model(model.base_model_dir, dtype="float32", attn_implementation=cfg.attn_implementation)
+        adapter = get_adapter(net)
+    # mixture-of-experts: every expert sees every token in calibration passes (docs/METHODS.md §4.2)
+    set_calibrate_all_experts(net, getattr(cfg, "moe_calibrate_all_experts", False))
+    return net, adapter
 
 
 def checkpoint_meta(cfg: Any, calib: Any, ids: Any = None) -> dict[str, Any]:

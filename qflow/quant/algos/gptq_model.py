@@ -35,6 +35,7 @@ from ...errors import StageError
 from ...models.adapters import ArchAdapter
 from ..spec import QuantSpec
 from .blockwise import Block, run_blockwise, write_records
+from .moe import count_routed_tokens, record_expert_tokens, report_expert_tokens
 
 if TYPE_CHECKING:
     from .gptq import HessianAccumulator
@@ -101,6 +102,12 @@ def _quantize_sub_step(block: Block, group: list[str], hessians: dict[str, Hessi
         t1 = time.perf_counter()
         lin = block.linear(name)
         key = block.adapter.canonical_input(name)
+        tokens = hessians[key].n_tokens
+        if block.adapter.routed(name) and tokens == 0:
+            # an expert no calibration token was routed to: no Hessian, RTN (docs/METHODS.md §4.2)
+            uses[key] -= 1
+            _rtn_fallback(block, name, spec)
+            continue
         H = hessians[key].H
         try:
             if key not in factors:
@@ -117,7 +124,22 @@ def _quantize_sub_step(block: Block, group: list[str], hessians: dict[str, Hessi
         lin.weight.data = dequantize_result(res, spec).to(lin.weight.dtype)
         block.writer.add_quantized(block.full_name(name), spec, res.codes, res.scale, res.zero, res.g_idx)
         block.record(layer=block.full_name(name), gptq_loss=res.loss, damp=res.damp,
-                     hessian_seconds=hessian_seconds, quantize_seconds=time.perf_counter() - t1)
+                     hessian_seconds=hessian_seconds, quantize_seconds=time.perf_counter() - t1,
+                     **({"tokens": tokens} if block.adapter.routed(name) else {}))
+
+
+def _rtn_fallback(block: Block, name: str, spec: QuantSpec) -> None:
+    """Round ``name`` to nearest under ``spec`` (in place and into the checkpoint), with a warning."""
+    from .. import dispatch
+    from .moe import warn_no_tokens
+
+    lin = block.linear(name)
+    w = lin.weight.data.float()
+    scale, zero = dispatch.compute_params(w, spec)
+    codes = dispatch.quantize(w, scale, zero, spec)
+    block.writer.add_quantized(block.full_name(name), spec, codes, scale, zero)
+    lin.weight.data = dispatch.dequantize(codes, scale, zero, spec).to(lin.weight.dtype)
+    warn_no_tokens(block, name, "GPTQ")
 
 
 def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None,
@@ -132,8 +154,10 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
     adapter: ArchAdapter = block.adapter
     base = spec or opts.spec()
 
-    def layer_spec(rel: str) -> QuantSpec | None:
-        return spec_for(block.full_name(rel)) if spec_for is not None else base
+    def layer_spec(rel: str) -> QuantSpec | None:   # default: every linear but MoE routers
+        if spec_for is not None:
+            return spec_for(block.full_name(rel))
+        return None if adapter.is_router(rel) else base
 
     names, groups, floats = _sub_steps(block, opts, layer_spec)
     attn = set(adapter.attn_linears)
@@ -141,6 +165,8 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
     mid: torch.Tensor | None = None      # residual stream after the (quantized) attention half
     out_of = {adapter.attn_out_linear: "attn", adapter.mlp_out_linear: "mlp"} if adapter.splits_residual else {}
     kept: torch.Tensor | None = None     # the inputs of a half's output linear, captured by its pass
+    token_rows: dict[str, int] = {}      # mixture-of-experts: calibration rows per (canonical) input
+    routed_counts: dict[str, list[int]] = {}
 
     def mlp_half(h: torch.Tensor) -> torch.Tensor:
         return adapter.mlp_half(block.module, h)
@@ -170,10 +196,17 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
         # a sub-step made of a half's output linear alone keeps that linear's inputs: once it is
         # quantized, the half's output is residual + linear(inputs), without re-running the half
         keep = group if len(group) == 1 and group[0] in out_of else []
-        if mid is not None:
-            acts = block.run(stream=group, capture=keep, on_input=on_input, inputs=mid, forward=mlp_half)
-        else:
-            acts = block.run(stream=group, capture=keep, on_input=on_input)
+        with count_routed_tokens(block.module) as routed:
+            if mid is not None:
+                acts = block.run(stream=group, capture=keep, on_input=on_input, inputs=mid, forward=mlp_half)
+            else:
+                acts = block.run(stream=group, capture=keep, on_input=on_input)
+        if any(adapter.routed(n) for n in group):
+            # tokens per expert: each input's rows as first streamed (gate/up), and the router's
+            # assignments from a pass that ran the routing (a pass may stop inside the router)
+            token_rows.update({k: acc.n_tokens for k, acc in accs.items() if k not in token_rows})
+            if any(sum(c) for c in routed.values()):
+                routed_counts = routed
         kept = acts.inputs.get(keep[0]) if keep else None
         _quantize_sub_step(block, group, accs, layer_spec, opts, hessian_seconds=time.perf_counter() - t0)
         done.update(group)
@@ -187,6 +220,8 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
             kept = None
     if mid is not None and not block.is_last and block.next_inputs is None:
         block.next_inputs = block.run(outputs=True, inputs=mid, forward=mlp_half).outputs
+    if routed_counts:
+        record_expert_tokens(block, routed_counts, lambda rel: token_rows.get(rel, 0))
 
 
 def quantize_model_gptq(ctx: Any, model: torch.nn.Module, adapter: ArchAdapter, ids: torch.Tensor,
@@ -206,4 +241,5 @@ def quantize_model_gptq(ctx: Any, model: torch.nn.Module, adapter: ArchAdapter, 
                            signature={"options": asdict(opts), **({"layers": layer_specs} if layer_specs else {})},
                            propagate="quant", batch_size=batch_size, desc="gptq")
     write_records(ctx, result.records, "gptq_layers.json")
+    report_expert_tokens(ctx, result.records)
     return result
