@@ -116,7 +116,8 @@ class AWQ(Stage):
 
     version = 4  # 2: n_sample_token renamed n_clip_tokens; 3: fold factors recorded; 4: per-layer specs
     # what it logs (qflow lint checks gates against it); moe_*: mixture-of-experts models only
-    metrics = ("mean_best_ratio", "quantize_seconds", "moe_expert_tokens_min", "moe_experts_without_tokens", "moe_routed_share_min")
+    metrics = ("mean_best_ratio", "quantize_seconds", "moe_expert_tokens_min", "moe_experts_without_tokens",
+               "moe_routed_share_min")
     Config = AWQConfig
     inputs = {"model": ModelRef, "calib": CalibSet, "plan": BitAllocation}
     optional_inputs = frozenset({"plan"})

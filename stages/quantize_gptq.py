@@ -83,7 +83,8 @@ class GPTQ(Stage):
 
     version = 2  # 2: per-layer specs (layers, ignore, plan)
     # what it logs (qflow lint checks gates against it); moe_*: mixture-of-experts models only
-    metrics = ("gptq_loss_total", "quantize_seconds", "moe_expert_tokens_min", "moe_experts_without_tokens", "moe_routed_share_min")
+    metrics = ("gptq_loss_total", "quantize_seconds", "moe_expert_tokens_min", "moe_experts_without_tokens",
+               "moe_routed_share_min")
     Config = GPTQConfig
     inputs = {"model": ModelRef, "calib": CalibSet, "plan": BitAllocation}
     optional_inputs = frozenset({"plan"})
