@@ -189,7 +189,7 @@ def test_unsupported_family_is_refused_naming_it_and_the_fix():
 
 
 @pytest.mark.parametrize("model_type,hint", [("mixtral", "mixture-of-experts"), ("qwen2_moe", "mixture-of-experts"),
-                                             ("bert", "encoder models"), ("cohere", "parallel attention")])
+                                             ("modernbert", "encoder models"), ("cohere", "parallel attention")])
 def test_families_without_an_adapter_are_refused_with_the_reason(model_type, hint):
     class Cfg:
         pass

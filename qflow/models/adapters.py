@@ -265,6 +265,7 @@ for _cls in (ArchAdapter, MistralAdapter, Qwen2Adapter):
     register_adapter(_cls)
 
 from . import families as _families  # noqa: E402,F401  (registers the other families; needs ArchAdapter)
+from . import encoders as _encoders  # noqa: E402,F401  (registers bert/roberta; needs ArchAdapter)
 
 
 def known_model_types() -> list[str]:
