@@ -337,3 +337,26 @@ def test_cli_encoder_pipeline(tmp_path, runs_dir, method):
     metrics = json.loads(reports[0].read_text())["metrics"]
     assert 0.5 < metrics["embed_cos_mean"] < 1 and metrics["mlm_kl_mean"] > 0
     assert metrics["bpw_quantized"] == pytest.approx(4 + 32 / 32)   # fp16 scale + fp16 zero per group of 32
+
+
+@pytest.mark.parametrize("mlm", [True, False])
+def test_compressed_tensors_export_round_trips(tmp_path, mlm):
+    """export.safetensors' writer + both readers (qflow's, the compressed-tensors library's) on a tiny bert."""
+    from qflow.export import readers
+    from qflow.export.safetensors_ct import export_hf_folder
+    from qflow.export.verify import compare_logits, reference_model
+
+    base = encoder_dir(tmp_path / "base", "bert", mlm=mlm)
+    ckpt = Checkpoint(_rtn_ir(base, tmp_path / "ir"))
+    report = export_hf_folder(ckpt, tmp_path / "out", layout="compressed-tensors", dtype="float32")
+    assert report["n_exact"] == 12 and report["n_float"] == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    ref, tok = reference_model(ckpt)
+    ids = ids_for("bert", n=2, seq_len=24, vocab=len(tok))
+    loaded, _ = readers.load_exported_model(tmp_path / "out")
+    m = compare_logits(ref, loaded, ids)
+    assert m["roundtrip_max_abs_diff"] < 1e-5 and m["roundtrip_top1_agree"] == 1.0
+    if readers.compressed_tensors_available():
+        lib, _, how = readers.load_with_compressed_tensors(tmp_path / "out")
+        assert compare_logits(ref, lib, ids)["roundtrip_max_abs_diff"] < 1e-4, how

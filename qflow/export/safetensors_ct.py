@@ -55,11 +55,13 @@ def model_dtype(base_dir: Path, requested: str) -> str:
 def linear_module_names(config_dir: Path) -> list[str]:
     """Names of every ``nn.Linear`` in the model (built on the meta device: no weights)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from qflow.models.encoders import auto_model_class
 
     config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto_model_class(config).from_config(config)
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
