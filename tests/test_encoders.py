@@ -305,6 +305,25 @@ def test_onnx_and_gguf_exports_refuse_encoders_before_writing(bert_dir, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+# ---- shipped recipes -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe", ["bert-rtn.yaml", "bert-gptq.yaml"])
+def test_shipped_encoder_recipes_compose_and_plan(recipe):
+    from qflow.engine.plan import build_plan
+    from qflow.recipe.compose import compose_recipe, to_plain
+    from qflow.recipe.validate import validate_shape
+
+    from .conftest import REPO
+
+    path = REPO / "recipes" / recipe
+    cfg = to_plain(compose_recipe(path, []))
+    plan = build_plan(validate_shape(cfg, str(path)), cfg, str(path))
+    assert plan.stages["evaluate"].config.data.seq_len == 128
+    assert plan.stages["quantize"].config.group_size == 128
+    if "calibrate" in plan.stages:
+        assert plan.stages["calibrate"].config.data.seq_len == 512
+
+
 # ---- end to end through the CLI (slow) -----------------------------------------------------------
 
 def _encoder_recipe(model_dir: Path, method: str) -> str:
