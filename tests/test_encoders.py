@@ -180,6 +180,27 @@ def test_calibrated_methods_produce_an_ir(tmp_path, family, method):
     assert 0 < err < 0.5, (family, method, err)
 
 
+def test_hqq_and_smoothquant_produce_an_ir(bert_dir, tmp_path):
+    """HQQ streams the encoder's linears from disk; SmoothQuant has no site (post-LN) and quantizes W8A8 unsmoothed."""
+    from qflow.models.loading import load_model
+    from qflow.quant.algos.hqq_model import HQQOptions, quantize_model_hqq
+    from qflow.quant.algos.smoothquant_model import SmoothQuantOptions, quantize_model_smoothquant
+    from qflow.quant.layerspec import linear_shapes
+
+    fp, tok = load_model(bert_dir)
+    ids = ids_for("bert", vocab=len(tok))
+    names = list(linear_shapes(bert_dir))
+    hqq = Checkpoint(quantize_model_hqq(make_ctx(tmp_path / "hqq"), bert_dir, HQQOptions(bits=4, group_size=32, iters=4),
+                                        names).checkpoint_dir)
+    work = copy.deepcopy(fp)
+    sq = Checkpoint(quantize_model_smoothquant(make_ctx(tmp_path / "sq"), work, get_adapter(work), {},
+                                               SmoothQuantOptions(), base_model=str(bert_dir)).checkpoint_dir)
+    for ckpt, mode in ((hqq, "dequant"), (sq, "qlinear")):
+        assert sorted(ckpt.layers) == sorted(names)
+        err = _rel(_hidden(apply_checkpoint(copy.deepcopy(fp), ckpt, mode=mode), ids), _hidden(fp, ids))
+        assert 0 < err < 0.5, (ckpt.method, err)
+
+
 def test_awq_beats_or_equals_rtn_on_the_searched_site(tmp_path):
     """Ratio 0 is RTN, so every searched site's best loss is <= its RTN loss (docs/METHODS.md §4 test 1)."""
     work = tiny_encoder("bert", seed=7)
@@ -355,7 +376,9 @@ def test_cli_encoder_pipeline(tmp_path, runs_dir, method):
     assert len(reports) == 1
     metrics = json.loads(reports[0].read_text())["metrics"]
     assert 0.5 < metrics["embed_cos_mean"] < 1 and metrics["mlm_kl_mean"] > 0
-    assert metrics["bpw_quantized"] == pytest.approx(4 + 32 / 32)   # fp16 scale + fp16 zero per group of 32
+    assert metrics["bpw_quantized"] == pytest.approx(4 + (16 + 4) / 32)   # fp16 scale + 4-bit zero per group of 32
+    exports = list(runs_dir.glob("cache/*/*/outputs/export/config.json"))
+    assert len(exports) == 1 and json.loads(exports[0].read_text())["quantization_config"]["format"] == "pack-quantized"
 
 
 @pytest.mark.parametrize("mlm", [True, False])

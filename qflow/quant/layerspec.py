@@ -387,7 +387,7 @@ def stage_layer_specs(cfg: Any, model: Any, plan: Any, *, stage_id: str | None =
     shapes = linear_shapes(folder, targets, exclude)
     if not shapes:
         raise StageError(f"no linear weights match targets {targets!r} in {folder}", where=f"{where}.targets",
-                         fix="adjust the targets regex")
+                         fix="adjust the targets regex (a BERT-family encoder's layers: '\\.layer\\.\\d+\\.')")
     return resolve(shapes, cfg.base_spec(), layers=cfg.layers, ignore=cfg.ignore,
                    plan=read_plan(plan, where=f"stages.{stage_id}.inputs.plan" if stage_id else "plan"),
                    plan_fields=plan_fields if plan_fields is not None else cfg.layer_fields, where=where)
