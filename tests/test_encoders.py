@@ -313,17 +313,43 @@ def _rtn_ir(base: Path, out: Path) -> Path:
     return out
 
 
-def test_onnx_and_gguf_exports_refuse_encoders_before_writing(bert_dir, tmp_path):
+def test_gguf_export_refuses_encoders_before_writing(bert_dir, tmp_path):
     from qflow.artifacts import QuantizedCheckpoint
     from stages.export_gguf import ExportGGUF
     from stages.export_onnx import ExportOnnx
 
     ref = QuantizedCheckpoint(_rtn_ir(bert_dir, tmp_path / "ir"), base_model=str(bert_dir), method="rtn")
-    for stage, cfg in ((ExportGGUF, ExportGGUF.Config(path=str(tmp_path / "out" / "m.gguf"))),
-                       (ExportOnnx, ExportOnnx.Config())):
-        problems = stage().check(cfg, {"model": ref})
-        assert any("base model is 'bert'" in p and "export.safetensors" in p for p in problems), problems
+    problems = ExportGGUF().check(ExportGGUF.Config(path=str(tmp_path / "out" / "m.gguf")), {"model": ref})
+    assert any("base model is 'bert'" in p and "export.safetensors" in p for p in problems), problems
     assert not (tmp_path / "out").exists()
+    assert ExportOnnx().check(ExportOnnx.Config(), {"model": ref}) == []   # ONNX carries encoders
+
+
+@pytest.mark.parametrize("family,mlm", [("bert", True), ("roberta", False)])
+def test_onnx_encoder_graph_round_trips_with_matmulnbits(tmp_path, family, mlm):
+    """MatMulNBits at accuracy level 0 reproduces qflow's quantized model on padded sentence batches."""
+    import onnx
+
+    from qflow.data.sources import load_text
+    from qflow.evaluation import embed
+    from qflow.export.onnx_bench import make_session
+    from qflow.export.onnx_encoder import build_encoder_onnx, encoder_roundtrip
+    from qflow.export.verify import reference_model
+
+    base = encoder_dir(tmp_path / "base", family, mlm=mlm)
+    ckpt = Checkpoint(_rtn_ir(base, tmp_path / "ir"))
+    info = build_encoder_onnx(base, tmp_path / "onnx", ckpt=ckpt, accuracy_level=0)
+    graph = onnx.load(str(info.model_path), load_external_data=False).graph
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 12
+    assert [o.name for o in graph.output] == ["last_hidden_state"] + (["logits"] if mlm else [])
+    ref, tok = reference_model(ckpt)
+    texts = embed.sentences(load_text("zoo:lee-news", field="text", cache_dir=None), 8)
+    batches = embed.sentence_batches(texts, tok, max_tokens=120, batch_size=4)
+    assert any(int(b.attention_mask.sum()) < b.attention_mask.numel() for b in batches)   # padding is exercised
+    m = encoder_roundtrip(make_session(info.model_path, threads=1), ref, batches)
+    assert m["roundtrip_max_abs_diff"] < 1e-4 and m["roundtrip_embed_cos_min"] > 1 - 1e-9
+    if mlm:
+        assert m["roundtrip_kl"] < 1e-9 and m["roundtrip_top1_agree"] == 1.0
 
 
 # ---- shipped recipes -----------------------------------------------------------------------------
@@ -362,6 +388,8 @@ stages:
               n_sentences: 24, batch_size: 8}}, gates: {{embed_cos_mean: {{min: 0.5}}}}}}
   export: {{uses: export.safetensors, needs: [quantize], with: {{verify_windows: 2,
             verify_data: {{source: "zoo:lee-news", seq_len: 64}}}}}}
+  onnx: {{uses: export.onnx, needs: [quantize], with: {{data: {{source: "zoo:lee-news", seq_len: 64}}, n_windows: 1,
+          benchmark: false}}, gates: {{roundtrip_max_abs_diff: {{max: 1.0e-4}}}}}}
 """
 
 
