@@ -286,7 +286,7 @@ def test_embedding_metrics_are_zero_for_the_float_model_and_move_when_quantized(
 
 
 def test_mean_pooling_ignores_padding():
-    from qflow.evaluation.embed import mean_pool
+    from qflow.models.encoders import mean_pool
 
     h = torch.randn(2, 5, 3)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])

@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..models.encoders import mean_pool
+
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'A-Z0-9])")
 
 
@@ -101,12 +103,6 @@ def mask_batches(batches: list[Batch], tokenizer, *, rate: float, seed: int) -> 
             ids[row, chosen] = tokenizer.mask_token_id
         out.append(Batch(ids, b.attention_mask, labels))
     return out
-
-
-def mean_pool(hidden, attention_mask):
-    """``sum_t m_t h_t / max(sum_t m_t, 1e-9)`` in fp32 (sentence-transformers' mean pooling)."""
-    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return ((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)).float()
 
 
 def encode(model, batch: Batch):

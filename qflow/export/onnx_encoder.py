@@ -205,7 +205,8 @@ def build_encoder_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def encoder_roundtrip(session, reference, batches) -> dict[str, float]:
-    """The ONNX graph vs qflow's quantized torch model on padded sentence batches (qflow/evaluation/embed.py).
+    """The ONNX graph vs qflow's quantized torch model on padded sentence batches (``Batch``es of
+    qflow/evaluation/embed.py).
 
     ``roundtrip_max_abs_diff``: largest |Δ| of the last hidden states at non-pad positions;
     ``roundtrip_embed_cos_min``: lowest cosine of the mean-pooled embeddings; with an MLM head
@@ -214,7 +215,7 @@ def encoder_roundtrip(session, reference, batches) -> dict[str, float]:
     """
     import torch
 
-    from qflow.evaluation.embed import mean_pool
+    from qflow.models.encoders import mean_pool
 
     names = {o.name for o in session.get_outputs()}
     max_abs, cos_min, kl_sum, agree, n_pos = 0.0, 1.0, 0.0, 0, 0

@@ -87,6 +87,12 @@ def max_tokens(config: Any) -> int | None:
     return int(max_pos)
 
 
+def mean_pool(hidden, attention_mask):
+    """Sentence embeddings: ``sum_t m_t h_t / max(sum_t m_t, 1e-9)`` in fp32 (sentence-transformers' mean pooling)."""
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return ((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)).float()
+
+
 @register_adapter
 class EncoderAdapter(ArchAdapter):
     """BERT / RoBERTa / XLM-RoBERTa layers (post-LN; see the module doc for what folds).
