@@ -158,8 +158,9 @@ def test_layernorm_folds_would_not_be_exact():
 
 # ---- quantization --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["bert", "roberta"])
-@pytest.mark.parametrize("method", ["awq", "gptq"])
+@pytest.mark.parametrize("family,method", [("bert", "awq"), ("roberta", "gptq"),
+                                           pytest.param("roberta", "awq", marks=pytest.mark.slow),
+                                           pytest.param("bert", "gptq", marks=pytest.mark.slow)])
 def test_calibrated_methods_produce_an_ir(tmp_path, family, method):
     fp = tiny_encoder(family, seed=5)
     work = copy.deepcopy(fp)
@@ -409,7 +410,7 @@ def test_cli_encoder_pipeline(tmp_path, runs_dir, method):
     assert len(exports) == 1 and json.loads(exports[0].read_text())["quantization_config"]["format"] == "pack-quantized"
 
 
-@pytest.mark.parametrize("mlm", [True, False])
+@pytest.mark.parametrize("mlm", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_compressed_tensors_export_round_trips(tmp_path, mlm):
     """export.safetensors' writer + both readers (qflow's, the compressed-tensors library's) on a tiny bert."""
     from qflow.export import readers
