@@ -406,8 +406,11 @@ def test_cli_encoder_pipeline(tmp_path, runs_dir, method):
     metrics = json.loads(reports[0].read_text())["metrics"]
     assert 0.5 < metrics["embed_cos_mean"] < 1 and metrics["mlm_kl_mean"] > 0
     assert metrics["bpw_quantized"] == pytest.approx(4 + (16 + 4) / 32)   # fp16 scale + 4-bit zero per group of 32
-    exports = list(runs_dir.glob("cache/*/*/outputs/export/config.json"))
-    assert len(exports) == 1 and json.loads(exports[0].read_text())["quantization_config"]["format"] == "pack-quantized"
+    configs = [json.loads(p.read_text()) for p in runs_dir.glob("cache/*/*/outputs/export/config.json")]
+    assert [c["quantization_config"]["format"] for c in configs if "quantization_config" in c] == ["pack-quantized"]
+    onnx = [json.loads(p.read_text()) for p in runs_dir.glob("cache/*/*/outputs/export/export.json")]
+    assert len(onnx) == 1 and onnx[0]["metrics"]["n_linear_nbits"] == 12
+    assert onnx[0]["metrics"]["roundtrip_embed_cos_min"] > 1 - 1e-9
 
 
 @pytest.mark.parametrize("mlm", [True, pytest.param(False, marks=pytest.mark.slow)])
