@@ -66,6 +66,11 @@ class ExportOnnx(Stage):
     ``com.microsoft.GroupQueryAttention`` with an explicit KV cache
     (``past_key_values.N.key/value`` -> ``present.N.key/value``).
 
+    A BERT-family encoder (bert, roberta, xlm-roberta) is written as a plain encoder graph instead
+    (qflow/export/onnx_encoder.py: ``input_ids``, ``attention_mask`` -> ``last_hidden_state`` and, with
+    an MLM head, ``logits``; no KV cache, no timing pass); its round trip runs padded sentence batches
+    of ``data`` (``8 * n_windows`` sentences) and adds ``roundtrip_embed_cos_min``.
+
     Metrics: ``roundtrip_kl`` / ``roundtrip_top1_agree`` / ``roundtrip_max_abs_diff``
     against qflow's quantized model at accuracy level 0 (and ``*_acc4``),
     ``roundtrip_kv_max_abs_diff``; ``prefill_speedup_vs_fp32`` /
@@ -93,7 +98,9 @@ class ExportOnnx(Stage):
         ckpt = checkpoint_from_inputs(inputs_meta)   # per-layer specs: refused before anything is written
         if ckpt is None:
             return []
-        return family_problems(ckpt, "export.onnx", ("llama",)) + onnx_problems(ckpt)
+        from qflow.models.encoders import ENCODER_MODEL_TYPES
+
+        return family_problems(ckpt, "export.onnx", ("llama",) + ENCODER_MODEL_TYPES) + onnx_problems(ckpt)
 
     @classmethod
     def fingerprint_sources(cls, cfg, cache_root):
@@ -121,6 +128,10 @@ class ExportOnnx(Stage):
                 raise StageError("; ".join(problems), where=f"stages.{ctx.stage_id}",
                                  fix="export these layers with the format named, or change their specs")
         base_dir = model.base_model_dir
+        from qflow.models.encoders import is_encoder
+
+        if is_encoder(json.loads((base_dir / "config.json").read_text())):   # bert / roberta: no KV cache
+            return _run_encoder(ctx, cfg, model, ckpt, base_dir, out)
         info = _write_graphs(ctx, cfg, ckpt, base_dir, out)
         for name in _COPY_FILES:
             if (base_dir / name).is_file():
@@ -271,3 +282,63 @@ def _speed_metrics(timing: dict, best: str) -> dict[str, float]:
     if best.startswith("acc"):
         metrics["faster_accuracy_level"] = int(best[3:])
     return metrics
+
+
+def _run_encoder(ctx, cfg, model, ckpt, base_dir, out):
+    """A BERT-family encoder (qflow/export/onnx_encoder.py): model.onnx at ``accuracy_level`` (+ the other
+    level's graph), round trip on padded sentence batches of ``data``; no timing pass."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from qflow.data.sources import load_text
+    from qflow.errors import StageError
+    from qflow.evaluation import embed
+    from qflow.export.onnx_bench import make_session
+    from qflow.export.onnx_encoder import build_encoder_onnx, encoder_roundtrip
+    from qflow.export.onnx_graph import OnnxExportError, write_accuracy_variant
+    from qflow.export.verify import reference_model
+    from qflow.models.encoders import max_tokens
+    from qflow.models.loading import load_model
+
+    try:
+        info = build_encoder_onnx(base_dir, out, ckpt=ckpt, accuracy_level=cfg.accuracy_level)
+    except OnnxExportError as err:
+        raise StageError(err.what, where=f"stages.{ctx.stage_id}", fix=err.fix) from err
+    other = 0 if cfg.accuracy_level != 0 else 4
+    info.variants = {cfg.accuracy_level: info.model_path}
+    if info.linear_kinds.get("nbits"):
+        info.variants[other] = write_accuracy_variant(info.model_path, out / f"model_acc{other}.onnx", other)
+    for name in _COPY_FILES + ("vocab.txt", "merges.txt", "vocab.json"):
+        if (base_dir / name).is_file():
+            shutil.copy2(base_dir / name, out / name)
+    tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+    config = json.loads((base_dir / "config.json").read_text())
+    limit = min(cfg.data.seq_len, max_tokens(config) or cfg.data.seq_len)
+    texts = embed.sentences(load_text(cfg.data.source, field=cfg.data.field, cache_dir=ctx.memo_dir), 8 * cfg.n_windows)
+    batches = embed.sentence_batches(texts, tok, max_tokens=limit, batch_size=8)
+    reference = reference_model(ckpt)[0] if ckpt is not None else load_model(base_dir)[0]
+    metrics: dict[str, float] = {"onnx_bytes": sum(p.stat().st_size for p in out.iterdir() if p.is_file()),
+                                 "onnx_data_bytes": info.data_path.stat().st_size}
+    for kind, n in info.linear_kinds.items():
+        metrics[f"n_linear_{kind}"] = n
+    with ctx.progress(len(info.variants), "round trip") as bar:
+        for level, path in sorted(info.variants.items()):
+            sfx = "" if level == 0 else f"_acc{level}"
+            rt = encoder_roundtrip(make_session(path, threads=0, spinning=False), reference, batches)
+            metrics |= {f"{k}{sfx}": v for k, v in rt.items()}
+            bar.update(1)
+    if cfg.benchmark:
+        ctx.log.info("export.onnx times decoders only: the encoder graph is not timed")
+    ctx.log_metrics(metrics)
+    protocol = {"source": cfg.data.source, "n_sentences": len(texts), "max_tokens": limit,
+                "batches_sha256": embed.batches_fingerprint(batches),
+                "reference": "qflow load_quantized_model fp32 (eager attention)" if ckpt else "float model"}
+    report = {"export": info.to_json(), "metrics": metrics, "roundtrip_protocol": protocol, "timing": {},
+              "source_checkpoint": str(model.path), "method": getattr(ckpt, "method", None)}
+    (out / "export.json").write_text(json.dumps(report, indent=1, default=str))
+    return {"export": ExportedModel(out, format="onnx", model_file=info.model_path.name,
+                                    data_file=info.data_path.name, accuracy_level=cfg.accuracy_level,
+                                    variants={str(k): v.name for k, v in info.variants.items()},
+                                    method=getattr(ckpt, "method", None))}

@@ -188,7 +188,7 @@ def test_unsupported_family_is_refused_naming_it_and_the_fix():
     assert "'gpt2'" in msg and "known:" in msg and "gemma2" in msg and "Fix:" in msg
 
 
-@pytest.mark.parametrize("model_type,hint", [("bert", "encoder models"), ("cohere", "parallel attention")])
+@pytest.mark.parametrize("model_type,hint", [("modernbert", "ModernBERT encoders"), ("cohere", "parallel attention")])
 def test_families_without_an_adapter_are_refused_with_the_reason(model_type, hint):
     class Cfg:
         pass

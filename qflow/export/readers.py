@@ -294,8 +294,9 @@ def load_with_compressed_tensors(folder: str | Path, dtype: str = "float32"):
     compressor use), the library's compressors decode each module
     (:func:`ct_library_state_dict`) into a float model. ``how`` says which.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from qflow.models.encoders import auto_model_class
     from qflow.models.loading import DEFAULT_ATTN_IMPLEMENTATION, _torch_dtype
     from qflow.recipe.safety import remote_code_allowed, remote_code_refusal
 
@@ -312,9 +313,10 @@ def load_with_compressed_tensors(folder: str | Path, dtype: str = "float32"):
         hf_logging.set_verbosity_error()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             hf_logging.set_verbosity(hf_logging.CRITICAL)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True,
-                                                         attn_implementation=DEFAULT_ATTN_IMPLEMENTATION,
-                                                         trust_remote_code=remote)
+            auto_class = auto_model_class(json.loads((folder / "config.json").read_text()))
+            model = auto_class.from_pretrained(folder, dtype=torch_dtype, local_files_only=True,
+                                               attn_implementation=DEFAULT_ATTN_IMPLEMENTATION,
+                                               trust_remote_code=remote)
         how = "transformers+compressed-tensors"
     except (RuntimeError, ValueError, OSError) as err:
         model = _float_model(folder, torch_dtype)
@@ -349,8 +351,9 @@ def _ct_version() -> str:
 
 
 def _float_model(folder: Path, torch_dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    from qflow.models.encoders import auto_model_class
     from qflow.models.loading import DEFAULT_ATTN_IMPLEMENTATION
     from qflow.recipe.safety import remote_code_allowed, remote_code_refusal
 
@@ -366,13 +369,25 @@ def _float_model(folder: Path, torch_dtype):
     else:
         config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k not in dropped})
     with remote_code_refusal(str(folder)):
-        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=remote,
+        return auto_model_class(raw).from_config(config, dtype=torch_dtype, trust_remote_code=remote,
                                                 attn_implementation=DEFAULT_ATTN_IMPLEMENTATION)
+
+
+def _tied_names(model) -> set[str]:
+    """Parameter names that alias an earlier one (a tied head: ``lm_head.weight``, BERT's
+    ``cls.predictions.decoder.weight``); an export stores the tensor once, under the first name."""
+    seen: set[int] = set()
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.add(id(param))
+    return tied
 
 
 def _load_decoded(model, state: dict, folder: Path, torch_dtype) -> None:
     missing, unexpected = model.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()}, strict=False)
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    tied = _tied_names(model)
     if set(missing) - tied or unexpected:
         raise ValueError(f"{folder}: decoded weights do not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")

@@ -55,7 +55,9 @@ def model_dtype(base_dir: Path, requested: str) -> str:
 def linear_module_names(config_dir: Path) -> list[str]:
     """Names of every ``nn.Linear`` in the model (built on the meta device: no weights)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from qflow.models.encoders import auto_model_class
 
     from qflow.recipe.safety import remote_code_allowed, remote_code_refusal
 
@@ -63,7 +65,7 @@ def linear_module_names(config_dir: Path) -> list[str]:
     with remote_code_refusal(str(config_dir)):
         config = AutoConfig.from_pretrained(config_dir, local_files_only=True, trust_remote_code=remote)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
+            model = auto_model_class(config).from_config(config, trust_remote_code=remote)
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 

@@ -32,6 +32,14 @@ def reference_model(ckpt, dtype: str = "float32"):
     return model, tok
 
 
+def _scores(out):
+    """The output's logits; a bare encoder (AutoModel, no head) has none: its last hidden states
+    stand in (then ``roundtrip_kl`` compares softmaxes over hidden units: 0 iff equal, not a distance
+    between token distributions)."""
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.last_hidden_state
+
+
 def compare_logits(reference, candidate, ids, progress: Callable[[int], None] | None = None) -> dict[str, float]:
     import torch
 
@@ -39,8 +47,8 @@ def compare_logits(reference, candidate, ids, progress: Callable[[int], None] | 
     with torch.no_grad():
         for i in range(ids.shape[0]):
             window = ids[i:i + 1]
-            a = reference(input_ids=window, use_cache=False).logits[0].double()
-            b = candidate(input_ids=window, use_cache=False).logits[0].double()
+            a = _scores(reference(input_ids=window, use_cache=False))[0].double()
+            b = _scores(candidate(input_ids=window, use_cache=False))[0].double()
             la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
             kl = (la.exp() * (la - lb)).sum(-1).clamp(min=0)
             kl_sum += float(kl.sum())

@@ -274,6 +274,7 @@ for _cls in (ArchAdapter, MistralAdapter, Qwen2Adapter):
 
 from . import families as _families  # noqa: E402,F401  (registers the other families; needs ArchAdapter)
 from . import moe_adapter as _moe_adapter  # noqa: E402,F401  (Mixtral, Qwen2-MoE, Qwen3-MoE)
+from . import encoders as _encoders  # noqa: E402,F401  (registers bert/roberta; needs ArchAdapter)
 
 
 def known_model_types() -> list[str]:

@@ -99,6 +99,5 @@ UNSUPPORTED: dict[str, str] = {
               "Gemma3ForConditionalGeneration is not supported",
     "cohere": "Cohere's parallel attention+MLP blocks (one LayerNorm feeding both halves) have no adapter yet",
     "cohere2": "Cohere's parallel attention+MLP blocks (one LayerNorm feeding both halves) have no adapter yet",
-    **{t: "encoder models (BERT family) are not supported yet; qflow quantizes decoder-only causal LMs"
-       for t in ("bert", "roberta", "xlm-roberta", "modernbert")},
+    "modernbert": "ModernBERT encoders have no adapter yet (bert, roberta and xlm-roberta encoders are supported)",
 }

@@ -147,10 +147,11 @@ def _non_persistent_buffers(module: nn.Module) -> list[str]:
 
 def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str = "sdpa"):
     """``(model, adapter)``: non-block weights loaded, blocks on the meta device (see the module doc)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+    from transformers import AutoConfig, PretrainedConfig
 
     from ..quant.weights import tensor_index
     from .adapters import get_adapter
+    from .encoders import auto_model_class
     from .loading import _torch_dtype, load_model
     from .moe import unfuse_experts
 
@@ -164,9 +165,10 @@ def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str 
     remote = remote_code_allowed()   # only the command line's --trust-remote-code, never a recipe
     with remote_code_refusal(str(path)):
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=remote)
+    auto_class = auto_model_class(config)   # AutoModelForCausalLM; an encoder's MLM / bare class
     with torch.device("meta"):
         try:
-            skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype,
+            skeleton = auto_class.from_config(config, dtype=torch_dtype,
                                                         attn_implementation=attn_implementation,
                                                         trust_remote_code=remote)
         except ValueError:
@@ -175,7 +177,7 @@ def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str 
             # Gemma 2 has no sdpa path (logit softcapping): run it eager, as the reference does
             log.info("%s (%s) has no sdpa attention; using eager", path, config.model_type)
             attn_implementation = "eager"
-            skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype,
+            skeleton = auto_class.from_config(config, dtype=torch_dtype,
                                                         attn_implementation=attn_implementation,
                                                         trust_remote_code=remote)
     unfuse_experts(skeleton)   # mixture-of-experts: one linear per expert (qflow/models/moe.py)
@@ -190,7 +192,7 @@ def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str 
     shell_config.num_hidden_layers = 0
     if getattr(shell_config, "layer_types", None):
         shell_config.layer_types = []
-    net = AutoModelForCausalLM.from_config(shell_config, dtype=torch_dtype, attn_implementation=attn_implementation,
+    net = auto_class.from_config(shell_config, dtype=torch_dtype, attn_implementation=attn_implementation,
                                            trust_remote_code=remote)
     parent_name, _, attr = adapter.block_prefix.rpartition(".")
     setattr(net.get_submodule(parent_name) if parent_name else net, attr, blocks)

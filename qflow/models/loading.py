@@ -33,6 +33,19 @@ def _torch_dtype(dtype):
     return getattr(torch, name)
 
 
+def _auto_class(path: Path):
+    """AutoModelForCausalLM, or for a BERT-family encoder its MLM / bare class (qflow/models/encoders.py)."""
+    import json
+
+    from qflow.models.encoders import auto_model_class
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}   # transformers reports the unreadable config itself
+    return auto_model_class(config)
+
+
 def load_model(
     path: str | Path,
     dtype="float32",
@@ -45,7 +58,7 @@ def load_model(
 
     >>> model, tokenizer = load_model("runs/cache/models/gguf-...", dtype=torch.float32)
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # qflow draws its own progress; keep stderr readable
@@ -62,8 +75,9 @@ def load_model(
     from qflow.recipe.safety import remote_code_allowed
 
     remote = remote_code_allowed()   # only the command line's --trust-remote-code, never a recipe
+    auto_class = _auto_class(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class.from_pretrained(
             path,
             dtype=_torch_dtype(dtype),
             attn_implementation=attn_implementation,

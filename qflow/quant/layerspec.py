@@ -386,7 +386,7 @@ def stage_layer_specs(cfg: Any, model: Any, plan: Any, *, stage_id: str | None =
     shapes = linear_shapes(folder, targets, exclude)
     if not shapes:
         raise StageError(f"no linear weights match targets {targets!r} in {folder}", where=f"{where}.targets",
-                         fix="adjust the targets regex")
+                         fix="adjust the targets regex (a BERT-family encoder's layers: '\\.layer\\.\\d+\\.')")
     # mixture-of-experts routers stay float unless the stage says otherwise (docs/METHODS.md §4.2)
     from .expert_names import is_router
 

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-DEFAULT_TARGETS = r"\.layers\.\d+\."
+DEFAULT_TARGETS = r"\.layers?\.\d+\."   # decoders: model.layers.N; BERT encoders: encoder.layer.N
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -70,5 +70,5 @@ def iter_linear_weights(folder: Path, names: list[str]) -> Iterator[tuple[str, t
 
 
 def block_index(name: str) -> int | None:
-    m = re.search(r"\.layers\.(\d+)\.", name)
+    m = re.search(r"\.layers?\.(\d+)\.", name)
     return int(m.group(1)) if m else None
