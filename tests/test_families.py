@@ -196,9 +196,9 @@ def test_lazy_model_gives_the_whole_models_logits(tmp_path, family, config):
     model.save_pretrained(tmp_path / "float")
     net, _ = load_model_lazy(tmp_path / "float", dtype="float32", attn_implementation="sdpa")
     loader = block_loader(net)
-    if loader is not None:  # None: loaded whole (blocks hold tables the checkpoint lacks), also correct
-        for i in range(2):
-            loader.load(i)
+    assert loader is not None, f"{family}: loaded whole, not from a block-less shell"
+    for i in range(2):
+        loader.load(i)
     ids = calib_ids(2, 40, vocab=VOCAB)   # longer than the sliding windows (16, 8)
     assert _rel(_logits(net, ids), _logits(model, ids)) < 1e-5, family
 
