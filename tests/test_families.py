@@ -57,11 +57,14 @@ SITES = {
 }
 
 
-def tiny_family(family: str, *, kv_heads: int = 2, seed: int = 0, vocab: int = VOCAB) -> nn.Module:
-    """A 2-layer random ``family`` model (hidden 64, 4 heads, GQA at kv_heads 2) with outlier-ish norms."""
+def tiny_family(family: str, *, kv_heads: int = 2, seed: int = 0, vocab: int = VOCAB,
+                config: dict | None = None) -> nn.Module:
+    """A 2-layer random ``family`` model (hidden 64, 4 heads, GQA at kv_heads 2) with outlier-ish norms;
+    ``config`` adds to (or replaces) the family's config extras."""
     import transformers
 
     cfg_name, model_name, extra = FAMILIES[family]
+    extra = {**extra, **(config or {})}
     cfg = getattr(transformers, cfg_name)(vocab_size=vocab, hidden_size=64, intermediate_size=128,
                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
                                           max_position_embeddings=256, tie_word_embeddings=False, **extra)
@@ -174,6 +177,30 @@ def test_calibrated_methods_produce_an_ir(tmp_path, family, method):
     quant = apply_checkpoint(copy.deepcopy(fp), ckpt, mode="dequant")
     err = _rel(_logits(quant, ids), _logits(fp, ids))
     assert 0 < err < 0.5, (family, method, err)
+
+
+# ---- blocks on disk (qflow.models.lazy), as every calibrated quantize stage loads a model ----------
+
+# layer types mixed: Gemma 3's rotary tables and Qwen2's sliding mask are built per layer type outside the blocks
+LAZY_CASES = [(f, None) for f in sorted(FAMILIES)] + [
+    ("gemma3_text", {"layer_types": ["sliding_attention", "full_attention"]}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
+]
+
+
+@pytest.mark.parametrize("family,config", LAZY_CASES, ids=[f + ("-mixed" if c else "") for f, c in LAZY_CASES])
+def test_lazy_model_gives_the_whole_models_logits(tmp_path, family, config):
+    from qflow.models.lazy import block_loader, load_model_lazy
+
+    model = tiny_family(family, seed=7, config=config)
+    model.save_pretrained(tmp_path / "float")
+    net, _ = load_model_lazy(tmp_path / "float", dtype="float32", attn_implementation="sdpa")
+    loader = block_loader(net)
+    assert loader is not None, f"{family}: loaded whole, not from a block-less shell"
+    for i in range(2):
+        loader.load(i)
+    ids = calib_ids(2, 40, vocab=VOCAB)   # longer than the sliding windows (16, 8)
+    assert _rel(_logits(net, ids), _logits(model, ids)) < 1e-5, family
 
 
 # ---- refusals before any work --------------------------------------------------------------------

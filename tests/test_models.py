@@ -364,3 +364,32 @@ def test_shard_writer_numpy_and_torch_write_the_same_files(tmp_path, max_bytes, 
         index = json.loads((tmp_path / "numpy" / "model.safetensors.index.json").read_text())
         assert index["metadata"]["total_size"] == sum(a.nbytes for a in tensors.values())
         assert set(index["weight_map"]) == set(tensors) and set(index["weight_map"].values()) == set(written["numpy"])
+
+
+_WRITE_WITH_METADATA = """
+import sys
+import numpy as np
+from qflow.models.shards import ShardWriter
+writer = ShardWriter(sys.argv[1], max_bytes=10**9, metadata={"format": "pt", "qflow_version": "0", "qflow_layout": "x",
+                                                             "qflow_method": "gptq", "qflow_layers": '{"a": "\u00e9"}',
+                                                             "qflow_recipe_key": "k"})
+for i in range(3):
+    writer.add(f"t{i}", np.arange(10 * (i + 1), dtype=np.float32))
+writer.close()
+"""
+
+
+def test_shard_writer_files_are_byte_identical_across_processes(tmp_path):
+    """safetensors writes __metadata__ in a per-process hash order; the writer sorts it (kill loop, issue 17)."""
+    from safetensors import safe_open
+
+    for i in range(3):
+        (tmp_path / str(i)).mkdir()
+        subprocess.run([sys.executable, "-c", _WRITE_WITH_METADATA, str(tmp_path / str(i))], check=True, timeout=120)
+    files = [(tmp_path / str(i) / "model.safetensors").read_bytes() for i in range(3)]
+    assert files[0] == files[1] == files[2]
+    with safe_open(tmp_path / "0" / "model.safetensors", framework="np") as handle:
+        assert handle.metadata()["qflow_layers"] == '{"a": "\u00e9"}' and len(handle.metadata()) == 6
+        assert np.array_equal(handle.get_tensor("t2"), np.arange(30, dtype=np.float32))
+    header = files[0][8:8 + int.from_bytes(files[0][:8], "little")]
+    assert header.index(b'"format"') < header.index(b'"qflow_layers"') < header.index(b'"qflow_version"')

@@ -170,3 +170,36 @@ def test_fuzz_recipes_fast(family, base, capsys):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fuzz_recipes_slow(family, base, capsys):
     FAMILIES[family](SLOW_EXAMPLES)(base, capsys)
+
+
+# ---- examples the fuzzers found, kept as fast regression tests ---------------------------------
+
+def _dry_run(base, path: Path, capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    status = cli.main(["--runs-dir", str(base["runs"]), "run", str(path), "--dry-run", "--no-track"])
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("doc,named", [
+    ({"defaults": None}, "defaults must be a list, got null"),   # the slow documents fuzzer's find (2026-12-07)
+    ({"defaults": {"lib/model": "smollm2"}}, "defaults must be a list, got a mapping"),
+    ({"defaults": [1]}, "defaults[0] is 1"),
+    ({"defaults": ["lib/model/smollm2", {"a": 1, "b": 2}]}, "defaults[1] is {'a': 1, 'b': 2}"),
+    ({"defaults": [{1: "a"}]}, "defaults[0] is {1: 'a'}"),        # Hydra itself: an AssertionError
+])
+def test_malformed_defaults_list_is_a_recipe_error(base, capsys, doc, named):
+    path = base["dir"] / "recipe.yaml"
+    path.write_text(_dump(doc))
+    status, err = _dry_run(base, path, capsys)
+    assert status == 2 and "Traceback" not in err, err
+    assert f"{path}: {named}" in err and "Fix: write the defaults list as a YAML list" in err, err
+
+
+def test_malformed_defaults_list_in_a_library_file_is_a_recipe_error(base, capsys):
+    (base["dir"] / "grp").mkdir(exist_ok=True)
+    (base["dir"] / "grp" / "bad.yaml").write_text("defaults: 5\nx: 1\n")
+    path = base["dir"] / "recipe.yaml"
+    path.write_text(base["text"].replace("name: tiny", "defaults: [grp/bad, _self_]\nname: tiny"))
+    status, err = _dry_run(base, path, capsys)
+    assert status == 2 and "Traceback" not in err, err
+    assert "Invalid defaults list in 'grp/bad'" in err and "Fix: write the defaults list" in err, err

@@ -145,6 +145,18 @@ def _non_persistent_buffers(module: nn.Module) -> list[str]:
     return [name for name, _ in module.named_buffers() if name not in persistent]
 
 
+def _outside_blocks_differ(model: nn.Module, shell: nn.Module, block_prefix: str) -> list[str]:
+    """Names of the tensors outside the blocks (non-persistent buffers included) that ``model``
+    and ``shell`` do not both hold with the same shape: a model whose non-block modules depend on
+    its layer count cannot be assembled from a block-less shell."""
+    def outside(module: nn.Module) -> dict[str, tuple[int, ...]]:
+        tensors = [*module.named_parameters(), *module.named_buffers()]
+        return {n: tuple(t.shape) for n, t in tensors if not n.startswith(block_prefix)}
+
+    full, bare = outside(model), outside(shell)
+    return sorted(n for n in full.keys() | bare.keys() if full.get(n) != bare.get(n))
+
+
 def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str = "sdpa"):
     """``(model, adapter)``: non-block weights loaded, blocks on the meta device (see the module doc)."""
     from transformers import AutoConfig, PretrainedConfig
@@ -188,12 +200,18 @@ def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str 
         net, _ = load_model(path, dtype=torch_dtype, attn_implementation=attn_implementation)
         return net, get_adapter(net)
 
+    # the shell keeps config.layer_types: modules outside the blocks are built from it (Gemma 3's
+    # rotary tables per layer type, Qwen2/3's sliding-window mask flag)
     shell_config = copy.deepcopy(config)
     shell_config.num_hidden_layers = 0
-    if getattr(shell_config, "layer_types", None):
-        shell_config.layer_types = []
     net = auto_class.from_config(shell_config, dtype=torch_dtype, attn_implementation=attn_implementation,
                                            trust_remote_code=remote)
+    differs = _outside_blocks_differ(skeleton, net, adapter.block_prefix + ".")
+    if differs:
+        log.info("%s: the model without its blocks is built differently (%s); loading the model whole",
+                 path, ", ".join(differs[:3]))
+        net, _ = load_model(path, dtype=torch_dtype, attn_implementation=attn_implementation)
+        return net, get_adapter(net)
     parent_name, _, attr = adapter.block_prefix.rpartition(".")
     setattr(net.get_submodule(parent_name) if parent_name else net, attr, blocks)
     for module in net.modules():  # the shell's modules read num_hidden_layers etc. from their config

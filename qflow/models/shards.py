@@ -8,16 +8,24 @@ One shard is named ``model.safetensors``; more are ``model-00001-of-0000N.safete
 with ``model.safetensors.index.json`` (total size and weight map), the names
 transformers looks for. Shards are written as ``part-*.safetensors`` and renamed
 once their count is known. Used by the GGUF converter and the safetensors export.
+
+The safetensors library writes the ``__metadata__`` entries in its hash map's order,
+which changes from process to process; each shard's header is rewritten with them
+sorted (same bytes otherwise), so one export is byte-identical whichever process wrote it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class ShardWriter:
@@ -50,6 +58,7 @@ class ShardWriter:
 
         filename = f"part-{len(self.parts):05d}.safetensors"
         save_file(self.pending, str(self.out_dir / filename), metadata=self.metadata)
+        sort_metadata(self.out_dir / filename)
         self.parts.append((filename, list(self.pending), self.pending_bytes))
         self.pending, self.pending_bytes = {}, 0
 
@@ -71,3 +80,22 @@ class ShardWriter:
         (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2, sort_keys=True))
         return files
 
+
+def sort_metadata(path: Path) -> None:
+    """Rewrite the safetensors file ``path``'s header in place with its ``__metadata__`` keys sorted.
+
+    The header keeps its length (the same entries, re-serialized compactly and padded with
+    spaces as safetensors pads it); tensor data is not touched."""
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        metadata = header.pop("__metadata__", None)
+        if not metadata or len(metadata) < 2:
+            return
+        text = json.dumps({"__metadata__": dict(sorted(metadata.items())), **header},
+                          separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:   # not expected (same content); the file stays valid, only its bytes vary
+            log.warning("%s: header grows when its metadata is sorted; left in the writer's order", path)
+            return
+        f.seek(8)
+        f.write(text.ljust(size, b" "))

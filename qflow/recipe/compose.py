@@ -31,7 +31,36 @@ def _yaml_preflight(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RecipeError(f"a recipe must be a YAML mapping, got {type(data).__name__}", where=str(path),
                           fix="start the file with top-level keys such as 'name:' and 'stages:'")
+    check_defaults_list(data, path)
     return data
+
+
+_DEFAULTS_FIX = ("write the defaults list as a YAML list whose entries are config names or one-key "
+                 "'group: name' mappings, e.g. defaults: [lib/model/smollm2, {lib/protocol: ci}, _self_]")
+
+
+def check_defaults_list(data: dict[str, Any], path: Path) -> None:
+    """The form of a file's ``defaults:`` list, checked before Hydra reads it (Hydra's own checks
+    raise plain ValueError / AssertionError). An entry is a name, or one ``group: name`` mapping
+    whose name is a string, a list of strings or null."""
+    if "defaults" not in data:
+        return
+    items = data["defaults"]
+    if not isinstance(items, list):
+        got = "a mapping" if isinstance(items, dict) else "null" if items is None else repr(items)[:60]
+        raise RecipeError(f"defaults must be a list, got {got}", where=str(path), fix=_DEFAULTS_FIX)
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            continue
+        if isinstance(item, dict) and len(item) == 1:
+            (group, name), = item.items()
+            if isinstance(group, str) and group.strip() and (
+                    name is None or isinstance(name, str)
+                    or isinstance(name, list) and all(isinstance(n, str) for n in name)):
+                continue
+        raise RecipeError(f"defaults[{i}] is {repr(item)[:60]}: an entry is a config name (a string) or one "
+                          f"'group: name' mapping (name: a string, a list of strings or null)",
+                          where=str(path), fix=_DEFAULTS_FIX)
 
 
 def resolve_library(spec: str, cache_dir: Path) -> str:
@@ -75,6 +104,16 @@ def _reraise_clean(exc: BaseException, path: Path) -> None:
                               fix="correct that file (duplicate keys, indentation, quotes) at the position named") from None
         cause = cause.__cause__ or cause.__context__
 
+
+
+def _raised_in_hydra(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by Hydra's own code (its innermost frame lies in the hydra package)."""
+    import hydra
+
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).is_relative_to(Path(hydra.__file__).parent)
 
 
 def compose_recipe(recipe: str | os.PathLike, overrides: list[str] | None = None, *,
@@ -128,6 +167,11 @@ def compose_recipe(recipe: str | os.PathLike, overrides: list[str] | None = None
         raise
     except Exception as exc:  # YAML / encoding problems of library files surface as plain exceptions
         _reraise_clean(exc, path)
+        if isinstance(exc, (ValueError, AssertionError, TypeError)) and _raised_in_hydra(exc):
+            # a library file's malformed defaults list (the recipe's own is checked in _yaml_preflight)
+            msg = " ".join(str(exc).split()) or type(exc).__name__
+            raise RecipeError(f"Hydra cannot read a defaults list of the recipe's tree: {msg}", where=str(path),
+                              fix=_DEFAULTS_FIX) from None
         raise
     with open_dict(cfg):
         del cfg["hydra"]
