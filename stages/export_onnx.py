@@ -313,7 +313,9 @@ def _run_encoder(ctx, cfg, model, ckpt, base_dir, out):
     for name in _COPY_FILES + ("vocab.txt", "merges.txt", "vocab.json"):
         if (base_dir / name).is_file():
             shutil.copy2(base_dir / name, out / name)
-    tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+    from qflow.recipe.safety import remote_code_allowed
+
+    tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True, trust_remote_code=remote_code_allowed())
     config = json.loads((base_dir / "config.json").read_text())
     limit = min(cfg.data.seq_len, max_tokens(config) or cfg.data.seq_len)
     texts = embed.sentences(load_text(cfg.data.source, field=cfg.data.field, cache_dir=ctx.memo_dir), 8 * cfg.n_windows)

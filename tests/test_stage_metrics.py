@@ -17,8 +17,10 @@ from qflow.registry import UndeclaredMetricWarning, discover, undeclared_metrics
 
 def test_every_registered_stage_declares_its_metrics():
     reg = discover()
-    missing = [name for name, cls in reg.stages.items() if getattr(cls, "metrics", None) is None]
-    assert reg.stages and not missing, f"stages without Stage.metrics: {missing}"
+    # qflow's own stages (other test modules register throwaway stages in the same process)
+    shipped = {name: cls for name, cls in reg.stages.items() if cls.__module__.startswith(("stages.", "qflow."))}
+    missing = [name for name, cls in shipped.items() if getattr(cls, "metrics", None) is None]
+    assert len(shipped) >= 15 and not missing, f"stages without Stage.metrics: {missing}"
 
 
 def test_names_are_matched_against_the_declared_patterns():

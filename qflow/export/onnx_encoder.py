@@ -166,7 +166,10 @@ def build_encoder_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    from qflow.recipe.safety import remote_code_allowed
+
+    # an encoder's own configuration code only with the command line's --trust-remote-code, never a recipe
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=remote_code_allowed())
     src = FloatSource(model_dir, ckpt)
     p = _prefix(src, config.model_type)
     n_layers = int(config.num_hidden_layers)
