@@ -163,15 +163,20 @@ class ArchAdapter:
             return kv == heads and v.weight.shape[0] == 3 * o.weight.shape[1]
         return tuple(v.weight.shape) == tuple(o.weight.shape)
 
-    def awq_sites(self, block: "nn.Module") -> list[ScaleSite]:
-        """docs/METHODS.md §4 sites 1-4; site 2 (v->o) only when v_proj and o_proj have equal shapes;
-        sites 1 and 3 only where a norm precedes the linears (a post-norm family has none)."""
+    def attention_sites(self, block: "nn.Module") -> list[ScaleSite]:
+        """Sites 1 (norm -> q/k/v, where a norm precedes them) and 2 (v -> o, when foldable) of docs/METHODS.md §4."""
         sites = []
         if self.input_norm is not None:
             sites.append(ScaleSite("attn_in", self.input_norm, self.qkv_linears, "self_attn",
                                    self.qkv_linears[0], loss_kwargs=True))
         if self.v_o_foldable(block):
             sites.append(ScaleSite("v_o", self.v_rows, (self.o_linear,), self.o_linear, self.o_linear))
+        return sites
+
+    def awq_sites(self, block: "nn.Module") -> list[ScaleSite]:
+        """docs/METHODS.md §4 sites 1-4; site 2 (v->o) only when v_proj and o_proj have equal shapes;
+        sites 1 and 3 only where a norm precedes the linears (a post-norm family has none)."""
+        sites = self.attention_sites(block)
         if self.post_attn_norm is not None:
             sites.append(ScaleSite("mlp_in", self.post_attn_norm, self.gate_up_linears, "mlp",
                                    self.gate_up_linears[0]))

@@ -119,12 +119,7 @@ class MoEAdapter(ArchAdapter):
         moe = self.sparse(block)
         if moe is None:
             return super().awq_sites(block)
-        sites = []
-        if self.input_norm is not None:
-            sites.append(ScaleSite("attn_in", self.input_norm, self.qkv_linears, "self_attn",
-                                   self.qkv_linears[0], loss_kwargs=True))
-        if self.v_o_foldable(block):
-            sites.append(ScaleSite("v_o", self.v_rows, (self.o_linear,), self.o_linear, self.o_linear))
+        sites = self.attention_sites(block)
         sites.append(ScaleSite("mlp_in", self.post_attn_norm, tuple(self._mlp_in(moe)), "mlp", ROUTER))
         if moe.has_shared_expert:
             sites.append(ScaleSite("up_down.shared", f"{SHARED}.up_proj", (f"{SHARED}.down_proj",),
