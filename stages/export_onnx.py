@@ -151,13 +151,7 @@ class ExportOnnx(Stage):
             timing = _timing(ctx, cfg, ckpt, base_dir, out, info, metrics)
 
         ctx.log_metrics(metrics)
-        report = {"export": info.to_json(), "metrics": metrics, "roundtrip_protocol": protocol, "timing": timing,
-                  "source_checkpoint": str(model.path), "method": getattr(ckpt, "method", None)}
-        (out / "export.json").write_text(json.dumps(report, indent=1, default=str))
-        return {"export": ExportedModel(out, format="onnx", model_file=info.model_path.name,
-                                        data_file=info.data_path.name, accuracy_level=cfg.accuracy_level,
-                                        variants={str(k): v.name for k, v in info.variants.items()},
-                                        method=getattr(ckpt, "method", None))}
+        return _finish(out, cfg, model, ckpt, info, metrics, protocol, timing)
 
 
 def _settings(cfg):
@@ -337,7 +331,14 @@ def _run_encoder(ctx, cfg, model, ckpt, base_dir, out):
     protocol = {"source": cfg.data.source, "n_sentences": len(texts), "max_tokens": limit,
                 "batches_sha256": embed.batches_fingerprint(batches),
                 "reference": "qflow load_quantized_model fp32 (eager attention)" if ckpt else "float model"}
-    report = {"export": info.to_json(), "metrics": metrics, "roundtrip_protocol": protocol, "timing": {},
+    return _finish(out, cfg, model, ckpt, info, metrics, protocol, {})
+
+
+def _finish(out, cfg, model, ckpt, info, metrics, protocol, timing):
+    """Write ``export.json`` (export info, metrics, round-trip protocol, timing) and return the stage output."""
+    import json
+
+    report = {"export": info.to_json(), "metrics": metrics, "roundtrip_protocol": protocol, "timing": timing,
               "source_checkpoint": str(model.path), "method": getattr(ckpt, "method", None)}
     (out / "export.json").write_text(json.dumps(report, indent=1, default=str))
     return {"export": ExportedModel(out, format="onnx", model_file=info.model_path.name,
