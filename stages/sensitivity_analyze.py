@@ -41,6 +41,9 @@ class SensitivityConfig(StageConfig):
     batch_size: int = Field(4, ge=1)
     n_check: int = Field(8, ge=0, description="single-layer quantizations measured by KL to check the estimator")
     fisher_samples: int = Field(1, ge=1, description="fisher: label draws y ~ p_fp per position")
+    fisher_form: Literal["kfac", "token"] = Field(
+        "kfac", description="fisher: kfac (E[g^2] x E[xx^T], output-diagonal) or token (per-position "
+                            "quadratic form, no factorisation; one product per option and label draw)")
     hessian_max_iter: int = Field(100, ge=1)
     hessian_tol: float = Field(1e-3, gt=0)
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
@@ -212,20 +215,26 @@ def _proxy(ctx, cfg, model, calib, grid, state):
 
 def _fisher(ctx, cfg, model, calib, grid, state):
     """One forward + backward per window batch (and label draw), then weight algebra per option."""
-    from qflow.evaluation.sensitivity import fisher_damage, fisher_factors
+    from qflow.evaluation.sensitivity import fisher_damage, fisher_factors, fisher_token_damages
 
     net = _float_model(cfg, model, state)
     ids = _windows(ctx, cfg, calib, state)
-    factors = fisher_factors(net, list(grid), ids, ctx.torch_generator("fisher-labels"),
-                             batch_size=cfg.batch_size, n_samples=cfg.fisher_samples)
+    extra = {"n_windows": int(ids.shape[0]), "fisher_samples": cfg.fisher_samples, "fisher_form": cfg.fisher_form}
+    generator = ctx.torch_generator("fisher-labels")
+    if cfg.fisher_form == "token":
+        specs = {name: [o.spec for o in opts] for name, opts in grid.items()}
+        damages, n_positions = fisher_token_damages(net, specs, ids, generator, batch_size=cfg.batch_size,
+                                                    n_samples=cfg.fisher_samples)
+        return damages, {**extra, "fisher_tokens": n_positions}
+    factors = fisher_factors(net, list(grid), ids, generator, batch_size=cfg.batch_size,
+                             n_samples=cfg.fisher_samples)
     damages = {}
     with ctx.progress(len(grid), "fisher") as bar:
         for name, opts in grid.items():
             w = net.get_submodule(name).weight.detach()
             damages[name] = [fisher_damage(w, o.spec, factors.xtx[name], factors.g2[name]) for o in opts]
             bar.update()
-    return damages, {"n_windows": int(ids.shape[0]), "fisher_tokens": factors.n_tokens,
-                     "fisher_samples": cfg.fisher_samples}
+    return damages, {**extra, "fisher_tokens": factors.n_tokens}
 
 
 def _kl(ctx, cfg, model, calib, grid, state):

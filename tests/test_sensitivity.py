@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from qflow.evaluation.sensitivity import (fisher_damage, fisher_factors, float_logits, hessian_damage, hessian_traces, hutchinson, option_grid,
+from qflow.evaluation.sensitivity import (fisher_damage, fisher_factors, fisher_token_damages, float_logits, hessian_damage, hessian_traces, hutchinson, option_grid,
                                           proxy_damage, single_layer_kl, weight_error)
 from qflow.quant import dispatch
 from qflow.quant.ir import layer_nbytes
@@ -183,6 +183,27 @@ def test_fisher_ranks_the_damaged_layer_first_and_leaves_the_model_as_it_was():
     assert max(damage, key=damage.get) == damaged
     for n, p in model.named_parameters():
         assert p.requires_grad == before[n][0] and p.grad is None and p.detach().equal(before[n][1])
+
+
+def test_fisher_token_form_predicts_the_measured_kl_and_leaves_the_model_as_it_was():
+    """The per-position form keeps (g, x) paired and the cross-channel terms: close to the measured KL."""
+    model = tiny_llama()
+    layers = _linears(model)
+    picked = [layers[0], layers[3], layers[6], layers[-1]]
+    ids = calib_ids(8, 32)
+    specs = [QuantSpec(bits=b, group_size=32, scheme="asym_a") for b in (4, 8)]
+    before = {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
+    damages, n_positions = fisher_token_damages(model, {n: specs for n in picked}, ids,
+                                                torch.Generator().manual_seed(0), batch_size=4, n_samples=8)
+    assert n_positions == 8 * 31
+    for n, p in model.named_parameters():
+        assert p.requires_grad == before[n][0] and p.grad is None and p.detach().equal(before[n][1])
+    reference = float_logits(model, ids, 8)
+    ratios = [damages[name][k] / single_layer_kl(model, name, spec, ids, reference, 8)
+              for name in picked for k, spec in enumerate(specs)]
+    assert all(0.5 < r < 2.0 for r in ratios), ratios
+    # 8-bit rounding is a far smaller perturbation than 4-bit for every layer
+    assert all(damages[n][1] < damages[n][0] / 10 for n in picked)
 
 
 def test_hessian_traces_leave_the_model_as_it_was():

@@ -269,6 +269,74 @@ def fisher_factors(model, layers: list[str], ids: torch.Tensor, generator: torch
                          {n: t / (n_tokens * n_samples) for n, t in g2.items()}, n_tokens)
 
 
+def fisher_token_damages(model, options: dict[str, list[QuantSpec]], ids: torch.Tensor,
+                         generator: torch.Generator, *, batch_size: int = 2,
+                         n_samples: int = 1) -> tuple[dict[str, list[float]], int]:
+    """Per-position Fisher damage ``1/2 E_t E_y[(g_t^T dW x_t)^2]`` of every (layer, option), nats per token.
+
+    The same second-order KL as :func:`fisher_factors` + :func:`fisher_damage` without
+    K-FAC's two simplifications: the output gradient ``g_t`` and the input ``x_t`` of a
+    position stay paired (no ``E[g^2] E[x x^T]`` factorisation) and the cross terms
+    between output channels are kept (the full quadratic form of one position, not its
+    diagonal). Only the cross terms between positions are dropped, as in the K-FAC form.
+    ``y`` is drawn from the float model (``n_samples`` draws per position). Cost: for
+    every label draw, one ``[tokens, in] x [in, out]`` product per (layer, option) on
+    top of the backward pass; memory: every option's ``dW`` (fp32) plus one batch's
+    layer inputs. Returns the damages and the number of positions scored.
+    """
+    modules = {name: model.get_submodule(name) for name in options}
+    errors = {name: [weight_error(modules[name].weight.detach(), spec) for spec in specs]
+              for name, specs in options.items()}
+    sums = {name: [0.0] * len(specs) for name, specs in options.items()}
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(name):
+        def hook(module, args, out):
+            inputs[name] = args[0].detach()
+            if out.requires_grad:
+                out.register_hook(grad_hook(name))
+        return hook
+
+    def grad_hook(name):
+        def accumulate(g):   # returns None: the gradient flows on unchanged
+            x = inputs[name][:, :-1].reshape(-1, inputs[name].shape[-1]).float()
+            gg = g.detach()[:, :-1].reshape(-1, g.shape[-1]).float()
+            for k, dw in enumerate(errors[name]):
+                sums[name][k] += float(((x @ dw.T) * gg).sum(1).double().pow(2).sum())
+        return accumulate
+
+    def grad_on(module, args, out):   # activations need gradients; the weights do not
+        return out.detach().requires_grad_(True)
+
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles.append(model.get_input_embeddings().register_forward_hook(grad_on))
+    handles += [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+    n_positions = 0
+    try:
+        for i in range(0, ids.shape[0], batch_size):
+            batch = ids[i:i + batch_size]
+            for _ in range(n_samples):
+                logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+                logp = torch.log_softmax(logits, dim=-1)
+                with torch.no_grad():
+                    y = torch.multinomial(logp.detach().exp().reshape(-1, logp.shape[-1]), 1,
+                                          generator=generator).reshape(logp.shape[:-1])
+                logp.gather(-1, y[..., None]).sum().backward()
+                del logits, logp
+            inputs.clear()
+            n_positions += batch.shape[0] * (batch.shape[1] - 1)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+    # the last position's output feeds no scored token: its gradient is zero, so it is left out above
+    return ({n: [0.5 * v / (n_positions * n_samples) for v in vals] for n, vals in sums.items()}, n_positions)
+
+
 def fisher_damage(w: torch.Tensor, spec: QuantSpec, xtx: torch.Tensor, g2: torch.Tensor) -> float:
     """``1/2 sum_i g2_i (dW xtx dW^T)_ii``: the estimated single-layer KL in nats per token."""
     dw = weight_error(w, spec)
