@@ -278,6 +278,19 @@ def test_stage_check_reports_a_rank_correlation(tmp_path, tiny_model_dir, tiny_c
     assert (tmp_path / "run" / "artifacts" / "quantize" / "estimator_vs_kl.png").is_file()
 
 
+@pytest.mark.parametrize("form", ["kfac", "token"])
+def test_fisher_stage_forms_agree_on_the_ranking(tmp_path, tiny_model_dir, tiny_calib, form):
+    """Both fisher forms through the stage: the table's damages rank options like the measured KL check."""
+    table = _run_stage(tmp_path, tiny_model_dir, tiny_calib, estimator="fisher", fisher_form=form, bits=[2, 8],
+                       group_sizes=[32], n_check=4, n_windows=2, fisher_samples=2)
+    meta = json.loads((table.path / "meta.json").read_text())
+    assert meta["fisher_form"] == form and meta["fisher_samples"] == 2
+    rows = list(csv.DictReader(open(table.path / "table.csv")))
+    by = {(r["layer"], int(r["bits"])): float(r["damage"]) for r in rows}
+    assert all(by[(layer, 2)] > by[(layer, 8)] > 0 for layer, _ in by)
+    assert meta["check"]["n"] == 4 and meta["check"]["spearman"] > 0
+
+
 def test_stage_errors_are_clean(tmp_path, tiny_model_dir, tiny_calib):
     from pydantic import ValidationError
 

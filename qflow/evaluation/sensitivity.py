@@ -281,12 +281,10 @@ def fisher_token_damages(model, options: dict[str, list[QuantSpec]], ids: torch.
     diagonal). Only the cross terms between positions are dropped, as in the K-FAC form.
     ``y`` is drawn from the float model (``n_samples`` draws per position). Cost: for
     every label draw, one ``[tokens, in] x [in, out]`` product per (layer, option) on
-    top of the backward pass; memory: every option's ``dW`` (fp32) plus one batch's
-    layer inputs. Returns the damages and the number of positions scored.
+    top of the backward pass and one rounding of the layer per option; memory: one
+    batch's layer inputs (the ``dW`` of one layer at a time). Returns the damages and the number of positions scored.
     """
     modules = {name: model.get_submodule(name) for name in options}
-    errors = {name: [weight_error(modules[name].weight.detach(), spec) for spec in specs]
-              for name, specs in options.items()}
     sums = {name: [0.0] * len(specs) for name, specs in options.items()}
     inputs: dict[str, torch.Tensor] = {}
     handles = []
@@ -302,8 +300,9 @@ def fisher_token_damages(model, options: dict[str, list[QuantSpec]], ids: torch.
         def accumulate(g):   # returns None: the gradient flows on unchanged
             x = inputs[name][:, :-1].reshape(-1, inputs[name].shape[-1]).float()
             gg = g.detach()[:, :-1].reshape(-1, g.shape[-1]).float()
-            for k, dw in enumerate(errors[name]):
-                sums[name][k] += float(((x @ dw.T) * gg).sum(1).double().pow(2).sum())
+            w = modules[name].weight.detach()
+            for k, spec in enumerate(options[name]):   # dW again per batch: one layer's options in memory
+                sums[name][k] += float(((x @ weight_error(w, spec).T) * gg).sum(1).double().pow(2).sum())
         return accumulate
 
     def grad_on(module, args, out):   # activations need gradients; the weights do not
