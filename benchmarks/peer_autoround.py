@@ -191,6 +191,43 @@ def run_peer(avg_bits: float, inputs: dict, work: Path, timeout: float, low_mem:
                   "json": str(out_json)}
 
 
+def ran_seconds(runs_dir: Path) -> dict[str, tuple[float, str]]:
+    """Cache key -> (seconds, run folder) of every stage that ran in a run under ``runs_dir/runs``."""
+    found = {}
+    for summary in sorted((runs_dir / "runs").glob("*/summary.json")):
+        try:
+            stages = json.loads(summary.read_text()).get("stages", {})
+        except (OSError, ValueError):
+            continue
+        for s in stages.values():
+            if s.get("status") == "ran" and s.get("key") and s.get("seconds") is not None:
+                found.setdefault(s["key"], (float(s["seconds"]), summary.parent.name))
+    return found
+
+
+def charge_stages(st: dict, runs_dir: Path, produced: dict[str, float]) -> tuple[float, list[str]]:
+    """qflow's seconds for PRODUCE: a stage that ran now counts its seconds; a cached one the seconds it took
+    when it ran (an earlier row, else the run under ``runs_dir`` that computed that cache entry)."""
+    seconds, charged, earlier = 0.0, [], None
+    for sid in PRODUCE:
+        s = st.get(sid, {})
+        if s.get("status") == "ran":
+            produced[sid] = float(s.get("seconds") or 0.0)
+            seconds += produced[sid]
+        elif sid in produced:
+            seconds += produced[sid]
+            charged.append(sid)
+        else:
+            earlier = ran_seconds(runs_dir) if earlier is None else earlier
+            if s.get("key") in earlier:
+                took, run = earlier[s["key"]]
+                seconds += took
+                charged.append(f"{sid} ({took:.0f} s in run {run})")
+            else:
+                charged.append(f"{sid} (cached, its cost unknown)")
+    return seconds, charged
+
+
 def run_qflow(bpw: float, n_calib: int, n_eval: int | None, runs_dir: Path, work: Path, timeout: float,
               produced: dict[str, float], extra: list[str]) -> dict:
     budget = math.floor(bpw * 1e6) / 1e6
@@ -215,17 +252,7 @@ def run_qflow(bpw: float, n_calib: int, n_eval: int | None, runs_dir: Path, work
     if "evaluate/kl_mean" not in m:
         failed = {k: v.get("error") for k, v in st.items() if v.get("status") == "failed"}
         return out | {"ok": False, "error": str(failed or js.get("status"))[:400]}
-    seconds, charged = 0.0, []
-    for sid in PRODUCE:
-        s = st.get(sid, {})
-        if s.get("status") == "ran":
-            produced[sid] = float(s.get("seconds") or 0.0)
-            seconds += produced[sid]
-        elif sid in produced:
-            seconds += produced[sid]
-            charged.append(sid)
-        else:
-            charged.append(f"{sid} (cached, its cost unknown)")
+    seconds, charged = charge_stages(st, runs_dir, produced)
     return out | {"ok": True, "ppl": m["evaluate/ppl"], "ppl_fp": m.get("evaluate/ppl_fp"),
                   "kl": m["evaluate/kl_mean"], "kl_topk": m.get("evaluate/kl_topk_mean"),
                   "bpw": m.get("evaluate/bpw_quantized_measured"), "predicted_bpw": m.get("allocate/predicted_bpw"),
@@ -306,7 +333,8 @@ def report(rows, args, inputs, versions, started, elapsed, loads, date) -> str:
         "(`qflow.quant.ir.layer_nbytes`, ASYM-Z: packed codes + fp16 scale + uint8 zero per group of 64; the peer's "
         "from its per-layer bits); \"own count\" = auto-round's b + (16 + b)/64. Seconds: peer `quantize()` wall "
         "(AutoScheme scoring + allocation + RTN) vs qflow calibrate + sensitivity (fisher) + allocate + quantize; "
-        "stages cached from an earlier row are charged the seconds they took then.",
+        "a stage found cached is charged the seconds it took when it ran (an earlier row, or the run in the same "
+        "runs folder that computed that cache entry, named below).",
     ]
     for r in rows:
         p, q = r["peer"], r["qflow"]
@@ -350,6 +378,9 @@ def main(argv=None) -> int:
     p.add_argument("--peer-low-mem", action="store_true",
                    help="AutoScheme's block-by-block low-memory scoring (much slower on a CPU)")
     p.add_argument("--timeout", type=float, default=3 * 3600, help="seconds per tool run")
+    p.add_argument("--rebuild-from", type=Path, default=None,
+                   help="print (and append) the table of a finished run from its <runs-dir>/peer/rows.json, "
+                        "charging cached qflow stages by their cache keys (runs nothing)")
     p.add_argument("--no-results", action="store_true", help="print only, do not append to RESULTS.md")
     p.add_argument("--date", default=_dt.date.today().isoformat())
     args = p.parse_args(argv)
@@ -366,7 +397,18 @@ def main(argv=None) -> int:
     log(f"model {inputs['model_dir']}; calib {inputs['calib_shape']} {inputs['calib_sha256'][:16]}; "
         f"eval {inputs['eval_shape']} {inputs['eval_sha256'][:16]}")
     rows, loads, produced = [], [loadavg()], {}
-    for b in args.avg_bits:
+    if args.rebuild_from:
+        rows = json.loads(args.rebuild_from.read_text())
+        for r in rows:
+            q = r["qflow"]
+            if q.get("ok"):
+                out_file = work / f"qflow-mixed-{q['budget']}.stdout.txt"
+                js = next(json.loads(ln) for ln in reversed(out_file.read_text().splitlines()) if ln.startswith("{"))
+                q["seconds"], q["charged_cached"] = charge_stages(js.get("stages", {}), runs_dir, produced)
+            loads += [r["peer"].get("load_start"), r["peer"].get("load_end"), q.get("load_end")]
+        loads = [x for x in loads if x is not None]
+        args.avg_bits = [r["avg_bits"] for r in rows]
+    for b in ([] if args.rebuild_from else args.avg_bits):
         pr = run_peer(b, inputs, work, args.timeout, args.peer_low_mem)
         log(f"peer  {b}: " + (f"bpw {pr['bpw']:.4f} (own {pr['peer_avg_bits']:.4f}) KL {pr['kl']:.4f} ppl "
                               f"{pr['ppl']:.3f} {pr['seconds']:.0f} s" if pr.get("ok") else f"FAILED {pr.get('error')}"))
@@ -379,7 +421,11 @@ def main(argv=None) -> int:
         rows.append({"avg_bits": b, "peer": pr, "qflow": q})
         loads += [pr.get("load_start", loadavg()), pr.get("load_end", loadavg()), q.get("load_end", loadavg())]
         (work / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
-    block = report(rows, args, inputs, versions, started, time.perf_counter() - t_start, loads, args.date)
+    elapsed = time.perf_counter() - t_start
+    if args.rebuild_from:   # the finished run's wall time and start, from its rows
+        elapsed = sum(float(r[k].get("wall_s") or 0.0) for r in rows for k in ("peer", "qflow"))
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(args.rebuild_from.stat().st_mtime - elapsed))
+    block = report(rows, args, inputs, versions, started, elapsed, loads, args.date)
     print(block)
     if not args.no_results:
         append_results(block)
