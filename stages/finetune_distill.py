@@ -54,8 +54,15 @@ class FinetuneDistill(Stage):
     inputs = {"model": QuantizedCheckpoint, "calib": CalibSet}
     outputs = {"model": QuantizedCheckpoint}
 
+    def check(self, cfg, inputs_meta):
+        from qflow.finetune.memory import heldout_problems
+
+        return heldout_problems(cfg, inputs_meta)
+
     def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
-        return None
+        from qflow.finetune.memory import finetune_peak_bytes
+
+        return finetune_peak_bytes(cfg, inputs_meta, upstream, method="distill")
 
     def run(self, ctx, cfg, model, calib):
         from qflow.finetune.e2e import E2EOptions, finetune_e2e
