@@ -78,7 +78,7 @@ def time_variant(variant: str, model_dir: str, start, ids, teacher, *, steps: in
         opt.step()
         for layer in layers.values():
             layer.clamp_()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step:
             times.append(time.perf_counter() - t0)
     return sum(times) / len(times), losses
