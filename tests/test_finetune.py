@@ -300,6 +300,22 @@ def test_lsq_initialisation_and_gradient_scale():
     assert int(codes.max()) <= spec.qmax
 
 
+@pytest.mark.parametrize("rows,groups", [(8, 4), (1, 4)])
+def test_lsq_grouped_view_matches_the_gathered_form(rows, groups):
+    from qflow.finetune.lsq import LSQLinear
+
+    start = grid_start(rows, groups)
+    grouped, gathered = LSQLinear(start, None, init="start"), LSQLinear(start, None, init="start")
+    gathered.group_cols = 0
+    assert grouped.group_cols == 64 // groups
+    x, r = torch.randn(5, 64), torch.randn(5, 8)
+    for layer in (grouped, gathered):
+        (layer(x) * r).sum().backward()
+    torch.testing.assert_close(grouped.weight_hat(), gathered.weight_hat())
+    torch.testing.assert_close(grouped.weight.grad, gathered.weight.grad)
+    torch.testing.assert_close(grouped.step.grad, gathered.step.grad, rtol=1e-4, atol=1e-6)
+
+
 @SLOW
 def test_qat_writes_a_real_ir(tmp_path, rtn_start):
     start, calib = rtn_start
