@@ -65,8 +65,8 @@ def test_estimates_order_by_what_each_method_holds(tmp_path):
     # one block at a time: well below the fp32 model; the end-to-end methods hold it whole, plus per-weight state
     assert est["finetune.blockwise"] < 0.5 * fp32_model
     assert est["finetune.lora"] > fp32_model
-    assert est["finetune.distill"] > 3 * fp32_model and est["finetune.qat"] == est["finetune.distill"]
-    assert est["finetune.distill"] > est["finetune.lora"] > est["finetune.blockwise"]
+    assert est["finetune.qat"] > est["finetune.distill"] > est["finetune.lora"] > est["finetune.blockwise"]
+    assert est["finetune.distill"] > 3 * fp32_model   # per weight: V, its gradient, AdamW's moments, ...
 
 
 @pytest.mark.parametrize("uses", METHODS)

@@ -15,10 +15,12 @@ from typing import Any, Sequence
 
 from ..models.memory import F32, RUNTIME_BYTES, _dims, calibration_shape, model_config_of, model_params
 
-# fp32 tensors the size of one trained weight per quantized linear: the folded float weight, the start offsets,
-# the trained V, its gradient, AdamW's two moments (signed-gradient descent keeps none) and, during a training
-# step, the intermediates of the fake-quantized weight that autograd keeps for the backward (about five)
-_TRAINED_COPIES = {"adamw": 11, "signsgd": 9}
+# fp32 tensors the size of one trained weight per quantized linear. FakeQuantLinear (distill, blockwise): the
+# folded float weight, the start offsets, V, its gradient, the fake-quantized weight the matmul keeps for its
+# backward, one transient of the backward, and AdamW's two moments (signed-gradient descent keeps none).
+# LSQ (qat): the weight, its gradient, AdamW's moments and about five autograd intermediates of the fake-quant.
+# Bundled model, 2 x 512-token batch (benchmarks/RESULTS.md, finetune_step): distill's peak RSS 6.2 GiB, estimate 8.4 GiB.
+_TRAINED_COPIES = {"distill": 8, "qat": 10, "blockwise": 6, "lora": 2}
 # saved activations of one decoder block's forward for the backward, per token: in units of hidden / intermediate
 _SAVED_HIDDEN, _SAVED_INTER = 12, 5
 
@@ -41,7 +43,7 @@ def blockwise_bytes(config: dict[str, Any] | None, *, n_samples: int, seq_len: i
     train = train_batch * seq_len * (_SAVED_HIDDEN * d["hidden"] + _SAVED_INTER * d["inter"])
     scores = (train_batch * 3 + forward_batch) * d["heads"] * seq_len * seq_len
     forward = forward_batch * seq_len * (3 * d["hidden"] + d["inter"])
-    block = d["block"] + _TRAINED_COPIES["signsgd"] * _linear_elements(d)
+    block = d["block"] + _TRAINED_COPIES["blockwise"] * _linear_elements(d)
     return RUNTIME_BYTES + F32 * (embed + block + streams + train + scores + forward)
 
 
@@ -75,9 +77,8 @@ def finetune_peak_bytes(cfg: Any, inputs_meta: dict[str, Any], upstream: Sequenc
     if method == "blockwise":
         return blockwise_bytes(config, n_samples=n, seq_len=seq, train_batch=train_batch,
                                forward_batch=min(n, int(cfg.forward_batch)))
-    # distill and qat train a copy per weight with AdamW; lora keeps the frozen dequantized base and start
-    # codes (two copies) while its adapters are small
-    copies = {"distill": _TRAINED_COPIES["adamw"], "qat": _TRAINED_COPIES["adamw"], "lora": 2}[method]
+    # lora keeps the frozen dequantized base and the start codes (two copies); its adapters are small
+    copies = _TRAINED_COPIES[method]
     return e2e_bytes(config, n_samples=n, seq_len=seq, train_batch=train_batch,
                      forward_batch=min(n, int(cfg.forward_batch)), topk=int(cfg.topk), trained_copies=copies)
 
