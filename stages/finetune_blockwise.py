@@ -51,7 +51,7 @@ class FinetuneBlockwise(Stage):
     ``block_mse_start``/``block_mse_end`` with step = block index) also the held-out MSE.
     """
 
-    version = 1
+    version = 2  # 2: grouped fake-quant function (float-level differences from version 1's autograd form)
     # windows used, time, summed per-block output MSE before/after and their ratio (curves are not gateable)
     metrics = ("train_windows", "heldout_windows", "finetune_seconds", "quantize_seconds", "block_mse_start_sum",
                "block_mse_end_sum", "block_mse_ratio")
@@ -59,8 +59,15 @@ class FinetuneBlockwise(Stage):
     inputs = {"model": QuantizedCheckpoint, "calib": CalibSet}
     outputs = {"model": QuantizedCheckpoint}
 
+    def check(self, cfg, inputs_meta):
+        from qflow.finetune.memory import heldout_problems
+
+        return heldout_problems(cfg, inputs_meta)
+
     def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
-        return None
+        from qflow.finetune.memory import finetune_peak_bytes
+
+        return finetune_peak_bytes(cfg, inputs_meta, upstream, method="blockwise")
 
     def run(self, ctx, cfg, model, calib):
         from qflow.finetune.blockwise import BlockwiseOptions, finetune_blockwise

@@ -46,7 +46,7 @@ class FinetuneDistill(Stage):
     The whole model is in memory. Checkpoints every ``checkpoint_every`` steps.
     """
 
-    version = 1
+    version = 2  # 2: grouped fake-quant function (float-level differences from version 1's autograd form)
     # windows used, steps, time, held-out KL at the start and at the best step (curves are not gateable)
     metrics = ("train_windows", "heldout_windows", "train_steps", "train_seconds", "best_step", "heldout_kl_start",
                "heldout_kl_best", "heldout_kl_ratio", "train_loss_last")
@@ -54,8 +54,15 @@ class FinetuneDistill(Stage):
     inputs = {"model": QuantizedCheckpoint, "calib": CalibSet}
     outputs = {"model": QuantizedCheckpoint}
 
+    def check(self, cfg, inputs_meta):
+        from qflow.finetune.memory import heldout_problems
+
+        return heldout_problems(cfg, inputs_meta)
+
     def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
-        return None
+        from qflow.finetune.memory import finetune_peak_bytes
+
+        return finetune_peak_bytes(cfg, inputs_meta, upstream, method="distill")
 
     def run(self, ctx, cfg, model, calib):
         from qflow.finetune.e2e import E2EOptions, finetune_e2e

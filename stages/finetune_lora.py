@@ -63,8 +63,15 @@ class FinetuneLoRA(Stage):
     inputs = {"model": QuantizedCheckpoint, "calib": CalibSet}
     outputs = {"model": QuantizedCheckpoint}
 
+    def check(self, cfg, inputs_meta):
+        from qflow.finetune.memory import heldout_problems
+
+        return heldout_problems(cfg, inputs_meta)
+
     def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
-        return None
+        from qflow.finetune.memory import finetune_peak_bytes
+
+        return finetune_peak_bytes(cfg, inputs_meta, upstream, method="lora")
 
     def run(self, ctx, cfg, model, calib):
         import re

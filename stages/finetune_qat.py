@@ -49,7 +49,7 @@ class FinetuneQAT(Stage):
     not LSQ grids and are written back unchanged (counted in ``n_layers_frozen``).
     """
 
-    version = 1
+    version = 2  # 2: LSQ broadcast over contiguous groups (float-level differences from version 1's gathers)
     # windows used, steps, time, held-out KL at the start and at the best step (curves are not gateable)
     metrics = ("train_windows", "heldout_windows", "train_steps", "train_seconds", "best_step", "heldout_kl_start",
                "heldout_kl_best", "heldout_kl_ratio", "train_loss_last", "n_layers_frozen")
@@ -57,8 +57,15 @@ class FinetuneQAT(Stage):
     inputs = {"model": QuantizedCheckpoint, "calib": CalibSet}
     outputs = {"model": QuantizedCheckpoint}
 
+    def check(self, cfg, inputs_meta):
+        from qflow.finetune.memory import heldout_problems
+
+        return heldout_problems(cfg, inputs_meta)
+
     def estimate_peak_bytes(self, cfg, inputs_meta, upstream):
-        return None
+        from qflow.finetune.memory import finetune_peak_bytes
+
+        return finetune_peak_bytes(cfg, inputs_meta, upstream, method="qat")
 
     def run(self, ctx, cfg, model, calib):
         from qflow.finetune.e2e import E2EOptions, finetune_e2e

@@ -226,6 +226,58 @@ def test_distill_lowers_heldout_kl_and_writes_a_real_ir(tmp_path, rtn_start):
     assert [r["step"] for r in curve if "heldout_loss" in r] == [0, 4, 8, 12]
 
 
+def grid_start(rows: int, groups: int, *, out: int = 8, in_features: int = 64, seed: int = 0):
+    """A LayerStart of an asymmetric 3-bit grid: ``rows`` scale rows (out or 1), ``groups`` column groups."""
+    from qflow.finetune.fakequant import LayerStart
+    from qflow.quant.spec import QuantSpec
+
+    w = torch.randn(out, in_features, generator=torch.Generator().manual_seed(seed))
+    k = in_features // groups
+    wg = w.view(out, groups, k) if rows == out else w.view(out, groups, k).transpose(0, 1).reshape(1, groups, -1)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = (hi - lo) / 7
+    zero = torch.round(-lo / scale)
+    col_group = torch.arange(in_features) // k
+    codes = torch.clamp(torch.round(w / scale[:, col_group] + zero[:, col_group]), 0, 7).to(torch.uint8)
+    return LayerStart("x", QuantSpec(bits=3, group_size=k, scale_dtype="float32"), w, codes, scale, zero, col_group, None)
+
+
+@pytest.mark.parametrize("rows,groups", [(8, 4), (8, 1), (1, 4), (1, 1)])
+def test_grouped_fake_quant_matches_the_autograd_reference(rows, groups):
+    from qflow.finetune.fakequant import FakeQuantLinear, ReferenceFakeQuantLinear
+
+    start = grid_start(rows, groups)
+    fast, ref = (cls(start, None, rounding=True, scale=True) for cls in (FakeQuantLinear, ReferenceFakeQuantLinear))
+    assert fast.group_cols == 64 // groups
+    g = torch.Generator().manual_seed(1)
+    v, f = torch.rand(fast.v.shape, generator=g) - 0.5, 0.5 + 0.5 * torch.rand(fast.f.shape, generator=g)
+    x, r = torch.randn(5, 64, generator=g), torch.randn(5, 8, generator=g)
+    for layer in (fast, ref):
+        with torch.no_grad():
+            layer.v.copy_(v)
+            layer.f.copy_(f)
+        (layer(x) * r).sum().backward()
+    assert torch.equal(fast.weight_hat().detach(), ref._codes(ref.current_scale(), ste=False).sub(
+        ref._per_column(ref.zero)).mul(ref._per_column(ref.current_scale())).detach())
+    torch.testing.assert_close(fast(x), ref(x))
+    torch.testing.assert_close(fast.v.grad, ref.v.grad)
+    torch.testing.assert_close(fast.f.grad, ref.f.grad, rtol=1e-4, atol=1e-5)
+    assert bool((fast.v.grad == 0).any()) and bool((fast.v.grad != 0).any())   # clamped codes get no gradient
+    for a, b in zip(fast.export(), ref.export()):
+        assert torch.equal(a, b)
+
+
+def test_fake_quant_falls_back_to_gathers_for_permuted_groups():
+    from qflow.finetune.fakequant import FakeQuantLinear, contiguous_group
+
+    start = grid_start(8, 4)
+    assert contiguous_group(start.col_group, 4) == 16
+    assert contiguous_group(start.col_group.flip(0), 4) == 0      # act-order g_idx: columns not in runs
+    assert contiguous_group(start.col_group, 3) == 0
+    frozen = FakeQuantLinear(start, None, rounding=False, scale=False)
+    assert frozen.weight_hat() is frozen.weight_hat()           # nothing to train: Ŵ made once
+
+
 def test_lsq_initialisation_and_gradient_scale():
     from qflow.finetune.fakequant import LayerStart
     from qflow.finetune.lsq import LSQLinear
@@ -246,6 +298,22 @@ def test_lsq_initialisation_and_gradient_scale():
     torch.testing.assert_close(grad_scaled, layer.step.grad / (32 * qp) ** 0.5)
     codes, _, _ = layer.export()
     assert int(codes.max()) <= spec.qmax
+
+
+@pytest.mark.parametrize("rows,groups", [(8, 4), (1, 4)])
+def test_lsq_grouped_view_matches_the_gathered_form(rows, groups):
+    from qflow.finetune.lsq import LSQLinear
+
+    start = grid_start(rows, groups)
+    grouped, gathered = LSQLinear(start, None, init="start"), LSQLinear(start, None, init="start")
+    gathered.group_cols = 0
+    assert grouped.group_cols == 64 // groups
+    x, r = torch.randn(5, 64), torch.randn(5, 8)
+    for layer in (grouped, gathered):
+        (layer(x) * r).sum().backward()
+    torch.testing.assert_close(grouped.weight_hat(), gathered.weight_hat())
+    torch.testing.assert_close(grouped.weight.grad, gathered.weight.grad)
+    torch.testing.assert_close(grouped.step.grad, gathered.step.grad, rtol=1e-4, atol=1e-6)
 
 
 @SLOW

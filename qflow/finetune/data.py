@@ -34,12 +34,24 @@ def split_windows(ids: torch.Tensor, heldout: int, *, where: str) -> Windows:
     if heldout >= n:
         raise StageError(f"heldout_windows {heldout} leaves no training window out of {n} calibration windows",
                          where=where, fix=f"lower heldout_windows below {n} or raise calibrate.with.n_samples")
+    j = repeated_window(ids, heldout)
+    if j is not None:
+        raise StageError(f"held-out window {j} repeats a training window (the calibration text repeats)",
+                         where=where, fix="use a calibration text without repeated passages or heldout_windows: 0")
+    return Windows(ids[: n - heldout], ids[n - heldout:])
+
+
+def repeated_window(ids: torch.Tensor, heldout: int) -> int | None:
+    """Index (among the last ``heldout`` windows of ``ids``) of the first held-out window identical to a
+    training window, else None."""
+    n = int(ids.shape[0])
+    if not 0 < heldout < n:
+        return None
     train, held = ids[: n - heldout], ids[n - heldout:]
     for j, row in enumerate(held):
         if bool((train == row).all(dim=1).any()):
-            raise StageError(f"held-out window {j} repeats a training window (the calibration text repeats)",
-                             where=where, fix="use a calibration text without repeated passages or heldout_windows: 0")
-    return Windows(train, held)
+            return j
+    return None
 
 
 def open_writer(path, start: Checkpoint, method: str, meta: dict[str, Any]) -> CheckpointWriter:

@@ -131,6 +131,8 @@ class FakeQuantLinear(nn.Module):
             self.register_buffer("offset", offset, persistent=False)
         self.v = nn.Parameter(torch.zeros_like(start.weight)) if rounding and not self.lookup else None
         self.f = nn.Parameter(torch.ones_like(start.scale)) if scale else None
+        self.group_cols = 0 if self.lookup else contiguous_group(start.col_group, start.scale.shape[1])
+        self._frozen_hat: torch.Tensor | None = None   # Ŵ of a layer with nothing to train, made once
 
     # -- the quantizer ----------------------------------------------------------
     def _per_column(self, p: torch.Tensor) -> torch.Tensor:
@@ -150,7 +152,24 @@ class FakeQuantLinear(nn.Module):
         return torch.clamp(q, 0.0, float(self.spec.qmax))
 
     def weight_hat(self) -> torch.Tensor:
-        """The fake-quantized weight ``Ŵ`` (differentiable in ``v`` and ``f``)."""
+        """The fake-quantized weight ``Ŵ`` (differentiable in ``v`` and ``f``).
+
+        Integer grids whose groups are contiguous column runs (every IR without ``g_idx``) go through
+        :class:`GroupedFakeQuant`, one autograd node that keeps no weight-sized intermediate; the others
+        through :meth:`gathered_weight_hat` (plain autograd ops)."""
+        if self.v is None and self.f is None:
+            if self._frozen_hat is None:
+                with torch.no_grad():
+                    self._frozen_hat = self.gathered_weight_hat()
+            return self._frozen_hat
+        if self.group_cols:
+            return GroupedFakeQuant.apply(self.weight_float, self.scale0, self.zero, self.offset, self.v, self.f,
+                                          self.group_cols, float(self.spec.qmax))
+        return self.gathered_weight_hat()
+
+    def gathered_weight_hat(self) -> torch.Tensor:
+        """``Ŵ`` as plain autograd ops: scale and zero gathered to the weight's shape, straight-through rounding
+        as ``x + (round(x) - x).detach()`` (any column-to-group map; the reference of :class:`GroupedFakeQuant`)."""
         scale = self.current_scale()
         s = self._per_column(scale)
         if self.lookup:
@@ -178,3 +197,76 @@ class FakeQuantLinear(nn.Module):
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {k: p for k, p in (("v", self.v), ("f", self.f)) if p is not None}
+
+
+class ReferenceFakeQuantLinear(FakeQuantLinear):
+    """:class:`FakeQuantLinear` computing ``Ŵ`` only through :meth:`~FakeQuantLinear.gathered_weight_hat`
+    (the plain-autograd reference that tests and ``benchmarks/finetune_step.py`` compare the fast path with)."""
+
+    def weight_hat(self) -> torch.Tensor:
+        return self.gathered_weight_hat()
+
+
+def contiguous_group(col_group: torch.Tensor, n_groups: int) -> int:
+    """Columns per group when group ``g`` is exactly the columns ``[g·k, (g+1)·k)``, else 0."""
+    in_features = int(col_group.shape[0])
+    if n_groups < 1 or in_features % n_groups:
+        return 0
+    k = in_features // n_groups
+    return k if torch.equal(col_group, torch.arange(in_features, device=col_group.device) // k) else 0
+
+
+class GroupedFakeQuant(torch.autograd.Function):
+    """``Ŵ = (clamp(round(W'/s + z + k + V), 0, qmax) - z) · s`` with ``s = s0·f`` on the weight viewed as
+    ``[out, groups, k]`` (scale and zero broadcast, never gathered), and its straight-through gradients:
+
+        dŴ/dV = s · 1[0 <= round(·) <= qmax]
+        dŴ/ds = (q - z) - 1[0 <= round(·) <= qmax] · W'/s        (summed over each group; dŴ/df = s0 · dŴ/ds)
+
+    the same as autograd through :meth:`FakeQuantLinear.gathered_weight_hat` (round as identity, clamp
+    passing the gradient inside its range). Nothing weight-sized is saved: the backward recomputes the codes
+    from the inputs (one more pass over the weight instead of about five stored intermediates per linear).
+    The forward's rounding is exact (``floor(x + 0.5)``), where the reference's ``x + (round(x) - x)`` may be
+    off by one float ulp.
+    """
+
+    @staticmethod
+    def _codes(w, scale, zero, offset, v, k):
+        """``floor(W'/s + z + k + V + 0.5)`` as ``[out, groups, k]``, in the reference's order of operations."""
+        w3 = w.view(w.shape[0], -1, k)
+        x = w3 / scale.unsqueeze(-1)
+        x += zero.unsqueeze(-1)
+        x += offset.view_as(w3)
+        if v is not None:
+            x += v.view_as(w3)
+        return x.add_(0.5).floor_()
+
+    @staticmethod
+    def forward(ctx, w, scale0, zero, offset, v, f, k: int, qmax: float):
+        scale = scale0 if f is None else scale0 * f
+        q = GroupedFakeQuant._codes(w, scale, zero, offset, v, k)
+        q.clamp_(0.0, qmax).sub_(zero.unsqueeze(-1)).mul_(scale.unsqueeze(-1))
+        ctx.save_for_backward(w, scale0, zero, offset, v, f)
+        ctx.k, ctx.qmax = k, qmax
+        return q.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, scale0, zero, offset, v, f = ctx.saved_tensors
+        k, qmax = ctx.k, ctx.qmax
+        scale = scale0 if f is None else scale0 * f
+        s3 = scale.unsqueeze(-1)
+        q = GroupedFakeQuant._codes(w, scale, zero, offset, v, k)
+        outside = (q < 0) | (q > qmax)
+        g3 = grad.reshape(q.shape)
+        grad_v = grad_f = None
+        if v is not None and ctx.needs_input_grad[4]:
+            grad_v = (g3 * s3).masked_fill_(outside, 0.0).view_as(w)
+        if f is not None and ctx.needs_input_grad[5]:
+            inner = (w.view_as(q) / s3).masked_fill_(outside, 0.0)      # 1[inside] · W'/s
+            q.clamp_(0.0, qmax).sub_(zero.unsqueeze(-1)).sub_(inner)     # (q - z) - 1[inside] · W'/s
+            grad_s = (g3 * q).sum(-1)
+            if grad_s.shape[0] != scale.shape[0]:                        # one scale row shared by every output row
+                grad_s = grad_s.sum(0, keepdim=True)
+            grad_f = grad_s * scale0
+        return None, None, None, None, grad_v, grad_f, None, None

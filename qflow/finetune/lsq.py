@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from .fakequant import LayerStart, round_half_up, round_ste, store_scale
+from .fakequant import LayerStart, contiguous_group, round_half_up, round_ste, store_scale
 
 
 def scale_grad(x: torch.Tensor, g: torch.Tensor | float) -> torch.Tensor:
@@ -58,8 +58,14 @@ class LSQLinear(nn.Module):
             raise ValueError(f"init must be lsq or start, got {init!r}")
         self.step = nn.Parameter(step.clamp_min(1e-8))
         self.register_buffer("grad_scale", 1.0 / torch.sqrt(n_shared.clamp_min(1) * qp), persistent=False)
+        self.group_cols = contiguous_group(start.col_group, n_groups)
 
     def weight_hat(self) -> torch.Tensor:
+        if self.group_cols:   # contiguous groups: broadcast over [out, groups, k], no gather (and no scatter backward)
+            w3 = self.weight.view(self.weight.shape[0], -1, self.group_cols)
+            s3 = scale_grad(self.step, self.grad_scale).unsqueeze(-1)
+            z3 = self.zero.unsqueeze(-1)
+            return (round_ste(torch.clamp(w3 / s3, -z3, float(self.spec.qmax) - z3)) * s3).view_as(self.weight)
         s = scale_grad(self.step, self.grad_scale)[:, self.col_group]
         z = self.zero[:, self.col_group]
         q = round_ste(torch.clamp(self.weight / s, -z, float(self.spec.qmax) - z))
