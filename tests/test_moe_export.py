@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,16 +29,20 @@ def _torch_kernels(monkeypatch):
 
 
 def _folder(tmp_path, family, *, fused_files: bool = False):
-    """A saved tiny MoE model with a word-level tokenizer of its vocabulary, and the same model unfused."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
+    """A saved tiny MoE model with a character-level BPE tokenizer of its vocabulary, and the same model unfused."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     model = tiny_moe(family, seed=4, fused=True)
     model.save_pretrained(tmp_path / "base", save_original_format=not fused_files)
-    vocab = {f"w{i}": i for i in range(VOCAB)}
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="w0")),
-                            unk_token="w0").save_pretrained(tmp_path / "base")
+    byte_chars = bytes_to_unicode()   # GPT-2's byte-level alphabet: the first VOCAB - 1 bytes and one merge
+    vocab = {byte_chars[b]: b for b in range(VOCAB - 1)} | {byte_chars[33] + byte_chars[34]: VOCAB - 1}
+    tok = Tokenizer(BPE(vocab, [(byte_chars[33], byte_chars[34])]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path / "base")
     return tmp_path / "base", tiny_moe(family, seed=4)
 
 
@@ -179,3 +184,62 @@ def test_other_layouts_and_formats_refuse_moe_before_writing(tmp_path):
         problems = other().check(cfg, ref)
         assert any("mixture-of-experts" in p and "layout: compressed-tensors" in p for p in problems), problems
     assert not (tmp_path / "out").exists()
+
+
+# ---- GGUF (Mixtral: llama.cpp's llama architecture with ffn_*_exps) ------------------------------
+
+@pytest.mark.parametrize("scheme", ["sym_f", "asym_z"])
+def test_gguf_export_stacks_the_experts_and_reads_back_exactly(tmp_path, scheme):
+    """Every block's experts as ffn_{gate,up,down}_exps [n_expert, rows, cols] of one block type, the router
+    as ffn_gate_inp; the gguf package's reader decodes each expert to qflow's dequantized weight, and qflow's
+    GGUF import (one tensor per expert again) gives the logits of qflow's model."""
+    import gguf
+
+    from qflow.export.gguf_writer import export_gguf, read_back
+    from qflow.models.gguf_import import convert_gguf
+    from qflow.models.loading import load_model
+
+    base, fp = _folder(tmp_path, "mixtral")
+    ckpt = _run(tmp_path, "rtn", base, scheme=scheme)
+    report = export_gguf(ckpt, tmp_path / "m.gguf")
+    assert report["n_requantized_tensors"] == 0 and report["n_approx_tensors"] == 0, report["types"]
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    assert reader.fields["llama.expert_count"].contents() == N_EXPERTS
+    assert reader.fields["llama.expert_used_count"].contents() == 2
+    down = tensors["blk.1.ffn_down_exps.weight"]
+    assert [int(d) for d in down.shape] == [32, 64, N_EXPERTS]   # GGUF order: cols, rows, experts
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"   # the router stays float
+    got = gguf.quants.dequantize(down.data, down.tensor_type).reshape(N_EXPERTS, 64, 32)
+    for e in range(N_EXPERTS):
+        assert np.array_equal(got[e], ckpt.dequantized(f"model.layers.1.mlp.experts.{e}.down_proj").float().numpy())
+    assert read_back(tmp_path / "m.gguf", ckpt, report)["roundtrip_max_abs_diff"] == 0
+
+    (tmp_path / "imported").mkdir()
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "imported", source="gguf:m.gguf")
+    imported, _ = load_model(tmp_path / "imported", dtype="float32")
+    assert imported.config.model_type == "mixtral"
+    ids = calib_ids(2, 16, vocab=VOCAB)
+    ref = _logits(apply_checkpoint(copy.deepcopy(fp), ckpt, mode="dequant"), ids)
+    assert _rel(_logits(imported, ids), ref) <= 1e-5
+
+
+def test_gguf_experts_of_mixed_types_share_one_block_type(tmp_path):
+    """Experts whose codes would each pick another type (Q4_0 for one, Q5_0 for another) are written in one
+    type that holds them all exactly."""
+    from qflow.export.gguf_writer import plan_experts
+    from qflow.export.mapping import load_ir_layer
+    from qflow.quant import dispatch
+    from qflow.quant.ir import CheckpointWriter
+    from qflow.quant.spec import QuantSpec
+
+    gen = torch.Generator().manual_seed(0)
+    writer = CheckpointWriter(tmp_path / "ir", base_model=str(tmp_path), method="rtn")
+    for e, spec in enumerate([QuantSpec(bits=4, group_size=32, scheme="sym_f"), QuantSpec(bits=4, group_size=32)]):
+        w = torch.randn(16, 64, generator=gen)
+        scale, zero = dispatch.compute_params(w, spec)
+        writer.add_quantized(f"e{e}", spec, dispatch.quantize(w, scale, zero, spec), scale, zero)
+    ckpt = writer.close()
+    layers = [load_ir_layer(ckpt, f"e{e}") for e in range(2)]
+    plan = plan_experts(layers, "blk.0.ffn_down_exps.weight")
+    assert plan.status == "exact" and plan.qtype in ("Q5_0", "Q8_0") and plan.data.shape[0] == 2

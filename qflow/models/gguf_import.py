@@ -1,7 +1,8 @@
 """GGUF -> float32 Hugging Face folder (config, safetensors, tokenizer), converted once.
 
-Architectures: llama (also Mistral, which llama.cpp writes as llama), qwen2, qwen3,
-phi3, gemma2 (``IMPORTABLE``); anything else is refused naming the architecture.
+Architectures: llama (also Mistral and Mixtral, which llama.cpp writes as llama; Mixtral's
+stacked ``ffn_*_exps`` experts become one tensor per expert), qwen2, qwen3, phi3, gemma2
+(``IMPORTABLE``); anything else is refused naming the architecture.
 
     converted_folder(Path("model.gguf"), Path("runs/cache/models/gguf-ab12"), "gguf:model.gguf", fingerprint)
     convert_gguf(Path("model.gguf"), Path("out"))   # the conversion alone, into an existing folder
@@ -155,7 +156,7 @@ def gguf_llama_config(reader, source: str):
         for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))
         if f"tokenizer.ggml.{key}_token_id" in meta
     }
-    return LlamaConfig(
+    kwargs = dict(
         vocab_size=meta.get("llama.vocab_size", len(tokens.data) if tokens else 32000),
         hidden_size=hidden,
         intermediate_size=meta["llama.feed_forward_length"],
@@ -170,10 +171,18 @@ def gguf_llama_config(reader, source: str):
         mlp_bias=False,
         hidden_act="silu",
         tie_word_embeddings="output.weight" not in names,
-        architectures=["LlamaForCausalLM"],
         dtype="float32",
         **token_ids,
     )
+    if "llama.expert_count" in meta:   # Mixtral: llama.cpp writes it as llama with ffn_*_exps tensors
+        from transformers import MixtralConfig
+
+        for key in ("attention_bias", "mlp_bias"):
+            kwargs.pop(key)
+        return MixtralConfig(**kwargs, num_local_experts=meta["llama.expert_count"],
+                             num_experts_per_tok=meta["llama.expert_used_count"], sliding_window=None,
+                             architectures=["MixtralForCausalLM"])
+    return LlamaConfig(**kwargs, architectures=["LlamaForCausalLM"])
 
 
 # llama.cpp architecture -> transformers config class (docs/ARCHITECTURE.md "Model families")
@@ -281,13 +290,24 @@ def _unpermute_rows(weights, n_head: int):
     return weights.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def _hf_tensor_name(gguf_name: str, n_layers: int, source: str) -> str:
+# Mixtral's router and stacked experts [n_expert, rows, cols] -> its checkpoint names (one tensor per expert)
+_GGUF_MOE_NAMES = {
+    "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
+    "ffn_gate_exps.weight": "block_sparse_moe.experts.{e}.w1.weight",
+    "ffn_up_exps.weight": "block_sparse_moe.experts.{e}.w3.weight",
+    "ffn_down_exps.weight": "block_sparse_moe.experts.{e}.w2.weight",
+}
+
+
+def _hf_tensor_name(gguf_name: str, n_layers: int, source: str, moe: bool = False) -> str:
     if gguf_name in _GGUF_GLOBAL_NAMES:
         return _GGUF_GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) < n_layers:
         if parts[2] in _GGUF_BLOCK_NAMES:
             return f"model.layers.{parts[1]}.{_GGUF_BLOCK_NAMES[parts[2]]}"
+        if moe and parts[2] in _GGUF_MOE_NAMES:
+            return f"model.layers.{parts[1]}.{_GGUF_MOE_NAMES[parts[2]]}"
     raise SourceError(
         f"the GGUF holds a tensor '{gguf_name}' that has no place in a Llama model",
         where=source,
@@ -328,11 +348,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path, source: str | None = None) -> N
     arch = gguf_metadata(reader)["general.architecture"]
     n_heads, n_kv_heads = config.num_attention_heads, config.num_key_value_heads
     names = None if arch == "llama" else _gguf_to_hf_names(config, arch)
+    moe = config.model_type == "mixtral"
 
     writer = ShardWriter(out_dir, max_bytes=MAX_SHARD_BYTES)
     for tensor in reader.tensors:
         if names is None:
-            name = _hf_tensor_name(tensor.name, config.num_hidden_layers, source)
+            name = _hf_tensor_name(tensor.name, config.num_hidden_layers, source, moe=moe)
         elif tensor.name in names:
             name = names[tensor.name]
         else:
@@ -356,6 +377,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path, source: str | None = None) -> N
             weights = _unpermute_rows(weights, n_kv_heads)
         elif arch in _NORM_STORED_PLUS_ONE and tensor.name.endswith("norm.weight"):
             weights = weights - np.float32(1.0)
+        if "{e}" in name:   # a Mixtral projection of every expert: one tensor per expert
+            for e in range(weights.shape[0]):
+                writer.add(name.format(e=e), np.ascontiguousarray(weights[e]))
+            continue
         writer.add(name, np.ascontiguousarray(weights))
     writer.close()
     config.save_pretrained(out_dir)
