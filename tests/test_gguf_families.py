@@ -129,7 +129,15 @@ def test_gguf_import_gives_the_original_logits(tmp_path, family):
 
 
 def test_gguf_of_an_unknown_architecture_is_refused(tmp_path):
+    import gguf
+
     path = tmp_path / "command-r.gguf"   # Cohere's parallel blocks: no importer (nor adapter)
-    write_family_gguf(path, tiny_family("llama", vocab=258), "command-r")
+    w = gguf.GGUFWriter(str(path), "command-r")
+    w.add_block_count(2)
+    w.add_tensor("token_embd.weight", np.random.default_rng(0).standard_normal((258, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     with pytest.raises(SourceError, match="'command-r' model and qflow converts only Llama-lineage GGUFs .*olmo2.*Fix:"):
         resolve_model(f"gguf:{path}", tmp_path / "cache")
