@@ -62,9 +62,9 @@ MOE_FAMILIES = MOE_MODEL_TYPES
 
 
 def moe_export_problem(fmt: str, family: str) -> str:
-    return (f"{fmt} does not write mixture-of-experts checkpoints: the base model is {family!r} "
-            "(fix: export it with export.safetensors, layout: compressed-tensors, which writes every expert "
-            "and loads in transformers and vLLM; or evaluate the IR with evaluate.lm)")
+    return (f"{fmt} does not write {family!r} mixture-of-experts checkpoints (of MoE families, export.gguf "
+            "writes Mixtral only); fix: export it with export.safetensors, layout: compressed-tensors, which writes "
+            "every expert and loads in transformers and vLLM, or evaluate the IR with evaluate.lm")
 
 
 def moe_problems(ckpt, fmt: str, layout: str | None = None) -> list[str]:
