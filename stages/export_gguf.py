@@ -75,7 +75,9 @@ class ExportGGUF(Stage):
         from qflow.export.mixed import checkpoint_from_inputs, family_problems
 
         ckpt = checkpoint_from_inputs(inputs_meta)
-        problems = family_problems(ckpt, "export.gguf", ("llama",)) if ckpt is not None else []
+        from qflow.export.gguf_writer import GGUF_FAMILIES
+
+        problems = family_problems(ckpt, "export.gguf", GGUF_FAMILIES) if ckpt is not None else []
         if not cfg.path:
             return problems
         from qflow.export.atomic import target_problem

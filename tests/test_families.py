@@ -40,6 +40,7 @@ FAMILIES = {
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"residual_multiplier": 0.5, "embedding_multiplier": 2.0,
                                                         "logits_scaling": 2.0, "attention_multiplier": 0.2}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"use_qk_norm": True, "logit_scale": 0.5}),
 }
 
 # (AWQ site names, SmoothQuant norms) with GQA (kv_heads 2); without GQA v_o joins after attn_in
@@ -53,6 +54,7 @@ SITES = {
     "gemma3_text": (["attn_in", "mlp_in", "up_down"], ["input_layernorm", "pre_feedforward_layernorm"]),
     "phi3": (["attn_in", "mlp_in", "up_down"], ["input_layernorm", "post_attention_layernorm"]),
     "olmo2": (["up_down"], []),
+    "cohere": (["up_down"], []),   # one norm feeds both parallel halves: its site is skipped
     "granite": (["attn_in", "mlp_in", "up_down"], ["input_layernorm", "post_attention_layernorm"]),
 }
 
@@ -152,7 +154,7 @@ def test_smoothquant_folds_leave_logits_unchanged(family):
     changed_norms = []
     for i, block in enumerate(adapter.blocks()):
         changed_norms += smooth_block(block, adapter.block_name(i), adapter, act_max, alpha=0.5)
-    assert len(changed_norms) == len(names)   # olmo2: nothing to smooth (no pre-norm)
+    assert len(changed_norms) == len(names)   # olmo2, cohere: nothing to smooth (no foldable norm site)
     changed = _rel(_logits(model, ids), ref)
     assert changed <= 1e-4, (family, changed)
 
@@ -215,7 +217,7 @@ def test_unsupported_family_is_refused_naming_it_and_the_fix():
     assert "'gpt2'" in msg and "known:" in msg and "gemma2" in msg and "Fix:" in msg
 
 
-@pytest.mark.parametrize("model_type,hint", [("modernbert", "ModernBERT encoders"), ("cohere", "parallel attention")])
+@pytest.mark.parametrize("model_type,hint", [("modernbert", "ModernBERT encoders"), ("cohere2", "sliding-window parallel")])
 def test_families_without_an_adapter_are_refused_with_the_reason(model_type, hint):
     class Cfg:
         pass

@@ -1,5 +1,6 @@
 """GGUF import per family: a tiny random model written the way convert_hf_to_gguf.py writes it
-(the gguf package's tensor-name map, Llama's Q/K permutation, Gemma's stored ``1 + w`` norms),
+(the gguf package's tensor-name map, Llama's and Granite's Q/K permutation, Gemma's stored ``1 + w``
+norms, Granite's multipliers as ``*_scale``, tied embeddings for Gemma),
 imported back by qflow, gives the original's logits to float tolerance."""
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from .test_models import _llama_cpp_permute
 
 # transformers family -> llama.cpp architecture (Mistral is written as llama)
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-             "gemma2": "gemma2"}
+             "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "olmo2": "olmo2", "granite": "granite"}
+# convert_hf_to_gguf.py permutes Q/K rows for Llama and for Granite (whose converter is Llama's)
+PERMUTED = ("llama", "granite")
 
 
 def write_family_gguf(path: Path, model, arch: str) -> None:
@@ -39,13 +42,21 @@ def write_family_gguf(path: Path, model, arch: str) -> None:
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    w.add_rope_freq_base(config.rope_parameters.get("rope_theta", 10000.0))
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_vocab_size(config.vocab_size)
     if arch == "gemma2":
         w.add_sliding_window(config.sliding_window)
         w.add_attn_logit_softcapping(config.attn_logit_softcapping)
         w.add_final_logit_softcapping(config.final_logit_softcapping)
+    if arch == "gemma3":   # the global layers' rope base; the sliding layers' (10000) is llama.cpp's constant
+        w.add_sliding_window(config.sliding_window)
+        w.add_rope_freq_base(config.rope_parameters["full_attention"]["rope_theta"])
+    if arch == "granite":   # Granite's multipliers, written as *_scale
+        w.add_attention_scale(config.attention_multiplier)
+        w.add_embedding_scale(config.embedding_multiplier)
+        w.add_residual_scale(config.residual_multiplier)
+        w.add_logit_scale(config.logits_scaling)
     if arch.startswith("gemma"):   # Gemma GGUFs carry a SentencePiece vocabulary: 4 specials, 256 bytes, 2 pieces
         w.add_tokenizer_model("llama")
         w.add_token_list(["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
@@ -75,9 +86,9 @@ def write_family_gguf(path: Path, model, arch: str) -> None:
         base, _, suffix = name.rpartition(".")
         gguf_name = f"{tmap.get_name(base)}.{suffix}"
         array = tensor.numpy().astype(np.float32)
-        if arch == "llama" and ".attn_q." in gguf_name:
+        if arch in PERMUTED and ".attn_q." in gguf_name:
             array = _llama_cpp_permute(array, config.num_attention_heads)
-        elif arch == "llama" and ".attn_k." in gguf_name:
+        elif arch in PERMUTED and ".attn_k." in gguf_name:
             array = _llama_cpp_permute(array, config.num_key_value_heads)
         elif arch.startswith("gemma") and gguf_name.endswith("norm.weight"):
             array = array + np.float32(1.0)
@@ -90,8 +101,11 @@ def write_family_gguf(path: Path, model, arch: str) -> None:
 
 @pytest.mark.parametrize("family", sorted(GGUF_ARCH))
 def test_gguf_import_gives_the_original_logits(tmp_path, family):
-    original = tiny_family(family, vocab=262 if family.startswith("gemma") else 258)
-    if family == "gemma2":   # llama.cpp has no tied-embedding choice for Gemma: always tied
+    # Gemma 3: llama.cpp scales queries by 1/sqrt(head size) (query_pre_attn_scalar = head_dim, as the
+    # released 1B-12B configs have it)
+    extra = {"query_pre_attn_scalar": 16} if family == "gemma3_text" else None
+    original = tiny_family(family, vocab=262 if family.startswith("gemma") else 258, config=extra)
+    if family.startswith("gemma"):   # llama.cpp has no tied-embedding choice for Gemma: always tied
         original.config.tie_word_embeddings = True
         original.lm_head.weight = original.model.embed_tokens.weight
     path = tmp_path / f"{family}.gguf"
@@ -99,6 +113,9 @@ def test_gguf_import_gives_the_original_logits(tmp_path, family):
     resolved = resolve_model(f"gguf:{path}", tmp_path / "cache")
     ours, tokenizer = load_model(resolved.path)
     assert ours.config.model_type == ("llama" if family == "mistral" else family)
+    if family == "gemma3_text":   # layer types and both rope bases as llama.cpp applies them
+        assert ours.config.layer_types == original.config.layer_types
+        assert ours.config.rope_parameters == original.config.rope_parameters
     ids = torch.tensor([[257, 5, 100, 200, 33, 84, 7, 7, 9, 64, 3, 250]])
     with torch.no_grad():
         ref = original(input_ids=ids).logits
@@ -112,7 +129,15 @@ def test_gguf_import_gives_the_original_logits(tmp_path, family):
 
 
 def test_gguf_of_an_unknown_architecture_is_refused(tmp_path):
-    path = tmp_path / "olmo2.gguf"
-    write_family_gguf(path, tiny_family("olmo2", vocab=258), "olmo2")
-    with pytest.raises(SourceError, match="'olmo2' model and qflow converts only Llama-lineage GGUFs .*gemma2.*Fix:"):
+    import gguf
+
+    path = tmp_path / "command-r.gguf"   # Cohere's parallel blocks: no importer (nor adapter)
+    w = gguf.GGUFWriter(str(path), "command-r")
+    w.add_block_count(2)
+    w.add_tensor("token_embd.weight", np.random.default_rng(0).standard_normal((258, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(SourceError, match="'command-r' model and qflow converts only Llama-lineage GGUFs .*olmo2.*Fix:"):
         resolve_model(f"gguf:{path}", tmp_path / "cache")

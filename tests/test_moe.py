@@ -4,7 +4,7 @@ Fast part: tiny random models (2 layers, hidden 64, 4 experts, top-2) in process
 forward equals transformers' fused one, every stored layout reads back under qflow's names,
 exact AWQ / SmoothQuant folds, AWQ and GPTQ per expert with the token report, the all-experts
 option and the RTN fallback. Slow part: the CLI (calibrate -> RTN / HQQ / AWQ / GPTQ /
-SmoothQuant -> evaluate, export refused) per family.
+SmoothQuant -> evaluate -> compressed-tensors export) per family.
 """
 
 from __future__ import annotations
@@ -344,7 +344,14 @@ def test_cli_every_method_and_evaluation_per_moe_family(tmp_path, runs_dir, bund
     for ev in ("eval_rtn", "eval_hqq", "eval_awq", "eval_gptq", "eval_sq"):
         assert m[f"{ev}/ppl"] > 1 and 0 < m[f"{ev}/kl_mean"] < 1, (ev, m)
     assert m["gptq/moe_expert_tokens_min"] < m["gptq_all/moe_expert_tokens_min"] == 4 * 64
-    # every export format refuses the family before writing anything
-    export = recipe.read_text() + "  export: {uses: export.safetensors, needs: [gptq]}\n"
-    done = run_cli("run", str(write_recipe(tmp_path / "recipes", export, "export.yaml")), runs_dir=runs_dir)
+    # compressed-tensors writes every expert; the round trip reloads it (tests/test_moe_export.py); the
+    # AWQ GEMM layout refuses the family before writing anything
+    export = recipe.read_text() + ("  export: {uses: export.safetensors, needs: [gptq],\n"
+                                   "           with: {verify_data: \"${data.eval}\", verify_windows: 2}}\n")
+    done = run_cli("run", str(write_recipe(tmp_path / "recipes", export, "export.yaml")), "--json", runs_dir=runs_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = parse_json_stdout(done)["metrics"]
+    assert m["export/roundtrip_max_abs_diff"] < 1e-4 and m["export/roundtrip_top1_agree"] == 1, m
+    refused = recipe.read_text() + "  export: {uses: export.safetensors, needs: [gptq], with: {layout: awq-gemm}}\n"
+    done = run_cli("run", str(write_recipe(tmp_path / "recipes", refused, "refused.yaml")), runs_dir=runs_dir)
     assert done.returncode == 2 and "mixture-of-experts" in done.stderr and "Traceback" not in done.stderr

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -83,6 +84,18 @@ _HF_TO_GGUF_BLOCK = {
 }
 
 
+# Mixtral (llama.cpp writes it as llama): the router, and each projection of all experts stacked into one
+# 3-D tensor [n_expert, rows, cols] (convert_hf_to_gguf.py's ffn_*_exps), from qflow's per-expert names
+_HF_TO_GGUF_MOE = {
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.experts.gate_proj.weight": "ffn_gate_exps.weight",
+    "mlp.experts.up_proj.weight": "ffn_up_exps.weight",
+    "mlp.experts.down_proj.weight": "ffn_down_exps.weight",
+}
+_EXPERT = re.compile(r"^(?P<block>model\.layers\.\d+)\.mlp\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
+GGUF_FAMILIES = ("llama", "mixtral")   # base models export.gguf writes (both as llama.cpp's llama architecture)
+
+
 class GGUFExportError(StageError):
     """The model cannot be written as a llama.cpp GGUF (the message says why)."""
 
@@ -93,6 +106,8 @@ def gguf_tensor_name(hf_name: str) -> str:
     parts = hf_name.split(".", 3)
     if len(parts) == 4 and parts[0] == "model" and parts[1] == "layers" and parts[3] in _HF_TO_GGUF_BLOCK:
         return f"blk.{parts[2]}.{_HF_TO_GGUF_BLOCK[parts[3]]}"
+    if len(parts) == 4 and parts[0] == "model" and parts[1] == "layers" and parts[3] in _HF_TO_GGUF_MOE:
+        return f"blk.{parts[2]}.{_HF_TO_GGUF_MOE[parts[3]]}"
     raise GGUFExportError(f"tensor {hf_name} has no place in a llama.cpp Llama GGUF")
 
 
@@ -200,8 +215,9 @@ def auto_requant_type(spec) -> str:
 
 
 def plan_quantized(layer: mapping.IRLayer, gguf_name: str, perm: np.ndarray | None, *, mode: str = "exact",
-                   requant_type: str = "auto") -> TensorPlan:
-    """Pick the GGUF type of one IR layer and encode it (see the module table)."""
+                   requant_type: str = "auto", only: str | None = None) -> TensorPlan:
+    """Pick the GGUF type of one IR layer and encode it (see the module table); ``only``: consider that
+    block type alone (re-quantizing into it when the codes do not fit; ``"-"``: re-quantize)."""
     ref = layer.dequantized()
     if perm is not None:
         ref = ref[perm]
@@ -227,6 +243,8 @@ def plan_quantized(layer: mapping.IRLayer, gguf_name: str, perm: np.ndarray | No
         m64 = -zb * sb
         candidates = []   # (type, exact, stored q, m)
         for t in _ORDER:
+            if only is not None and t != only:
+                continue
             lo, hi = _TYPES[t][1]
             if _TYPES[t][2]:   # d*q + m: codes as they are
                 if q.min() < lo or q.max() > hi:
@@ -260,6 +278,8 @@ def plan_quantized(layer: mapping.IRLayer, gguf_name: str, perm: np.ndarray | No
         why = f"codes of {layer.spec.bits}-bit {layer.spec.scheme} do not fit a Q4/Q5/Q8 block type"
     # re-quantize from the IR's dequantized weight
     t = auto_requant_type(layer.spec) if requant_type == "auto" else requant_type
+    if only in _TYPES:
+        t = only
     if t in ("F32", "F16") or layer.in_features % BLOCK:
         t = "F16" if t != "F32" else "F32"
         data = ref.astype(np.float16 if t == "F16" else np.float32)
@@ -298,9 +318,13 @@ def base_gguf_file(base: Path) -> Path | None:
 
 
 def _add_llama_metadata(w, cfg: dict[str, Any], name: str) -> None:
-    if cfg.get("model_type") != "llama":
-        raise GGUFExportError("export.gguf writes Llama-architecture models; "
+    if cfg.get("model_type") not in GGUF_FAMILIES:
+        raise GGUFExportError(f"export.gguf writes {' and '.join(GGUF_FAMILIES)} models; "
                               f"the base model is {cfg.get('model_type')!r}")
+    window = cfg.get("sliding_window")
+    if window and int(window) < int(cfg.get("max_position_embeddings", 2048)):
+        raise GGUFExportError(f"the model attends through a sliding window of {window} tokens, which llama.cpp's "
+                              "llama architecture does not apply")
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     head_dim = int(cfg.get("head_dim") or hidden // heads)
@@ -322,6 +346,9 @@ def _add_llama_metadata(w, cfg: dict[str, Any], name: str) -> None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_vocab_size(int(cfg["vocab_size"]))
+    if cfg.get("model_type") == "mixtral":
+        w.add_expert_count(int(cfg["num_local_experts"]))
+        w.add_expert_used_count(int(cfg["num_experts_per_tok"]))
 
 
 def _copy_tokenizer_fields(w, gguf_path: Path) -> int:
@@ -440,35 +467,110 @@ def export_gguf(ckpt, path: str | Path, *, mode: str = "exact", requant_type: st
 
 def _write_tensors(w, ckpt, heads: int, kv_heads: int, *, mode: str, requant_type: str, float_type: str,
                    progress: Callable[[], None] | None) -> list[TensorPlan]:
-    """Add every base-model tensor to ``w`` in the base's order (quantized layers planned from the IR)."""
+    """Add every base-model tensor to ``w`` in the base's order (quantized layers planned from the IR);
+    a mixture of experts' per-expert projections go in as one 3-D tensor per block and projection."""
     import gguf
     import torch
 
+    from .moe_names import base_family, is_moe, logical_base_tensors
+
+    moe = is_moe(base_family(ckpt))
+    if moe:
+        n_experts = int(_hf_config(Path(ckpt.base_model))["num_local_experts"])
+        tensors = logical_base_tensors(ckpt)
+    else:
+        tensors = ((key, module, lambda key=key, h=h: mapping.float_tensor(ckpt, key, h))
+                   for key, module, h in mapping.base_tensors(ckpt))
     plans: list[TensorPlan] = []
-    for key, module, h in mapping.base_tensors(ckpt):
+    pending: dict[tuple[str, str], dict[int, tuple[str, Any]]] = {}
+
+    def emit(plan: TensorPlan, source, n_perm: int | None) -> None:
+        if plan.qtype in _TYPES:
+            w.add_tensor(plan.name, plan.data, raw_dtype=gguf.GGMLQuantizationType[plan.qtype])
+        else:
+            w.add_tensor(plan.name, plan.data)
+        plan.data = None  # written (spooled); keep only the report
+        plan.source = (source, n_perm)
+        plans.append(plan)
+
+    for key, module, read in tensors:
+        expert = _EXPERT.match(key) if moe else None
+        if expert:   # collect the block's experts of this projection, then write them stacked
+            group = pending.setdefault((expert["block"], expert["proj"]), {})
+            group[int(expert["expert"])] = (key, mapping.load_ir_layer(ckpt, module) if module is not None
+                                            else read().to(torch.float32).numpy())
+            if len(group) == n_experts:
+                gname = gguf_tensor_name(f"{expert['block']}.mlp.experts.{expert['proj']}.weight")
+                entries = [group[e] for e in range(n_experts)]
+                emit(plan_experts([x for _, x in entries], gname, mode=mode, requant_type=requant_type,
+                                  float_type=float_type), [k for k, _ in entries], None)
+                del pending[(expert["block"], expert["proj"])]
+                if progress and module is not None:
+                    for _ in range(n_experts):
+                        progress()
+            continue
         gname = gguf_tensor_name(key)
         n_perm = heads if ".attn_q." in gname else kv_heads if ".attn_k." in gname else None
-        perm = permute_rows(int(h.get_slice(key).get_shape()[0]), n_perm) if n_perm else None
         if module is not None:
-            plan = plan_quantized(mapping.load_ir_layer(ckpt, module), gname, perm, mode=mode,
-                                  requant_type=requant_type)
+            layer = mapping.load_ir_layer(ckpt, module)
+            perm = permute_rows(layer.out_features, n_perm) if n_perm else None
+            plan = plan_quantized(layer, gname, perm, mode=mode, requant_type=requant_type)
         else:
-            arr = mapping.float_tensor(ckpt, key, h).to(torch.float32).numpy()
+            arr = read().to(torch.float32).numpy()
+            perm = permute_rows(arr.shape[0], n_perm) if n_perm else None
             if perm is not None:
                 arr = arr[perm]
             ftype = float_type if arr.ndim == 2 else "F32"
             data = arr.astype(np.float16 if ftype == "F16" else np.float32)
             plan = TensorPlan(gname, ftype, "float", data, sqnr_db(arr, data.astype(np.float32)), "")
-        if plan.qtype in _TYPES:
-            w.add_tensor(gname, plan.data, raw_dtype=gguf.GGMLQuantizationType[plan.qtype])
-        else:
-            w.add_tensor(gname, plan.data)
-        plan.data = None  # written (spooled); keep only the report
-        plan.source = (key, n_perm)
-        plans.append(plan)
+        emit(plan, key, n_perm)
         if progress and module is not None:
             progress()
+    if pending:
+        raise GGUFExportError(f"the base model lacks experts of {sorted(pending)[:3]}: each block needs all "
+                              f"{n_experts} experts of every projection")
     return plans
+
+
+_STATUS_RANK = {"exact": 0, "float": 0, "approx": 1, "requantized": 2}
+
+
+def plan_experts(experts: list, gguf_name: str, *, mode: str = "exact", requant_type: str = "auto",
+                 float_type: str = "F32") -> TensorPlan:
+    """One GGUF tensor ``[n_expert, rows, cols]`` from every expert's IR layer (or float array).
+
+    A GGUF tensor has one type, so all experts take the first type in ``_ORDER`` that holds every
+    one exactly (else with the fewest re-quantized ones, in ``plan_quantized``'s terms).
+    """
+    layers = [x for x in experts if isinstance(x, mapping.IRLayer)]
+    if not layers:
+        data = np.stack(experts).astype(np.float16 if float_type == "F16" else np.float32)
+        ref = np.stack(experts)
+        return TensorPlan(gguf_name, float_type, "float", data, sqnr_db(ref, data.astype(np.float32)), "")
+    if len(layers) != len(experts):
+        raise GGUFExportError(f"{gguf_name}: some experts are quantized and some float, but llama.cpp stores all "
+                              "experts of a projection as one tensor of one type; quantize every expert or none "
+                              "(the stage's ignore / layers options)")
+    best = None
+    for only in (None,) + _ORDER:
+        plans = [plan_quantized(layer, gguf_name, None, mode=mode, requant_type=requant_type, only=only)
+                 for layer in layers]
+        if len({p.qtype for p in plans}) != 1:
+            continue
+        worst = max(_STATUS_RANK[p.status] for p in plans)
+        if best is None or worst < best[0]:
+            best = (worst, plans)
+        if worst == 0:
+            break
+    if best is None:   # every expert re-quantized from its dequantized weight into one type
+        qtype = auto_requant_type(layers[0].spec) if requant_type == "auto" else requant_type
+        best = (2, [plan_quantized(layer, gguf_name, None, mode=mode, requant_type=qtype, only="-")
+                    for layer in layers])
+    plans = best[1]
+    status = max((p.status for p in plans), key=lambda st: _STATUS_RANK[st])
+    notes = sorted({p.note for p in plans if p.note})
+    return TensorPlan(gguf_name, plans[0].qtype, status, np.stack([p.data for p in plans]),
+                      min(p.sqnr_db for p in plans), "; ".join(notes))
 
 
 def _file_type(types: list[str], float_type: str) -> int:
@@ -486,20 +588,22 @@ def _file_type(types: list[str], float_type: str) -> int:
 # ---------------------------------------------------------------- read back
 
 
-def reference_tensor(ckpt, hf_name: str, permute_heads: int | None) -> np.ndarray:
-    """What qflow's quantized model holds for ``hf_name`` (fp32, in GGUF row order)."""
-    from safetensors import safe_open
+def reference_tensor(ckpt, hf_name, permute_heads: int | None, index: dict | None = None) -> np.ndarray:
+    """What qflow's quantized model holds for ``hf_name`` (fp32, in GGUF row order); a list of names
+    (a mixture of experts' stacked projection) gives them stacked. ``index``: the base's tensor index."""
+    if index is None:
+        from qflow.quant.weights import tensor_index
 
-    from qflow.quant.weights import weight_files
-
+        index = tensor_index(Path(ckpt.base_model))
+    if isinstance(hf_name, (list, tuple)):
+        return np.stack([reference_tensor(ckpt, n, permute_heads, index) for n in hf_name])
     module = hf_name[: -len(".weight")] if hf_name.endswith(".weight") else None
     if module in ckpt.layers:
         arr = mapping.load_ir_layer(ckpt, module).dequantized()
     elif hf_name in ckpt.floats:
         arr = ckpt.float_tensor(hf_name).float().numpy()
     else:
-        with safe_open(str(weight_files(Path(ckpt.base_model))[hf_name]), framework="pt") as h:
-            arr = h.get_tensor(hf_name).float().numpy()
+        arr = index[hf_name].read().float().numpy()
     if permute_heads:
         arr = arr[permute_rows(arr.shape[0], permute_heads)]
     return arr
@@ -510,14 +614,17 @@ def read_back(path: str | Path, ckpt, report: dict[str, Any]) -> dict[str, float
     qflow's model holds; raises when a tensor reported ``exact`` (or F32) is not bit-identical."""
     import gguf
 
+    from qflow.quant.weights import tensor_index
+
     reader = gguf.GGUFReader(str(path))
+    index = tensor_index(Path(ckpt.base_model))
     max_abs = 0.0
     exact_checked = 0
     for t in reader.tensors:
         info = report["tensors"].get(t.name)
         if info is None:
             raise GGUFExportError(f"{path}: unexpected tensor {t.name}")
-        ref = reference_tensor(ckpt, info["source"], info["permute_heads"])
+        ref = reference_tensor(ckpt, info["source"], info["permute_heads"], index)
         arr = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(ref.shape)
         diff = float(np.max(np.abs(arr - ref))) if arr.size else 0.0
         max_abs = max(max_abs, diff)

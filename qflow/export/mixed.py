@@ -56,25 +56,32 @@ def family_problems(ckpt, fmt: str, families: tuple[str, ...]) -> list[str]:
 
 
 # mixture-of-experts families: qflow quantizes their experts as separate linears (docs/METHODS.md §4.2);
-# no exporter writes them back into a loader's expert layout (fused 3-D tensors or Mixtral's w1/w2/w3) yet
+# export.safetensors' compressed-tensors layout writes them per expert under the family's checkpoint names
+# (qflow/export/moe_names.py), which transformers re-fuses on load and vLLM reads expert by expert
 MOE_FAMILIES = MOE_MODEL_TYPES
 
 
 def moe_export_problem(fmt: str, family: str) -> str:
-    return (f"{fmt} does not write mixture-of-experts checkpoints yet: the base model is {family!r}, whose "
-            "per-expert quantized linears would have to be re-fused into the loader's expert layout "
-            "(fix: evaluate the quantized checkpoint with evaluate.lm, which reads qflow's IR directly)")
+    return (f"{fmt} does not write {family!r} mixture-of-experts checkpoints (of MoE families, export.gguf "
+            "writes Mixtral only); fix: export it with export.safetensors, layout: compressed-tensors, which writes "
+            "every expert and loads in transformers and vLLM, or evaluate the IR with evaluate.lm")
 
 
-def moe_problems(ckpt, fmt: str) -> list[str]:
-    """Why ``fmt`` cannot write ``ckpt`` when its base model is a mixture of experts (empty otherwise)."""
+def moe_problems(ckpt, fmt: str, layout: str | None = None) -> list[str]:
+    """Why ``fmt`` (``layout``) cannot write ``ckpt`` when its base model is a mixture of experts (empty
+    otherwise, and for export.safetensors' compressed-tensors layout)."""
     import json
 
     try:
         family = json.loads((Path(ckpt.base_model) / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, TypeError, AttributeError):
         return []
-    return [moe_export_problem(fmt, family)] if family in MOE_FAMILIES else []
+    if family not in MOE_FAMILIES or layout == "compressed-tensors":
+        return []
+    if layout is not None:
+        return [f"layout {layout} does not write mixture-of-experts checkpoints (the base model is {family!r}: "
+                "AutoAWQ / GPTQ loaders have no per-expert layout qflow can check); fix: layout: compressed-tensors"]
+    return [moe_export_problem(fmt, family)]
 
 
 def _listing(bad: dict[str, str]) -> str:
@@ -87,7 +94,7 @@ def safetensors_problems(ckpt, layout: str, on_unsupported: str = "error") -> li
     """Why ``layout`` cannot hold ``ckpt``'s per-layer specs (empty when it can)."""
     layers = ckpt.layers
     int_layers = {n: r for n, r in layers.items() if r.spec.format == "int"}
-    problems = moe_problems(ckpt, "export.safetensors")
+    problems = moe_problems(ckpt, "export.safetensors", layout)
     if on_unsupported == "error":
         lookup = {n: spec_text(r.spec) for n, r in layers.items() if r.spec.format != "int"}
         if lookup:

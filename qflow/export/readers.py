@@ -386,6 +386,11 @@ def _tied_names(model) -> set[str]:
 
 
 def _load_decoded(model, state: dict, folder: Path, torch_dtype) -> None:
+    from qflow.models.moe import unfuse_experts
+    from qflow.quant.expert_names import logical_name
+
+    if unfuse_experts(model):   # a mixture of experts: per-expert tensors (qflow/export/moe_names.py)
+        state = {logical_name(k, model.config.model_type): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()}, strict=False)
     tied = _tied_names(model)
     if set(missing) - tied or unexpected:

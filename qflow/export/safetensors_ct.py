@@ -142,6 +142,14 @@ def _map_checked(ckpt, name: str, layout: str, dtype: str, on_unsupported: str, 
     return m, q
 
 
+def _router_as_float(ckpt, name: str) -> tuple[mapping.Mapped, float]:
+    """A quantized MoE router (``moe_quantize_router``) written as its dequantized weight: transformers
+    and vLLM build routers as float modules, so no loader reads quantized router tensors."""
+    m = mapping.to_float(mapping.load_ir_layer(ckpt, name), "MoE routers load as float modules in transformers "
+                                                             "and vLLM; the IR's dequantized weight is written")
+    return m, math.inf
+
+
 def plan_layers(ckpt, layout: str, dtype: str = "float32", gptq_format: str = "auto",
                 names: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """How each IR layer (or each of ``names``) maps onto ``layout``, without writing:
@@ -198,6 +206,14 @@ def export_hf_folder(ckpt, out_dir: str | Path, *, layout: str = "compressed-ten
 
     quantized = {n: s for n, s in schemes.items() if s is not None}
     linears = linear_module_names(base)
+    from .moe_names import base_family, export_name, is_moe
+
+    family = base_family(ckpt)
+    if is_moe(family):   # experts and routers are no nn.Linear in transformers 5: named as the files name them
+        from qflow.quant.weights import linear_names
+
+        linears = [export_name(n, family) for n in dict.fromkeys(linears + linear_names(base))]
+        quantized = {export_name(n, family): s for n, s in quantized.items()}
     unquantized_linears = [n for n in linears if n not in quantized]
     qcfg = _quantization_config(layout, quantized, unquantized_linears)
 
@@ -226,24 +242,38 @@ def _write_tensors(writer, ckpt, layout: str, dtype: str, on_unsupported: str, o
     """
     import torch
 
+    from qflow.quant.expert_names import is_router
+
+    from .moe_names import base_family, export_name, is_moe, logical_base_tensors
+
     report_layers: dict[str, dict[str, Any]] = {}
     schemes: dict[str, dict[str, Any] | None] = {}
     notes: list[str] = []
-    for key, module, h in mapping.base_tensors(ckpt):
+    family = base_family(ckpt)
+    if is_moe(family):   # per-expert tensors under the family's checkpoint names (qflow/export/moe_names.py)
+        tensors = ((export_name(name, family), module, read) for name, module, read in logical_base_tensors(ckpt))
+    else:
+        tensors = ((key, module, lambda key=key, h=h: mapping.float_tensor(ckpt, key, h))
+                   for key, module, h in mapping.base_tensors(ckpt))
+    for key, module, read in tensors:
         if module is not None:
-            m, q = _map_checked(ckpt, module, layout, dtype, on_unsupported, on_inexact, gptq_format)
+            if is_moe(family) and is_router(module):
+                m, q = _router_as_float(ckpt, module)
+            else:
+                m, q = _map_checked(ckpt, module, layout, dtype, on_unsupported, on_inexact, gptq_format)
+            stored = export_name(module, family)
             for suffix, arr in m.tensors.items():
                 store = None
                 if (suffix == "weight" and m.status == "float") or suffix == "weight_scale":
                     store = dtype  # compressed-tensors scales live in the model dtype
-                writer.add(f"{module}.{suffix}", _torch(arr, store))
+                writer.add(f"{stored}.{suffix}", _torch(arr, store))
             schemes[module] = m.scheme if m.status != "float" else None
             notes += m.notes
             report_layers[module] = {"status": m.status, "spec": layer_specs[module], "sqnr_db": q, "notes": m.notes}
             if progress:
                 progress()
             continue
-        t = mapping.float_tensor(ckpt, key, h)
+        t = read()
         if t.is_floating_point():
             t = t.to(getattr(torch, dtype))
         writer.add(key, t)

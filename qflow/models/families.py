@@ -77,6 +77,24 @@ class Olmo2Adapter(ArchAdapter):
 
 
 @register_adapter
+class CohereAdapter(ArchAdapter):
+    """Cohere (Command R): parallel blocks, ``h + self_attn(n) + mlp(n)`` with ``n = input_layernorm(h)``
+    (a LayerNorm without bias), optional per-head q/k LayerNorms (not fold targets).
+
+    One norm feeds q/k/v and gate/up together, so a scale folded into it would have to be
+    searched against the attention and the MLP at once; qflow's AWQ site searches one
+    module's output, so that site is skipped (input_norm None, as for OLMo 2) and AWQ keeps
+    v->o (no GQA) and up->down; SmoothQuant has no site. The halves do not compose
+    sequentially, so GPTQ runs whole blocks (splits_residual off).
+    """
+
+    model_types = ("cohere",)
+    input_norm = None
+    post_attn_norm = None
+    splits_residual = False
+
+
+@register_adapter
 class Phi3Adapter(ArchAdapter):
     """Phi-3 / Phi-4: fused ``qkv_proj`` (rows q | k | v) and ``gate_up_proj`` (rows gate | up).
 
@@ -97,7 +115,7 @@ class Phi3Adapter(ArchAdapter):
 UNSUPPORTED: dict[str, str] = {
     "gemma3": "load the text model (Gemma3ForCausalLM, model_type gemma3_text); the multimodal "
               "Gemma3ForConditionalGeneration is not supported",
-    "cohere": "Cohere's parallel attention+MLP blocks (one LayerNorm feeding both halves) have no adapter yet",
-    "cohere2": "Cohere's parallel attention+MLP blocks (one LayerNorm feeding both halves) have no adapter yet",
+    "cohere2": "Cohere 2's interleaved sliding-window parallel blocks have no adapter yet (cohere, Command R, "
+               "is supported)",
     "modernbert": "ModernBERT encoders have no adapter yet (bert, roberta and xlm-roberta encoders are supported)",
 }

@@ -1,7 +1,9 @@
 """GGUF -> float32 Hugging Face folder (config, safetensors, tokenizer), converted once.
 
-Architectures: llama (also Mistral, which llama.cpp writes as llama), qwen2, qwen3,
-phi3, gemma2 (``IMPORTABLE``); anything else is refused naming the architecture.
+Architectures: llama (also Mistral and Mixtral, which llama.cpp writes as llama; Mixtral's
+stacked ``ffn_*_exps`` experts become one tensor per expert), qwen2, qwen3, phi3, gemma,
+gemma2, gemma3 (text), olmo2, granite (``IMPORTABLE``); anything else is refused naming the
+architecture.
 
     converted_folder(Path("model.gguf"), Path("runs/cache/models/gguf-ab12"), "gguf:model.gguf", fingerprint)
     convert_gguf(Path("model.gguf"), Path("out"))   # the conversion alone, into an existing folder
@@ -155,7 +157,7 @@ def gguf_llama_config(reader, source: str):
         for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))
         if f"tokenizer.ggml.{key}_token_id" in meta
     }
-    return LlamaConfig(
+    kwargs = dict(
         vocab_size=meta.get("llama.vocab_size", len(tokens.data) if tokens else 32000),
         hidden_size=hidden,
         intermediate_size=meta["llama.feed_forward_length"],
@@ -170,20 +172,33 @@ def gguf_llama_config(reader, source: str):
         mlp_bias=False,
         hidden_act="silu",
         tie_word_embeddings="output.weight" not in names,
-        architectures=["LlamaForCausalLM"],
         dtype="float32",
         **token_ids,
     )
+    if "llama.expert_count" in meta:   # Mixtral: llama.cpp writes it as llama with ffn_*_exps tensors
+        from transformers import MixtralConfig
+
+        for key in ("attention_bias", "mlp_bias"):
+            kwargs.pop(key)
+        return MixtralConfig(**kwargs, num_local_experts=meta["llama.expert_count"],
+                             num_experts_per_tok=meta["llama.expert_used_count"], sliding_window=None,
+                             architectures=["MixtralForCausalLM"])
+    return LlamaConfig(**kwargs, architectures=["LlamaForCausalLM"])
 
 
 # llama.cpp architecture -> transformers config class (docs/ARCHITECTURE.md "Model families")
 IMPORTABLE = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "phi3": "Phi3Config",
-              "gemma2": "Gemma2Config"}
-# convert_hf_to_gguf.py permutes Q/K rows for these (llama.cpp rotates adjacent pairs there);
-# NeoX-rope architectures (qwen2/3, phi3, gemma*) keep transformers' row order
-_PERMUTED_QK = {"llama"}
-# Gemma's RMSNorm scales by 1 + w; the converter stores 1 + w in every *norm.weight
+              "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig", "olmo2": "Olmo2Config",
+              "granite": "GraniteConfig"}
+# convert_hf_to_gguf.py permutes Q/K rows for these (llama.cpp rotates adjacent pairs there; Granite's
+# converter is Llama's); NeoX-rope architectures (qwen2/3, phi3, gemma*, olmo2) keep transformers' row order
+_PERMUTED_QK = {"llama", "granite"}
+# Gemma's RMSNorm scales by 1 + w; the converter stores 1 + w in every *norm.weight (Gemma 3: the q/k norms too)
 _NORM_STORED_PLUS_ONE = {"gemma", "gemma2", "gemma3"}
+# llama.cpp constants for Gemma 3 that the GGUF does not record (its llama-model.cpp): every 6th layer attends
+# globally, the sliding layers rotate with base 10000
+_GEMMA3_GLOBAL_EVERY = 6
+_GEMMA3_LOCAL_ROPE_BASE = 10000.0
 
 
 def _refuse_arch(arch, source: str):
@@ -242,8 +257,28 @@ def gguf_config(reader, source: str):
         if f"tokenizer.ggml.{key}_token_id" in meta
     })
     kwargs.setdefault("pad_token_id", None)   # not the config class's default (Phi-3's 32000 may exceed the vocab)
-    if arch in ("qwen3", "gemma2"):
+    if arch in ("qwen3", "gemma", "gemma2", "gemma3"):
         kwargs["head_dim"] = head_dim
+    if arch in ("gemma", "gemma3"):
+        kwargs["hidden_activation"] = "gelu_pytorch_tanh"
+        kwargs["tie_word_embeddings"] = True   # llama.cpp's Gemma reads the embedding as the head
+    if arch == "gemma3":
+        n_layers = kwargs["num_hidden_layers"]
+        # llama.cpp scales queries by 1/sqrt(head size), by 1/sqrt(hidden/heads) for the 62-layer (27B) model
+        scalar = hidden // heads if n_layers == 62 else head_dim
+        kwargs.update(query_pre_attn_scalar=scalar, sliding_window=meta.get("gemma3.attention.sliding_window", 4096),
+                      final_logit_softcapping=meta.get("gemma3.final_logit_softcapping"),
+                      attn_logit_softcapping=None,
+                      layer_types=["full_attention" if (i + 1) % _GEMMA3_GLOBAL_EVERY == 0 else "sliding_attention"
+                                   for i in range(n_layers)],
+                      rope_parameters={"full_attention": kwargs["rope_parameters"],
+                                       "sliding_attention": {"rope_type": "default",
+                                                             "rope_theta": _GEMMA3_LOCAL_ROPE_BASE}})
+    if arch == "granite":   # the converter writes Granite's multipliers as *_scale
+        kwargs.update(attention_multiplier=meta.get("granite.attention.scale", 1.0 / head_dim ** 0.5),
+                      embedding_multiplier=meta.get("granite.embedding_scale", 1.0),
+                      residual_multiplier=meta.get("granite.residual_scale", 1.0),
+                      logits_scaling=meta.get("granite.logit_scale", 1.0))
     if arch == "gemma2":
         # llama.cpp scales queries by 1/sqrt(head size) (the 27B model's hidden/heads is not recorded)
         kwargs.update(query_pre_attn_scalar=head_dim, hidden_activation="gelu_pytorch_tanh",
@@ -251,7 +286,7 @@ def gguf_config(reader, source: str):
                       attn_logit_softcapping=meta.get("gemma2.attn_logit_softcapping"),
                       final_logit_softcapping=meta.get("gemma2.final_logit_softcapping"))
     config = getattr(transformers, IMPORTABLE[arch])(**kwargs)
-    config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
+    config.architectures = [type(config).__name__.replace("TextConfig", "Config").replace("Config", "ForCausalLM")]
     return config
 
 
@@ -281,13 +316,24 @@ def _unpermute_rows(weights, n_head: int):
     return weights.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def _hf_tensor_name(gguf_name: str, n_layers: int, source: str) -> str:
+# Mixtral's router and stacked experts [n_expert, rows, cols] -> its checkpoint names (one tensor per expert)
+_GGUF_MOE_NAMES = {
+    "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
+    "ffn_gate_exps.weight": "block_sparse_moe.experts.{e}.w1.weight",
+    "ffn_up_exps.weight": "block_sparse_moe.experts.{e}.w3.weight",
+    "ffn_down_exps.weight": "block_sparse_moe.experts.{e}.w2.weight",
+}
+
+
+def _hf_tensor_name(gguf_name: str, n_layers: int, source: str, moe: bool = False) -> str:
     if gguf_name in _GGUF_GLOBAL_NAMES:
         return _GGUF_GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) < n_layers:
         if parts[2] in _GGUF_BLOCK_NAMES:
             return f"model.layers.{parts[1]}.{_GGUF_BLOCK_NAMES[parts[2]]}"
+        if moe and parts[2] in _GGUF_MOE_NAMES:
+            return f"model.layers.{parts[1]}.{_GGUF_MOE_NAMES[parts[2]]}"
     raise SourceError(
         f"the GGUF holds a tensor '{gguf_name}' that has no place in a Llama model",
         where=source,
@@ -328,11 +374,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path, source: str | None = None) -> N
     arch = gguf_metadata(reader)["general.architecture"]
     n_heads, n_kv_heads = config.num_attention_heads, config.num_key_value_heads
     names = None if arch == "llama" else _gguf_to_hf_names(config, arch)
+    moe = config.model_type == "mixtral"
 
     writer = ShardWriter(out_dir, max_bytes=MAX_SHARD_BYTES)
     for tensor in reader.tensors:
         if names is None:
-            name = _hf_tensor_name(tensor.name, config.num_hidden_layers, source)
+            name = _hf_tensor_name(tensor.name, config.num_hidden_layers, source, moe=moe)
         elif tensor.name in names:
             name = names[tensor.name]
         else:
@@ -356,12 +403,25 @@ def convert_gguf(gguf_path: Path, out_dir: Path, source: str | None = None) -> N
             weights = _unpermute_rows(weights, n_kv_heads)
         elif arch in _NORM_STORED_PLUS_ONE and tensor.name.endswith("norm.weight"):
             weights = weights - np.float32(1.0)
+        if "{e}" in name:   # a Mixtral projection of every expert: one tensor per expert
+            for e in range(weights.shape[0]):
+                writer.add(name.format(e=e), np.ascontiguousarray(weights[e]))
+            continue
         writer.add(name, np.ascontiguousarray(weights))
     writer.close()
     config.save_pretrained(out_dir)
 
     from ..recipe.safety import remote_code_allowed
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                              trust_remote_code=remote_code_allowed())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                  trust_remote_code=remote_code_allowed())
+    except ValueError as err:
+        if "is not supported yet" not in str(err):
+            raise
+        # transformers reads no model of this architecture from a GGUF (gemma, olmo2, granite), but its GGUF
+        # tokenizer builder goes by the file's tokenizer.ggml.model (BPE or SentencePiece), not the architecture
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tokenizer.save_pretrained(out_dir)
