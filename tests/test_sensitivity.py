@@ -291,6 +291,22 @@ def test_fisher_stage_forms_agree_on_the_ranking(tmp_path, tiny_model_dir, tiny_
     assert meta["check"]["n"] == 4 and meta["check"]["spearman"] > 0
 
 
+def test_bits_correction_rescales_each_width_by_its_measured_kl(tmp_path, tiny_model_dir, tiny_calib):
+    """Per bit width, one factor (geometric mean of measured / estimated) multiplies every option of that width."""
+    common = dict(estimator="fisher", bits=[2, 8], group_sizes=[32], n_check=0, n_windows=2)
+    raw = _run_stage(tmp_path / "raw", tiny_model_dir, tiny_calib, **common)
+    fixed = _run_stage(tmp_path / "fixed", tiny_model_dir, tiny_calib, bits_correction=2, **common)
+    meta = json.loads((fixed.path / "meta.json").read_text())["bits_correction"]
+    assert set(meta["factors"]) == {"2", "8"} and len(meta["samples"]) == 4
+    for b, factor in meta["factors"].items():
+        ratios = [s["measured_kl"] / s["estimate"] for s in meta["samples"] if s["bits"] == int(b)]
+        assert min(ratios) * 0.999 <= factor <= max(ratios) * 1.001
+    before = {(r["layer"], r["bits"]): float(r["damage"]) for r in csv.DictReader(open(raw.path / "table.csv"))}
+    after = {(r["layer"], r["bits"]): float(r["damage"]) for r in csv.DictReader(open(fixed.path / "table.csv"))}
+    for (layer, bits), d in before.items():
+        assert after[(layer, bits)] == pytest.approx(d * meta["factors"][bits], rel=1e-9)
+
+
 def test_stage_errors_are_clean(tmp_path, tiny_model_dir, tiny_calib):
     from pydantic import ValidationError
 
