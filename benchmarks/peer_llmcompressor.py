@@ -106,7 +106,7 @@ GROUP = 64
 # evaluate.lm's per-layer SQNR report and speed timing do not change ppl / KL and cost
 # minutes per run on a loaded 2-core machine: off unless --qflow-full-eval
 QFLOW_EVAL_EXTRAS_OFF = ["+stages.evaluate.with.layer_report=false", "+stages.evaluate.with.speed=false"]
-TARGETS = "quality ratio <= 1.00 (ppl and KL), time ratio <= 0.5, peak RSS ratio <= 0.75"
+TARGETS = "quality ratio <= 1.00 (ppl and exact KL), time ratio <= 0.5, peak RSS ratio <= 0.75"
 
 
 def log(msg: str) -> None:
@@ -306,7 +306,8 @@ def _ratio(a, b):
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| method | bits | qflow ppl | peer ppl | ppl ratio | qflow KL | peer KL | KL ratio | qflow KL top-k | peer KL top-k "
+    head = ("| method | bits | qflow ppl | peer ppl | ppl ratio | qflow KL exact | peer KL exact | KL exact ratio "
+            "| qflow KL top-k est. | peer KL top-k est. "
             "| qflow quant s | peer quant s | time ratio | qflow peak RSS MiB | peer peak RSS MiB | RSS ratio | load avg |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -334,7 +335,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report(rows, args, inputs, versions, started, elapsed, loads, date) -> str:
+def report(rows, args, inputs, versions, started, elapsed, loads, date, partial: str = "") -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "qflow", "stages", "recipes"], capture_output=True,
                            text=True, cwd=ROOT).stdout.strip()
@@ -346,7 +347,7 @@ def report(rows, args, inputs, versions, started, elapsed, loads, date) -> str:
     lines = [
         f"### {date}: W{','.join(map(str, args.bits))} g{GROUP} asym, protocol {args.protocol}"
         f"{'' if protocol_preset(args.protocol) == {'n_calib': args.n_calib, 'n_eval_windows': args.n_eval_windows} else ' (custom sizes)'}, "
-        f"n_calib={args.n_calib}, n_eval_windows={args.n_eval_windows}",
+        f"n_calib={args.n_calib}, n_eval_windows={args.n_eval_windows}{partial}",
         "",
         f"Machine: {os.cpu_count()}-core CPU ({cpu}), no GPU, shared with other jobs: 1-min load average "
         f"{min(loads):.1f}-{max(loads):.1f} during the run (timings are noisy; qflow and the peer ran back to back "
@@ -366,9 +367,10 @@ def report(rows, args, inputs, versions, started, elapsed, loads, date) -> str:
         "",
         table(rows),
         "",
-        "Ratios are qflow / peer (targets: " + TARGETS + "). KL = mean exact full-vocabulary KL(p_fp‖p_q) per token "
-        "(qflow's `evaluate.lm` kl_mean), for both tools; \"KL top-k\" = the same over the float top-128 tokens + a tail "
-        "bin (kl_topk_mean, a lower bound). "
+        "Ratios are qflow / peer (targets: " + TARGETS + "). \"KL exact\" = mean exact full-vocabulary KL(p_fp‖p_q) "
+        "per token, nats (qflow's `evaluate.lm` kl_mean; the worker's full log-softmax for the peer), the ratio is of "
+        "these; \"KL top-k est.\" = the estimate over the float top-128 tokens + a tail bin (kl_topk_mean, a lower "
+        "bound), shown only to link with the older tables above. "
         "Seconds: qflow's quantize stage vs `oneshot` wall time. Peak RSS: qflow's quantize-stage peak_rss_bytes "
         "(AWQ/GPTQ: process ru_maxrss) vs the peer's RSS sampled during `oneshot`.",
     ]
@@ -398,6 +400,24 @@ def append_results(block: str) -> None:
     RESULTS.write_text(text[:start] + section + ("\n" + text[end:] if nxt >= 0 else ""))
 
 
+def report_from(work: Path, no_results: bool, date: str) -> int:
+    """The table of a run stopped before its last configuration, from what it saved after each one."""
+    meta = json.loads((work / "meta.json").read_text())
+    rows = json.loads((work / "rows.json").read_text()) if (work / "rows.json").exists() else []
+    loads = json.loads((work / "loads.json").read_text()) if (work / "loads.json").exists() else [float("nan")]
+    args = argparse.Namespace(**meta["args"])
+    elapsed = (work / "rows.json").stat().st_mtime - meta["t_start_epoch"] if rows else 0.0
+    done = {(r["bits"], r["method"]) for r in rows}
+    missing = [f"{m} W{b}" for b, m in meta["planned"] if (b, m) not in done]
+    partial = f" (partial: stopped before {', '.join(missing)})" if missing else ""
+    block = report(rows, args, meta["inputs"], meta["versions"], meta["started"], elapsed, loads, date, partial)
+    print(block)
+    if not no_results:
+        append_results(block)
+        log(f"appended to {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -417,7 +437,12 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per tool run")
     p.add_argument("--no-results", action="store_true", help="print only, do not append to RESULTS.md")
     p.add_argument("--date", default=_dt.date.today().isoformat())
+    p.add_argument("--report-from", type=Path, default=None, metavar="WORK_DIR",
+                   help="only write the table of an earlier (possibly stopped) run from its <runs-dir>/peer folder "
+                        "(meta.json + rows.json, saved after every configuration)")
     args = p.parse_args(argv)
+    if args.report_from is not None:
+        return report_from(args.report_from, args.no_results, args.date)
     preset = protocol_preset(args.protocol)
     if args.n_calib is None:
         args.n_calib = preset["n_calib"]
@@ -443,6 +468,10 @@ def main(argv=None) -> int:
     versions = ensure_peer_venv(args.skip_install)
     log(f"peer venv: {versions}")
     inputs = prepare_inputs(work, args.n_calib, args.n_eval_windows)
+    (work / "meta.json").write_text(json.dumps({
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "inputs": inputs, "versions": versions, "started": started, "t_start_epoch": time.time() - (time.perf_counter() - t_start),
+        "planned": [[b, m] for b in args.bits for m in args.methods]}, indent=1))
     log(f"model {inputs['model_dir']}; calib {inputs['calib_shape']} {inputs['calib_sha256'][:16]}; "
         f"eval {inputs['eval_shape']} {inputs['eval_sha256'][:16]}")
 
@@ -462,6 +491,7 @@ def main(argv=None) -> int:
             rows.append({"method": method, "bits": bits, "qflow": q, "peer": pr})
             loads += [q.get("load_start", loadavg()), q.get("load_end", loadavg()), pr.get("load_end", loadavg())]
             (work / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
+            (work / "loads.json").write_text(json.dumps(loads))
     elapsed = time.perf_counter() - t_start
     block = report(rows, args, inputs, versions, started, elapsed, loads, args.date)
     print(block)
