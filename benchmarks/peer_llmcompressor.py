@@ -50,6 +50,11 @@ Notes on what is compared:
   stages (the latter only saves the ids and activation statistics these three
   algorithms do not use) run first in a process of their own, so each measured run
   finds them cached and its quantize stage's peak RSS is not inflated by them.
+* Threads: both tools get the same count per row (``--threads``; default qflow's free-core
+  policy, qflow/threads.py, sampled at the row's start) and a passive OpenMP wait. Runs before
+  this option let the peer's torch take one spinning thread per core while qflow chose its own
+  (table column "threads qflow/peer": "own policy/2"): on a loaded machine that slows the peer
+  far more than qflow and biases the time ratio in qflow's favour.
 * AWQ settings differ by design: qflow follows llm-awq (scale search over activation
   means + clip search, ``n_search_tokens`` tokens per block); the peer runs its
   defaults (n_grid 20, duo_scaling True, all calibration tokens, no clip search).
@@ -194,22 +199,37 @@ def _short_error(text: str) -> str:
     return lines[-1][:200] if lines else "no output"
 
 
+def row_threads(request: str) -> tuple[int, str]:
+    """The thread count both tools get for one row: qflow's own policy now (qflow/threads.py: the
+    cores other processes leave free) unless ``--threads N``. The peer's torch would otherwise start
+    one spinning OpenMP thread per core and slow down far more than qflow on a loaded machine."""
+    from qflow.threads import choose_threads, current_choice, usable_cores
+
+    if request != "auto":
+        c = choose_threads(usable_cores(), None, None, int(request))
+        return c.threads, "--threads"
+    c = current_choice()
+    return c.threads, c.reason
+
+
 def run_qflow(method: str, bits: int, n_calib: int, n_eval: int, runs_dir: Path, work: Path,
-              extra: list[str], timeout: float) -> dict:
+              extra: list[str], timeout: float, threads: int) -> dict:
     cmd = [str(ROOT / ".venv" / "bin" / "qflow"), "--runs-dir", str(runs_dir), "run", RECIPES[method],
            f"params.bits={bits}", f"params.group_size={GROUP}", f"params.n_calib={n_calib}",
            f"params.n_eval_windows={n_eval}", ASYM_PARAM[method], *extra, *_drop_export(method), "--json", "--no-track"]
-    log(f"qflow {method} w{bits}: {' '.join(cmd[1:])}")
+    log(f"qflow {method} w{bits}: {' '.join(cmd[1:])} (QFLOW_THREADS={threads})")
+    env = dict(os.environ, QFLOW_THREADS=str(threads))
     t0 = time.perf_counter()
     load0 = loadavg()
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"timed out after {timeout:.0f} s", "cmd": cmd}
     wall = time.perf_counter() - t0
     (work / f"qflow-{method}-w{bits}.stderr.txt").write_text(r.stderr or "")
     (work / f"qflow-{method}-w{bits}.stdout.txt").write_text(r.stdout or "")
-    out = {"cmd": cmd, "rc": r.returncode, "wall_s": wall, "load_start": load0, "load_end": loadavg()}
+    out = {"cmd": cmd, "rc": r.returncode, "wall_s": wall, "load_start": load0, "load_end": loadavg(),
+           "threads": threads}
     js = None
     for line in reversed((r.stdout or "").splitlines()):
         if line.startswith("{"):
@@ -267,13 +287,15 @@ def prepare_qflow_cache(method: str, bits: int, n_calib: int, n_eval: int, runs_
         return f"failed ({_short_error(r.stderr)}); the runs will calibrate in-process"
 
 
-def run_peer(method: str, bits: int, inputs: dict, work: Path, timeout: float) -> dict:
+def run_peer(method: str, bits: int, inputs: dict, work: Path, timeout: float, threads: int) -> dict:
     out_json = work / f"peer-{method}-w{bits}.json"
     cmd = [str(PEER_PY), str(HERE / "_peer_worker.py"), "--model", inputs["model_dir"], "--calib", inputs["calib"],
            "--eval", inputs["eval"], "--method", method, "--bits", str(bits), "--group-size", str(GROUP),
            "--out", str(out_json)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    log(f"peer  {method} w{bits}: llm-compressor oneshot in {PEER_VENV.name}")
+    # the same thread count and OpenMP wait policy as qflow (its CLI sets PASSIVE before torch loads)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    log(f"peer  {method} w{bits}: llm-compressor oneshot in {PEER_VENV.name} (OMP_NUM_THREADS={threads})")
     t0 = time.perf_counter()
     load0 = loadavg()
     try:
@@ -282,7 +304,7 @@ def run_peer(method: str, bits: int, inputs: dict, work: Path, timeout: float) -
         return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
     wall = time.perf_counter() - t0
     (work / f"peer-{method}-w{bits}.stderr.txt").write_text(r.stderr or "")
-    out = {"rc": r.returncode, "wall_s": wall, "load_start": load0, "load_end": loadavg()}
+    out = {"rc": r.returncode, "wall_s": wall, "load_start": load0, "load_end": loadavg(), "threads": threads}
     if r.returncode != 0 or not out_json.exists():
         msg = next((ln for ln in (r.stderr or "").splitlines() if "PEER VERIFICATION FAILED" in ln), None)
         return out | {"ok": False, "error": msg or _short_error(r.stderr)}
@@ -308,7 +330,7 @@ def _ratio(a, b):
 def table(rows: list[dict]) -> str:
     head = ("| method | bits | qflow ppl | peer ppl | ppl ratio | qflow KL exact | peer KL exact | KL exact ratio "
             "| qflow KL top-k est. | peer KL top-k est. "
-            "| qflow quant s | peer quant s | time ratio | qflow peak RSS MiB | peer peak RSS MiB | RSS ratio | load avg |")
+            "| qflow quant s | peer quant s | time ratio | qflow peak RSS MiB | peer peak RSS MiB | RSS ratio | load avg | threads qflow/peer |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         q, p = r["qflow"], r["peer"]
@@ -330,7 +352,8 @@ def table(rows: list[dict]) -> str:
                  _f((g(p, "peak_rss_bytes", po) or float("nan")) / 2**20, ".0f"),
                  _f(_ratio(g(q, "peak_rss_bytes", qo), g(p, "peak_rss_bytes", po)), ".2f"),
                  f"{min(q.get('load_start', 0), p.get('load_start', 0)):.1f}-"
-                 f"{max(q.get('load_end', 0), p.get('load_end', 0)):.1f}"]
+                 f"{max(q.get('load_end', 0), p.get('load_end', 0)):.1f}",
+                 f"{q.get('threads', 'own policy')}/{p.get('result', {}).get('threads', p.get('threads', '?'))}"]
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
@@ -435,6 +458,8 @@ def main(argv=None) -> int:
     p.add_argument("--qflow-full-eval", action="store_true",
                    help="keep evaluate.lm's per-layer report and speed timing (not needed for this table)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per tool run")
+    p.add_argument("--threads", default="auto",
+                   help="threads for both tools in every row (default auto: qflow's free-core policy at the row's start)")
     p.add_argument("--no-results", action="store_true", help="print only, do not append to RESULTS.md")
     p.add_argument("--date", default=_dt.date.today().isoformat())
     p.add_argument("--report-from", type=Path, default=None, metavar="WORK_DIR",
@@ -481,11 +506,13 @@ def main(argv=None) -> int:
     rows, loads = [], [loadavg()]
     for bits in args.bits:
         for method in args.methods:
+            threads, why = row_threads(args.threads)
+            log(f"{method} w{bits}: {threads} thread(s) for both tools ({why})")
             q = run_qflow(method, bits, args.n_calib, args.n_eval_windows, runs_dir, work, args.qflow_override,
-                          args.timeout)
+                          args.timeout, threads)
             log(f"qflow {method} w{bits}: " + (f"ppl {q['ppl']:.3f} kl {q.get('kl')} {q['seconds']:.1f} s"
                                                if q.get("ok") else f"FAILED {q.get('error')}"))
-            pr = run_peer(method, bits, inputs, work, args.timeout)
+            pr = run_peer(method, bits, inputs, work, args.timeout, threads)
             log(f"peer  {method} w{bits}: " + (f"ppl {pr['ppl']:.3f} kl {pr['kl']:.4f} {pr['seconds']:.1f} s"
                                                if pr.get("ok") else f"FAILED {pr.get('error')}"))
             rows.append({"method": method, "bits": bits, "qflow": q, "peer": pr})
