@@ -184,6 +184,30 @@ def prepare_inputs(work: Path, n_calib: int, n_eval: int) -> dict:
             "calib_shape": list(calib.shape), "eval_shape": list(ev.shape)}
 
 
+def prepare_inputs_in_child(work: Path, n_calib: int, n_eval: int) -> dict:
+    """:func:`prepare_inputs` in a process of its own, so this driver never imports torch.
+
+    A child started by ``subprocess`` (vfork + exec on Linux) starts with the parent's high-water
+    RSS as its own ``ru_maxrss``, which is what qflow's block-wise stages report as peak RSS: a
+    driver that loaded torch, transformers and the tokenized text (about 1.1 GB) put that floor
+    under every qflow figure. This driver stays at a few tens of MiB (checked in :func:`main`).
+    """
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--prepare-inputs", str(work),
+           "--n-calib", str(n_calib), "--n-eval-windows", str(n_eval)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        raise SystemExit(f"preparing the calibration / evaluation ids failed: {_short_error(r.stderr)}")
+    return json.loads(lines[-1])
+
+
+def driver_hwm_bytes() -> int:
+    """This driver's high-water RSS: the floor of every child's ``ru_maxrss``."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 # ---------------------------------------------------------------- runs
 
 def _tail(text: str, n: int = 400) -> str:
@@ -348,7 +372,8 @@ def table(rows: list[dict]) -> str:
                  _f(g(q, "kl_topk", qo), ".4f"), _f(g(p, "kl_topk", po), ".4f"),
                  _f(g(q, "seconds", qo), ".1f"), _f(g(p, "seconds", po), ".1f"),
                  _f(_ratio(g(q, "seconds", qo), g(p, "seconds", po)), ".2f"),
-                 _f((g(q, "peak_rss_bytes", qo) or float("nan")) / 2**20, ".0f"),
+                 ("<=" if qo and q.get("peak_rss_bytes", 0) <= q.get("driver_hwm_bytes", 0) else "")
+                 + _f((g(q, "peak_rss_bytes", qo) or float("nan")) / 2**20, ".0f"),
                  _f((g(p, "peak_rss_bytes", po) or float("nan")) / 2**20, ".0f"),
                  _f(_ratio(g(q, "peak_rss_bytes", qo), g(p, "peak_rss_bytes", po)), ".2f"),
                  f"{min(q.get('load_start', 0), p.get('load_start', 0)):.1f}-"
@@ -395,7 +420,8 @@ def report(rows, args, inputs, versions, started, elapsed, loads, date, partial:
         "these; \"KL top-k est.\" = the estimate over the float top-128 tokens + a tail bin (kl_topk_mean, a lower "
         "bound), shown only to link with the older tables above. "
         "Seconds: qflow's quantize stage vs `oneshot` wall time. Peak RSS: qflow's quantize-stage peak_rss_bytes "
-        "(AWQ/GPTQ: process ru_maxrss) vs the peer's RSS sampled during `oneshot`.",
+        "(AWQ/GPTQ: process ru_maxrss; \"<=\" where it is not above the driver's own high-water RSS, which a child "
+        "inherits, so only a bound) vs the peer's RSS sampled during `oneshot`.",
     ]
     failures = [(r["method"], r["bits"], side, r[side]["error"]) for r in rows for side in ("qflow", "peer")
                 if not r[side].get("ok")]
@@ -462,10 +488,14 @@ def main(argv=None) -> int:
                    help="threads for both tools in every row (default auto: qflow's free-core policy at the row's start)")
     p.add_argument("--no-results", action="store_true", help="print only, do not append to RESULTS.md")
     p.add_argument("--date", default=_dt.date.today().isoformat())
+    p.add_argument("--prepare-inputs", type=Path, default=None, help=argparse.SUPPRESS)  # the child's job
     p.add_argument("--report-from", type=Path, default=None, metavar="WORK_DIR",
                    help="only write the table of an earlier (possibly stopped) run from its <runs-dir>/peer folder "
                         "(meta.json + rows.json, saved after every configuration)")
     args = p.parse_args(argv)
+    if args.prepare_inputs is not None:
+        print(json.dumps(prepare_inputs(args.prepare_inputs, args.n_calib, args.n_eval_windows)))
+        return 0
     if args.report_from is not None:
         return report_from(args.report_from, args.no_results, args.date)
     preset = protocol_preset(args.protocol)
@@ -492,7 +522,7 @@ def main(argv=None) -> int:
     work = runs_dir / "peer"
     versions = ensure_peer_venv(args.skip_install)
     log(f"peer venv: {versions}")
-    inputs = prepare_inputs(work, args.n_calib, args.n_eval_windows)
+    inputs = prepare_inputs_in_child(work, args.n_calib, args.n_eval_windows)
     (work / "meta.json").write_text(json.dumps({
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "inputs": inputs, "versions": versions, "started": started, "t_start_epoch": time.time() - (time.perf_counter() - t_start),
@@ -510,6 +540,7 @@ def main(argv=None) -> int:
             log(f"{method} w{bits}: {threads} thread(s) for both tools ({why})")
             q = run_qflow(method, bits, args.n_calib, args.n_eval_windows, runs_dir, work, args.qflow_override,
                           args.timeout, threads)
+            q["driver_hwm_bytes"] = driver_hwm_bytes()
             log(f"qflow {method} w{bits}: " + (f"ppl {q['ppl']:.3f} kl {q.get('kl')} {q['seconds']:.1f} s"
                                                if q.get("ok") else f"FAILED {q.get('error')}"))
             pr = run_peer(method, bits, inputs, work, args.timeout, threads)
