@@ -458,7 +458,7 @@ def report_from(work: Path, no_results: bool, date: str) -> int:
     elapsed = (work / "rows.json").stat().st_mtime - meta["t_start_epoch"] if rows else 0.0
     done = {(r["bits"], r["method"]) for r in rows}
     missing = [f"{m} W{b}" for b, m in meta["planned"] if (b, m) not in done]
-    partial = f" (partial: stopped before {', '.join(missing)})" if missing else ""
+    partial = f" (partial: without {', '.join(missing)})" if missing else ""
     block = report(rows, args, meta["inputs"], meta["versions"], meta["started"], elapsed, loads, date, partial)
     print(block)
     if not no_results:
