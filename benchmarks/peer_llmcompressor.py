@@ -50,6 +50,11 @@ Notes on what is compared:
   stages (the latter only saves the ids and activation statistics these three
   algorithms do not use) run first in a process of their own, so each measured run
   finds them cached and its quantize stage's peak RSS is not inflated by them.
+* Threads: both tools get the same count per row (``--threads``; default qflow's free-core
+  policy, qflow/threads.py, sampled at the row's start) and a passive OpenMP wait. Runs before
+  this option let the peer's torch take one spinning thread per core while qflow chose its own
+  (table column "threads qflow/peer": "own policy/2"): on a loaded machine that slows the peer
+  far more than qflow and biases the time ratio in qflow's favour.
 * AWQ settings differ by design: qflow follows llm-awq (scale search over activation
   means + clip search, ``n_search_tokens`` tokens per block); the peer runs its
   defaults (n_grid 20, duo_scaling True, all calibration tokens, no clip search).
@@ -106,7 +111,7 @@ GROUP = 64
 # evaluate.lm's per-layer SQNR report and speed timing do not change ppl / KL and cost
 # minutes per run on a loaded 2-core machine: off unless --qflow-full-eval
 QFLOW_EVAL_EXTRAS_OFF = ["+stages.evaluate.with.layer_report=false", "+stages.evaluate.with.speed=false"]
-TARGETS = "quality ratio <= 1.00 (ppl and KL), time ratio <= 0.5, peak RSS ratio <= 0.75"
+TARGETS = "quality ratio <= 1.00 (ppl and exact KL), time ratio <= 0.5, peak RSS ratio <= 0.75"
 
 
 def log(msg: str) -> None:
@@ -179,6 +184,30 @@ def prepare_inputs(work: Path, n_calib: int, n_eval: int) -> dict:
             "calib_shape": list(calib.shape), "eval_shape": list(ev.shape)}
 
 
+def prepare_inputs_in_child(work: Path, n_calib: int, n_eval: int) -> dict:
+    """:func:`prepare_inputs` in a process of its own, so this driver never imports torch.
+
+    A child started by ``subprocess`` (vfork + exec on Linux) starts with the parent's high-water
+    RSS as its own ``ru_maxrss``, which is what qflow's block-wise stages report as peak RSS: a
+    driver that loaded torch, transformers and the tokenized text (about 1.1 GB) put that floor
+    under every qflow figure. This driver stays at a few tens of MiB (checked in :func:`main`).
+    """
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--prepare-inputs", str(work),
+           "--n-calib", str(n_calib), "--n-eval-windows", str(n_eval)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        raise SystemExit(f"preparing the calibration / evaluation ids failed: {_short_error(r.stderr)}")
+    return json.loads(lines[-1])
+
+
+def driver_hwm_bytes() -> int:
+    """This driver's high-water RSS: the floor of every child's ``ru_maxrss``."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 # ---------------------------------------------------------------- runs
 
 def _tail(text: str, n: int = 400) -> str:
@@ -194,22 +223,37 @@ def _short_error(text: str) -> str:
     return lines[-1][:200] if lines else "no output"
 
 
+def row_threads(request: str) -> tuple[int, str]:
+    """The thread count both tools get for one row: qflow's own policy now (qflow/threads.py: the
+    cores other processes leave free) unless ``--threads N``. The peer's torch would otherwise start
+    one spinning OpenMP thread per core and slow down far more than qflow on a loaded machine."""
+    from qflow.threads import choose_threads, current_choice, usable_cores
+
+    if request != "auto":
+        c = choose_threads(usable_cores(), None, None, int(request))
+        return c.threads, "--threads"
+    c = current_choice()
+    return c.threads, c.reason
+
+
 def run_qflow(method: str, bits: int, n_calib: int, n_eval: int, runs_dir: Path, work: Path,
-              extra: list[str], timeout: float) -> dict:
+              extra: list[str], timeout: float, threads: int) -> dict:
     cmd = [str(ROOT / ".venv" / "bin" / "qflow"), "--runs-dir", str(runs_dir), "run", RECIPES[method],
            f"params.bits={bits}", f"params.group_size={GROUP}", f"params.n_calib={n_calib}",
            f"params.n_eval_windows={n_eval}", ASYM_PARAM[method], *extra, *_drop_export(method), "--json", "--no-track"]
-    log(f"qflow {method} w{bits}: {' '.join(cmd[1:])}")
+    log(f"qflow {method} w{bits}: {' '.join(cmd[1:])} (QFLOW_THREADS={threads})")
+    env = dict(os.environ, QFLOW_THREADS=str(threads))
     t0 = time.perf_counter()
     load0 = loadavg()
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"timed out after {timeout:.0f} s", "cmd": cmd}
     wall = time.perf_counter() - t0
     (work / f"qflow-{method}-w{bits}.stderr.txt").write_text(r.stderr or "")
     (work / f"qflow-{method}-w{bits}.stdout.txt").write_text(r.stdout or "")
-    out = {"cmd": cmd, "rc": r.returncode, "wall_s": wall, "load_start": load0, "load_end": loadavg()}
+    out = {"cmd": cmd, "rc": r.returncode, "wall_s": wall, "load_start": load0, "load_end": loadavg(),
+           "threads": threads}
     js = None
     for line in reversed((r.stdout or "").splitlines()):
         if line.startswith("{"):
@@ -267,13 +311,15 @@ def prepare_qflow_cache(method: str, bits: int, n_calib: int, n_eval: int, runs_
         return f"failed ({_short_error(r.stderr)}); the runs will calibrate in-process"
 
 
-def run_peer(method: str, bits: int, inputs: dict, work: Path, timeout: float) -> dict:
+def run_peer(method: str, bits: int, inputs: dict, work: Path, timeout: float, threads: int) -> dict:
     out_json = work / f"peer-{method}-w{bits}.json"
     cmd = [str(PEER_PY), str(HERE / "_peer_worker.py"), "--model", inputs["model_dir"], "--calib", inputs["calib"],
            "--eval", inputs["eval"], "--method", method, "--bits", str(bits), "--group-size", str(GROUP),
            "--out", str(out_json)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    log(f"peer  {method} w{bits}: llm-compressor oneshot in {PEER_VENV.name}")
+    # the same thread count and OpenMP wait policy as qflow (its CLI sets PASSIVE before torch loads)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    log(f"peer  {method} w{bits}: llm-compressor oneshot in {PEER_VENV.name} (OMP_NUM_THREADS={threads})")
     t0 = time.perf_counter()
     load0 = loadavg()
     try:
@@ -282,7 +328,7 @@ def run_peer(method: str, bits: int, inputs: dict, work: Path, timeout: float) -
         return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
     wall = time.perf_counter() - t0
     (work / f"peer-{method}-w{bits}.stderr.txt").write_text(r.stderr or "")
-    out = {"rc": r.returncode, "wall_s": wall, "load_start": load0, "load_end": loadavg()}
+    out = {"rc": r.returncode, "wall_s": wall, "load_start": load0, "load_end": loadavg(), "threads": threads}
     if r.returncode != 0 or not out_json.exists():
         msg = next((ln for ln in (r.stderr or "").splitlines() if "PEER VERIFICATION FAILED" in ln), None)
         return out | {"ok": False, "error": msg or _short_error(r.stderr)}
@@ -306,8 +352,9 @@ def _ratio(a, b):
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| method | bits | qflow ppl | peer ppl | ppl ratio | qflow KL | peer KL | KL ratio | qflow KL top-k | peer KL top-k "
-            "| qflow quant s | peer quant s | time ratio | qflow peak RSS MiB | peer peak RSS MiB | RSS ratio | load avg |")
+    head = ("| method | bits | qflow ppl | peer ppl | ppl ratio | qflow KL exact | peer KL exact | KL exact ratio "
+            "| qflow KL top-k est. | peer KL top-k est. "
+            "| qflow quant s | peer quant s | time ratio | qflow peak RSS MiB | peer peak RSS MiB | RSS ratio | load avg | threads qflow/peer |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         q, p = r["qflow"], r["peer"]
@@ -325,16 +372,18 @@ def table(rows: list[dict]) -> str:
                  _f(g(q, "kl_topk", qo), ".4f"), _f(g(p, "kl_topk", po), ".4f"),
                  _f(g(q, "seconds", qo), ".1f"), _f(g(p, "seconds", po), ".1f"),
                  _f(_ratio(g(q, "seconds", qo), g(p, "seconds", po)), ".2f"),
-                 _f((g(q, "peak_rss_bytes", qo) or float("nan")) / 2**20, ".0f"),
+                 ("<=" if qo and q.get("peak_rss_bytes", 0) <= q.get("driver_hwm_bytes", 0) else "")
+                 + _f((g(q, "peak_rss_bytes", qo) or float("nan")) / 2**20, ".0f"),
                  _f((g(p, "peak_rss_bytes", po) or float("nan")) / 2**20, ".0f"),
                  _f(_ratio(g(q, "peak_rss_bytes", qo), g(p, "peak_rss_bytes", po)), ".2f"),
                  f"{min(q.get('load_start', 0), p.get('load_start', 0)):.1f}-"
-                 f"{max(q.get('load_end', 0), p.get('load_end', 0)):.1f}"]
+                 f"{max(q.get('load_end', 0), p.get('load_end', 0)):.1f}",
+                 f"{q.get('threads', 'own policy')}/{p.get('result', {}).get('threads', p.get('threads', '?'))}"]
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
 
-def report(rows, args, inputs, versions, started, elapsed, loads, date) -> str:
+def report(rows, args, inputs, versions, started, elapsed, loads, date, partial: str = "") -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "qflow", "stages", "recipes"], capture_output=True,
                            text=True, cwd=ROOT).stdout.strip()
@@ -346,7 +395,7 @@ def report(rows, args, inputs, versions, started, elapsed, loads, date) -> str:
     lines = [
         f"### {date}: W{','.join(map(str, args.bits))} g{GROUP} asym, protocol {args.protocol}"
         f"{'' if protocol_preset(args.protocol) == {'n_calib': args.n_calib, 'n_eval_windows': args.n_eval_windows} else ' (custom sizes)'}, "
-        f"n_calib={args.n_calib}, n_eval_windows={args.n_eval_windows}",
+        f"n_calib={args.n_calib}, n_eval_windows={args.n_eval_windows}{partial}",
         "",
         f"Machine: {os.cpu_count()}-core CPU ({cpu}), no GPU, shared with other jobs: 1-min load average "
         f"{min(loads):.1f}-{max(loads):.1f} during the run (timings are noisy; qflow and the peer ran back to back "
@@ -366,11 +415,13 @@ def report(rows, args, inputs, versions, started, elapsed, loads, date) -> str:
         "",
         table(rows),
         "",
-        "Ratios are qflow / peer (targets: " + TARGETS + "). KL = mean exact full-vocabulary KL(p_fp‖p_q) per token "
-        "(qflow's `evaluate.lm` kl_mean), for both tools; \"KL top-k\" = the same over the float top-128 tokens + a tail "
-        "bin (kl_topk_mean, a lower bound). "
+        "Ratios are qflow / peer (targets: " + TARGETS + "). \"KL exact\" = mean exact full-vocabulary KL(p_fp‖p_q) "
+        "per token, nats (qflow's `evaluate.lm` kl_mean; the worker's full log-softmax for the peer), the ratio is of "
+        "these; \"KL top-k est.\" = the estimate over the float top-128 tokens + a tail bin (kl_topk_mean, a lower "
+        "bound), shown only to link with the older tables above. "
         "Seconds: qflow's quantize stage vs `oneshot` wall time. Peak RSS: qflow's quantize-stage peak_rss_bytes "
-        "(AWQ/GPTQ: process ru_maxrss) vs the peer's RSS sampled during `oneshot`.",
+        "(AWQ/GPTQ: process ru_maxrss; \"<=\" where it is not above the driver's own high-water RSS, which a child "
+        "inherits, so only a bound) vs the peer's RSS sampled during `oneshot`.",
     ]
     failures = [(r["method"], r["bits"], side, r[side]["error"]) for r in rows for side in ("qflow", "peer")
                 if not r[side].get("ok")]
@@ -398,6 +449,24 @@ def append_results(block: str) -> None:
     RESULTS.write_text(text[:start] + section + ("\n" + text[end:] if nxt >= 0 else ""))
 
 
+def report_from(work: Path, no_results: bool, date: str) -> int:
+    """The table of a run stopped before its last configuration, from what it saved after each one."""
+    meta = json.loads((work / "meta.json").read_text())
+    rows = json.loads((work / "rows.json").read_text()) if (work / "rows.json").exists() else []
+    loads = json.loads((work / "loads.json").read_text()) if (work / "loads.json").exists() else [float("nan")]
+    args = argparse.Namespace(**meta["args"])
+    elapsed = (work / "rows.json").stat().st_mtime - meta["t_start_epoch"] if rows else 0.0
+    done = {(r["bits"], r["method"]) for r in rows}
+    missing = [f"{m} W{b}" for b, m in meta["planned"] if (b, m) not in done]
+    partial = f" (partial: without {', '.join(missing)})" if missing else ""
+    block = report(rows, args, meta["inputs"], meta["versions"], meta["started"], elapsed, loads, date, partial)
+    print(block)
+    if not no_results:
+        append_results(block)
+        log(f"appended to {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -415,9 +484,20 @@ def main(argv=None) -> int:
     p.add_argument("--qflow-full-eval", action="store_true",
                    help="keep evaluate.lm's per-layer report and speed timing (not needed for this table)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per tool run")
+    p.add_argument("--threads", default="auto",
+                   help="threads for both tools in every row (default auto: qflow's free-core policy at the row's start)")
     p.add_argument("--no-results", action="store_true", help="print only, do not append to RESULTS.md")
     p.add_argument("--date", default=_dt.date.today().isoformat())
+    p.add_argument("--prepare-inputs", type=Path, default=None, help=argparse.SUPPRESS)  # the child's job
+    p.add_argument("--report-from", type=Path, default=None, metavar="WORK_DIR",
+                   help="only write the table of an earlier (possibly stopped) run from its <runs-dir>/peer folder "
+                        "(meta.json + rows.json, saved after every configuration)")
     args = p.parse_args(argv)
+    if args.prepare_inputs is not None:
+        print(json.dumps(prepare_inputs(args.prepare_inputs, args.n_calib, args.n_eval_windows)))
+        return 0
+    if args.report_from is not None:
+        return report_from(args.report_from, args.no_results, args.date)
     preset = protocol_preset(args.protocol)
     if args.n_calib is None:
         args.n_calib = preset["n_calib"]
@@ -442,7 +522,11 @@ def main(argv=None) -> int:
     work = runs_dir / "peer"
     versions = ensure_peer_venv(args.skip_install)
     log(f"peer venv: {versions}")
-    inputs = prepare_inputs(work, args.n_calib, args.n_eval_windows)
+    inputs = prepare_inputs_in_child(work, args.n_calib, args.n_eval_windows)
+    (work / "meta.json").write_text(json.dumps({
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "inputs": inputs, "versions": versions, "started": started, "t_start_epoch": time.time() - (time.perf_counter() - t_start),
+        "planned": [[b, m] for b in args.bits for m in args.methods]}, indent=1))
     log(f"model {inputs['model_dir']}; calib {inputs['calib_shape']} {inputs['calib_sha256'][:16]}; "
         f"eval {inputs['eval_shape']} {inputs['eval_sha256'][:16]}")
 
@@ -452,16 +536,20 @@ def main(argv=None) -> int:
     rows, loads = [], [loadavg()]
     for bits in args.bits:
         for method in args.methods:
+            threads, why = row_threads(args.threads)
+            log(f"{method} w{bits}: {threads} thread(s) for both tools ({why})")
             q = run_qflow(method, bits, args.n_calib, args.n_eval_windows, runs_dir, work, args.qflow_override,
-                          args.timeout)
+                          args.timeout, threads)
+            q["driver_hwm_bytes"] = driver_hwm_bytes()
             log(f"qflow {method} w{bits}: " + (f"ppl {q['ppl']:.3f} kl {q.get('kl')} {q['seconds']:.1f} s"
                                                if q.get("ok") else f"FAILED {q.get('error')}"))
-            pr = run_peer(method, bits, inputs, work, args.timeout)
+            pr = run_peer(method, bits, inputs, work, args.timeout, threads)
             log(f"peer  {method} w{bits}: " + (f"ppl {pr['ppl']:.3f} kl {pr['kl']:.4f} {pr['seconds']:.1f} s"
                                                if pr.get("ok") else f"FAILED {pr.get('error')}"))
             rows.append({"method": method, "bits": bits, "qflow": q, "peer": pr})
             loads += [q.get("load_start", loadavg()), q.get("load_end", loadavg()), pr.get("load_end", loadavg())]
             (work / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
+            (work / "loads.json").write_text(json.dumps(loads))
     elapsed = time.perf_counter() - t_start
     block = report(rows, args, inputs, versions, started, elapsed, loads, args.date)
     print(block)
