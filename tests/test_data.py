@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import functools
 import hashlib
 import json
 import subprocess
@@ -245,6 +246,14 @@ def test_offline_switches_and_missing_zoo_packages(monkeypatch):
 # ---------------------------------------------------------------- a few windows from a prefix of the text
 
 
+@functools.lru_cache(maxsize=4)
+def _whole_text_ids(tokenizer, source: str, special: bool):
+    """The whole text tokenized (~2 s for the wiki text), once per case of the test below."""
+    from qflow.data import tokenize
+
+    return tokenize(load_text(source), tokenizer, special)
+
+
 @pytest.mark.parametrize("source, seq_len, n, special", [
     ("zoo:wiki-pages", 512, 64, False), ("zoo:wiki-pages", 64, 4, False), ("zoo:wiki-pages", 128, 8, True),
     ("zoo:lee-news", 512, 32, False), ("zoo:lee-news", 64, 2, True)])
@@ -254,7 +263,7 @@ def test_few_windows_from_a_prefix_equal_the_whole_texts(bundled_tokenizer, tmp_
 
     spec = DataSpec(source=source, seq_len=seq_len, add_special_tokens=special)
     text = load_text(source)
-    whole = make_windows(text, bundled_tokenizer, seq_len, n_windows=n, add_special_tokens=special)
+    whole = split_windows(_whole_text_ids(bundled_tokenizer, source, special), seq_len, n)
     assert _leading_windows(text, bundled_tokenizer, spec, n) is not None   # the prefix route was taken
     assert torch.equal(token_windows(spec, bundled_tokenizer, n, tmp_path), whole)
     if (source, seq_len, n) == ("zoo:wiki-pages", 512, 64):
