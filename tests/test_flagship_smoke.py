@@ -16,6 +16,8 @@ the float ppl within ±1% (a change of method, kernel or data moves them by more
 minima at least 1.5 dB below the measured ones.
 Cost (2026-12-07, 2 shared cores, load 1-4): 198 s for both runs (RTN 79 s: model 10, calibrate 25,
 quantize 5, evaluate 34; AWQ 119 s: quantize 60, evaluate 51), 209 s of CPU; 800 s under load 7.
+Since the RTN run skips its per-layer pass and calibrate tokenizes only a prefix of the text: 135 s of
+CPU (2026-12-07, 775 s wall at load 7-12; not timed quietly).
 """
 
 from __future__ import annotations
