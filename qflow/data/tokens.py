@@ -31,6 +31,10 @@ def token_windows(spec, tokenizer, n_windows: int | None, cache_root: Path, *, w
     from .windows import make_windows
 
     text = load_text(spec.source, field=spec.field, cache_dir=cache_root)
+    if n_windows is not None and n_windows > 0:
+        ids = _leading_windows(text, tokenizer, spec, n_windows)
+        if ids is not None:
+            return ids
     ids = make_windows(text, tokenizer, spec.seq_len, None, add_special_tokens=spec.add_special_tokens)
     available = int(ids.shape[0])
     if n_windows is not None:
@@ -43,6 +47,31 @@ def token_windows(spec, tokenizer, n_windows: int | None, cache_root: Path, *, w
         raise StageError(f"{spec.source} is shorter than one window of {spec.seq_len} tokens", where=where,
                          fix="use a longer text or a smaller seq_len")
     return ids
+
+
+PREFIX_MARGIN = 64   # tokens kept beyond the windows: a cut inside a word only changes the last few ids
+
+
+def _leading_windows(text: str, tokenizer, spec, n_windows: int):
+    """The first ``n_windows`` windows from a tokenized prefix of ``text`` (the same ids as tokenizing the whole
+    text, which costs seconds for the bundled wiki text when a few windows are asked), or None when the prefix
+    route cannot vouch for them (the caller then tokenizes the whole text).
+
+    A prefix's ids equal the whole text's except near the cut; two prefixes of different lengths must agree on
+    every id kept, and ``PREFIX_MARGIN`` ids beyond the windows are dropped."""
+    from .windows import split_windows, tokenize
+
+    needed = n_windows * spec.seq_len
+    length = needed * 8 + 4096
+    while length * 2 < len(text):
+        short = tokenize(text[:length], tokenizer, spec.add_special_tokens)
+        if short.numel() >= needed + PREFIX_MARGIN:
+            longer = tokenize(text[:length * 2], tokenizer, spec.add_special_tokens)
+            if longer.numel() >= needed and bool((short[:needed] == longer[:needed]).all()):
+                return split_windows(short[:needed], spec.seq_len, n_windows)
+            return None
+        length *= 4
+    return None
 
 
 class ReadsText:
