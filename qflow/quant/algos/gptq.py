@@ -29,7 +29,6 @@ bit-identical in the error-feedback arithmetic):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -84,10 +83,9 @@ class HessianAccumulator:
         x = x.to(device=self._H.device, dtype=self.dtype)
         n = self.n_tokens
         total = n + m
-        if n:
-            self._H.mul_(n / total)
-        xs = x * math.sqrt(2.0 / total)
-        self._H.addmm_(xs.t(), xs)
+        # H ← (n/total)·H + (2/total)·xᵀx in one call: no scaled copy of x (at 8 x 512 tokens of
+        # a 8192-wide input that copy alone was 128 MiB)
+        self._H.addmm_(x.t(), x, beta=n / total, alpha=2.0 / total)
         self.n_tokens = total
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic

@@ -33,6 +33,7 @@ import torch
 
 from ...errors import StageError
 from ...models.adapters import ArchAdapter
+from ...models.lazy import release_freed_memory
 from ..spec import QuantSpec
 from .blockwise import Block, run_blockwise, write_records
 from .moe import count_routed_tokens, record_expert_tokens, report_expert_tokens
@@ -211,6 +212,7 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
         _quantize_sub_step(block, group, accs, layer_spec, opts, hessian_seconds=time.perf_counter() - t0)
         done.update(group)
         accs.clear()
+        release_freed_memory()  # the Hessians and the pass's temporaries: glibc keeps freed heap pages otherwise
         if kept is not None:
             with torch.no_grad():
                 if out_of[group[0]] == "attn" and mid is None and attn <= done:
