@@ -13,6 +13,8 @@ size (target < 0.35: one block plus its activations, not the model; the
 embedding is memory-mapped, ``qflow/models/lazy.py``), the stage's seconds and
 seconds per block; for reference, measured in the same run, the peak RSS of a
 process that only imports what the stage imports (torch, transformers, qflow).
+While a method runs, each finished block is printed with the child's peak RSS so far
+(``VmHWM``), so a run stopped early still leaves per-block figures.
 
 Projection to Llama-3.1-8B and -70B: seconds per block scale with the block's
 parameter count (an underestimate for GPTQ, whose Hessian inverse grows with
