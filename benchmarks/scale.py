@@ -13,6 +13,8 @@ size (target < 0.35: one block plus its activations, not the model; the
 embedding is memory-mapped, ``qflow/models/lazy.py``), the stage's seconds and
 seconds per block; for reference, measured in the same run, the peak RSS of a
 process that only imports what the stage imports (torch, transformers, qflow).
+While a method runs, each finished block is printed with the child's peak RSS so far
+(``VmHWM``), so a run stopped early still leaves per-block figures.
 
 Projection to Llama-3.1-8B and -70B: seconds per block scale with the block's
 parameter count (an underestimate for GPTQ, whose Hessian inverse grows with
@@ -144,8 +146,21 @@ def recipe(model_dir: Path, method: str | None, n_calib: int, seq_len: int, grou
     return "\n".join(lines) + "\n"
 
 
-def measured_child(args: list[str], env: dict) -> tuple[int, int, float, str, str]:
-    """Run ``args`` in a fresh child and return its own peak RSS (fork + exec + wait4, nothing shared)."""
+def child_peak_rss(pid: int) -> int:
+    """A running child's peak RSS so far (``VmHWM`` of /proc/PID/status), 0 when unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def measured_child(args: list[str], env: dict, on_err_line=None) -> tuple[int, int, float, str, str]:
+    """Run ``args`` in a fresh child and return its own peak RSS (fork + exec + wait4, nothing shared).
+
+    ``on_err_line(pid, line)``: called for each line the child writes to stderr, while it runs."""
     t0 = time.perf_counter()
     r_out, w_out = os.pipe()
     r_err, w_err = os.pipe()
@@ -162,8 +177,13 @@ def measured_child(args: list[str], env: dict) -> tuple[int, int, float, str, st
     chunks: dict[int, list[bytes]] = {r_out: [], r_err: []}
 
     def drain(fd: int) -> None:
+        pending = b""
         while data := os.read(fd, 65536):
             chunks[fd].append(data)
+            if fd == r_err and on_err_line is not None:
+                *lines, pending = (pending + data).replace(b"\r", b"\n").split(b"\n")
+                for line in lines:
+                    on_err_line(pid, line.decode(errors="replace"))
 
     threads = [threading.Thread(target=drain, args=(fd,)) for fd in (r_out, r_err)]
     for t in threads:
@@ -176,6 +196,27 @@ def measured_child(args: list[str], env: dict) -> tuple[int, int, float, str, st
     seconds = time.perf_counter() - t0
     return (os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024, seconds,
             b"".join(chunks[r_out]).decode(errors="replace"), b"".join(chunks[r_err]).decode(errors="replace"))
+
+
+def progress_printer(method: str, fp32_bytes: int):
+    """An ``on_err_line`` that prints each finished block as the stage's progress line reports it, with the
+    child's peak RSS so far: a run stopped before its end still leaves per-block figures in the log."""
+    import re
+
+    state = {"done": 0, "t": time.perf_counter()}
+
+    def on_line(pid: int, line: str) -> None:
+        m = re.search(r"\b(\d+)/(\d+)\b", line) if line.startswith("[quantize]") else None
+        if not m or int(m.group(1)) <= state["done"]:
+            return
+        now = time.perf_counter()
+        hwm = child_peak_rss(pid)
+        print(f"    {method} block {m.group(1)}/{m.group(2)} done: {now - state['t']:.0f} s since the previous "
+              f"report, peak RSS so far {hwm / 1e9:.2f} GB = {hwm / fp32_bytes:.3f} of fp32, "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+        state.update(done=int(m.group(1)), t=now)
+
+    return on_line
 
 
 def main() -> int:
@@ -229,7 +270,7 @@ def main() -> int:
         path = recipes / f"{method}.yaml"
         path.write_text(recipe(model_dir, method, args.n_calib, args.seq_len, args.group_size))
         rc, rss, secs, out, err = measured_child([*qflow, "run", str(path), "--no-track", "--json", "--force",
-                                                  "quantize"], env)
+                                                  "quantize"], env, progress_printer(method, fp32_bytes))
         if rc != 0:
             print(f"{method}: failed ({rc})\n{err[-3000:]}", file=sys.stderr)
             rows.append((method, None, None, None))

@@ -160,6 +160,7 @@ def _outside_blocks_differ(model: nn.Module, shell: nn.Module, block_prefix: str
 def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str = "sdpa"):
     """``(model, adapter)``: non-block weights loaded, blocks on the meta device (see the module doc)."""
     from transformers import AutoConfig, PretrainedConfig
+    from transformers.initialization import no_init_weights
 
     from ..quant.weights import tensor_index
     from .adapters import get_adapter
@@ -204,8 +205,13 @@ def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str 
     # rotary tables per layer type, Qwen2/3's sliding-window mask flag)
     shell_config = copy.deepcopy(config)
     shell_config.num_hidden_layers = 0
-    net = auto_class.from_config(shell_config, dtype=torch_dtype, attn_implementation=attn_implementation,
-                                           trust_remote_code=remote)
+    # no weight initialisation: every parameter is filled from the checkpoint (or mapped) below, and a
+    # 128k-vocabulary shell otherwise draws random embedding and head tables (2 GiB resident in fp32 at
+    # Llama-3.2-1B shapes) only to drop them; tying, which the skipped init also skips, is redone
+    with no_init_weights():
+        net = auto_class.from_config(shell_config, dtype=torch_dtype, attn_implementation=attn_implementation,
+                                               trust_remote_code=remote)
+    net.tie_weights()
     differs = _outside_blocks_differ(skeleton, net, adapter.block_prefix + ".")
     if differs:
         log.info("%s: the model without its blocks is built differently (%s); loading the model whole",

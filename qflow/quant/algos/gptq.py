@@ -29,7 +29,6 @@ bit-identical in the error-feedback arithmetic):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -84,10 +83,9 @@ class HessianAccumulator:
         x = x.to(device=self._H.device, dtype=self.dtype)
         n = self.n_tokens
         total = n + m
-        if n:
-            self._H.mul_(n / total)
-        xs = x * math.sqrt(2.0 / total)
-        self._H.addmm_(xs.t(), xs)
+        # H ← (n/total)·H + (2/total)·xᵀx in one call: no scaled copy of x (at 8 x 512 tokens of
+        # a 8192-wide input that copy alone was 128 MiB)
+        self._H.addmm_(x.t(), x, beta=n / total, alpha=2.0 / total)
         self.n_tokens = total
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
@@ -137,47 +135,92 @@ def _all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
-def _lower_triangular_inverse(L: torch.Tensor, leaf: int = 256) -> torch.Tensor:
-    """``L⁻¹`` of a lower-triangular ``L`` by recursive 2x2 blocking (``n³/3`` flops, matmuls; a
-    triangular solve against the identity would cost ``n³``)."""
+def _lower_triangular_invert_(L: torch.Tensor, leaf: int = 512) -> None:
+    """``L ← L⁻¹`` for a lower-triangular ``L`` (strict upper triangle zero), in place.
+
+    Recursive 2x2 blocking (``[[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [-C⁻¹ B A⁻¹, C⁻¹]]``): the
+    diagonal blocks are inverted in place, the off-diagonal one through two matmul
+    temporaries of a quarter of ``L`` at most; ``n³/3``-order flops in matmuls (a triangular
+    solve against the identity would cost ``n³`` and a second ``n²`` buffer).
+    """
     n = L.shape[0]
     if n <= leaf:
         eye = torch.eye(n, dtype=L.dtype, device=L.device)
-        return torch.linalg.solve_triangular(L, eye, upper=False)
+        L.copy_(torch.linalg.solve_triangular(L, eye, upper=False))
+        return
     h = n // 2
-    top = _lower_triangular_inverse(L[:h, :h], leaf)
-    bottom = _lower_triangular_inverse(L[h:, h:], leaf)
-    out = torch.zeros_like(L)
-    out[:h, :h] = top
-    out[h:, h:] = bottom
-    out[h:, :h] = -(bottom @ (L[h:, :h] @ top))
+    A, B, C = L[:h, :h], L[h:, :h], L[h:, h:]
+    _lower_triangular_invert_(A, leaf)
+    _lower_triangular_invert_(C, leaf)
+    B.copy_(C @ (B @ A)).neg_()
+
+
+def _reverse_in_place(A: torch.Tensor, chunk: int = 1 << 20) -> None:
+    """``A.flip(0, 1)`` written into ``A`` itself (C-contiguous square): the flat array reversed,
+    swapping ``chunk``-element slices from both ends (a temporary of ``chunk`` elements, not ``n²``)."""
+    flat = A.view(-1)
+    total = flat.numel()
+    half = total // 2
+    for k in range(0, half, chunk):
+        c = min(chunk, half - k)
+        lo = flat[k:k + c]
+        hi = flat[total - k - c:total - k]
+        tmp = lo.flip(0)
+        lo.copy_(hi.flip(0))
+        hi.copy_(tmp)
+
+
+def _gather(H: torch.Tensor, order: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """``H[order][:, order]`` as a new contiguous matrix, built ``rows`` rows at a time (no second ``n²`` temporary)."""
+    out = torch.empty(H.shape, dtype=H.dtype, device=H.device)
+    for r0 in range(0, H.shape[0], rows):
+        out[r0:r0 + rows] = H.index_select(0, order[r0:r0 + rows]).index_select(1, order)
     return out
 
 
-def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float, retries: int) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor ``U`` of ``(H + percdamp·mean(diag H)·I)⁻¹`` (``H⁻¹ = UᵀU``) with damping retries.
+def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float, retries: int, order: torch.Tensor | None = None,
+                            dead: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(Hp + percdamp·mean(diag Hp)·I)⁻¹`` (``H⁻¹ = UᵀU``) with
+    damping retries, where ``Hp = H[order][:, order]`` (``order`` None: ``H`` itself) with the
+    diagonal entries of the ``dead`` columns (bool ``[n]``, original order) set to 1. ``H`` is
+    never modified.
 
     One factorisation: with ``J`` the order-reversing permutation and ``J·Hd·J = L Lᵀ``,
     ``Hd⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J)`` and ``J L⁻¹ J`` is upper triangular with a positive
     diagonal, so by uniqueness it is the factor (the reference computes ``Hd⁻¹`` from a
     first Cholesky and factors it again: twice the flops, same matrix up to rounding).
+
+    Memory (docs/METHODS.md §5): one ``n²`` working buffer besides ``H``: the reversed, permuted
+    ``Hd`` is gathered into it, factored into it (torch's Cholesky adds one transient ``n²``
+    copy), inverted and flipped in place; at ``n = 8192`` fp32 the factorisation's peak is three
+    256 MiB matrices including ``H`` (it was five).
     """
-    mean_diag = float(H.diagonal().mean())
-    flipped = H.flip(0, 1)
+    n = H.shape[0]
+    rev = torch.arange(n - 1, -1, -1, device=H.device) if order is None else order.flip(0)
+    diag = H.diagonal().clone()
+    if dead is not None:
+        diag[dead] = 1.0
+    mean_diag = float(diag.mean())
     pd = float(percdamp)
     tried: list[float] = []
     for _ in range(retries + 1):
         tried.append(pd)
-        Hd = flipped.clone()
-        Hd.diagonal().add_(pd * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        Hd = _gather(H, rev)                          # a fresh contiguous copy, reversed (and permuted)
+        Hd.diagonal().copy_(diag[rev] + pd * mean_diag)
+        info = torch.empty((), dtype=torch.int32, device=Hd.device)
+        torch.linalg.cholesky_ex(Hd, out=(Hd, info))  # L into Hd (torch's column-major copy: one transient n²)
+        ok = int(info) == 0
+        if ok:
+            Hd.tril_()
+            _lower_triangular_invert_(Hd)             # L⁻¹
+            _reverse_in_place(Hd)                     # J L⁻¹ J = U
+            U = Hd
         del Hd
-        if int(info) == 0:
-            U = _lower_triangular_inverse(L).flip(0, 1)
-            del L
+        if ok:
             dU = U.diagonal()
             if bool(torch.isfinite(dU).all()) and bool((dU > 0).all()):
                 return U, pd
+            del U
         pd = pd * 10.0 if pd > 0 else 0.01
     raise ValueError(
         "gptq_quantize: Cholesky factorization of the damped Hessian failed "
@@ -226,12 +269,8 @@ def factor_hessian(H: torch.Tensor, *, percdamp: float = 0.01, act_order: bool =
         diag = H.diagonal().clone()
         diag[dead] = 1.0
         perm = torch.argsort(diag, descending=True, stable=True)
-        Hw = H[perm[:, None], perm]                   # a copy: the caller's H is never modified
-        Hw.diagonal()[dead[perm]] = 1.0
-    else:
-        Hw = H.clone()
-        Hw.diagonal()[dead] = 1.0
-    U, damp_used = _inverse_cholesky_upper(Hw, percdamp, max_damp_retries)
+    # the caller's H is never modified: the permuted, damped copy is the factorisation's one working buffer
+    U, damp_used = _inverse_cholesky_upper(H, percdamp, max_damp_retries, order=perm, dead=dead)
     return HessianFactor(U=U, perm=perm, dead=dead, damp=damp_used, percdamp=float(percdamp),
                          act_order=bool(act_order))
 

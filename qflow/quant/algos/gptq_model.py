@@ -12,8 +12,9 @@ A pass stops as soon as the sub-step's inputs are captured (the ``[k,v,q]`` pass
 only runs the input norm). The ``[o]`` pass keeps o_proj's inputs, so once o_proj
 is quantized the residual stream entering the MLP half is ``h + o_proj(inputs)``
 without running attention again; the ``[up,gate]`` and ``[down]`` passes run only
-the MLP half on it (the adapter's ``mlp_half``), and the ``[down]`` pass keeps
-down_proj's inputs, so the block's output is ``mid + down_proj(inputs)``. Each is
+the MLP half on it (the adapter's ``mlp_half``); the block's output is the MLP half
+run once more on ``mid`` (down_proj's inputs are 4x wider than the residual stream,
+too large to keep; an output linear no wider than it keeps them instead). Each is
 op for op the block's own forward, mini-batch by mini-batch: the checkpoint is
 bit-identical to running the whole block per sub-step (a test checks it).
 
@@ -33,6 +34,7 @@ import torch
 
 from ...errors import StageError
 from ...models.adapters import ArchAdapter
+from ...models.lazy import release_freed_memory
 from ..spec import QuantSpec
 from .blockwise import Block, run_blockwise, write_records
 from .moe import count_routed_tokens, record_expert_tokens, report_expert_tokens
@@ -168,6 +170,9 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
     token_rows: dict[str, int] = {}      # mixture-of-experts: calibration rows per (canonical) input
     routed_counts: dict[str, list[int]] = {}
 
+    def narrow(rel: str) -> bool:
+        return block.linear(rel).in_features <= block.inputs.shape[-1]
+
     def mlp_half(h: torch.Tensor) -> torch.Tensor:
         return adapter.mlp_half(block.module, h)
 
@@ -194,8 +199,11 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
             # the attention half is final: run it once, then only the MLP half per sub-step
             mid = block.run(outputs=True, forward=lambda h: adapter.attention_half(block.module, h, block.kwargs)).outputs
         # a sub-step made of a half's output linear alone keeps that linear's inputs: once it is
-        # quantized, the half's output is residual + linear(inputs), without re-running the half
-        keep = group if len(group) == 1 and group[0] in out_of else []
+        # quantized, the half's output is residual + linear(inputs), without re-running the half;
+        # unless they are wider than the residual stream (down_proj's: 4x the block's inputs, 256 MiB
+        # at 1B shapes and 16 x 512 tokens, alive through the factorisation): the MLP half then runs
+        # once more at the end (the same ops, the same result)
+        keep = group if len(group) == 1 and group[0] in out_of and narrow(group[0]) else []
         with count_routed_tokens(block.module) as routed:
             if mid is not None:
                 acts = block.run(stream=group, capture=keep, on_input=on_input, inputs=mid, forward=mlp_half)
@@ -211,6 +219,7 @@ def gptq_block(block: Block, opts: GPTQOptions, *, spec: QuantSpec | None = None
         _quantize_sub_step(block, group, accs, layer_spec, opts, hessian_seconds=time.perf_counter() - t0)
         done.update(group)
         accs.clear()
+        release_freed_memory()  # the Hessians and the pass's temporaries: glibc keeps freed heap pages otherwise
         if kept is not None:
             with torch.no_grad():
                 if out_of[group[0]] == "attn" and mid is None and attn <= done:
