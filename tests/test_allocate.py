@@ -303,3 +303,16 @@ stages:
         m = p["metrics"]
         assert m["allocate/predicted_bpw"] == pytest.approx(m["evaluate/bpw_quantized_measured"], abs=1e-9), m
     assert first["metrics"]["evaluate/bpw_quantized_measured"] < second["metrics"]["evaluate/bpw_quantized_measured"]
+
+
+def test_solver_output_on_fd1_goes_to_stderr(capfd):
+    """HiGHS writes diagnostics with C++ on file descriptor 1: the guard keeps `qflow run --json`'s stdout clean."""
+    import os
+
+    from qflow.quant.allocate import _stdout_to_stderr
+
+    with _stdout_to_stderr():
+        os.write(1, b"solver chatter\n")
+    os.write(1, b"after\n")
+    out, err = capfd.readouterr()
+    assert "solver chatter" in err and "solver chatter" not in out and "after" in out

@@ -17,8 +17,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -141,12 +143,33 @@ def _milp_arrays(problem: Problem, budget_bytes: int, distinct: list[DistinctRul
     return c, scale, n_x, offsets, LinearConstraint(a, np.array(lo), np.array(hi))
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """HiGHS (scipy's MILP solver) may print diagnostics on file descriptor 1 from C++, which would corrupt
+    ``qflow run --json``'s stdout: send fd 1 to stderr while it runs."""
+    import sys
+
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):   # no real stdout (an embedding host): nothing to guard
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def lp_bound(problem: Problem, budget_bytes: int, distinct: list[DistinctRule] = ()) -> float:
     """The LP relaxation's optimum: no assignment within the budget has a smaller damage."""
     from scipy.optimize import Bounds, milp
 
     c, scale, _, _, cons = _milp_arrays(problem, budget_bytes, list(distinct))
-    res = milp(c, integrality=np.zeros_like(c), bounds=Bounds(0, 1), constraints=[cons])
+    with _stdout_to_stderr():
+        res = milp(c, integrality=np.zeros_like(c), bounds=Bounds(0, 1), constraints=[cons])
     if res.status != 0:
         raise RuntimeError(f"LP relaxation failed: {res.message}")
     return float(res.fun) * scale
@@ -162,7 +185,8 @@ def solve_milp(problem: Problem, budget_bytes: int, distinct: list[DistinctRule]
     options = {"mip_rel_gap": 0.0}
     if time_limit_seconds is not None:
         options["time_limit"] = float(time_limit_seconds)
-    res = milp(c, integrality=np.ones_like(c), bounds=Bounds(0, 1), constraints=[cons], options=options)
+    with _stdout_to_stderr():
+        res = milp(c, integrality=np.ones_like(c), bounds=Bounds(0, 1), constraints=[cons], options=options)
     if res.x is None:
         return None
     x = np.round(res.x[:n_x]).astype(int)
