@@ -321,3 +321,17 @@ def test_lazy_model_matches_the_whole_model_and_names_missing_tensors(tmp_path):
     block_loader(net).load(0)
     with pytest.raises(StageError, match=r"model\.layers\.1\.mlp\.down_proj\.weight is not in the checkpoint"):
         block_loader(net).load(1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="VmHWM is Linux's")
+def test_peak_rss_is_the_process_own_not_its_parents():
+    """Linux carries ru_maxrss across fork+exec: a child of a large parent must not report the parent's peak."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(600 << 20)   # the parent's resident set grows by 600 MiB (pages touched below)
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    code = "from qflow.quant.algos.blockwise import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    del ballast
+    assert child < 500 << 20, child

@@ -56,7 +56,19 @@ class _StopForward(Exception):
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB)."""
+    """Peak resident set size of this process.
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this process's own address space.
+    ``ru_maxrss`` is only the fallback: Linux carries it across fork and exec, so a small process started
+    by a large one (a benchmark driver, a sweep, the Python API) would report its parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
