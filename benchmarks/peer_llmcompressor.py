@@ -41,8 +41,10 @@ Notes on what is compared:
   The worker computes both for the peer: the "KL" columns compare the exact values,
   the "KL top-k" columns the estimates.
 * Peak RSS: qflow's is the quantize stage's ``peak_rss_bytes`` (the block-wise AWQ /
-  GPTQ stages report the process's lifetime ``ru_maxrss``, which includes the earlier
-  stages of the same run, so it can only overstate qflow; RTN's is sampled during
+  GPTQ stages report the process's ``VmHWM``, the peak of its own address space, which
+  includes the earlier stages of the same run, so it can only overstate qflow (before
+  2026-12-07 they reported ``ru_maxrss``, which Linux carries over from the parent
+  process: the driver keeps itself small for those older figures); RTN's is sampled during
   the stage). The peer's is sampled (20 ms) during ``oneshot`` in a process that
   holds the float model and the calibration ids.
 * Seconds: qflow's quantize stage (its own forward passes over the calibration ids
@@ -292,7 +294,7 @@ def prepare_qflow_cache(method: str, bits: int, n_calib: int, n_eval: int, runs_
     """Run only the model and calibrate stages (same keys as the real runs) in a process of their own.
 
     Then each measured ``qflow run`` finds them cached: its quantize stage's peak RSS (sampled, or the
-    process ``ru_maxrss`` for the block-wise stages) is not inflated by the calibrate stage's forward
+    process ``VmHWM`` for the block-wise stages) is not inflated by the calibrate stage's forward
     passes, and every method pays the same (nothing) for calibration, like the peer's ``oneshot``.
     """
     cmd = [str(ROOT / ".venv" / "bin" / "qflow"), "--runs-dir", str(runs_dir), "run", RECIPES[method],
@@ -420,8 +422,8 @@ def report(rows, args, inputs, versions, started, elapsed, loads, date, partial:
         "these; \"KL top-k est.\" = the estimate over the float top-128 tokens + a tail bin (kl_topk_mean, a lower "
         "bound), shown only to link with the older tables above. "
         "Seconds: qflow's quantize stage vs `oneshot` wall time. Peak RSS: qflow's quantize-stage peak_rss_bytes "
-        "(AWQ/GPTQ: process ru_maxrss; \"<=\" where it is not above the driver's own high-water RSS, which a child "
-        "inherits, so only a bound) vs the peer's RSS sampled during `oneshot`.",
+        "(AWQ/GPTQ: the process's VmHWM; \"<=\" where it is not above the driver's own high-water RSS, a bound "
+        "kept for qflow versions that reported ru_maxrss, which a child inherits) vs the peer's RSS sampled during `oneshot`.",
     ]
     failures = [(r["method"], r["bits"], side, r[side]["error"]) for r in rows for side in ("qflow", "peer")
                 if not r[side].get("ok")]
