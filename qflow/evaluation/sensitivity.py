@@ -208,6 +208,49 @@ class FisherFactors:
     n_tokens: int
 
 
+def _label_gradients(model, modules: dict[str, torch.nn.Module], ids: torch.Tensor, generator: torch.Generator, *,
+                     batch_size: int, n_samples: int, on_input: Callable[[str, torch.Tensor, int], None],
+                     on_grad: Callable[[str, torch.Tensor], None]) -> None:
+    """Per window batch and label draw ``y ~ p_fp``: one forward and a backward of ``sum_t log p(y_t)``.
+
+    ``on_input(name, x, k)`` sees each layer's input in draw ``k``'s forward, ``on_grad(name, g)``
+    the gradient of that layer's output. Parameters get no gradient (their flags are restored).
+    """
+    def make_hook(name):
+        def hook(module, args, out):
+            on_input(name, args[0].detach(), draw[0])
+            if out.requires_grad:
+                out.register_hook(lambda g: on_grad(name, g.detach()))   # None: the gradient flows on unchanged
+        return hook
+
+    def grad_on(module, args, out):   # activations need gradients; the weights do not
+        return out.detach().requires_grad_(True)
+
+    draw = [0]
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles = [model.get_input_embeddings().register_forward_hook(grad_on)]
+    handles += [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+    try:
+        for i in range(0, ids.shape[0], batch_size):
+            batch = ids[i:i + batch_size]
+            for k in range(n_samples):
+                draw[0] = k
+                logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+                logp = torch.log_softmax(logits, dim=-1)
+                with torch.no_grad():
+                    y = torch.multinomial(logp.detach().exp().reshape(-1, logp.shape[-1]), 1,
+                                          generator=generator).reshape(logp.shape[:-1])
+                logp.gather(-1, y[..., None]).sum().backward()
+                del logits, logp
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+
+
 def fisher_factors(model, layers: list[str], ids: torch.Tensor, generator: torch.Generator, *,
                    batch_size: int = 2, n_samples: int = 1) -> FisherFactors:
     """Input second moments and output-gradient second moments of every layer in ``layers``.
@@ -220,50 +263,18 @@ def fisher_factors(model, layers: list[str], ids: torch.Tensor, generator: torch
     modules = {name: model.get_submodule(name) for name in layers}
     xtx = {n: torch.zeros(m.in_features, m.in_features) for n, m in modules.items()}
     g2 = {n: torch.zeros(m.out_features) for n, m in modules.items()}
-    collect_inputs = [True]
-    handles = []
 
-    def make_hook(name):
-        def hook(module, args, out):
-            if collect_inputs[0]:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                xtx[name].addmm_(x.T, x)
-            if out.requires_grad:
-                out.register_hook(grad_hook(name))
-        return hook
+    def on_input(name, x, k):
+        if k == 0:   # the inputs do not depend on the labels: once per batch
+            x = x.reshape(-1, x.shape[-1]).float()
+            xtx[name].addmm_(x.T, x)
 
-    def grad_hook(name):
-        def accumulate(g):   # returns None: the gradient flows on unchanged
-            g2[name].add_(g.detach().reshape(-1, g.shape[-1]).float().pow(2).sum(0))
-        return accumulate
+    def on_grad(name, g):
+        g2[name].add_(g.reshape(-1, g.shape[-1]).float().pow(2).sum(0))
 
-    def grad_on(module, args, out):   # activations need gradients; the weights do not
-        return out.detach().requires_grad_(True)
-
-    saved = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    handles.append(model.get_input_embeddings().register_forward_hook(grad_on))
-    handles += [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
-    n_tokens = 0
-    try:
-        for i in range(0, ids.shape[0], batch_size):
-            batch = ids[i:i + batch_size]
-            for k in range(n_samples):
-                collect_inputs[0] = k == 0
-                logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-                logp = torch.log_softmax(logits, dim=-1)
-                with torch.no_grad():
-                    y = torch.multinomial(logp.detach().exp().reshape(-1, logp.shape[-1]), 1,
-                                          generator=generator).reshape(logp.shape[:-1])
-                logp.gather(-1, y[..., None]).sum().backward()
-                del logits, logp
-            n_tokens += batch.shape[0] * batch.shape[1]
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
+    _label_gradients(model, modules, ids, generator, batch_size=batch_size, n_samples=n_samples,
+                     on_input=on_input, on_grad=on_grad)
+    n_tokens = ids.shape[0] * ids.shape[1]
     # inputs were seen at every position (L per window); gradients flow from the L-1 scored positions
     return FisherFactors({n: t / n_tokens for n, t in xtx.items()},
                          {n: t / (n_tokens * n_samples) for n, t in g2.items()}, n_tokens)
@@ -282,57 +293,27 @@ def fisher_token_damages(model, options: dict[str, list[QuantSpec]], ids: torch.
     ``y`` is drawn from the float model (``n_samples`` draws per position). Cost: for
     every label draw, one ``[tokens, in] x [in, out]`` product per (layer, option) on
     top of the backward pass and one rounding of the layer per option; memory: one
-    batch's layer inputs (the ``dW`` of one layer at a time). Returns the damages and the number of positions scored.
+    batch's layer inputs (the ``dW`` of one layer at a time). Returns the damages and
+    the number of positions scored.
     """
     modules = {name: model.get_submodule(name) for name in options}
     sums = {name: [0.0] * len(specs) for name, specs in options.items()}
     inputs: dict[str, torch.Tensor] = {}
-    handles = []
 
-    def make_hook(name):
-        def hook(module, args, out):
-            inputs[name] = args[0].detach()
-            if out.requires_grad:
-                out.register_hook(grad_hook(name))
-        return hook
+    def on_input(name, x, k):
+        inputs[name] = x
 
-    def grad_hook(name):
-        def accumulate(g):   # returns None: the gradient flows on unchanged
-            x = inputs[name][:, :-1].reshape(-1, inputs[name].shape[-1]).float()
-            gg = g.detach()[:, :-1].reshape(-1, g.shape[-1]).float()
-            w = modules[name].weight.detach()
-            for k, spec in enumerate(options[name]):   # dW again per batch: one layer's options in memory
-                sums[name][k] += float(((x @ weight_error(w, spec).T) * gg).sum(1).double().pow(2).sum())
-        return accumulate
+    def on_grad(name, g):
+        # the last position's output feeds no scored token (zero gradient): left out
+        x = inputs[name][:, :-1].reshape(-1, inputs[name].shape[-1]).float()
+        gg = g[:, :-1].reshape(-1, g.shape[-1]).float()
+        w = modules[name].weight.detach()
+        for k, spec in enumerate(options[name]):   # dW again per batch: one layer's options in memory
+            sums[name][k] += float(((x @ weight_error(w, spec).T) * gg).sum(1).double().pow(2).sum())
 
-    def grad_on(module, args, out):   # activations need gradients; the weights do not
-        return out.detach().requires_grad_(True)
-
-    saved = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    handles.append(model.get_input_embeddings().register_forward_hook(grad_on))
-    handles += [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
-    n_positions = 0
-    try:
-        for i in range(0, ids.shape[0], batch_size):
-            batch = ids[i:i + batch_size]
-            for _ in range(n_samples):
-                logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-                logp = torch.log_softmax(logits, dim=-1)
-                with torch.no_grad():
-                    y = torch.multinomial(logp.detach().exp().reshape(-1, logp.shape[-1]), 1,
-                                          generator=generator).reshape(logp.shape[:-1])
-                logp.gather(-1, y[..., None]).sum().backward()
-                del logits, logp
-            inputs.clear()
-            n_positions += batch.shape[0] * (batch.shape[1] - 1)
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-    # the last position's output feeds no scored token: its gradient is zero, so it is left out above
+    _label_gradients(model, modules, ids, generator, batch_size=batch_size, n_samples=n_samples,
+                     on_input=on_input, on_grad=on_grad)
+    n_positions = ids.shape[0] * (ids.shape[1] - 1)
     return ({n: [0.5 * v / (n_positions * n_samples) for v in vals] for n, vals in sums.items()}, n_positions)
 
 
