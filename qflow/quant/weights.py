@@ -54,6 +54,8 @@ def linear_names(folder: Path, targets: str = DEFAULT_TARGETS, exclude: list[str
         if not k.endswith(".weight") or not pattern.search(k) or len(ref.shape) != 2:
             continue
         module = k[: -len(".weight")]
+        if module.rsplit(".", 1)[-1].endswith("norm"):   # cohere's per-head q/k LayerNorms are 2-D, not linears
+            continue
         if not any(e.search(module) for e in excl):
             names.append(module)
     return sorted(names, key=_natural_key)
