@@ -123,3 +123,21 @@ stages:
 
 def parse_json_stdout(done: subprocess.CompletedProcess) -> dict:
     return json.loads(done.stdout)
+
+
+def fold_random_scales(adapter, seed: int = 3) -> int:
+    """Fold a random scale in [0.5, 2) into every AWQ site of every block (an exact rewrite); the number of sites."""
+    import torch
+
+    from qflow.quant.algos.awq import fold_scale
+
+    gen = torch.Generator().manual_seed(seed)
+    n_sites = 0
+    with torch.no_grad():
+        for block in adapter.blocks():
+            for site in adapter.awq_sites(block):
+                linears = [block.get_submodule(n) for n in site.linears]
+                fold_scale(block.get_submodule(site.prev), linears,
+                           0.5 + 1.5 * torch.rand(linears[0].in_features, generator=gen))
+                n_sites += 1
+    return n_sites

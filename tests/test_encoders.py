@@ -25,7 +25,7 @@ from qflow.quant.algos.awq import AWQOptions, fold_scale, quantize_model_awq
 from qflow.quant.algos.gptq_model import GPTQOptions, quantize_model_gptq
 from qflow.quant.ir import Checkpoint
 
-from .conftest import run_cli, write_recipe
+from .conftest import fold_random_scales, run_cli, write_recipe
 from .test_blockwise import make_ctx
 
 # family -> (config class, MLM class, bare class)
@@ -126,13 +126,8 @@ def test_value_dense_fold_leaves_outputs_unchanged(family):
     with torch.no_grad():
         ref_logits = model(input_ids=ids).logits.double()
     adapter = get_adapter(model)
-    gen = torch.Generator().manual_seed(3)
+    fold_random_scales(adapter)
     with torch.no_grad():
-        for block in adapter.blocks():
-            for site in adapter.awq_sites(block):
-                linears = [block.get_submodule(n) for n in site.linears]
-                fold_scale(block.get_submodule(site.prev), linears,
-                           0.5 + 1.5 * torch.rand(linears[0].in_features, generator=gen))
         logits = model(input_ids=ids).logits.double()
     assert _rel(_hidden(model, ids), ref_hidden) <= 1e-4
     assert _rel(logits, ref_logits) <= 1e-4

@@ -17,11 +17,12 @@ from torch import nn
 from qflow.errors import StageError
 from qflow.models.adapters import get_adapter, norm_weight_offset
 from qflow.models.quantized import apply_checkpoint
-from qflow.quant.algos.awq import AWQOptions, fold_scale, quantize_model_awq
+from qflow.quant.algos.awq import AWQOptions, quantize_model_awq
 from qflow.quant.algos.gptq_model import GPTQOptions, quantize_model_gptq
 from qflow.quant.algos.smoothquant_model import collect_act_max, smooth_block
 from qflow.quant.ir import Checkpoint
 
+from .conftest import fold_random_scales
 from .test_blockwise import calib_ids, make_ctx
 
 VOCAB = 97
@@ -128,15 +129,7 @@ def test_awq_folds_leave_logits_unchanged(family, kv_heads):
     ids = calib_ids(2, 24, vocab=VOCAB)
     ref = _logits(model, ids)
     adapter = get_adapter(model)
-    gen = torch.Generator().manual_seed(3)
-    n_sites = 0
-    with torch.no_grad():
-        for block in adapter.blocks():
-            for site in adapter.awq_sites(block):
-                linears = [block.get_submodule(n) for n in site.linears]
-                s = 0.5 + 1.5 * torch.rand(linears[0].in_features, generator=gen)
-                fold_scale(block.get_submodule(site.prev), linears, s)
-                n_sites += 1
+    n_sites = fold_random_scales(adapter)
     assert n_sites == 2 * len(adapter.awq_sites(adapter.blocks()[0]))
     changed = _rel(_logits(model, ids), ref)
     assert changed <= 1e-4, (family, changed)

@@ -20,10 +20,11 @@ from torch import nn
 from qflow.models.adapters import get_adapter
 from qflow.models.moe import UnfusedSparseMoe, set_calibrate_all_experts, unfuse_experts
 from qflow.models.quantized import apply_checkpoint
-from qflow.quant.algos.awq import AWQOptions, fold_scale, quantize_model_awq
+from qflow.quant.algos.awq import AWQOptions, quantize_model_awq
 from qflow.quant.algos.gptq_model import GPTQOptions, quantize_model_gptq
 from qflow.quant.ir import Checkpoint
 
+from .conftest import fold_random_scales
 from .test_blockwise import calib_ids, make_ctx
 
 VOCAB = 97
@@ -195,13 +196,7 @@ def test_awq_and_smoothquant_folds_leave_logits_unchanged(family):
     ids = calib_ids(2, 24, vocab=VOCAB)
     ref = _logits(model, ids)
     adapter = get_adapter(model)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for block in adapter.blocks():
-            for site in adapter.awq_sites(block):
-                linears = [block.get_submodule(n) for n in site.linears]
-                fold_scale(block.get_submodule(site.prev), linears,
-                           0.5 + 1.5 * torch.rand(linears[0].in_features, generator=gen))
+    fold_random_scales(adapter)
     assert _rel(_logits(model, ids), ref) <= 1e-4
     names = [f"{adapter.block_name(i)}.{s.linears[0]}" for i, b in enumerate(adapter.blocks())
              for s in adapter.smooth_sites(b)]
