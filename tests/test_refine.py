@@ -183,6 +183,7 @@ def test_bad_refine_values_are_clean_errors(tmp_path, tiny_inputs):
     assert AllocateBits().check(AllocateConfig(bpw=3.5, refine={}), {"table": table})
 
 
+@pytest.mark.slow
 def test_cli_refine_recipe_and_bad_value(tmp_path, tiny_model_dir, runs_dir):
     from .conftest import run_cli, write_recipe
 
