@@ -231,10 +231,12 @@ def charge_stages(st: dict, runs_dir: Path, produced: dict[str, float]) -> tuple
 def run_qflow(bpw: float, n_calib: int, n_eval: int | None, runs_dir: Path, work: Path, timeout: float,
               produced: dict[str, float], extra: list[str]) -> dict:
     budget = math.floor(bpw * 1e6) / 1e6
-    cmd = [str(ROOT / ".venv" / "bin" / "qflow"), "--runs-dir", str(runs_dir), "run", "recipes/llama-mixed.yaml",
+    # `python -m qflow.cli` from the repository root runs this checkout's qflow (a worktree's overlay venv may
+    # have a `qflow` launcher whose interpreter imports another checkout's code)
+    cmd = [sys.executable, "-m", "qflow.cli", "--runs-dir", str(runs_dir), "run", "recipes/llama-mixed.yaml",
            f"params.bpw={budget}", f"params.n_calib={n_calib}",
            f"params.n_eval_windows={'null' if n_eval is None else n_eval}", *QFLOW_MIXED, *extra, "--json", "--no-track"]
-    log(f"qflow bpw {budget}: {' '.join(cmd[4:])}")
+    log(f"qflow bpw {budget}: {' '.join(cmd[6:])}")
     t0, load0 = time.perf_counter(), loadavg()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     try:
@@ -257,6 +259,7 @@ def run_qflow(bpw: float, n_calib: int, n_eval: int | None, runs_dir: Path, work
                   "kl": m["evaluate/kl_mean"], "kl_topk": m.get("evaluate/kl_topk_mean"),
                   "bpw": m.get("evaluate/bpw_quantized_measured"), "predicted_bpw": m.get("allocate/predicted_bpw"),
                   "seconds": seconds, "charged_cached": charged,
+                  "refine": {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("allocate/refine_")},
                   "stage_seconds": {k: (v.get("status"), v.get("seconds")) for k, v in st.items()},
                   "status": js.get("status")}
 
@@ -344,6 +347,13 @@ def report(rows, args, inputs, versions, started, elapsed, loads, date) -> str:
                          f"{_fmt_types(bits_by_type(p['layers']))}")
         else:
             lines.append(f"- peer at {r['avg_bits']:g} failed: {p.get('error')}")
+        if q.get("ok") and q.get("refine"):
+            f = q["refine"]
+            lines.append(f"- qflow at {r['avg_bits']:g}: allocate-bits refine measured "
+                         f"{f.get('refine_candidates', 0):.0f} candidate plans on calibration windows: chosen KL "
+                         f"{_f(f.get('refine_kl'), '.4f')} vs unrefined {_f(f.get('refine_unrefined_kl'), '.4f')} "
+                         f"({_f(f.get('refine_kl_ratio'), '.3f')}x), {f.get('refine_n_low', 0):.0f} layers at the "
+                         f"lowest width, {_f(f.get('refine_seconds'), '.0f')} s (in allocate's seconds)")
         if not q.get("ok"):
             lines.append(f"- qflow at {r['avg_bits']:g} failed: {q.get('error', 'not run')}")
         elif q.get("charged_cached"):

@@ -6,8 +6,19 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from qflow.artifacts import BitAllocation, SensitivityTable
+from qflow.artifacts import BitAllocation, CalibSet, ModelRef, SensitivityTable
 from qflow.registry import Stage, StageConfig, register
+
+
+class RefineConfig(StageConfig):
+    """Measured plan refinement (docs/METHODS.md §9.1): ``refine: {candidates: 4, windows: 8, rounds: 2}``."""
+
+    candidates: int = Field(4, ge=2, le=16, description="round-1 plans: the unrefined one and candidates - 1 caps "
+                                                        "on the count of lowest-width layers, down to 0")
+    windows: int = Field(8, ge=1, description="calibration windows on which each candidate's KL is measured")
+    rounds: int = Field(2, ge=1, le=6, description="rounds after the first try the caps midway between the best "
+                                                   "cap and its measured neighbours")
+    batch_size: int = Field(4, ge=1)
 
 
 class AllocateConfig(StageConfig):
@@ -36,6 +47,8 @@ class AllocateConfig(StageConfig):
     milp_max_vars: int = Field(20000, ge=1, description="auto: MILP up to this many (layer, option) binaries")
     time_limit_seconds: float = Field(60.0, gt=0, description="MILP time limit; the greedy fallback takes over")
     pareto_budgets: list[float] | int = Field(8, description="bpw values, or how many evenly spaced budgets")
+    refine: RefineConfig | None = Field(None, description="measure candidate plans on calibration windows and keep "
+                                                          "the best (needs calibrate in needs)")
 
     @field_validator("constraints")
     @classmethod
@@ -57,6 +70,9 @@ class AllocateConfig(StageConfig):
         budgets = self.pareto_budgets
         if isinstance(budgets, int) and budgets < 0 or isinstance(budgets, list) and any(b <= 0 for b in budgets):
             raise ValueError("pareto_budgets must be a count >= 0 or a list of positive bpw values")
+        if self.refine is not None and self.solver == "greedy":
+            raise ValueError("refine solves each candidate plan with the MILP (a cap on the number of lowest-width "
+                             "layers is one more MILP row); use solver: auto or milp with refine")
         return self
 
     def rules(self):
@@ -80,15 +96,24 @@ class AllocateBits(Stage):
     gap to the LP bound). Also ``pareto.csv`` and a budget-vs-damage plot.
     """
 
-    version = 1
-    # the plan's predicted bpw (real and nominal), bytes and damage, the budget, and the solver's outcome
+    version = 2
+    # the plan's predicted bpw (real and nominal), bytes and damage, the budget, and the solver's outcome;
+    # refine: the chosen and the unrefined plan's measured KL, candidates measured, seconds
     metrics = ("predicted_bpw", "predicted_bpw_nominal", "predicted_bytes", "predicted_damage", "budget_bytes",
-               "solver_optimal", "solver_seconds", "solver_gap")
+               "solver_optimal", "solver_seconds", "solver_gap", "refine_kl", "refine_unrefined_kl",
+               "refine_kl_ratio", "refine_candidates", "refine_seconds", "refine_n_low")
     Config = AllocateConfig
-    inputs = {"table": SensitivityTable}
+    inputs = {"table": SensitivityTable, "model": ModelRef, "calib": CalibSet}
+    optional_inputs = frozenset({"model", "calib"})
     outputs = {"plan": BitAllocation}
 
-    def run(self, ctx, cfg, table):
+    def check(self, cfg, inputs_meta):
+        if cfg.refine is not None and "calib" not in inputs_meta:
+            return ["refine measures candidate plans on calibration windows, but no calibrate stage feeds this "
+                    "stage: add calibrate to its needs"]
+        return []
+
+    def run(self, ctx, cfg, table, model=None, calib=None):
         import json
         import sys
 
@@ -98,6 +123,10 @@ class AllocateBits(Stage):
         problem, distinct = _apply_rules(problem, rules, meta["n_blocks"], where)
         budget_bytes = _budget_bytes(cfg, meta, problem, where)
         solution = _solve(problem, budget_bytes, distinct, cfg, meta, where)
+        refined = None
+        if cfg.refine is not None:
+            refined = _refine(ctx, cfg, problem, distinct, budget_bytes, solution, meta, model, calib, where)
+            solution = refined.chosen.solution
         chosen = solution.options(problem)
         nominal = _nominal_bpw(problem, chosen, shapes, meta)
         plan = {
@@ -112,6 +141,8 @@ class AllocateBits(Stage):
                        "lp_bound": solution.lp_bound, "seconds": solution.seconds, "notes": solution.notes},
             "constraints": list(cfg.constraints), "estimator": meta["estimator"],
         }
+        if refined is not None:
+            plan["refine"] = _refine_report(ctx, cfg, problem, refined, ctx.output("plan"))
         out = ctx.output("plan")
         (out / "allocation.json").write_text(json.dumps(plan, indent=1, sort_keys=True))
         ctx.log_artifact(out / "allocation.json")
@@ -122,11 +153,79 @@ class AllocateBits(Stage):
                          "solver_seconds": solution.seconds})
         if solution.gap is not None:
             ctx.log_metric("solver_gap", solution.gap)
+        if refined is not None:
+            r = plan["refine"]
+            ctx.log_metrics({"refine_kl": refined.chosen.measured_kl, "refine_unrefined_kl": r["unrefined_kl"],
+                             "refine_kl_ratio": r["kl_ratio"], "refine_candidates": len(refined.candidates),
+                             "refine_seconds": r["seconds"], "refine_n_low": refined.chosen.n_low})
         if not solution.optimal:
             print(f"[{ctx.stage_id}] {solution.solver} plan, not proven optimal: damage {solution.damage:.6g}, "
                   f"LP bound {solution.lp_bound:.6g}, gap {solution.gap:.2%}", file=sys.stderr)
         return {"plan": BitAllocation(out, bpw=plan["predicted"]["bpw"], solver=solution.solver,
                                       n_layers=len(problem.layers))}
+
+
+def _refine(ctx, cfg, problem, distinct, budget_bytes, solution, meta, model, calib, where):
+    """Measured plan refinement (qflow/evaluation/refine.py): the float model and calibration windows, then
+    the candidates."""
+    import sys
+    import time
+
+    from qflow.errors import StageError
+    from qflow.evaluation.refine import PlanMeter, refine_plan
+    from qflow.models.loading import load_model
+    from qflow.quant.algos.calibrated import calibration_ids
+    from qflow.quant.spec import QuantSpec
+
+    if calib is None or model is None:
+        raise StageError("refine measures candidate plans on calibration windows, but no calibrate stage (or no "
+                         "model) feeds this stage", where=f"stages.{ctx.stage_id}.needs",
+                         fix="add calibrate to the stage's needs, or drop refine")
+    t0 = time.perf_counter()
+    ids = calibration_ids(ctx, calib, uses="allocate-bits refine")
+    if cfg.refine.windows > ids.shape[0]:
+        raise StageError(f"refine.windows {cfg.refine.windows} is more than the {ids.shape[0]} calibration windows "
+                         f"the calibrate stage holds", where=f"{where}.refine.windows",
+                         fix=f"set refine.windows <= {ids.shape[0]} or raise calibrate's n_samples")
+    net, _ = load_model(model.base_model_dir, dtype="float32", attn_implementation="sdpa")
+    meter = PlanMeter(net, ids[:cfg.refine.windows], cfg.refine.batch_size)
+
+    def spec_of(option):
+        return QuantSpec(bits=option.bits, group_size=option.group_size, **meta["spec"])
+
+    def report(cand):
+        print(f"[{ctx.stage_id}] refine {cand.label}: {cand.n_low} low layers, bpw "
+              f"{cand.solution.bpw(problem):.4f}, predicted {cand.solution.damage:.4g}, measured KL "
+              f"{cand.measured_kl:.4g} ({cand.seconds:.0f} s)", file=sys.stderr)
+
+    result = refine_plan(problem, budget_bytes, distinct, solution, meter, spec_of,
+                         n_candidates=cfg.refine.candidates, rounds=cfg.refine.rounds,
+                         time_limit_seconds=cfg.time_limit_seconds, progress=report)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _refine_report(ctx, cfg, problem, result, out) -> dict:
+    """allocation.json's ``refine`` block, and refine.csv (one row per candidate)."""
+    import csv
+    import sys
+
+    rows = [c.row(problem) for c in result.candidates]
+    with open(out / "refine.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+    ctx.log_artifact(out / "refine.csv")
+    unrefined = result.unrefined.measured_kl
+    ratio = result.chosen.measured_kl / unrefined if unrefined > 0 else float("nan")
+    print(f"[{ctx.stage_id}] refine chose {result.chosen.label}: measured KL {result.chosen.measured_kl:.4g} vs "
+          f"{unrefined:.4g} unrefined ({ratio:.3f}x) on {cfg.refine.windows} calibration windows, "
+          f"{len(rows)} candidates, {result.seconds:.0f} s", file=sys.stderr)
+    return {"chosen": result.chosen.label, "low_bits": result.low_bits, "n0": result.n0,
+            "windows": cfg.refine.windows, "unrefined_kl": unrefined, "kl": result.chosen.measured_kl,
+            "kl_ratio": ratio, "seconds": result.seconds, "candidates": rows, "skipped": result.skipped,
+            "estimate": "round to nearest on each option's grid; mean exact KL to the float model per scored "
+                        "token on the first `windows` calibration windows"}
 
 
 def _read_table(ctx, table):

@@ -105,7 +105,8 @@ def maximum_useful_bytes(problem: Problem) -> int:
 
 # ---- MILP ------------------------------------------------------------------------------
 
-def _milp_arrays(problem: Problem, budget_bytes: int, distinct: list[DistinctRule]):
+def _milp_arrays(problem: Problem, budget_bytes: int, distinct: list[DistinctRule],
+                 caps: list[tuple[int, int]] = ()):
     from scipy.optimize import LinearConstraint
     from scipy.sparse import coo_matrix
 
@@ -139,6 +140,8 @@ def _milp_arrays(problem: Problem, budget_bytes: int, distinct: list[DistinctRul
         for j, o in enumerate(flat):
             add([(j, 1.0), (y_index[(r, getattr(o, rule.attr))], -1.0)], -np.inf, 0.0)
         add([(y, 1.0) for (rr, _), y in y_index.items() if rr == r], -np.inf, float(rule.max_count))
+    for max_bits, max_count in caps:   # at most max_count layers at bits <= max_bits (plan refinement)
+        add([(j, 1.0) for j, o in enumerate(flat) if o.bits <= max_bits], -np.inf, float(max_count))
     a = coo_matrix((vals, (rows, cols)), shape=(len(lo), n)).tocsr()
     return c, scale, n_x, offsets, LinearConstraint(a, np.array(lo), np.array(hi))
 
@@ -176,12 +179,15 @@ def lp_bound(problem: Problem, budget_bytes: int, distinct: list[DistinctRule] =
 
 
 def solve_milp(problem: Problem, budget_bytes: int, distinct: list[DistinctRule] = (),
-               time_limit_seconds: float | None = None) -> Solution | None:
-    """The exact optimum (None when the time limit is hit before any solution or the budget is infeasible)."""
+               time_limit_seconds: float | None = None, caps: list[tuple[int, int]] = ()) -> Solution | None:
+    """The exact optimum (None when the time limit is hit before any solution or the budget is infeasible).
+
+    ``caps``: ``(max_bits, max_count)`` pairs, at most ``max_count`` layers at ``bits <= max_bits``
+    (the candidates of plan refinement, docs/METHODS.md §9.1)."""
     from scipy.optimize import Bounds, milp
 
     t0 = time.perf_counter()
-    c, scale, n_x, offsets, cons = _milp_arrays(problem, budget_bytes, list(distinct))
+    c, scale, n_x, offsets, cons = _milp_arrays(problem, budget_bytes, list(distinct), list(caps))
     options = {"mip_rel_gap": 0.0}
     if time_limit_seconds is not None:
         options["time_limit"] = float(time_limit_seconds)
@@ -198,6 +204,9 @@ def solve_milp(problem: Problem, budget_bytes: int, distinct: list[DistinctRule]
         choice.append(int(picked[0]))
     nbytes, damage = _evaluate(problem, choice)
     if nbytes > budget_bytes:
+        return None
+    opts = [problem.options[li][k] for li, k in enumerate(choice)]
+    if any(sum(o.bits <= b for o in opts) > n for b, n in caps):
         return None
     optimal = res.status == 0
     notes = [] if optimal else [f"MILP stopped early ({res.message}); best solution found"]
