@@ -43,8 +43,19 @@ def write_family_gguf(path: Path, model, arch: str) -> None:
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(config.rope_parameters.get("rope_theta", 10000.0))
-    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if arch != "command-r":
+        w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_vocab_size(config.vocab_size)
+    if arch in ("qwen2moe", "qwen3moe"):   # convert_hf_to_gguf.py's Qwen2MoeModel (Qwen3MoeModel inherits it)
+        w.add_expert_count(config.num_experts)
+        w.add_expert_used_count(config.num_experts_per_tok)
+        w.add_expert_feed_forward_length(config.moe_intermediate_size)
+        if arch == "qwen2moe":
+            w.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    if arch == "command-r":   # Cohere: LayerNorm eps, logit scale, no RoPE scaling
+        w.add_layer_norm_eps(config.layer_norm_eps)
+        w.add_logit_scale(config.logit_scale)
+        w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
     if arch == "gemma2":
         w.add_sliding_window(config.sliding_window)
         w.add_attn_logit_softcapping(config.attn_logit_softcapping)
@@ -80,12 +91,22 @@ def write_family_gguf(path: Path, model, arch: str) -> None:
 
     arch_enum = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
     tmap = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
+    tensors = []
     for name, tensor in model.state_dict().items():
+        if name.endswith("mlp.experts.gate_up_proj"):   # transformers' fused experts [n_expert, 2 * n_ff, hidden]:
+            n_ff = tensor.shape[1] // 2                 # the converter splits gate (first half) and up
+            stem = name.removesuffix(".gate_up_proj")
+            tensors += [(f"{stem}.gate_proj.weight", tensor[:, :n_ff]), (f"{stem}.up_proj.weight", tensor[:, n_ff:])]
+        elif name.endswith("mlp.experts.down_proj"):
+            tensors.append((f"{name}.weight", tensor))
+        else:
+            tensors.append((name, tensor))
+    for name, tensor in tensors:
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         base, _, suffix = name.rpartition(".")
         gguf_name = f"{tmap.get_name(base)}.{suffix}"
-        array = tensor.numpy().astype(np.float32)
+        array = tensor.contiguous().numpy().astype(np.float32)
         if arch in PERMUTED and ".attn_q." in gguf_name:
             array = _llama_cpp_permute(array, config.num_attention_heads)
         elif arch in PERMUTED and ".attn_k." in gguf_name:
@@ -131,13 +152,40 @@ def test_gguf_import_gives_the_original_logits(tmp_path, family):
 def test_gguf_of_an_unknown_architecture_is_refused(tmp_path):
     import gguf
 
-    path = tmp_path / "command-r.gguf"   # Cohere's parallel blocks: no importer (nor adapter)
-    w = gguf.GGUFWriter(str(path), "command-r")
+    path = tmp_path / "cohere2.gguf"   # Command R7B's interleaved sliding-window blocks: no importer (nor adapter)
+    w = gguf.GGUFWriter(str(path), "cohere2")
     w.add_block_count(2)
     w.add_tensor("token_embd.weight", np.random.default_rng(0).standard_normal((258, 64), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(SourceError, match="'command-r' model and qflow converts only Llama-lineage GGUFs .*olmo2.*Fix:"):
+    with pytest.raises(SourceError, match="'cohere2' model and qflow converts only Llama-lineage GGUFs .*olmo2.*Fix:"):
         resolve_model(f"gguf:{path}", tmp_path / "cache")
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_gguf_import_of_a_mixture_of_experts_gives_the_original_logits(tmp_path, family):
+    """Qwen2-MoE / Qwen3-MoE as convert_hf_to_gguf.py writes them (stacked ffn_{gate,up,down}_exps split from
+    transformers' fused gate_up, router ffn_gate_inp, Qwen2-MoE's shared expert *_shexp and its gate
+    ffn_gate_inp_shexp, Qwen3's q/k norms, the expert widths in metadata) import with the original's logits."""
+    from .test_moe import tiny_moe
+
+    original = tiny_moe(family, seed=3, vocab=258, fused=True)
+    arch = family.replace("_", "")
+    path = tmp_path / f"{family}.gguf"
+    write_family_gguf(path, original, arch)
+    names = {t.name for t in __import__("gguf").GGUFReader(str(path)).tensors}
+    assert {"blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight",
+            "blk.1.ffn_gate_inp.weight"} <= names
+    assert ({"blk.0.ffn_gate_inp_shexp.weight", "blk.0.ffn_down_shexp.weight"} <= names) == (family == "qwen2_moe")
+    assert ("blk.0.attn_q_norm.weight" in names) == (family == "qwen3_moe")
+    resolved = resolve_model(f"gguf:{path}", tmp_path / "cache")
+    ours, _ = load_model(resolved.path)
+    assert ours.config.model_type == family
+    assert ours.config.norm_topk_prob == (family == "qwen3_moe")   # llama.cpp's fixed choice per architecture
+    ids = torch.tensor([[257, 5, 100, 200, 33, 84, 7, 7, 9, 64, 3, 250]])
+    with torch.no_grad():
+        ref = original(input_ids=ids).logits
+        got = ours(input_ids=ids).logits
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5), float((got - ref).abs().max())
