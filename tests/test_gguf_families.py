@@ -1,6 +1,7 @@
 """GGUF import per family: a tiny random model written the way convert_hf_to_gguf.py writes it
 (the gguf package's tensor-name map, Llama's and Granite's Q/K permutation, Gemma's stored ``1 + w``
-norms, Granite's multipliers as ``*_scale``, tied embeddings for Gemma),
+norms, Granite's multipliers as ``*_scale``, tied embeddings for Gemma and Command-R, Cohere's LayerNorm eps,
+logit scale and optional per-head q/k norms, Qwen2-MoE / Qwen3-MoE's stacked experts and shared expert),
 imported back by qflow, gives the original's logits to float tolerance."""
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from .test_models import _llama_cpp_permute
 
 # transformers family -> llama.cpp architecture (Mistral is written as llama)
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-             "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "olmo2": "olmo2", "granite": "granite"}
+             "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "olmo2": "olmo2", "granite": "granite",
+             "cohere": "command-r"}
+# llama.cpp's graph reads the embedding as the head for these (no output tensor, or no choice)
+TIED = ("gemma", "gemma2", "gemma3_text", "cohere")
 # convert_hf_to_gguf.py permutes Q/K rows for Llama and for Granite (whose converter is Llama's)
 PERMUTED = ("llama", "granite")
 
@@ -120,13 +124,19 @@ def write_family_gguf(path: Path, model, arch: str) -> None:
     w.close()
 
 
-@pytest.mark.parametrize("family", sorted(GGUF_ARCH))
-def test_gguf_import_gives_the_original_logits(tmp_path, family):
+# Cohere (command-r) with its per-head q/k LayerNorms (Command R+; llama.cpp loads them for >= 64 layers) and
+# without (Command R)
+CASES = [(f, None) for f in sorted(GGUF_ARCH)] + [("cohere", {"use_qk_norm": False})]
+
+
+@pytest.mark.parametrize("family,extra", CASES, ids=[f + ("-no-qk-norm" if e else "") for f, e in CASES])
+def test_gguf_import_gives_the_original_logits(tmp_path, family, extra):
     # Gemma 3: llama.cpp scales queries by 1/sqrt(head size) (query_pre_attn_scalar = head_dim, as the
     # released 1B-12B configs have it)
-    extra = {"query_pre_attn_scalar": 16} if family == "gemma3_text" else None
+    if family == "gemma3_text":
+        extra = {"query_pre_attn_scalar": 16}
     original = tiny_family(family, vocab=262 if family.startswith("gemma") else 258, config=extra)
-    if family.startswith("gemma"):   # llama.cpp has no tied-embedding choice for Gemma: always tied
+    if family in TIED:   # llama.cpp has no untied head for Gemma and Command-R
         original.config.tie_word_embeddings = True
         original.lm_head.weight = original.model.embed_tokens.weight
     path = tmp_path / f"{family}.gguf"
@@ -137,6 +147,9 @@ def test_gguf_import_gives_the_original_logits(tmp_path, family):
     if family == "gemma3_text":   # layer types and both rope bases as llama.cpp applies them
         assert ours.config.layer_types == original.config.layer_types
         assert ours.config.rope_parameters == original.config.rope_parameters
+    if family == "cohere":   # LayerNorm eps, logit scale and q/k norms from the file
+        assert ours.config.use_qk_norm == original.config.use_qk_norm
+        assert ours.config.logit_scale == original.config.logit_scale == 0.5
     ids = torch.tensor([[257, 5, 100, 200, 33, 84, 7, 7, 9, 64, 3, 250]])
     with torch.no_grad():
         ref = original(input_ids=ids).logits
@@ -147,6 +160,27 @@ def test_gguf_import_gives_the_original_logits(tmp_path, family):
         assert encoded[0] == 4 + ord("a") and tokenizer.decode(encoded) == "a t", encoded
     else:
         assert encoded == [ord("a"), 256]
+
+
+def test_command_r_gguf_with_an_untied_head_is_refused(tmp_path, monkeypatch):
+    """llama.cpp's command-r has no output tensor (the converter cannot write one): such a file is refused."""
+    original = tiny_family("cohere", vocab=258)   # untied: lm_head.weight, which the test writer maps to output
+    path = tmp_path / "cohere.gguf"
+    original.config.tie_word_embeddings = False
+    import gguf
+
+    real = gguf.get_tensor_name_map
+
+    def with_output(arch, n):   # convert_hf_to_gguf.py's map has no head for command-r; add one to forge the file
+        tmap = real(arch, n)
+        tmap.mapping["lm_head"] = (gguf.MODEL_TENSOR.OUTPUT, "output")
+        return tmap
+
+    monkeypatch.setattr(gguf, "get_tensor_name_map", with_output)
+    write_family_gguf(path, original, "command-r")
+    monkeypatch.undo()
+    with pytest.raises(SourceError, match="separate output .*command-r always reads the token embedding.*Fix:"):
+        resolve_model(f"gguf:{path}", tmp_path / "cache")
 
 
 def test_gguf_of_an_unknown_architecture_is_refused(tmp_path):

@@ -286,6 +286,14 @@ def gguf_config(reader, source: str):
                           qkv_bias="blk.0.attn_q.bias" in names)
         else:
             kwargs["attention_bias"] = "blk.0.attn_q.bias" in names
+    if arch == "command-r" and "output.weight" in names:
+        raise SourceError(
+            "the command-r GGUF holds a separate output (head) tensor, but llama.cpp's command-r always reads the "
+            "token embedding as the head (its converter writes none), so the file's own numbers are ambiguous",
+            where=source,
+            fix="convert the model's Hugging Face checkpoint with llama.cpp's convert_hf_to_gguf.py, or use the "
+                "checkpoint itself (hf:ORG/NAME or a local folder)",
+        )
     if arch == "command-r":
         # Cohere: LayerNorm without bias (eps under layer_norm_epsilon), logits times logit_scale, the head is
         # always the embedding (llama.cpp's command-r has no output tensor), q/k LayerNorms per head when stored
