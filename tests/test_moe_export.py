@@ -211,6 +211,32 @@ def test_other_layouts_and_formats_refuse_moe_before_writing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "quantized"])
+def test_onnx_refuses_moe_before_writing_anything(tmp_path, quantized):
+    """export.onnx has no per-expert graph: a float or quantized MoE model is refused by the stage's check and,
+    should the check have met the input before it existed, by run() before its output folder is made; the
+    message names the family and the formats that do carry MoE."""
+    from qflow.artifacts import QuantizedCheckpoint
+    from qflow.errors import StageError
+    from stages.export_onnx import ExportOnnx
+
+    base, _ = _folder(tmp_path, "qwen3_moe")
+    if quantized:
+        ckpt = _run(tmp_path, "rtn", base)
+        model = QuantizedCheckpoint(ckpt.path, base_model=str(base), method="rtn")
+    else:
+        model = ModelRef(base)
+    stage = ExportOnnx()
+    expected = ("export.onnx does not write 'qwen3_moe' mixture-of-experts checkpoints.*layout: compressed-tensors"
+                ".*export.gguf \\(llama.cpp's layout, for mixtral, qwen2_moe, qwen3_moe\\)")
+    problems = stage.check(ExportOnnx.Config(), {"model": model})
+    assert len(problems) == 1 and __import__("re").search(expected, problems[0]), problems
+    ctx = make_ctx(tmp_path / "onnx")
+    with pytest.raises(StageError, match=expected):
+        stage.run(ctx, ExportOnnx.Config(), model=model)
+    assert not (tmp_path / "onnx").exists()
+
+
 # ---- GGUF (Mixtral: llama.cpp's llama architecture with ffn_*_exps; Qwen2-MoE / Qwen3-MoE: qwen2moe / qwen3moe) --
 
 GGUF_CASES = [("mixtral", "sym_f"), ("mixtral", "asym_z"), ("qwen2_moe", "sym_f"), ("qwen3_moe", "asym_z")]

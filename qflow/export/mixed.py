@@ -40,10 +40,15 @@ def checkpoint_from_inputs(inputs_meta: dict[str, Any] | None, slot: str = "mode
 
 def family_problems(ckpt, fmt: str, families: tuple[str, ...]) -> list[str]:
     """Why ``fmt`` cannot carry ``ckpt``'s model family (empty when it can, or the base config is unreadable)."""
+    return folder_family_problems(ckpt.base_model, fmt, families)
+
+
+def folder_family_problems(folder, fmt: str, families: tuple[str, ...]) -> list[str]:
+    """``family_problems`` of the Hugging Face model folder ``folder`` (a float model, or an IR's base)."""
     import json
 
     try:
-        config = json.loads((Path(ckpt.base_model) / "config.json").read_text())
+        config = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError, TypeError):
         return []
     family = config.get("model_type")
