@@ -203,13 +203,15 @@ def test_gguf_import_of_a_mixture_of_experts_gives_the_original_logits(tmp_path,
     """Qwen2-MoE / Qwen3-MoE as convert_hf_to_gguf.py writes them (stacked ffn_{gate,up,down}_exps split from
     transformers' fused gate_up, router ffn_gate_inp, Qwen2-MoE's shared expert *_shexp and its gate
     ffn_gate_inp_shexp, Qwen3's q/k norms, the expert widths in metadata) import with the original's logits."""
+    import gguf
+
     from .test_moe import tiny_moe
 
     original = tiny_moe(family, seed=3, vocab=258, fused=True)
     arch = family.replace("_", "")
     path = tmp_path / f"{family}.gguf"
     write_family_gguf(path, original, arch)
-    names = {t.name for t in __import__("gguf").GGUFReader(str(path)).tensors}
+    names = {t.name for t in gguf.GGUFReader(str(path)).tensors}
     assert {"blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight",
             "blk.1.ffn_gate_inp.weight"} <= names
     assert ({"blk.0.ffn_gate_inp_shexp.weight", "blk.0.ffn_down_shexp.weight"} <= names) == (family == "qwen2_moe")

@@ -10,6 +10,7 @@ own reader give the logits of qflow's dequantized model.
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -230,7 +231,7 @@ def test_onnx_refuses_moe_before_writing_anything(tmp_path, quantized):
     expected = ("export.onnx does not write 'qwen3_moe' mixture-of-experts checkpoints.*layout: compressed-tensors"
                 ".*export.gguf \\(llama.cpp's layout, for mixtral, qwen2_moe, qwen3_moe\\)")
     problems = stage.check(ExportOnnx.Config(), {"model": model})
-    assert len(problems) == 1 and __import__("re").search(expected, problems[0]), problems
+    assert len(problems) == 1 and re.search(expected, problems[0]), problems
     ctx = make_ctx(tmp_path / "onnx")
     with pytest.raises(StageError, match=expected):
         stage.run(ctx, ExportOnnx.Config(), model=model)
