@@ -43,7 +43,9 @@ class ExportGGUF(Stage):
     go to Q4_1/Q5_1 with ``m`` rounded ("approx"); nf4/fp4, groups below 32 and
     unaligned act-order are re-quantized from float (``requant_type``) -- each
     such tensor is logged with its SQNR vs the IR (metric ``min_sqnr_db``).
-    Metadata: Llama architecture, tokenizer (copied from the base GGUF for
+    Metadata: llama.cpp's llama architecture (Llama, Mixtral) or qwen2moe / qwen3moe
+    (Qwen2-MoE, Qwen3-MoE: experts stacked as ``ffn_*_exps``, shared expert ``*_shexp``,
+    expert widths; refused where llama.cpp's fixed routing differs), tokenizer (copied from the base GGUF for
     zoo:/gguf: models, else built from the HF tokenizer), ``qflow.*`` keys
     (version, recipe key, per-layer specs).
 
@@ -75,9 +77,11 @@ class ExportGGUF(Stage):
         from qflow.export.mixed import checkpoint_from_inputs, family_problems
 
         ckpt = checkpoint_from_inputs(inputs_meta)
-        from qflow.export.gguf_writer import GGUF_FAMILIES
+        from qflow.export.gguf_writer import GGUF_FAMILIES, base_config_problems
 
         problems = family_problems(ckpt, "export.gguf", GGUF_FAMILIES) if ckpt is not None else []
+        if ckpt is not None and not problems:   # the family's variants llama.cpp cannot run (before any work)
+            problems = base_config_problems(ckpt)
         if not cfg.path:
             return problems
         from qflow.export.atomic import target_problem

@@ -47,6 +47,13 @@ class ExportOnnxConfig(StageConfig):
     keep_float: bool = Field(False, description="keep the float32 export in the output (fp32/)")
 
 
+def _onnx_families() -> tuple[str, ...]:
+    """Base model families export.onnx builds graphs for (Llama decoders, BERT-family encoders)."""
+    from qflow.models.encoders import ENCODER_MODEL_TYPES
+
+    return ("llama",) + tuple(ENCODER_MODEL_TYPES)
+
+
 @register("export.onnx")
 class ExportOnnx(Stage):
     """ONNX decoder for onnxruntime with qflow's own quantized weights (docs/METHODS.md §2.6).
@@ -93,14 +100,14 @@ class ExportOnnx(Stage):
     requires_packages = ("onnx", "onnxruntime")
 
     def check(self, cfg, inputs_meta):
-        from qflow.export.mixed import checkpoint_from_inputs, family_problems, onnx_problems
+        from qflow.export.mixed import checkpoint_from_inputs, folder_family_problems, onnx_problems
 
         ckpt = checkpoint_from_inputs(inputs_meta)   # per-layer specs: refused before anything is written
-        if ckpt is None:
-            return []
-        from qflow.models.encoders import ENCODER_MODEL_TYPES
-
-        return family_problems(ckpt, "export.onnx", ("llama",) + ENCODER_MODEL_TYPES) + onnx_problems(ckpt)
+        if ckpt is None:   # a float model already on disk: its family (a mixture of experts has no ONNX graph)
+            ref = (inputs_meta or {}).get("model")
+            folder = getattr(ref, "base_model_dir", None) if ref is not None and not isinstance(ref, dict) else None
+            return folder_family_problems(folder, "export.onnx", _onnx_families()) if folder is not None else []
+        return folder_family_problems(ckpt.base_model, "export.onnx", _onnx_families()) + onnx_problems(ckpt)
 
     @classmethod
     def fingerprint_sources(cls, cfg, cache_root):
@@ -114,6 +121,15 @@ class ExportOnnx(Stage):
 
         from qflow.artifacts import QuantizedCheckpoint
 
+        from qflow.errors import StageError
+        from qflow.export.mixed import folder_family_problems
+
+        # again here (a recipe's check may have met the input before it existed): nothing is written for a
+        # family the graph builder does not know, mixtures of experts included
+        problems = folder_family_problems(model.base_model_dir, "export.onnx", _onnx_families())
+        if problems:
+            raise StageError("; ".join(problems), where=f"stages.{ctx.stage_id}",
+                             fix="export this model with the format the message names")
         out = ctx.output("export")
         ckpt = None
         if isinstance(model, QuantizedCheckpoint):

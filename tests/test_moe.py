@@ -347,6 +347,15 @@ def test_cli_every_method_and_evaluation_per_moe_family(tmp_path, runs_dir, bund
     assert done.returncode == 0, done.stderr[-3000:]
     m = parse_json_stdout(done)["metrics"]
     assert m["export/roundtrip_max_abs_diff"] < 1e-4 and m["export/roundtrip_top1_agree"] == 1, m
+    # GGUF as llama.cpp writes the family (llama / qwen2moe / qwen3moe): every expert exact, and the stage's
+    # round trip through qflow's GGUF import gives qflow's model
+    gguf = recipe.read_text() + ("  gguf: {uses: export.gguf, needs: [gptq],\n"
+                                 "         with: {verify_data: \"${data.eval}\", verify_windows: 2}}\n")
+    done = run_cli("run", str(write_recipe(tmp_path / "recipes", gguf, "gguf.yaml")), "--json", runs_dir=runs_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = parse_json_stdout(done)["metrics"]
+    assert m["gguf/n_requantized_tensors"] == 0 and m["gguf/roundtrip_max_abs_diff"] == 0, m
+    assert m["gguf/roundtrip_top1_agree"] == 1 and m["gguf/roundtrip_kl"] < 1e-6, m
     refused = recipe.read_text() + "  export: {uses: export.safetensors, needs: [gptq], with: {layout: awq-gemm}}\n"
     done = run_cli("run", str(write_recipe(tmp_path / "recipes", refused, "refused.yaml")), runs_dir=runs_dir)
     assert done.returncode == 2 and "mixture-of-experts" in done.stderr and "Traceback" not in done.stderr

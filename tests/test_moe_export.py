@@ -10,6 +10,7 @@ own reader give the logits of qflow's dequantized model.
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -204,38 +205,80 @@ def test_other_layouts_and_formats_refuse_moe_before_writing(tmp_path):
         problems = stage.check(ExportSafetensors.Config(layout=layout), ref)
         assert any(f"layout {layout} does not write mixture-of-experts" in p and "compressed-tensors" in p
                    for p in problems), problems
-    for other, cfg in ((ExportGGUF, ExportGGUF.Config(path=str(tmp_path / "out" / "m.gguf"))),
-                       (ExportOnnx, ExportOnnx.Config())):
-        problems = other().check(cfg, ref)
-        assert any("mixture-of-experts" in p and "layout: compressed-tensors" in p for p in problems), problems
+    assert ExportGGUF().check(ExportGGUF.Config(path=str(tmp_path / "out" / "m.gguf")), ref) == []
+    problems = ExportOnnx().check(ExportOnnx.Config(), ref)
+    assert any("export.onnx does not write 'qwen2_moe' mixture-of-experts" in p and "layout: compressed-tensors" in p
+               and "export.gguf" in p and "qwen3_moe" in p for p in problems), problems
     assert not (tmp_path / "out").exists()
 
 
-# ---- GGUF (Mixtral: llama.cpp's llama architecture with ffn_*_exps) ------------------------------
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "quantized"])
+def test_onnx_refuses_moe_before_writing_anything(tmp_path, quantized):
+    """export.onnx has no per-expert graph: a float or quantized MoE model is refused by the stage's check and,
+    should the check have met the input before it existed, by run() before its output folder is made; the
+    message names the family and the formats that do carry MoE."""
+    from qflow.artifacts import QuantizedCheckpoint
+    from qflow.errors import StageError
+    from stages.export_onnx import ExportOnnx
 
-@pytest.mark.parametrize("scheme", ["sym_f", "asym_z"])
-def test_gguf_export_stacks_the_experts_and_reads_back_exactly(tmp_path, scheme):
+    base, _ = _folder(tmp_path, "qwen3_moe")
+    if quantized:
+        ckpt = _run(tmp_path, "rtn", base)
+        model = QuantizedCheckpoint(ckpt.path, base_model=str(base), method="rtn")
+    else:
+        model = ModelRef(base)
+    stage = ExportOnnx()
+    expected = ("export.onnx does not write 'qwen3_moe' mixture-of-experts checkpoints.*layout: compressed-tensors"
+                ".*export.gguf \\(llama.cpp's layout, for mixtral, qwen2_moe, qwen3_moe\\)")
+    problems = stage.check(ExportOnnx.Config(), {"model": model})
+    assert len(problems) == 1 and re.search(expected, problems[0]), problems
+    ctx = make_ctx(tmp_path / "onnx")
+    with pytest.raises(StageError, match=expected):
+        stage.run(ctx, ExportOnnx.Config(), model=model)
+    assert not (tmp_path / "onnx").exists()
+
+
+# ---- GGUF (Mixtral: llama.cpp's llama architecture with ffn_*_exps; Qwen2-MoE / Qwen3-MoE: qwen2moe / qwen3moe) --
+
+GGUF_CASES = [("mixtral", "sym_f"), ("mixtral", "asym_z"), ("qwen2_moe", "sym_f"), ("qwen3_moe", "asym_z")]
+
+
+@pytest.mark.parametrize("family,scheme", GGUF_CASES, ids=[f"{f}-{s}" for f, s in GGUF_CASES])
+def test_gguf_export_stacks_the_experts_and_reads_back_exactly(tmp_path, family, scheme):
     """Every block's experts as ffn_{gate,up,down}_exps [n_expert, rows, cols] of one block type, the router
-    as ffn_gate_inp; the gguf package's reader decodes each expert to qflow's dequantized weight, and qflow's
-    GGUF import (one tensor per expert again) gives the logits of qflow's model."""
+    as ffn_gate_inp (Qwen2-MoE's shared expert as *_shexp, its gate ffn_gate_inp_shexp; Qwen3's q/k norms),
+    the expert metadata as convert_hf_to_gguf.py writes it; the gguf package's reader decodes each expert to
+    qflow's dequantized weight, and qflow's GGUF import (one tensor per expert again) gives the logits of
+    qflow's model."""
     import gguf
 
     from qflow.export.gguf_writer import export_gguf, read_back
     from qflow.models.gguf_import import convert_gguf
     from qflow.models.loading import load_model
 
-    base, fp = _folder(tmp_path, "mixtral")
+    base, fp = _folder(tmp_path, family)
     ckpt = _run(tmp_path, "rtn", base, scheme=scheme)
     report = export_gguf(ckpt, tmp_path / "m.gguf")
     assert report["n_requantized_tensors"] == 0 and report["n_approx_tensors"] == 0, report["types"]
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    arch = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[family]
+    assert reader.fields["general.architecture"].contents() == arch
     tensors = {t.name: t for t in reader.tensors}
-    assert reader.fields["llama.expert_count"].contents() == N_EXPERTS
-    assert reader.fields["llama.expert_used_count"].contents() == 2
+    assert reader.fields[f"{arch}.expert_count"].contents() == N_EXPERTS
+    assert reader.fields[f"{arch}.expert_used_count"].contents() == 2
+    width = 32   # every tiny family's expert width (Mixtral's intermediate_size, Qwen's moe_intermediate_size)
+    if family != "mixtral":
+        assert reader.fields[f"{arch}.expert_feed_forward_length"].contents() == width
+    if family == "qwen2_moe":
+        assert reader.fields[f"{arch}.expert_shared_feed_forward_length"].contents() == 64
+        shexp = tensors["blk.0.ffn_down_shexp.weight"]
+        assert shexp.tensor_type.name in ("Q4_0", "Q5_0") and [int(d) for d in shexp.shape] == [64, 64]
+        assert tensors["blk.0.ffn_gate_inp_shexp.weight"].tensor_type.name == "F32"   # the shared gate: float
+    assert ("blk.0.attn_q_norm.weight" in tensors) == (family == "qwen3_moe")
     down = tensors["blk.1.ffn_down_exps.weight"]
-    assert [int(d) for d in down.shape] == [32, 64, N_EXPERTS]   # GGUF order: cols, rows, experts
+    assert [int(d) for d in down.shape] == [width, 64, N_EXPERTS]   # GGUF order: cols, rows, experts
     assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"   # the router stays float
-    got = gguf.quants.dequantize(down.data, down.tensor_type).reshape(N_EXPERTS, 64, 32)
+    got = gguf.quants.dequantize(down.data, down.tensor_type).reshape(N_EXPERTS, 64, width)
     for e in range(N_EXPERTS):
         assert np.array_equal(got[e], ckpt.dequantized(f"model.layers.1.mlp.experts.{e}.down_proj").float().numpy())
     assert read_back(tmp_path / "m.gguf", ckpt, report)["roundtrip_max_abs_diff"] == 0
@@ -243,10 +286,30 @@ def test_gguf_export_stacks_the_experts_and_reads_back_exactly(tmp_path, scheme)
     (tmp_path / "imported").mkdir()
     convert_gguf(tmp_path / "m.gguf", tmp_path / "imported", source="gguf:m.gguf")
     imported, _ = load_model(tmp_path / "imported", dtype="float32")
-    assert imported.config.model_type == "mixtral"
+    assert imported.config.model_type == family
     ids = calib_ids(2, 16, vocab=VOCAB)
     ref = _logits(apply_checkpoint(copy.deepcopy(fp), ckpt, mode="dequant"), ids)
     assert _rel(_logits(imported, ids), ref) <= 1e-5
+
+
+def test_gguf_refuses_moe_variants_llama_cpp_routes_otherwise(tmp_path):
+    """llama.cpp fixes norm_topk_prob per architecture (false for qwen2moe, true for qwen3moe): a Qwen3-MoE with
+    it off is refused by the stage's check, before any file is written."""
+    import json
+
+    from qflow.artifacts import QuantizedCheckpoint
+    from stages.export_gguf import ExportGGUF
+
+    base, _ = _folder(tmp_path, "qwen3_moe")
+    ckpt = _run(tmp_path, "rtn", base)
+    ref = {"model": QuantizedCheckpoint(ckpt.path, base_model=str(base), method="rtn")}
+    cfg = ExportGGUF.Config(path=str(tmp_path / "out" / "m.gguf"))
+    assert ExportGGUF().check(cfg, ref) == []
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(config | {"norm_topk_prob": False}))
+    problems = ExportGGUF().check(cfg, ref)
+    assert any("norm_topk_prob=False" in p and "qwen3moe" in p and "compressed-tensors" in p for p in problems)
+    assert not (tmp_path / "out").exists()
 
 
 def test_gguf_experts_of_mixed_types_share_one_block_type(tmp_path):

@@ -1,4 +1,5 @@
-"""Export the IR as a llama.cpp GGUF file (Llama architecture).
+"""Export the IR as a llama.cpp GGUF file (llama.cpp's llama architecture for Llama and Mixtral,
+qwen2moe and qwen3moe for Qwen2-MoE and Qwen3-MoE).
 
     report = export_gguf(Checkpoint(ir_dir), "model.gguf")
 
@@ -27,7 +28,7 @@ fp4, non-uniform blocks) is re-quantized from the IR's dequantized weight with
 ``gguf.quants`` into ``requant_type`` (auto: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 by bits and
 symmetry) and reported with its SQNR vs the IR.
 
-Q/K rows are permuted into llama.cpp's rotary layout (the inverse of
+Q/K rows of the llama architecture are permuted into llama.cpp's rotary layout (the inverse of
 ``qflow.models.gguf_import._unpermute_rows``); rows are independent, so the
 permutation is exact. Norms are F32; embeddings / head ``float_type`` (F32
 default: bit-exact; F16 halves them). Tokenizer metadata is copied from the base
@@ -78,22 +79,34 @@ _HF_TO_GGUF_BLOCK = {
     "self_attn.o_proj.weight": "attn_output.weight",
     "self_attn.o_proj.bias": "attn_output.bias",
     "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",     # Qwen3-MoE's per-head RMSNorms
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 
 
-# Mixtral (llama.cpp writes it as llama): the router, and each projection of all experts stacked into one
-# 3-D tensor [n_expert, rows, cols] (convert_hf_to_gguf.py's ffn_*_exps), from qflow's per-expert names
+# Mixtral (llama.cpp writes it as llama), Qwen2-MoE and Qwen3-MoE: the router, and each projection of all
+# experts stacked into one 3-D tensor [n_expert, rows, cols] (convert_hf_to_gguf.py's ffn_*_exps), from
+# qflow's per-expert names; Qwen2-MoE's shared expert and its sigmoid gate (*_shexp, ffn_gate_inp_shexp)
 _HF_TO_GGUF_MOE = {
     "mlp.gate.weight": "ffn_gate_inp.weight",
     "mlp.experts.gate_proj.weight": "ffn_gate_exps.weight",
     "mlp.experts.up_proj.weight": "ffn_up_exps.weight",
     "mlp.experts.down_proj.weight": "ffn_down_exps.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
 }
 _EXPERT = re.compile(r"^(?P<block>model\.layers\.\d+)\.mlp\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
-GGUF_FAMILIES = ("llama", "mixtral")   # base models export.gguf writes (both as llama.cpp's llama architecture)
+# base model_type -> llama.cpp architecture export.gguf writes it as
+GGUF_ARCH = {"llama": "llama", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+GGUF_FAMILIES = tuple(GGUF_ARCH)   # base models export.gguf writes
+# llama.cpp's graphs renormalise the top-k routing weights for qwen3moe and not for qwen2moe (no GGUF key
+# says so: its models/qwen{2,3}moe.cpp fix it), so only the matching norm_topk_prob is written
+_NORM_TOPK = {"qwen2_moe": False, "qwen3_moe": True}
 
 
 class GGUFExportError(StageError):
@@ -317,20 +330,47 @@ def base_gguf_file(base: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def _add_llama_metadata(w, cfg: dict[str, Any], name: str) -> None:
-    if cfg.get("model_type") not in GGUF_FAMILIES:
-        raise GGUFExportError(f"export.gguf writes {' and '.join(GGUF_FAMILIES)} models; "
-                              f"the base model is {cfg.get('model_type')!r}")
-    window = cfg.get("sliding_window")
+def gguf_problems(cfg: dict[str, Any]) -> list[str]:
+    """Why export.gguf cannot write the base model of Hugging Face config ``cfg`` (empty when it can)."""
+    family = cfg.get("model_type")
+    if family not in GGUF_ARCH:
+        return [f"export.gguf writes {', '.join(GGUF_FAMILIES)} models; the base model is {family!r}"]
+    arch = GGUF_ARCH[family]
+    problems = []
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
     if window and int(window) < int(cfg.get("max_position_embeddings", 2048)):
-        raise GGUFExportError(f"the model attends through a sliding window of {window} tokens, which llama.cpp's "
-                              "llama architecture does not apply")
+        problems.append(f"the model attends through a sliding window of {window} tokens, which llama.cpp's "
+                        f"{arch} architecture does not apply")
+    rope = cfg.get("rope_parameters") or {}
+    if (rope.get("rope_type") or "default") != "default" or cfg.get("rope_scaling"):
+        problems.append("the model uses scaled RoPE, which this exporter does not write")
+    if family in _NORM_TOPK and bool(cfg.get("norm_topk_prob", False)) != _NORM_TOPK[family]:
+        problems.append(f"the {family} model has norm_topk_prob={bool(cfg.get('norm_topk_prob'))}, but llama.cpp's "
+                        f"{arch} always uses norm_topk_prob={_NORM_TOPK[family]} (it would route differently); "
+                        "export it with export.safetensors, layout: compressed-tensors")
+    if family in _NORM_TOPK and (cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1):
+        problems.append(f"the {family} model has dense MLP blocks (mlp_only_layers / decoder_sparse_step), which "
+                        f"llama.cpp's {arch} architecture does not have; export it with export.safetensors, "
+                        "layout: compressed-tensors")
+    return problems
+
+
+def base_config_problems(ckpt) -> list[str]:
+    """``gguf_problems`` of the IR's base model (empty when its config is unreadable: the run says why)."""
+    try:
+        return gguf_problems(_hf_config(Path(ckpt.base_model)))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return []
+
+
+def _add_metadata(w, cfg: dict[str, Any], name: str) -> None:
+    problems = gguf_problems(cfg)
+    if problems:
+        raise GGUFExportError("; ".join(problems))
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     head_dim = int(cfg.get("head_dim") or hidden // heads)
     rope = cfg.get("rope_parameters") or {}
-    if (rope.get("rope_type") or "default") != "default" or cfg.get("rope_scaling"):
-        raise GGUFExportError("the model uses scaled RoPE, which this exporter does not write")
     theta = float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0)
     w.add_name(name)
     w.add_block_count(int(cfg["num_hidden_layers"]))
@@ -346,9 +386,18 @@ def _add_llama_metadata(w, cfg: dict[str, Any], name: str) -> None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_vocab_size(int(cfg["vocab_size"]))
-    if cfg.get("model_type") == "mixtral":
-        w.add_expert_count(int(cfg["num_local_experts"]))
+    family = cfg.get("model_type")
+    if family in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        w.add_expert_count(_n_experts(cfg))
         w.add_expert_used_count(int(cfg["num_experts_per_tok"]))
+    if family in ("qwen2_moe", "qwen3_moe"):   # convert_hf_to_gguf.py's Qwen2MoeModel (Qwen3MoeModel inherits it)
+        w.add_expert_feed_forward_length(int(cfg["moe_intermediate_size"]))
+        if family == "qwen2_moe":
+            w.add_expert_shared_feed_forward_length(int(cfg["shared_expert_intermediate_size"]))
+
+
+def _n_experts(cfg: dict[str, Any]) -> int:
+    return int(cfg.get("num_local_experts") or cfg["num_experts"])
 
 
 def _copy_tokenizer_fields(w, gguf_path: Path) -> int:
@@ -424,8 +473,9 @@ def export_gguf(ckpt, path: str | Path, *, mode: str = "exact", requant_type: st
     base = Path(ckpt.base_model)
     cfg = _hf_config(base)
     path = Path(path)
-    w = gguf.GGUFWriter(str(path), "llama", use_temp_file=True)
-    _add_llama_metadata(w, cfg, name or f"qflow-{ckpt.method}")
+    arch = GGUF_ARCH.get(cfg.get("model_type"), "llama")
+    w = gguf.GGUFWriter(str(path), arch, use_temp_file=True)
+    _add_metadata(w, cfg, name or f"qflow-{ckpt.method}")
     heads = int(cfg["num_attention_heads"])
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     src = base_gguf_file(base)
@@ -442,6 +492,8 @@ def export_gguf(ckpt, path: str | Path, *, mode: str = "exact", requant_type: st
     w.add_string("qflow.layers", json.dumps({n: r.spec.model_dump(mode="json") for n, r in ckpt.layers.items()},
                                             sort_keys=True, separators=(",", ":")))
 
+    if arch != "llama":   # llama.cpp rotates NeoX-style halves for qwen2moe/qwen3moe: rows as transformers has them
+        heads = kv_heads = None
     plans = _write_tensors(w, ckpt, heads, kv_heads, mode=mode, requant_type=requant_type, float_type=float_type,
                            progress=progress)
     quant_types = [p.qtype for p in plans if p.status != "float"]
@@ -465,10 +517,11 @@ def export_gguf(ckpt, path: str | Path, *, mode: str = "exact", requant_type: st
     }
 
 
-def _write_tensors(w, ckpt, heads: int, kv_heads: int, *, mode: str, requant_type: str, float_type: str,
+def _write_tensors(w, ckpt, heads: int | None, kv_heads: int | None, *, mode: str, requant_type: str, float_type: str,
                    progress: Callable[[], None] | None) -> list[TensorPlan]:
     """Add every base-model tensor to ``w`` in the base's order (quantized layers planned from the IR);
-    a mixture of experts' per-expert projections go in as one 3-D tensor per block and projection."""
+    a mixture of experts' per-expert projections go in as one 3-D tensor per block and projection.
+    ``heads`` / ``kv_heads``: permute Q / K rows into llama.cpp's llama layout (None: keep the rows)."""
     import gguf
     import torch
 
@@ -476,7 +529,7 @@ def _write_tensors(w, ckpt, heads: int, kv_heads: int, *, mode: str, requant_typ
 
     moe = is_moe(base_family(ckpt))
     if moe:
-        n_experts = int(_hf_config(Path(ckpt.base_model))["num_local_experts"])
+        n_experts = _n_experts(_hf_config(Path(ckpt.base_model)))
         tensors = logical_base_tensors(ckpt)
     else:
         tensors = ((key, module, lambda key=key, h=h: mapping.float_tensor(ckpt, key, h))

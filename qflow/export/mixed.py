@@ -40,10 +40,15 @@ def checkpoint_from_inputs(inputs_meta: dict[str, Any] | None, slot: str = "mode
 
 def family_problems(ckpt, fmt: str, families: tuple[str, ...]) -> list[str]:
     """Why ``fmt`` cannot carry ``ckpt``'s model family (empty when it can, or the base config is unreadable)."""
+    return folder_family_problems(ckpt.base_model, fmt, families)
+
+
+def folder_family_problems(folder, fmt: str, families: tuple[str, ...]) -> list[str]:
+    """``family_problems`` of the Hugging Face model folder ``folder`` (a float model, or an IR's base)."""
     import json
 
     try:
-        config = json.loads((Path(ckpt.base_model) / "config.json").read_text())
+        config = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError, TypeError):
         return []
     family = config.get("model_type")
@@ -62,9 +67,19 @@ MOE_FAMILIES = MOE_MODEL_TYPES
 
 
 def moe_export_problem(fmt: str, family: str) -> str:
-    return (f"{fmt} does not write {family!r} mixture-of-experts checkpoints (of MoE families, export.gguf "
-            "writes Mixtral only); fix: export it with export.safetensors, layout: compressed-tensors, which writes "
-            "every expert and loads in transformers and vLLM, or evaluate the IR with evaluate.lm")
+    """The refusal of an export format that cannot carry mixture-of-experts ``family``, naming those that do."""
+    from .gguf_writer import GGUF_FAMILIES
+
+    gguf_moe = [f for f in GGUF_FAMILIES if f in MOE_FAMILIES]
+    via_gguf = (f"export.gguf (llama.cpp's layout, for {', '.join(gguf_moe)})" if family in gguf_moe else
+                f"export.gguf writes only {', '.join(gguf_moe)} of the MoE families")
+    return (f"{fmt} does not write {family!r} mixture-of-experts checkpoints (it has no per-expert layout); "
+            f"fix: export it with export.safetensors, layout: compressed-tensors, which writes every expert and "
+            f"loads in transformers and vLLM, or with {via_gguf}, or evaluate the IR with evaluate.lm"
+            if family in gguf_moe else
+            f"{fmt} does not write {family!r} mixture-of-experts checkpoints (it has no per-expert layout); "
+            f"fix: export it with export.safetensors, layout: compressed-tensors, which writes every expert and "
+            f"loads in transformers and vLLM ({via_gguf}), or evaluate the IR with evaluate.lm")
 
 
 def moe_problems(ckpt, fmt: str, layout: str | None = None) -> list[str]:

@@ -1,9 +1,10 @@
 """GGUF -> float32 Hugging Face folder (config, safetensors, tokenizer), converted once.
 
-Architectures: llama (also Mistral and Mixtral, which llama.cpp writes as llama; Mixtral's
-stacked ``ffn_*_exps`` experts become one tensor per expert), qwen2, qwen3, phi3, gemma,
-gemma2, gemma3 (text), olmo2, granite (``IMPORTABLE``); anything else is refused naming the
-architecture.
+Architectures: llama (also Mistral and Mixtral, which llama.cpp writes as llama), qwen2,
+qwen3, qwen2moe, qwen3moe, phi3, gemma, gemma2, gemma3 (text), olmo2, granite and command-r
+(Cohere; ``IMPORTABLE``); anything else is refused naming the architecture. A mixture of
+experts' stacked ``ffn_*_exps`` tensors ``[n_expert, rows, cols]`` become one tensor per expert
+under the family's checkpoint names (which transformers re-fuses on load).
 
     converted_folder(Path("model.gguf"), Path("runs/cache/models/gguf-ab12"), "gguf:model.gguf", fingerprint)
     convert_gguf(Path("model.gguf"), Path("out"))   # the conversion alone, into an existing folder
@@ -18,6 +19,7 @@ it into place under a lock, with a marker file written last. Heavy imports
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -189,7 +191,18 @@ def gguf_llama_config(reader, source: str):
 # llama.cpp architecture -> transformers config class (docs/ARCHITECTURE.md "Model families")
 IMPORTABLE = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "phi3": "Phi3Config",
               "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig", "olmo2": "Olmo2Config",
-              "granite": "GraniteConfig"}
+              "granite": "GraniteConfig", "qwen2moe": "Qwen2MoeConfig", "qwen3moe": "Qwen3MoeConfig",
+              "command-r": "CohereConfig"}
+# mixtures of experts (llama.cpp's llama with expert_count is Mixtral): llama.cpp's graphs renormalise the
+# top-k routing weights for qwen3moe and not for qwen2moe (its models/qwen{2,3}moe.cpp); no GGUF key says so
+_MOE_ARCHS = {"qwen2moe": False, "qwen3moe": True}
+# per-expert checkpoint names of a stacked ffn_*_exps tensor, by transformers model_type
+_EXPERT_NAMES = {
+    "mixtral": {"gate": "block_sparse_moe.experts.{e}.w1.weight", "up": "block_sparse_moe.experts.{e}.w3.weight",
+                "down": "block_sparse_moe.experts.{e}.w2.weight"},
+    "qwen2_moe": {p: f"mlp.experts.{{e}}.{p}_proj.weight" for p in ("gate", "up", "down")},
+    "qwen3_moe": {p: f"mlp.experts.{{e}}.{p}_proj.weight" for p in ("gate", "up", "down")},
+}
 # convert_hf_to_gguf.py permutes Q/K rows for these (llama.cpp rotates adjacent pairs there; Granite's
 # converter is Llama's); NeoX-rope architectures (qwen2/3, phi3, gemma*, olmo2) keep transformers' row order
 _PERMUTED_QK = {"llama", "granite"}
@@ -221,7 +234,8 @@ def gguf_config(reader, source: str):
     if arch not in IMPORTABLE:
         _refuse_arch(arch, source)
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names or f"{arch}.rope.scaling.type" in meta or any("rope_factors" in n for n in names):
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if "rope_freqs.weight" in names or scaling not in (None, "none") or any("rope_factors" in n for n in names):
         raise SourceError(
             "the GGUF uses scaled RoPE (rope_freqs / rope.scaling / rope factors), whose Hugging Face parameters "
             "it does not record",
@@ -257,8 +271,36 @@ def gguf_config(reader, source: str):
         if f"tokenizer.ggml.{key}_token_id" in meta
     })
     kwargs.setdefault("pad_token_id", None)   # not the config class's default (Phi-3's 32000 may exceed the vocab)
-    if arch in ("qwen3", "gemma", "gemma2", "gemma3"):
+    if arch in ("qwen3", "qwen3moe", "gemma", "gemma2", "gemma3"):
         kwargs["head_dim"] = head_dim
+    if arch in _MOE_ARCHS:
+        n_ff = kwargs["intermediate_size"]
+        used = meta[f"{arch}.expert_used_count"]
+        # llama.cpp's defaults when the expert widths are not recorded: n_ff / n_expert_used and n_ff
+        kwargs.update(num_experts=meta[f"{arch}.expert_count"], num_experts_per_tok=used,
+                      moe_intermediate_size=meta.get(f"{arch}.expert_feed_forward_length", n_ff // used),
+                      norm_topk_prob=_MOE_ARCHS[arch], decoder_sparse_step=1, mlp_only_layers=[],
+                      use_sliding_window=False, sliding_window=None)
+        if arch == "qwen2moe":
+            kwargs.update(shared_expert_intermediate_size=meta.get(f"{arch}.expert_shared_feed_forward_length", n_ff),
+                          qkv_bias="blk.0.attn_q.bias" in names)
+        else:
+            kwargs["attention_bias"] = "blk.0.attn_q.bias" in names
+    if arch == "command-r" and "output.weight" in names:
+        raise SourceError(
+            "the command-r GGUF holds a separate output (head) tensor, but llama.cpp's command-r always reads the "
+            "token embedding as the head (its converter writes none), so the file's own numbers are ambiguous",
+            where=source,
+            fix="convert the model's Hugging Face checkpoint with llama.cpp's convert_hf_to_gguf.py, or use the "
+                "checkpoint itself (hf:ORG/NAME or a local folder)",
+        )
+    if arch == "command-r":
+        # Cohere: LayerNorm without bias (eps under layer_norm_epsilon), logits times logit_scale, the head is
+        # always the embedding (llama.cpp's command-r has no output tensor), q/k LayerNorms per head when stored
+        kwargs.pop("rms_norm_eps")
+        kwargs.update(layer_norm_eps=meta.get(f"{arch}.attention.layer_norm_epsilon", 1e-5),
+                      logit_scale=meta.get(f"{arch}.logit_scale", 1.0), tie_word_embeddings=True,
+                      use_qk_norm="blk.0.attn_q_norm.weight" in names, attention_bias="blk.0.attn_q.bias" in names)
     if arch in ("gemma", "gemma3"):
         kwargs["hidden_activation"] = "gelu_pytorch_tanh"
         kwargs["tie_word_embeddings"] = True   # llama.cpp's Gemma reads the embedding as the head
@@ -290,9 +332,11 @@ def gguf_config(reader, source: str):
     return config
 
 
-def _gguf_to_hf_names(config, arch: str) -> dict[str, str]:
+def _gguf_to_hf_names(config, arch: str) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
     """``{gguf tensor name: transformers parameter name}`` from the gguf package's own name map
-    (the one convert_hf_to_gguf.py writes with), over the parameters of a meta-device model."""
+    (the one convert_hf_to_gguf.py writes with), over the parameters of a meta-device model, and
+    ``{transformers name: shape}``. A mixture of experts' stacked ``ffn_*_exps`` map to a per-expert
+    name with ``{e}`` in it."""
     import gguf
     import torch
     from transformers import AutoModelForCausalLM
@@ -301,13 +345,17 @@ def _gguf_to_hf_names(config, arch: str) -> dict[str, str]:
     tmap = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)   # a config qflow built
-    out = {}
-    for name in skeleton.state_dict():
+    out, shapes = {}, {}
+    for name, tensor in skeleton.state_dict().items():
+        shapes[name] = tuple(tensor.shape)
         base, _, suffix = name.rpartition(".")
         target = tmap.get_name(base)
         if target is not None:
             out[f"{target}.{suffix}"] = name
-    return out
+    for i in range(config.num_hidden_layers if config.model_type in _EXPERT_NAMES else 0):
+        for proj, per_expert in _EXPERT_NAMES[config.model_type].items():
+            out[f"blk.{i}.ffn_{proj}_exps.weight"] = f"model.layers.{i}.{per_expert}"
+    return out, shapes
 
 
 def _unpermute_rows(weights, n_head: int):
@@ -317,12 +365,8 @@ def _unpermute_rows(weights, n_head: int):
 
 
 # Mixtral's router and stacked experts [n_expert, rows, cols] -> its checkpoint names (one tensor per expert)
-_GGUF_MOE_NAMES = {
-    "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
-    "ffn_gate_exps.weight": "block_sparse_moe.experts.{e}.w1.weight",
-    "ffn_up_exps.weight": "block_sparse_moe.experts.{e}.w3.weight",
-    "ffn_down_exps.weight": "block_sparse_moe.experts.{e}.w2.weight",
-}
+_GGUF_MOE_NAMES = {"ffn_gate_inp.weight": "block_sparse_moe.gate.weight"} | {
+    f"ffn_{proj}_exps.weight": name for proj, name in _EXPERT_NAMES["mixtral"].items()}
 
 
 def _hf_tensor_name(gguf_name: str, n_layers: int, source: str, moe: bool = False) -> str:
@@ -373,7 +417,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, source: str | None = None) -> N
     config = gguf_config(reader, source)
     arch = gguf_metadata(reader)["general.architecture"]
     n_heads, n_kv_heads = config.num_attention_heads, config.num_key_value_heads
-    names = None if arch == "llama" else _gguf_to_hf_names(config, arch)
+    names, shapes = (None, {}) if arch == "llama" else _gguf_to_hf_names(config, arch)
     moe = config.model_type == "mixtral"
 
     writer = ShardWriter(out_dir, max_bytes=MAX_SHARD_BYTES)
@@ -403,7 +447,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, source: str | None = None) -> N
             weights = _unpermute_rows(weights, n_kv_heads)
         elif arch in _NORM_STORED_PLUS_ONE and tensor.name.endswith("norm.weight"):
             weights = weights - np.float32(1.0)
-        if "{e}" in name:   # a Mixtral projection of every expert: one tensor per expert
+        if name in shapes and weights.shape != shapes[name] and weights.size == math.prod(shapes[name]):
+            weights = weights.reshape(shapes[name])   # e.g. Qwen2-MoE's shared-expert gate, [1, hidden] in HF
+        if "{e}" in name:   # a mixture of experts' projection of every expert: one tensor per expert
             for e in range(weights.shape[0]):
                 writer.add(name.format(e=e), np.ascontiguousarray(weights[e]))
             continue
