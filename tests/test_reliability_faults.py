@@ -75,10 +75,13 @@ def test_full_disk_gives_a_clean_error_and_keeps_entries(tmp_path, tiny_model_di
     done = subprocess.run(["unshare", "-rm", "bash", "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    failed = 0
+    failed, summary = 0, []
     for free in frees:
         rc = int((out / f"run-{free}.rc").read_text())
         err = (out / f"run-{free}.err").read_text()
+        where = next((line.split("no space left")[0].strip(" :")[-60:] or "?" for line in err.splitlines()
+                      if "no space left" in line), "no message")
+        summary.append(f"{free} B free: exit {rc}" + ("" if rc == 0 else f" ({where})"))
         if rc == 0:    # enough room after all (the outputs fit): nothing to check for this size
             continue
         failed += 1
@@ -97,6 +100,8 @@ def test_full_disk_gives_a_clean_error_and_keeps_entries(tmp_path, tiny_model_di
     assert rerun["stages"]["calibrate"]["status"] == "cached"
     assert rerun["stages"]["quantize"]["status"] in ("ran", "cached")   # cached when a larger size fit
     assert "0 corrupt" in (out / "verify-final.txt").read_text()
+    print(f"\nfull disk: {len(frees)} sizes, {failed} refused cleanly, earlier entries intact, re-run "
+          f"{rerun['stages']['quantize']['status']}: " + "; ".join(summary))
 
 
 # ---- two concurrent runs of the same recipe ----------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 from qflow import cli
 
-from .conftest import tiny_recipe
+from .conftest import REPO, tiny_recipe
 
 KEYS = ["name", "description", "model", "source", "dtype", "data", "calib", "eval", "seq_len", "field", "params",
         "bits", "group_size", "n_calib", "stages", "uses", "needs", "with", "gates", "inputs", "defaults", "sweep",
@@ -49,7 +50,7 @@ def base(tmp_path_factory, tiny_model_dir):
     return {"text": text, "data": yaml.safe_load(text), "dir": folder, "runs": folder / "runs"}
 
 
-def _run(base, content: str | bytes, overrides: list[str], capsys) -> None:
+def _run(base, content: str | bytes, overrides: list[str], capsys) -> int:
     path: Path = base["dir"] / "recipe.yaml"
     path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8", "surrogatepass"))
     capsys.readouterr()
@@ -63,6 +64,7 @@ def _run(base, content: str | bytes, overrides: list[str], capsys) -> None:
     if status == 2:
         message = err.strip().splitlines()[-1] if err.strip() else ""
         assert message.startswith(("error:", "qflow: error:", "usage:")) or "error:" in err, err
+    return status
 
 
 def _set_at(data, path: list, value):
@@ -125,35 +127,50 @@ def _fuzz(n: int):
     return settings(max_examples=n, **FUZZ)
 
 
-def _structure(n):
+class Tally:
+    """Exit statuses of the examples a family ran, for the one-line summary the slow run records."""
+
+    def __init__(self):
+        self.status: dict[int, int] = {}
+
+    def __call__(self, status: int) -> None:
+        self.status[status] = self.status.get(status, 0) + 1
+
+    def line(self, family: str, seconds: float) -> str:
+        n = sum(self.status.values())
+        return (f"fuzz {family}: {n} examples, {self.status.get(0, 0)} accepted (exit 0), "
+                f"{self.status.get(2, 0)} refused with a one-paragraph error (exit 2), 0 tracebacks, {seconds:.0f} s")
+
+
+def _structure(n, tally=lambda status: None):
     @_fuzz(n)
     @given(path=st.lists(st.integers(0, 50), min_size=1, max_size=5), value=VALUES, drop=st.booleans())
     def fuzz(base, capsys, path, value, drop):
-        _run(base, _mutated_recipe(base, path, value, drop), [], capsys)
+        tally(_run(base, _mutated_recipe(base, path, value, drop), [], capsys))
     return fuzz
 
 
-def _documents(n):
+def _documents(n, tally=lambda status: None):
     @_fuzz(n)
     @given(doc=VALUES)
     def fuzz(base, capsys, doc):
-        _run(base, _dump(doc), [], capsys)
+        tally(_run(base, _dump(doc), [], capsys))
     return fuzz
 
 
-def _bytes(n):
+def _bytes(n, tally=lambda status: None):
     @_fuzz(n)
     @given(cut=st.integers(0, 400), noise=st.binary(max_size=16), at=st.integers(0, 10**6))
     def fuzz(base, capsys, cut, noise, at):
-        _run(base, _bytes_recipe(base, cut, noise, at), [], capsys)
+        tally(_run(base, _bytes_recipe(base, cut, noise, at), [], capsys))
     return fuzz
 
 
-def _overrides(n):
+def _overrides(n, tally=lambda status: None):
     @_fuzz(n)
     @given(overrides=st.lists(OVERRIDE, min_size=1, max_size=3))
     def fuzz(base, capsys, overrides):
-        _run(base, base["text"], overrides, capsys)
+        tally(_run(base, base["text"], overrides, capsys))
     return fuzz
 
 
@@ -169,7 +186,15 @@ def test_fuzz_recipes_fast(family, base, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fuzz_recipes_slow(family, base, capsys):
-    FAMILIES[family](SLOW_EXAMPLES)(base, capsys)
+    tally, t0 = Tally(), time.perf_counter()
+    FAMILIES[family](SLOW_EXAMPLES, tally)(base, capsys)
+    line = tally.line(family, time.perf_counter() - t0)
+    with capsys.disabled():
+        print("\n" + line)
+    with open(REPO / "runs" / "fuzz-counts.txt", "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} {line}\n")
+    # hypothesis stops early only when a strategy's space is exhausted; these spaces are not
+    assert sum(tally.status.values()) >= SLOW_EXAMPLES, line
 
 
 # ---- examples the fuzzers found, kept as fast regression tests ---------------------------------

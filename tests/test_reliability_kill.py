@@ -7,8 +7,8 @@ export's atomic placement), a fully cached run (hits, artifact restore, MLflow l
 ``qflow cache verify`` is clean, no temp folder is left in the cache or beside the export, and the
 quantized IR, the export and the evaluation metrics are bit-identical to an uninterrupted run.
 
-``make test-slow`` runs 100 kills and writes the counts to ``runs/kill-loop-counts.json`` (quoted in
-docs/RELIABILITY.md); the default suite runs 3.
+``make test-slow`` runs 100 kills and rewrites the counts so far to ``runs/kill-loop-counts.json``
+after each kill (quoted in docs/RELIABILITY.md); the default suite runs 3.
 """
 
 from __future__ import annotations
@@ -168,7 +168,10 @@ def _timed_run(args: list[str], env: dict) -> tuple[str, float, dict[str, float]
     return out, time.perf_counter() - run.t0, run.stage_spans()
 
 
-def kill_loop(tmp_path: Path, model_dir: Path, runs: Path, n_kills: int, seed: int, anchored_share: float) -> dict:
+def kill_loop(tmp_path: Path, model_dir: Path, runs: Path, n_kills: int, seed: int, anchored_share: float,
+              progress: Path | None = None) -> dict:
+    """``progress``: a JSON file rewritten with the counts so far after every kill (a loop stopped early
+    still leaves what it proved)."""
     export_dir = tmp_path / "exports" / "tiny-gptq"
     export_dir.parent.mkdir()
     recipe = write_recipe(tmp_path / "recipes", _recipe(model_dir, export_dir))
@@ -185,6 +188,14 @@ def kill_loop(tmp_path: Path, model_dir: Path, runs: Path, n_kills: int, seed: i
     rng = random.Random(seed)
     phases: Counter = Counter()
     states: Counter = Counter()
+    t_loop = time.perf_counter()
+
+    def counts(done: int) -> dict:
+        return {"kills": done, "of": n_kills, "seed": seed, "uninterrupted_run_s": round(full_s, 1),
+                "cached_run_s": round(cached_s, 1), "loop_s": round(time.perf_counter() - t_loop),
+                "stage_s": {k: round(v, 1) for k, v in victims["recompute"][2].items()},
+                "phases": dict(sorted(phases.items())), "states": dict(states)}
+
     for i in range(n_kills):
         victim = rng.choices(list(victims), weights=[6, 3, 1])[0]
         args, span, stages = victims[victim]
@@ -213,9 +224,10 @@ def kill_loop(tmp_path: Path, model_dir: Path, runs: Path, n_kills: int, seed: i
         got = _results(runs, json.loads(again.stdout), export_dir)
         assert got == baseline, f"kill {i} ({victim}): results differ: {_differences(got, baseline)}"
         states["re-runs bit-identical"] += 1
-    return {"kills": n_kills, "seed": seed, "uninterrupted_run_s": round(full_s, 1), "cached_run_s": round(cached_s, 1),
-            "stage_s": {k: round(v, 1) for k, v in victims["recompute"][2].items()},
-            "phases": dict(sorted(phases.items())), "states": dict(states)}
+        if progress is not None:
+            stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            progress.write_text(json.dumps({**counts(i + 1), "written_at": stamp}, indent=1))
+    return counts(n_kills)
 
 
 def test_kill_loop_fast(tmp_path, tiny_model_dir, runs_dir):
@@ -228,10 +240,9 @@ def test_kill_loop_fast(tmp_path, tiny_model_dir, runs_dir):
 
 @pytest.mark.slow
 def test_kill_loop_100(tmp_path, tiny_model_dir, runs_dir):
+    out = REPO / "runs" / "kill-loop-counts.json"     # rewritten after every kill: "kills" of "of" done
     counts = kill_loop(tmp_path, tiny_model_dir, runs_dir, n_kills=100, seed=int(os.environ.get("QFLOW_KILL_SEED", "1")),
-                       anchored_share=0.5)
-    out = REPO / "runs" / "kill-loop-counts.json"
-    out.write_text(json.dumps({**counts, "finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=1))
+                       anchored_share=0.5, progress=out)
     print(json.dumps(counts, indent=1))
     assert counts["states"]["re-runs bit-identical"] == 100
     assert counts["states"]["kills that landed inside a stage"] >= 25, counts
