@@ -125,6 +125,20 @@ def parse_json_stdout(done: subprocess.CompletedProcess) -> dict:
     return json.loads(done.stdout)
 
 
+def quantize_calibrated(ctx, net, ids, method: str, n_grid: int):
+    """AWQ (``n_grid`` ratios) or GPTQ, W4 g32, on ``net`` in place; the result with its checkpoint folder."""
+    from qflow.models.adapters import get_adapter
+    from qflow.quant.algos.awq import AWQOptions, quantize_model_awq
+    from qflow.quant.algos.gptq_model import GPTQOptions, quantize_model_gptq
+
+    adapter = get_adapter(net)
+    if method == "awq":
+        return quantize_model_awq(ctx, net, adapter, ids, AWQOptions(bits=4, group_size=32, n_grid=n_grid),
+                                  base_model="tiny", batch_size=4)
+    return quantize_model_gptq(ctx, net, adapter, ids, GPTQOptions(bits=4, group_size=32),
+                               base_model="tiny", batch_size=4)
+
+
 def fold_random_scales(adapter, seed: int = 3) -> int:
     """Fold a random scale in [0.5, 2) into every AWQ site of every block (an exact rewrite); the number of sites."""
     import torch

@@ -17,12 +17,10 @@ from torch import nn
 from qflow.errors import StageError
 from qflow.models.adapters import get_adapter, norm_weight_offset
 from qflow.models.quantized import apply_checkpoint
-from qflow.quant.algos.awq import AWQOptions, quantize_model_awq
-from qflow.quant.algos.gptq_model import GPTQOptions, quantize_model_gptq
 from qflow.quant.algos.smoothquant_model import collect_act_max, smooth_block
 from qflow.quant.ir import Checkpoint
 
-from .conftest import fold_random_scales
+from .conftest import fold_random_scales, quantize_calibrated
 from .test_blockwise import calib_ids, make_ctx
 
 VOCAB = 97
@@ -161,12 +159,7 @@ def test_calibrated_methods_produce_an_ir(tmp_path, family, method):
     work = copy.deepcopy(fp)
     ids = calib_ids(4, 32, vocab=VOCAB)
     adapter = get_adapter(work)
-    if method == "awq":
-        res = quantize_model_awq(make_ctx(tmp_path), work, adapter, ids, AWQOptions(bits=4, group_size=32, n_grid=4),
-                                 base_model="tiny", batch_size=4)
-    else:
-        res = quantize_model_gptq(make_ctx(tmp_path), work, adapter, ids, GPTQOptions(bits=4, group_size=32),
-                                  base_model="tiny", batch_size=4)
+    res = quantize_calibrated(make_ctx(tmp_path), work, ids, method, n_grid=4)
     ckpt = Checkpoint(res.checkpoint_dir)
     assert len(ckpt.layers) == 2 * len(adapter.linear_names())
     quant = apply_checkpoint(copy.deepcopy(fp), ckpt, mode="dequant")

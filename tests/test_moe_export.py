@@ -89,20 +89,11 @@ def test_hqq_quantizes_every_expert_and_leaves_routers_float(tmp_path, family, m
 @pytest.mark.parametrize("family,method", [("mixtral", "gptq"), ("qwen2_moe", "awq"), ("qwen3_moe", "awq"),
                                            ("qwen3_moe", "gptq")])
 def test_calibrated_methods_produce_an_ir_per_moe_family(tmp_path, family, method):
-    from qflow.models.adapters import get_adapter
-    from qflow.quant.algos.awq import AWQOptions, quantize_model_awq
-    from qflow.quant.algos.gptq_model import GPTQOptions, quantize_model_gptq
+    from .conftest import quantize_calibrated
 
     fp = tiny_moe(family, seed=5)
-    work = copy.deepcopy(fp)
     ids = calib_ids(4, 16, vocab=VOCAB)
-    adapter = get_adapter(work)
-    if method == "awq":
-        res = quantize_model_awq(make_ctx(tmp_path), work, adapter, ids, AWQOptions(bits=4, group_size=32, n_grid=3),
-                                 base_model="tiny", batch_size=4)
-    else:
-        res = quantize_model_gptq(make_ctx(tmp_path), work, adapter, ids, GPTQOptions(bits=4, group_size=32),
-                                  base_model="tiny", batch_size=4)
+    res = quantize_calibrated(make_ctx(tmp_path), copy.deepcopy(fp), ids, method, n_grid=3)
     ckpt = Checkpoint(res.checkpoint_dir)
     assert len(ckpt.layers) == 2 * _n_linears(family)
     err = _rel(_logits(apply_checkpoint(copy.deepcopy(fp), ckpt, mode="dequant"), ids), _logits(fp, ids))
