@@ -279,3 +279,14 @@ def test_n_search_tokens_subsamples_whole_sequences():
     rows = awq._search_rows(64, 512, 8192)
     assert rows.tolist() == torch.linspace(0, 63, 16).round().long().tolist()
     assert awq._search_rows(4, 512, 10**6) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gram_by_column_blocks_equals_the_fp64_product(dtype):
+    torch.manual_seed(3)
+    x = (torch.randn(3, 37, 70) * torch.linspace(0.1, 8, 70)).to(dtype)
+    got = awq.gram(x, chunk_rows=16, chunk_cols=32)          # ragged row chunks and column blocks
+    x64 = x.reshape(-1, 70).double()
+    want = x64.t() @ x64
+    assert got.dtype == torch.float32 and got.shape == (70, 70)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))

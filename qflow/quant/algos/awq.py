@@ -112,14 +112,24 @@ def weight_mean(weights: list[torch.Tensor], group_size: int | list[int]) -> tor
     return torch.cat(rows, dim=0).mean(0)
 
 
-def gram(x: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
-    """``XᵀX`` (fp64) of ``x [..., in]``, fp32 matmuls per chunk accumulated in fp64."""
+def gram(x: torch.Tensor, chunk_rows: int = 4096, chunk_cols: int = 1024) -> torch.Tensor:
+    """``XᵀX`` of ``x [..., in]`` in fp32, each entry accumulated in fp64 over row chunks of fp32 products.
+
+    Built one column block at a time, so the peak is the fp32 result plus one block's fp64
+    accumulator and product (at ``in`` = 8192: 256 MiB + ~100 MiB, where a whole fp64 matrix
+    with its fp32 product and their fp64 sum took 1.25 GiB).
+    """
     x2 = x.reshape(-1, x.shape[-1])
-    g = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64)
-    for r0 in range(0, x2.shape[0], chunk_rows):
-        xc = x2[r0:r0 + chunk_rows].float()
-        g += (xc.t() @ xc).double()
-    return g
+    n = x2.shape[1]
+    out = torch.empty(n, n, dtype=torch.float32)
+    for c0 in range(0, n, chunk_cols):
+        c1 = min(n, c0 + chunk_cols)
+        acc = torch.zeros(n, c1 - c0, dtype=torch.float64)
+        for r0 in range(0, x2.shape[0], chunk_rows):
+            xc = x2[r0:r0 + chunk_rows].float()
+            acc.add_(xc.t() @ xc[:, c0:c1])
+        out[:, c0:c1] = acc
+    return out
 
 
 def candidate_scales(x_mean: torch.Tensor, ratio: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,7 +189,7 @@ def search_scale(loss_module: nn.Module, linears: list[nn.Linear], x: torch.Tens
         n_rows = x.reshape(-1, x.shape[-1]).shape[0]
         if x_gram is None:
             x_gram = gram(x)
-        x_gram = x_gram.float()  # accumulated in fp64; fp32 products per ratio are plenty
+        x_gram = x_gram.float()  # entries accumulated in fp64 (gram); fp32 products per ratio are plenty
     elif y_ref is None:
         y_ref = torch.cat([_module_out(loss_module, x[b:b + batch_size], kwargs)
                            for b in range(0, x.shape[0], batch_size)])
