@@ -32,12 +32,12 @@ test: setup native
 	$(PY) -m pytest -q -x -n 2 --durations=15
 
 test-slow: setup native
-	$(PY) -m pytest -q -m slow --durations=15
+	$(PY) -m pytest -q -n 2 -m slow --durations=15
 
 # nightly-style: the whole suite, slow tests included (-m '' clears the default `not slow`);
 # must pass before an issue touching methods is resolved
 test-all: setup native
-	$(PY) -m pytest -q -m '' --durations=25
+	$(PY) -m pytest -q -n 2 -m '' --durations=40
 
 native: setup
 	$(PY) native/build.py
