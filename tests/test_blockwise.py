@@ -335,3 +335,20 @@ def test_peak_rss_is_the_process_own_not_its_parents():
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     del ballast
     assert child < 500 << 20, child
+
+
+def test_fit_batch_size_caps_the_widest_temporary():
+    from qflow.quant.algos.blockwise import BATCH_TENSOR_BYTES, fit_batch_size
+
+    from torch import nn
+
+    def mlp(width):
+        return nn.Sequential(nn.Linear(2048, width), nn.Linear(width, 2048))
+
+    assert fit_batch_size(mlp(1536), 512, 8) == 8          # the bundled model's width: as asked
+    assert fit_batch_size(mlp(8192), 512, 8) == 2          # Llama-3.2-1B: 2 x 512 x 8192 x 4 B = 32 MiB
+    assert fit_batch_size(mlp(14336), 2048, 8) == 1        # never below one sequence
+    assert fit_batch_size(mlp(8192), 512, 1) == 1
+    for width, seq in ((8192, 512), (3072, 1024), (64, 16)):
+        b = fit_batch_size(mlp(width), seq, 64)
+        assert b == 64 or (b * seq * width * 4 <= BATCH_TENSOR_BYTES < (b + 1) * seq * width * 4)

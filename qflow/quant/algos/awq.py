@@ -56,6 +56,7 @@ from torch import nn
 from ...errors import StageError
 from .. import dispatch
 from ...models.adapters import ArchAdapter, ScaleSite, norm_weight_offset
+from ...models.lazy import release_freed_memory
 from ..spec import QuantSpec
 from .blockwise import Activations, Block, run_blockwise, write_records
 from .moe import count_routed_tokens, record_expert_tokens, report_expert_tokens, warn_no_tokens
@@ -87,10 +88,14 @@ class AWQOptions:
 # statistics
 # ---------------------------------------------------------------------------
 
-def act_mean(x: torch.Tensor, chunk_rows: int = 8192) -> torch.Tensor:
-    """``mean_t |x[t, j]|`` over all leading dims, fp32 (summed in fp64 by chunks)."""
+def act_mean(x: torch.Tensor, chunk_elements: int = 1 << 22) -> torch.Tensor:
+    """``mean_t |x[t, j]|`` over all leading dims, fp32 (summed in fp64 by chunks).
+
+    A chunk holds about ``chunk_elements`` values (the fp64 sum converts its chunk: at 8192
+    rows of width 8192 a fixed row count made a 512 MiB transient; now 32 MiB)."""
     x2 = x.reshape(-1, x.shape[-1])
     acc = torch.zeros(x2.shape[1], dtype=torch.float64)
+    chunk_rows = max(1, chunk_elements // max(1, x2.shape[1]))
     for r0 in range(0, x2.shape[0], chunk_rows):
         acc += x2[r0:r0 + chunk_rows].float().abs().sum(0, dtype=torch.float64)
     return (acc / max(x2.shape[0], 1)).float()
@@ -395,6 +400,7 @@ def search_block_scales(block: Block, opts: AWQOptions, acts: Activations,
                                kwargs=block.kwargs if site.loss_kwargs else None, y_ref=ys,
                                x_mean=act_mean(x), batch_size=block.batch_size, where=where)
         searches.append((site, res))
+        release_freed_memory()   # each site's temporaries back to the OS before the next (wide) one
     return searches
 
 
@@ -495,6 +501,7 @@ def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True,
         block.writer.add_float(pname, tensor)
     for prev, linears, scales in folds:  # exact fold factors for the per-layer report
         block.writer.add_fold(prev, linears, scales)
+    release_freed_memory()
     if opts.apply_clip:
         for name, clip in clip_block(block, opts, feats, layer_spec):
             block.record(layer=block.full_name(name), clip_err_unclipped=float(clip.err_unclipped.sum()),

@@ -198,6 +198,23 @@ def capture_block0_inputs(model: nn.Module, adapter: ArchAdapter, ids: torch.Ten
 # one block
 # ---------------------------------------------------------------------------
 
+#: the widest temporary one mini-batch may make (a linear's output of ``rows x width`` fp32):
+#: the batch shrinks below the recipe's ``batch_size`` when a block is wide enough to pass it
+BATCH_TENSOR_BYTES = 32 * 2**20
+
+
+def fit_batch_size(block: nn.Module, seq_len: int, batch_size: int,
+                   cap_bytes: int = BATCH_TENSOR_BYTES) -> int:
+    """Sequences per mini-batch: ``batch_size``, or fewer when a linear of ``block`` would make an
+    fp32 temporary over ``cap_bytes`` (at Llama-3.2-1B's MLP width 8192 and 512 tokens: 2, where 8
+    made 128 MiB per gate/up/product tensor); at least 1. Per-sequence results do not depend on it."""
+    widths = [max(m.in_features, m.out_features) for m in block.modules() if isinstance(m, nn.Linear)]
+    if not widths or seq_len <= 0:
+        return batch_size
+    per_seq = seq_len * max(widths) * 4
+    return max(1, min(batch_size, cap_bytes // per_seq))
+
+
 @dataclass
 class Activations:
     """What one pass over the calibration inputs produced."""
@@ -388,6 +405,12 @@ def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.T
     model.eval()
     blocks = adapter.blocks()
     n_blocks = len(blocks)
+    if ids is not None and n_blocks:
+        fitted = fit_batch_size(blocks[0], ids.shape[1], batch_size)
+        if fitted < batch_size:
+            ctx.log.info("mini-batch: %d sequences (of %d asked) so one temporary stays under %d MiB",
+                         fitted, batch_size, BATCH_TENSOR_BYTES // 2**20)
+            batch_size = fitted
     resume = BlockState(ctx.scratch, {"method": method, "n_blocks": n_blocks, "batch_size": batch_size,
                                       "ids_shape": list(ids.shape) if ids is not None else None,
                                       **(signature or {})}, ctx.log)
