@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export MLFLOW_ENABLE_ASYNC_LOGGING ?= false
 
-.PHONY: setup run test test-slow test-all native bench clean
+.PHONY: setup run test test-slow test-all test-soak native bench clean
 
 setup: $(STAMP)
 
@@ -32,12 +32,16 @@ test: setup native
 	$(PY) -m pytest -q -x -n 2 --durations=15
 
 test-slow: setup native
-	$(PY) -m pytest -q -n 2 -m slow --durations=15
+	$(PY) -m pytest -q -n 2 -m 'slow and not soak' --durations=15
 
-# nightly-style: the whole suite, slow tests included (-m '' clears the default `not slow`);
-# must pass before an issue touching methods is resolved
+# nightly-style: the whole suite, slow tests included (this -m replaces the default `not slow`),
+# but not the soak tests; must pass before an issue touching methods is resolved
 test-all: setup native
-	$(PY) -m pytest -q -n 2 -m '' --durations=40
+	$(PY) -m pytest -q -n 2 -m 'not soak' --durations=40
+
+# soak: the 100-SIGKILL durability loop (issue 17), hours on 2 cores; alone, one worker
+test-soak: setup native
+	$(PY) -m pytest -q -m soak --durations=5
 
 native: setup
 	$(PY) native/build.py

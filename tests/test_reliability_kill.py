@@ -7,7 +7,7 @@ export's atomic placement), a fully cached run (hits, artifact restore, MLflow l
 ``qflow cache verify`` is clean, no temp folder is left in the cache or beside the export, and the
 quantized IR, the export and the evaluation metrics are bit-identical to an uninterrupted run.
 
-``make test-slow`` runs 100 kills and rewrites the counts so far to ``runs/kill-loop-counts.json``
+``make test-soak`` runs 100 kills and rewrites the counts so far to ``runs/kill-loop-counts.json``
 after each kill (quoted in docs/RELIABILITY.md); the default suite runs 3.
 """
 
@@ -239,6 +239,7 @@ def test_kill_loop_fast(tmp_path, tiny_model_dir, runs_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_kill_loop_100(tmp_path, tiny_model_dir, runs_dir):
     out = REPO / "runs" / "kill-loop-counts.json"     # rewritten after every kill: "kills" of "of" done
     counts = kill_loop(tmp_path, tiny_model_dir, runs_dir, n_kills=100, seed=int(os.environ.get("QFLOW_KILL_SEED", "1")),
