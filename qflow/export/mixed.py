@@ -73,13 +73,11 @@ def moe_export_problem(fmt: str, family: str) -> str:
     gguf_moe = [f for f in GGUF_FAMILIES if f in MOE_FAMILIES]
     via_gguf = (f"export.gguf (llama.cpp's layout, for {', '.join(gguf_moe)})" if family in gguf_moe else
                 f"export.gguf writes only {', '.join(gguf_moe)} of the MoE families")
-    return (f"{fmt} does not write {family!r} mixture-of-experts checkpoints (it has no per-expert layout); "
+    head = (f"{fmt} does not write {family!r} mixture-of-experts checkpoints (it has no per-expert layout); "
             f"fix: export it with export.safetensors, layout: compressed-tensors, which writes every expert and "
-            f"loads in transformers and vLLM, or with {via_gguf}, or evaluate the IR with evaluate.lm"
-            if family in gguf_moe else
-            f"{fmt} does not write {family!r} mixture-of-experts checkpoints (it has no per-expert layout); "
-            f"fix: export it with export.safetensors, layout: compressed-tensors, which writes every expert and "
-            f"loads in transformers and vLLM ({via_gguf}), or evaluate the IR with evaluate.lm")
+            f"loads in transformers and vLLM")
+    other = f", or with {via_gguf}" if family in gguf_moe else f" ({via_gguf})"
+    return head + other + ", or evaluate the IR with evaluate.lm"
 
 
 def moe_problems(ckpt, fmt: str, layout: str | None = None) -> list[str]:

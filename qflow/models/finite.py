@@ -42,7 +42,7 @@ def nonfinite_tensors(folder: Path, chunk_bytes: int = CHUNK_BYTES) -> dict[str,
         with open(path, "rb") as fh:
             for (begin, end), name, dtype in tensors:
                 torch_dtype = getattr(torch, _TORCH_DTYPES[dtype])
-                item = torch.empty((), dtype=torch_dtype).element_size()
+                item = torch_dtype.itemsize
                 step = max(item, chunk_bytes - chunk_bytes % item)
                 buf = bytearray(min(step, end - begin))
                 n_bad = 0
