@@ -290,3 +290,86 @@ def test_gram_by_column_blocks_equals_the_fp64_product(dtype):
     want = x64.t() @ x64
     assert got.dtype == torch.float32 and got.shape == (70, 70)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+
+
+# ---- streamed inputs (o_proj, down_proj: no [N, T, in] capture) ---------------------------------
+
+@pytest.mark.parametrize("n_rows,n_clip", [(70, 16), (512, 512), (300, 1000), (1023, 512), (4096, 512)])
+def test_sample_tokens_keeps_its_own_sample_whole(n_rows, n_clip):
+    """The clip search re-samples what it is given: on a sample it already took, that is the identity."""
+    x = torch.randn(n_rows, 3)
+    once = awq.sample_tokens(x, n_clip)
+    assert torch.equal(awq.sample_tokens(once, n_clip), once)
+
+
+@pytest.mark.parametrize("batches", [[70], [16, 16, 16, 22], [5, 33, 1, 31]])
+def test_streamed_input_equals_the_whole_input(batches):
+    torch.manual_seed(5)
+    x = torch.randn(sum(batches), 48) * torch.linspace(0.1, 6, 48)
+    st = awq.StreamedInput(48, x.shape[0], 16, want_gram=True, chunk_rows=8, chunk_cols=20)
+    r0 = 0
+    for b in batches:
+        st.add(x[r0:r0 + b])
+        r0 += b
+    st.check_complete("test")
+    assert torch.equal(st.sample, awq.sample_tokens(x, 16))           # the same rows, in order
+    torch.testing.assert_close(st.mean(), awq.act_mean(x), rtol=1e-7, atol=0)
+    whole = awq.gram(x, chunk_rows=8, chunk_cols=20)
+    if len(batches) == 1:
+        assert torch.equal(st.gram, whole)
+    else:   # rounded to fp32 once per mini-batch
+        torch.testing.assert_close(st.gram, whole, rtol=1e-6, atol=1e-6 * float(whole.abs().max()))
+
+
+def test_streamed_input_counts_rows():
+    st = awq.StreamedInput(4, 10, 4, want_gram=False)
+    st.add(torch.randn(6, 4))
+    assert st.gram is None
+    with pytest.raises(Exception, match="streamed 6 input rows, expected 10"):
+        st.check_complete("model.layers.0.mlp.down_proj")
+
+
+def test_linear_loss_in_row_chunks_equals_the_whole_weight(monkeypatch):
+    x, lin = _outlier_problem(n=512, cin=256, cout=96, seed=4)
+    spec = QuantSpec(bits=3, group_size=64, scheme="asym_a")
+    whole = search_scale(lin, [lin], x, spec)
+    g, mean = awq.gram(x), awq.act_mean(x)
+    # without x: the Gram matrix, the column means and the row count are enough
+    streamed = search_scale(lin, [lin], None, spec, x_gram=g, x_mean=mean, n_rows=512)
+    assert streamed.losses == whole.losses and torch.equal(streamed.scales, whole.scales)
+    monkeypatch.setattr(awq, "LINEAR_LOSS_CHUNK_ELEMENTS", 40 * 256)   # ragged chunks: 40, 40, 16 rows
+    chunked = search_scale(lin, [lin], x, spec)
+    assert chunked.losses == pytest.approx(whole.losses, rel=1e-6)
+    assert chunked.best_ratio == whole.best_ratio
+    with pytest.raises(ValueError, match="without x"):
+        search_scale(nn.Sequential(lin), [lin], None, spec, x_gram=g, x_mean=mean, n_rows=512)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_streamed_block_search_equals_the_captured_one(tmp_path, kv_heads):
+    """awq_block streams o_proj/down_proj's inputs; its searches and clip inputs match a full capture."""
+    model = tiny_llama(layers=1, kv_heads=kv_heads)
+    ids = calib_ids(8, 32)
+    opts = AWQOptions(bits=3, group_size=32, n_clip_tokens=64)
+    with torch.no_grad():
+        adapter, writer, h, kwargs = _blocks_with_inputs(model, ids, tmp_path)
+        block = _block(adapter, writer, 0, h, kwargs)     # mini-batches of 4: two per pass
+        names = adapter.linear_names(block.module)
+        spec = lambda rel: opts.spec()
+        acts = block.run(capture=names, module_outputs=["self_attn", "mlp"])
+        want = search_block_scales(block, opts, acts, spec)
+        streamed = awq.streamable_inputs(block, names, spec, opts.n_clip_tokens)
+        assert set(streamed) == {"self_attn.o_proj", "mlp.down_proj"}
+        assert (streamed["self_attn.o_proj"].gram is not None) == (kv_heads == 4)   # the v->o site
+        canon = adapter.canonical_input
+        acts2 = block.run(capture=[n for n in names if canon(n) not in streamed], stream=list(streamed),
+                          on_input=lambda rel, x2: streamed[canon(rel)].add(x2), module_outputs=["self_attn", "mlp"])
+        assert not set(streamed) & set(acts2.inputs)
+        got = search_block_scales(block, opts, acts2, spec, streamed)
+    assert [s.name for s, _ in got] == [s.name for s, _ in want]
+    for (site, a), (_, b) in zip(want, got):
+        assert a.best_ratio == b.best_ratio, site.name
+        assert a.losses == pytest.approx(b.losses, rel=1e-5), site.name
+    for key, st in streamed.items():
+        assert torch.equal(st.sample, awq.sample_tokens(acts.inputs[key], opts.n_clip_tokens)), key
+    assert not acts2.module_outputs   # each loss module's output dropped after its site

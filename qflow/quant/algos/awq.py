@@ -125,16 +125,72 @@ def gram(x: torch.Tensor, chunk_rows: int = 4096, chunk_cols: int = 1024) -> tor
     with its fp32 product and their fp64 sum took 1.25 GiB).
     """
     x2 = x.reshape(-1, x.shape[-1])
+    out = torch.empty(x2.shape[1], x2.shape[1], dtype=torch.float32)
+    _gram_into(out, x2, chunk_rows, chunk_cols, first=True)
+    return out
+
+
+def _gram_into(out: torch.Tensor, x2: torch.Tensor, chunk_rows: int, chunk_cols: int, *, first: bool) -> None:
+    """``out`` (fp32) ``=`` (``first``) or ``+=`` ``x2ᵀx2``, each column block summed in fp64 before rounding."""
     n = x2.shape[1]
-    out = torch.empty(n, n, dtype=torch.float32)
     for c0 in range(0, n, chunk_cols):
         c1 = min(n, c0 + chunk_cols)
         acc = torch.zeros(n, c1 - c0, dtype=torch.float64)
         for r0 in range(0, x2.shape[0], chunk_rows):
             xc = x2[r0:r0 + chunk_rows].float()
             acc.add_(xc.t() @ xc[:, c0:c1])
-        out[:, c0:c1] = acc
-    return out
+        if first:
+            out[:, c0:c1] = acc
+        else:
+            out[:, c0:c1] = acc.add_(out[:, c0:c1])
+
+
+class StreamedInput:
+    """What the searches need from one linear's input, accumulated per mini-batch instead of kept.
+
+    A linear whose input feeds no forward of the search (its loss module is itself, or it only
+    needs a clip search: ``o_proj``, ``down_proj``) does not need ``[N, T, in]``: the scale search
+    uses the Gram matrix, the column means of ``|x|`` and the row count, and the clip search the
+    rows ``sample_tokens`` would pick. Accumulated as the block pass streams each mini-batch,
+    they replace the largest capture (``down_proj``'s input: 256 MiB at 8,192 tokens of width
+    8,192) by the Gram matrix alone. With one mini-batch the figures equal ``gram(x)``,
+    ``act_mean(x)`` and ``sample_tokens(x, n_clip_tokens)`` exactly; with several, the Gram
+    matrix is rounded to fp32 once per mini-batch (each product still summed in fp64).
+    """
+
+    def __init__(self, in_features: int, n_rows: int, n_clip_tokens: int, *, want_gram: bool,
+                 chunk_rows: int = 4096, chunk_cols: int = 1024) -> None:
+        self.n_rows = n_rows
+        self.step = max(1, n_rows // n_clip_tokens)          # sample_tokens' stride over all rows
+        self.in_features = in_features
+        self.sample: torch.Tensor | None = None               # in the input's dtype, as a capture would be
+        self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
+        self.gram = torch.empty(in_features, in_features, dtype=torch.float32) if want_gram else None
+        self.seen = 0
+        self._chunks = (chunk_rows, chunk_cols)
+
+    def add(self, x2: torch.Tensor) -> None:
+        """Rows ``seen .. seen + len(x2)`` of the input, in order."""
+        r0 = self.seen
+        first = -(-r0 // self.step) * self.step - r0            # the first row here on the sample's stride
+        picked = x2[first::self.step]
+        k0 = -(-r0 // self.step)
+        if self.sample is None:
+            self.sample = torch.empty((-(-self.n_rows // self.step), self.in_features), dtype=x2.dtype)
+        self.sample[k0:k0 + picked.shape[0]] = picked
+        chunk = max(1, (1 << 22) // max(1, x2.shape[1]))      # act_mean's chunking
+        for c0 in range(0, x2.shape[0], chunk):
+            self.abs_sum += x2[c0:c0 + chunk].float().abs().sum(0, dtype=torch.float64)
+        if self.gram is not None:
+            _gram_into(self.gram, x2, *self._chunks, first=r0 == 0)
+        self.seen += x2.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.n_rows, 1)).float()
+
+    def check_complete(self, where: str) -> None:
+        if self.seen != self.n_rows:
+            raise StageError(f"streamed {self.seen} input rows, expected {self.n_rows}", where=where)
 
 
 def candidate_scales(x_mean: torch.Tensor, ratio: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,6 +206,8 @@ def candidate_scales(x_mean: torch.Tensor, ratio: float, w_mean: torch.Tensor | 
 # scale search (step 2)
 # ---------------------------------------------------------------------------
 
+LINEAR_LOSS_CHUNK_ELEMENTS = 1 << 21   # weight rows per step of the Gram-matrix loss: 8 MiB of fp32
+
 @dataclass
 class ScaleSearch:
     site: str
@@ -164,11 +222,11 @@ def _module_out(module: nn.Module, x: torch.Tensor, kwargs: dict[str, Any] | Non
 
 
 @torch.no_grad()
-def search_scale(loss_module: nn.Module, linears: list[nn.Linear], x: torch.Tensor,
+def search_scale(loss_module: nn.Module, linears: list[nn.Linear], x: torch.Tensor | None,
                  spec: QuantSpec | list[QuantSpec | None], *,
                  n_grid: int = 20, duo_scaling: bool = False, kwargs: dict[str, Any] | None = None,
                  y_ref: torch.Tensor | None = None, x_mean: torch.Tensor | None = None,
-                 x_gram: torch.Tensor | None = None, batch_size: int = 8,
+                 x_gram: torch.Tensor | None = None, n_rows: int | None = None, batch_size: int = 8,
                  where: str = "awq") -> ScaleSearch:
     """Grid search of the AWQ scale for ``linears`` (all reading ``x``) against ``loss_module``.
 
@@ -176,25 +234,35 @@ def search_scale(loss_module: nn.Module, linears: list[nn.Linear], x: torch.Tens
     i.e. for attention). ``y_ref``: the loss module's FP output on ``x`` (computed
     here when omitted). ``x_mean`` defaults to ``act_mean(x)``. When ``loss_module``
     is the single scaled linear, the loss uses the Gram matrix ``x_gram`` (computed
-    from ``x`` when omitted) instead of forwards. Weights are restored on return.
+    from ``x`` when omitted) instead of forwards; ``x`` may then be None when
+    ``x_gram``, ``x_mean`` and ``n_rows`` (the input's token count) are given (a
+    :class:`StreamedInput`). Weights are restored on return.
     ``spec``: one for every linear, or one per linear (mixed precision: each linear is
     fake-quantized with its own spec; None leaves it float, i.e. exact in the loss).
     """
     specs = list(spec) if isinstance(spec, (list, tuple)) else [spec] * len(linears)
     if len(specs) != len(linears) or all(s is None for s in specs):
         raise ValueError("search_scale needs one spec per linear, at least one of them quantized")
-    originals = [lin.weight.data.clone() for lin in linears]
+    linear_loss = len(linears) == 1 and loss_module is linears[0]
+    if x is None and not (linear_loss and x_gram is not None and x_mean is not None and n_rows is not None):
+        raise ValueError("search_scale without x needs a linear loss module with x_gram, x_mean and n_rows")
+    # the linear loss never writes the weights: no copy to restore (it is the site's widest weight)
+    originals = [lin.weight.data if linear_loss else lin.weight.data.clone() for lin in linears]
     if x_mean is None:
         x_mean = act_mean(x)
     x_mean = x_mean.float()
     quantized = [(w, s) for w, s in zip(originals, specs) if s is not None]
     w_mean = weight_mean([w for w, _ in quantized], [s.group_size for _, s in quantized]) if duo_scaling else None
-    linear_loss = len(linears) == 1 and loss_module is linears[0]
     if linear_loss:
-        n_rows = x.reshape(-1, x.shape[-1]).shape[0]
+        if n_rows is None:
+            n_rows = x.reshape(-1, x.shape[-1]).shape[0]
         if x_gram is None:
             x_gram = gram(x)
         x_gram = x_gram.float()  # entries accumulated in fp64 (gram); fp32 products per ratio are plenty
+        w = originals[0].float()
+        # rows are quantized independently (groups run along a row), so the loss is summed over row
+        # chunks: each ratio's temporaries (W·s, Q(W·s)/s, ΔW, ΔW·G) stay near 8 MiB, not 5 x [out, in]
+        row_chunk = max(1, LINEAR_LOSS_CHUNK_ELEMENTS // max(1, w.shape[1]))
     elif y_ref is None:
         y_ref = torch.cat([_module_out(loss_module, x[b:b + batch_size], kwargs)
                            for b in range(0, x.shape[0], batch_size)])
@@ -205,13 +273,16 @@ def search_scale(loss_module: nn.Module, linears: list[nn.Linear], x: torch.Tens
             ratio = r / n_grid
             s = candidate_scales(x_mean, ratio, w_mean)
             if linear_loss:
-                w = originals[0].float()
-                dw = dispatch.fake_quant(w * s, specs[0]) / s - w
-                loss = float(((dw @ x_gram) * dw).sum(dtype=torch.float64) / (n_rows * w.shape[0]))
+                total = torch.zeros((), dtype=torch.float64)
+                for r0 in range(0, w.shape[0], row_chunk):
+                    wr = w[r0:r0 + row_chunk]
+                    dw = dispatch.fake_quant(wr * s, specs[0]) / s - wr
+                    total += ((dw @ x_gram) * dw).sum(dtype=torch.float64)
+                loss = float(total / (n_rows * w.shape[0]))
             else:
-                for lin, w, lin_spec in zip(linears, originals, specs):
+                for lin, w0, lin_spec in zip(linears, originals, specs):
                     if lin_spec is not None:
-                        lin.weight.data = (dispatch.fake_quant(w * s, lin_spec) / s).to(w.dtype)
+                        lin.weight.data = (dispatch.fake_quant(w0 * s, lin_spec) / s).to(w0.dtype)
                 total = 0.0
                 for b in range(0, x.shape[0], batch_size):
                     y = _module_out(loss_module, x[b:b + batch_size], kwargs)
@@ -221,8 +292,8 @@ def search_scale(loss_module: nn.Module, linears: list[nn.Linear], x: torch.Tens
             if loss < best_loss:  # first strict minimum; NaN never wins
                 best_loss, best_ratio, best_scales = loss, ratio, s
     finally:
-        for lin, w in zip(linears, originals):
-            lin.weight.data = w
+        for lin, w0 in zip(linears, originals):
+            lin.weight.data = w0
     if best_scales is None:
         raise StageError(f"AWQ scale search found no finite loss (losses {losses})", where=where,
                          fix="check the calibration activations and the float weights for inf/NaN")
@@ -367,29 +438,44 @@ def _nonlinear_loss_modules(block: Block) -> list[str]:
 
 
 def search_block_scales(block: Block, opts: AWQOptions, acts: Activations,
-                        layer_spec: Callable[[str], QuantSpec | None] | None = None
+                        layer_spec: Callable[[str], QuantSpec | None] | None = None,
+                        streamed: dict[str, StreamedInput] | None = None
                         ) -> list[tuple[ScaleSite, ScaleSearch]]:
     """Step 2 on every site of ``block`` with the original weights (restored after each site).
 
-    ``acts`` comes from ``block.run(capture=<all linears>, module_outputs=<non-linear loss modules>)``.
+    ``acts`` comes from ``block.run(capture=<all linears>, module_outputs=<non-linear loss modules>)``;
+    ``streamed``: the inputs that pass streamed instead of capturing (canonical linear ->
+    :class:`StreamedInput`, see :func:`streamable_inputs`). Each loss module's output is
+    dropped from ``acts`` once no later site needs it.
     ``layer_spec(rel)``: each linear's spec (mixed precision; None: float); a site whose
     linears are all float is not searched (nothing to protect).
     """
     adapter, mod = block.adapter, block.module
     layer_spec = layer_spec or (lambda rel, spec=opts.spec(): spec)
+    streamed = streamed or {}
     n_seq, seq_len = block.inputs.shape[:2]
     rows = _search_rows(n_seq, seq_len, opts.n_search_tokens)
     searches: list[tuple[ScaleSite, ScaleSearch]] = []
-    for site in adapter.awq_sites(mod):
+    sites = adapter.awq_sites(mod)
+    for i, site in enumerate(sites):
         spec = [layer_spec(n) for n in site.linears]
         if all(s is None for s in spec):
             continue
-        x = acts.inputs[adapter.canonical_input(site.input_of)]
-        if x.numel() == 0:   # an expert no calibration token reached: no scale (RTN fallback, docs/METHODS.md §4.2)
-            continue
+        key = adapter.canonical_input(site.input_of)
         loss_mod = mod.get_submodule(site.loss_module)
         linears = [block.linear(n) for n in site.linears]
         where = f"{block.name}.{site.loss_module} (AWQ site {site.name})"
+        if key in streamed:   # a linear loss module (streamable_inputs): Gram matrix, column means, row count
+            st = streamed[key]
+            res = search_scale(loss_mod, linears, None, spec, n_grid=opts.n_grid, duo_scaling=opts.duo_scaling,
+                               x_mean=st.mean(), x_gram=st.gram, n_rows=st.n_rows, where=where)
+            st.gram = None   # one site per Gram matrix
+            searches.append((site, res))
+            release_freed_memory()
+            continue
+        x = acts.inputs[key]
+        if x.numel() == 0:   # an expert no calibration token reached: no scale (RTN fallback, docs/METHODS.md §4.2)
+            continue
         if isinstance(loss_mod, nn.Linear):
             res = search_scale(loss_mod, linears, x, spec, n_grid=opts.n_grid, duo_scaling=opts.duo_scaling,
                                batch_size=block.batch_size, where=where)
@@ -399,9 +485,44 @@ def search_block_scales(block: Block, opts: AWQOptions, acts: Activations,
             res = search_scale(loss_mod, linears, xs, spec, n_grid=opts.n_grid, duo_scaling=opts.duo_scaling,
                                kwargs=block.kwargs if site.loss_kwargs else None, y_ref=ys,
                                x_mean=act_mean(x), batch_size=block.batch_size, where=where)
+            del xs, ys, y_ref
+            if all(later.loss_module != site.loss_module for later in sites[i + 1:]):
+                acts.module_outputs.pop(site.loss_module, None)   # its last use
         searches.append((site, res))
         release_freed_memory()   # each site's temporaries back to the OS before the next (wide) one
     return searches
+
+
+def streamable_inputs(block: Block, names: list[str], layer_spec: Callable[[str], QuantSpec | None],
+                      n_clip_tokens: int) -> dict[str, StreamedInput]:
+    """Inputs ``awq_block`` streams instead of capturing: canonical linear -> :class:`StreamedInput`.
+
+    An input qualifies when no forward of the search reads it (it is not the input of a site
+    whose loss module is a sub-module such as ``self_attn`` or ``mlp``) and every linear reading
+    it sees every token (not a routed expert); the Gram matrix is kept only for the input of a
+    searched linear-loss site. Llama-style blocks: ``o_proj`` and ``down_proj``.
+    """
+    adapter, mod = block.adapter, block.module
+    keys: dict[str, list[str]] = {}
+    for n in names:
+        keys.setdefault(adapter.canonical_input(n), []).append(n)
+    forwarded, gram_keys = set(), set()
+    for site in adapter.awq_sites(mod):
+        key = adapter.canonical_input(site.input_of)
+        loss_mod = mod.get_submodule(site.loss_module)
+        if isinstance(loss_mod, nn.Linear) and site.linears == (site.loss_module,):
+            if any(layer_spec(n) is not None for n in site.linears):
+                gram_keys.add(key)
+        else:
+            forwarded.add(key)
+    n_rows = block.inputs.shape[0] * block.inputs.shape[1]
+    out = {}
+    for key, readers in keys.items():
+        if key in forwarded or any(adapter.routed(n) for n in readers):
+            continue
+        lin = block.linear(key)
+        out[key] = StreamedInput(lin.in_features, n_rows, n_clip_tokens, want_gram=key in gram_keys)
+    return out
 
 
 def fold_block_scales(block: Block, searches: list[tuple[ScaleSite, ScaleSearch]],
@@ -424,7 +545,7 @@ def fold_block_scales(block: Block, searches: list[tuple[ScaleSite, ScaleSearch]
         keys = dict.fromkeys([adapter.canonical_input(site.input_of)] + [adapter.canonical_input(n) for n in site.linears])
         for key in keys:
             if key in feats:
-                feats[key] = feats[key] / res.scales.to(feats[key].dtype)
+                feats[key].div_(res.scales.to(feats[key].dtype))   # in place: no second copy of a wide input
         for pname, tensor in _prev_float_params(f"{block.name}.{site.prev}", prev):
             changed[pname] = tensor
     return [(k, v.detach().clone()) for k, v in changed.items()]
@@ -478,9 +599,15 @@ def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True,
     floats = {n: block.linear(n).weight.data.clone() for n in names if layer_spec(n) is None}
     t0 = time.perf_counter()
     # step 1: one pass of the FP block
+    streamed = streamable_inputs(block, names, layer_spec, opts.n_clip_tokens)
+    canon = block.adapter.canonical_input
     with count_routed_tokens(block.module) as routed:
-        acts = block.run(capture=names, outputs=propagate_fp and not block.is_last,
+        acts = block.run(capture=[n for n in names if canon(n) not in streamed],
+                         stream=list(streamed), on_input=lambda rel, x2: streamed[canon(rel)].add(x2),
+                         outputs=propagate_fp and not block.is_last,
                          module_outputs=_nonlinear_loss_modules(block))
+    for key, st in streamed.items():
+        st.check_complete(f"{block.full_name(key)} (AWQ streamed input)")
     rows = {rel: x.reshape(-1, x.shape[-1]).shape[0] for rel, x in acts.inputs.items()}
     record_expert_tokens(block, routed, lambda rel: rows.get(rel, 0))
     for name in names:   # experts no calibration token reached: RTN fallback (docs/METHODS.md §4.2)
@@ -489,13 +616,17 @@ def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True,
             warn_no_tokens(block, name, "AWQ")
     if propagate_fp:
         block.next_inputs = acts.outputs
-    searches = search_block_scales(block, opts, acts, layer_spec)
+    searches = search_block_scales(block, opts, acts, layer_spec, streamed)
     for site, res in searches:
         block.record(layer=f"{block.name}.{site.loss_module}", site=site.name, best_ratio=res.best_ratio,
                      loss_ratio0=res.losses[0], loss_best=min(res.losses))
     acts.module_outputs.clear()
     t_search = time.perf_counter() - t0
     feats = acts.inputs
+    for key, st in streamed.items():   # the clip search reads only these rows (sample_tokens keeps them all)
+        if st.sample is not None:
+            feats[key] = st.sample
+    streamed.clear()
     folds: list[tuple[str, list[str], torch.Tensor]] = []
     for pname, tensor in fold_block_scales(block, searches, feats, folds):
         block.writer.add_float(pname, tensor)
