@@ -339,3 +339,36 @@ def test_gptq_torch_and_numba_backends_agree(monkeypatch):
     b = gptq_quantize(W, H, spec, act_order=True, static_groups=False)
     assert float((a.codes != b.codes).float().mean()) <= 2e-3
     assert a.loss == pytest.approx(b.loss, rel=1e-3)
+
+
+# ---------------------------------------------------------------- in-place factorisation helpers (issue 17)
+
+@pytest.mark.parametrize("n,block", [(7, 3), (64, 64), (100, 32), (130, 512)])
+def test_tile_transpose_and_mirror_in_place(n, block):
+    from qflow.quant.algos.gptq import _mirror_lower_in_place, _transpose_in_place
+
+    A = torch.randn(n, n)
+    B = A.clone()
+    _transpose_in_place(B, block=block)
+    assert torch.equal(B, A.t())
+    C = A.clone()
+    _mirror_lower_in_place(C, block=block)
+    assert torch.equal(C, A.tril() + A.tril(-1).t())
+
+
+def test_in_place_cholesky_is_torchs_on_the_lower_triangle():
+    """Factoring H's own memory (column-major view) gives bit for bit torch's L of H's lower triangle,
+    also when an accumulated H is symmetric only up to rounding."""
+    from qflow.quant.algos.gptq import _mirror_lower_in_place, _transpose_in_place
+
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(900, 300, generator=g) @ torch.randn(300, 300, generator=g)
+    H = torch.zeros(300, 300).addmm_(X.t(), X, beta=0.0, alpha=2.0 / 900)
+    H.diagonal().add_(0.01 * float(H.diagonal().mean()))
+    want = torch.linalg.cholesky(H.tril() + H.tril(-1).t())
+    Hd = H.clone()
+    info = torch.empty((), dtype=torch.int32)
+    _mirror_lower_in_place(Hd, block=128)
+    torch.linalg.cholesky_ex(Hd.mT, out=(Hd.mT, info))
+    _transpose_in_place(Hd, block=128)
+    assert int(info) == 0 and torch.equal(Hd.tril(), want)

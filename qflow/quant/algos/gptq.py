@@ -170,6 +170,31 @@ def _reverse_in_place(A: torch.Tensor, chunk: int = 1 << 20) -> None:
         hi.copy_(tmp)
 
 
+def _transpose_in_place(A: torch.Tensor, block: int = 512) -> None:
+    """``A ← Aᵀ`` for a square C-contiguous ``A``, swapping ``block x block`` tiles (temporaries of one tile)."""
+    n = A.shape[0]
+    for i in range(0, n, block):
+        i1 = min(n, i + block)
+        A[i:i1, i:i1] = A[i:i1, i:i1].t().clone()
+        for j in range(i1, n, block):
+            j1 = min(n, j + block)
+            upper = A[i:i1, j:j1].clone()
+            A[i:i1, j:j1] = A[j:j1, i:i1].t()
+            A[j:j1, i:i1] = upper.t()
+
+
+def _mirror_lower_in_place(A: torch.Tensor, block: int = 512) -> None:
+    """``A``'s strict upper triangle ← its strict lower one transposed (square C-contiguous ``A``; tile by tile)."""
+    n = A.shape[0]
+    for i in range(0, n, block):
+        i1 = min(n, i + block)
+        d = A[i:i1, i:i1]
+        d.copy_(d.tril() + d.tril(-1).t())
+        for j in range(i1, n, block):
+            j1 = min(n, j + block)
+            A[i:i1, j:j1] = A[j:j1, i:i1].t()
+
+
 def _gather(H: torch.Tensor, order: torch.Tensor, rows: int = 256) -> torch.Tensor:
     """``H[order][:, order]`` as a new contiguous matrix, built ``rows`` rows at a time (no second ``n²`` temporary)."""
     out = torch.empty(H.shape, dtype=H.dtype, device=H.device)
@@ -191,9 +216,9 @@ def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float, retries: int, orde
     first Cholesky and factors it again: twice the flops, same matrix up to rounding).
 
     Memory (docs/METHODS.md §5): one ``n²`` working buffer besides ``H``: the reversed, permuted
-    ``Hd`` is gathered into it, factored into it (torch's Cholesky adds one transient ``n²``
-    copy), inverted and flipped in place; at ``n = 8192`` fp32 the factorisation's peak is three
-    256 MiB matrices including ``H`` (it was five).
+    ``Hd`` is gathered into it, factored, inverted and flipped in place; at ``n = 8192`` fp32
+    the factorisation's peak is two 256 MiB matrices including ``H`` (it was five, then three
+    while torch's Cholesky factored a column-major copy).
     """
     n = H.shape[0]
     rev = torch.arange(n - 1, -1, -1, device=H.device) if order is None else order.flip(0)
@@ -208,7 +233,14 @@ def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float, retries: int, orde
         Hd = _gather(H, rev)                          # a fresh contiguous copy, reversed (and permuted)
         Hd.diagonal().copy_(diag[rev] + pd * mean_diag)
         info = torch.empty((), dtype=torch.int32, device=Hd.device)
-        torch.linalg.cholesky_ex(Hd, out=(Hd, info))  # L into Hd (torch's column-major copy: one transient n²)
+        # L in place: LAPACK works on column-major storage and reads one triangle; with Hd's lower
+        # triangle mirrored onto its upper one (an accumulated H is symmetric only up to rounding), Hd's
+        # own memory read column-major holds the very matrix torch used to copy column-major for
+        # out=Hd (one transient n²): the same call on the same data gives the same L, left
+        # column-major (Lᵀ row-major) and transposed in place
+        _mirror_lower_in_place(Hd)
+        torch.linalg.cholesky_ex(Hd.mT, out=(Hd.mT, info))
+        _transpose_in_place(Hd)
         ok = int(info) == 0
         if ok:
             Hd.tril_()
