@@ -26,7 +26,7 @@ import ctypes.util
 import functools
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -44,12 +44,18 @@ _LOADER_ATTR = "qflow_block_loader"
 class BlockLoader:
     """Loads block ``i``'s tensors into the meta-built ``blocks[i]`` and frees them again."""
 
-    def __init__(self, model_dir: Path, blocks: nn.ModuleList, prefix: str, files: dict[str, "TensorRef"]):
+    def __init__(self, model_dir: Path, blocks: nn.ModuleList, prefix: str, files: dict[str, "TensorRef"],
+                 mapped: list | None = None):
         self.model_dir = Path(model_dir)
         self.blocks = blocks
         self.prefix = prefix
         self.files = files
+        self.mapped = list(mapped or [])   # the memory-mapped non-block tensors' arrays (embedding, head)
         self.loaded: set[int] = set()
+
+    def page_out_mapped(self) -> int:
+        """Hand the mapped tensors' resident pages back (see :func:`page_out`); they stay readable."""
+        return page_out(self.mapped)
 
     def load(self, index: int) -> None:
         if index in self.loaded:
@@ -99,9 +105,10 @@ MAP_MIN_BYTES = 64 * 2**20   # non-block tensors this large (embeddings, untied 
 _NUMPY_DTYPES = {"F32": "float32", "F16": "float16", "F64": "float64"}
 
 
-def mapped_tensor(path: Path, name: str, target: torch.Tensor) -> torch.Tensor | None:
-    """``name`` from the safetensors file ``path`` as a copy-on-write memory map shaped and typed
-    like ``target``, or None when it cannot be mapped as is (another dtype or shape, bf16).
+def mapped_tensor(path: Path, name: str, target: torch.Tensor) -> tuple[torch.Tensor, Any] | None:
+    """``(tensor, its np.memmap)``: ``name`` from the safetensors file ``path`` as a copy-on-write
+    memory map shaped and typed like ``target``, or None when it cannot be mapped as is (another
+    dtype or shape, bf16).
 
     A model's embedding is its largest tensor (a 128k vocabulary x 2048 is 1 GiB in fp32) and
     a block-wise pass reads only the rows of the calibration tokens: mapped, only those pages
@@ -117,7 +124,34 @@ def mapped_tensor(path: Path, name: str, target: torch.Tensor) -> torch.Tensor |
         return None
     begin, _ = info["data_offsets"]
     array = np.memmap(path, dtype=np_dtype, mode="c", offset=data_start + begin, shape=tuple(info["shape"]))
-    return torch.from_numpy(array)
+    return torch.from_numpy(array), array
+
+
+MADV_PAGEOUT = 21               # linux/mman.h (Linux 5.4+); Python's mmap module may not name it
+
+
+def page_out(arrays: list) -> int:
+    """Ask the kernel to reclaim the resident pages of memory-mapped ``arrays``; the bytes it mapped before.
+
+    The pages a block-wise pass touched in a mapped embedding (the calibration tokens' rows, plus
+    the kernel's read-ahead around them: 286 MiB of a 1 GiB table at Llama-3.2-1B shapes) count in
+    the process's RSS until unmapped, although the quantize stage never reads the table again.
+    ``MADV_PAGEOUT`` reclaims clean pages and never discards data (unlike ``MADV_DONTNEED`` on a
+    private mapping, which would drop a written page); a later read faults the rows back from the
+    file. A no-op where the kernel or platform does not offer it."""
+    import mmap
+
+    before = 0
+    for array in arrays:
+        handle = getattr(array, "_mmap", None)
+        if handle is None:
+            continue
+        before += len(handle)
+        try:
+            handle.madvise(getattr(mmap, "MADV_PAGEOUT", MADV_PAGEOUT))
+        except (OSError, ValueError, AttributeError):   # older kernel, not Linux: keep the pages
+            pass
+    return before
 
 
 @functools.cache
@@ -234,11 +268,13 @@ def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str 
         if name in files and id(target) not in unique:
             unique[id(target)] = name
     to_copy = {name: wanted[name] for name in unique.values()}
+    mapped_arrays: list = []
     for name in [n for n, t in to_copy.items() if t.numel() * t.element_size() >= MAP_MIN_BYTES]:
         ref = files[name]
         mapped = mapped_tensor(ref.path, ref.key, to_copy[name]) if ref.expert is None else None
         if mapped is not None:   # the embedding: pages come from the file as rows are used
-            to_copy.pop(name).data = mapped
+            to_copy.pop(name).data = mapped[0]
+            mapped_arrays.append(mapped[1])
     copy_from_checkpoint(to_copy, files, path, SourceError)
     loaded = set(unique)
     buffers = {name for name, _ in net.named_buffers()}
@@ -246,6 +282,6 @@ def load_model_lazy(path: str | Path, dtype="float32", attn_implementation: str 
     if missing:
         raise SourceError(f"{path} lacks {', '.join(missing[:5])}", fix="rebuild the model folder")
     net.eval()
-    setattr(net, _LOADER_ATTR, BlockLoader(path, blocks, adapter.block_prefix, files))
+    setattr(net, _LOADER_ATTR, BlockLoader(path, blocks, adapter.block_prefix, files, mapped=mapped_arrays))
     return net, get_adapter(net)
 

@@ -246,8 +246,9 @@ def search_scale(loss_module: nn.Module, linears: list[nn.Linear], x: torch.Tens
     linear_loss = len(linears) == 1 and loss_module is linears[0]
     if x is None and not (linear_loss and x_gram is not None and x_mean is not None and n_rows is not None):
         raise ValueError("search_scale without x needs a linear loss module with x_gram, x_mean and n_rows")
-    # the linear loss never writes the weights: no copy to restore (it is the site's widest weight)
-    originals = [lin.weight.data if linear_loss else lin.weight.data.clone() for lin in linears]
+    # the search never writes a weight in place (each ratio assigns a new fake-quantized tensor),
+    # so the originals are kept by reference, not copied (gate+up: 128 MiB at 1B shapes)
+    originals = [lin.weight.data for lin in linears]
     if x_mean is None:
         x_mean = act_mean(x)
     x_mean = x_mean.float()

@@ -429,6 +429,8 @@ def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.T
             kwargs_per_block = capture_block_kwargs(model, adapter, ids)
             if inputs is None:
                 inputs = capture_block0_inputs(model, adapter, ids, batch_size)
+        if loader is not None:   # the embedding rows just read stay mapped in the RSS otherwise
+            loader.page_out_mapped()
         progress = ctx.progress(total=n_blocks, desc=desc or f"{method} blocks")
         if start:
             progress.update(start, note="resumed")
