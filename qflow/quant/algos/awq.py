@@ -456,9 +456,14 @@ def search_block_scales(block: Block, opts: AWQOptions, acts: Activations,
     streamed = streamed or {}
     n_seq, seq_len = block.inputs.shape[:2]
     rows = _search_rows(n_seq, seq_len, opts.n_search_tokens)
-    searches: list[tuple[ScaleSite, ScaleSearch]] = []
+    found: dict[int, tuple[ScaleSite, ScaleSearch]] = {}
     sites = adapter.awq_sites(mod)
-    for i, site in enumerate(sites):
+    # every site is searched on the original weights, so the order is free: the streamed sites first,
+    # each dropping its Gram matrix (256 MiB for down_proj at 1B shapes) before the forward-based
+    # searches; the results are returned (and folded) in the adapter's order
+    order = sorted(range(len(sites)), key=lambda j: adapter.canonical_input(sites[j].input_of) not in streamed)
+    for pos, i in enumerate(order):
+        site = sites[i]
         spec = [layer_spec(n) for n in site.linears]
         if all(s is None for s in spec):
             continue
@@ -471,7 +476,7 @@ def search_block_scales(block: Block, opts: AWQOptions, acts: Activations,
             res = search_scale(loss_mod, linears, None, spec, n_grid=opts.n_grid, duo_scaling=opts.duo_scaling,
                                x_mean=st.mean(), x_gram=st.gram, n_rows=st.n_rows, where=where)
             st.gram = None   # one site per Gram matrix
-            searches.append((site, res))
+            found[i] = (site, res)
             release_freed_memory()
             continue
         x = acts.inputs[key]
@@ -487,11 +492,11 @@ def search_block_scales(block: Block, opts: AWQOptions, acts: Activations,
                                kwargs=block.kwargs if site.loss_kwargs else None, y_ref=ys,
                                x_mean=act_mean(x), batch_size=block.batch_size, where=where)
             del xs, ys, y_ref
-            if all(later.loss_module != site.loss_module for later in sites[i + 1:]):
+            if all(sites[j].loss_module != site.loss_module for j in order[pos + 1:]):
                 acts.module_outputs.pop(site.loss_module, None)   # its last use
-        searches.append((site, res))
+        found[i] = (site, res)
         release_freed_memory()   # each site's temporaries back to the OS before the next (wide) one
-    return searches
+    return [found[i] for i in sorted(found)]
 
 
 def streamable_inputs(block: Block, names: list[str], layer_spec: Callable[[str], QuantSpec | None],
