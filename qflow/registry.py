@@ -94,6 +94,12 @@ class Stage:
     def run(self, ctx: Any, cfg: Any, **inputs: Artifact) -> dict[str, Artifact]:
         raise NotImplementedError(f"stage {self.name} does not implement run()")
 
+    def on_hit(self, cfg: Any, outputs: dict[str, Artifact], *, key: str, stage_id: str) -> list[str]:
+        """Called when a run finds this stage cached (override): side effects the run owes the user
+        outside the cache, e.g. an export's copy at its ``path``. Must not change the outputs;
+        returns notes for the run's log (one line each)."""
+        return []
+
     @classmethod
     def fingerprint_sources(cls, cfg: Any, cache_root: Any) -> dict[str, str]:
         """Fingerprints of outside sources this stage reads (files, hub revisions): key ingredients."""

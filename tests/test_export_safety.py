@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from qflow.errors import QflowError
-from qflow.export.atomic import MARKER, SIDECAR_SUFFIX, ExportPathError, place, read_marker, target_problem
+from qflow.export.atomic import (MARKER, SIDECAR_SUFFIX, ExportPathError, ensure_placed, place, placed_matches,
+                                 read_marker, target_problem)
 
 from .conftest import run_cli, tiny_recipe, write_recipe
 
@@ -115,6 +116,49 @@ def test_only_dead_qflow_siblings_are_cleaned(tmp_path):
     assert (running / "config.json").is_file()                              # its writer still runs
 
 
+def test_ensure_placed_restores_what_a_cache_hit_owes(tmp_path):
+    """A cached export stage re-places its export when the copy at ``path`` is gone, half-placed or changed,
+    cleans a dead run's temp sibling, and otherwise touches nothing."""
+    src = export_folder(tmp_path / "cache-entry", {"config.json": b"{}", "model.safetensors": b"weights"})
+    target = tmp_path / "models" / "llama"
+    key = "k" * 64
+    assert ensure_placed(src, target, stage_key=key)[1] is True                  # absent: placed
+    marker = read_marker(target / MARKER)
+    assert marker["stage_key"] == key and placed_matches(src, target, key)
+    assert not placed_matches(src, target, "other" * 12)                        # another stage's export
+    stamp = (target / "model.safetensors").stat().st_mtime_ns
+    (target / "my-notes.txt").write_bytes(b"notes")                             # the user's file beside it
+    assert ensure_placed(src, target, stage_key=key)[1] is False                # in place: untouched
+    assert (target / "model.safetensors").stat().st_mtime_ns == stamp
+    # a run killed while placing: a temp sibling of a dead pid, the export itself intact
+    crashed = export_folder(tmp_path / "models" / f".qflow-tmp-llama-{dead_pid()}-0123abcd", {"config.json": b"{}"})
+    (crashed / MARKER).write_text(json.dumps({"qflow_export": 1, "files": {"config.json": {}}, "partial": True}))
+    assert ensure_placed(src, target, stage_key=key)[1] is False and not crashed.exists()
+    # a listed file changed or removed: placed again, the user's file kept (overwrite: only qflow's files)
+    (target / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(ExportPathError):                                        # a foreign file: refused as place is
+        ensure_placed(src, target, stage_key=key)
+    assert ensure_placed(src, target, stage_key=key, overwrite=True)[1] is True
+    assert (target / "model.safetensors").read_bytes() == b"weights" and (target / "my-notes.txt").is_file()
+    (target / "my-notes.txt").unlink()
+    import shutil
+
+    shutil.rmtree(target)                                                       # the user removed it
+    assert ensure_placed(src, target, stage_key=key)[1] is True and placed_matches(src, target, key)
+    assert siblings(target) == []
+
+
+def test_ensure_placed_single_file(tmp_path):
+    src = tmp_path / "entry" / "model.gguf"
+    src.parent.mkdir()
+    src.write_bytes(b"GGUF-1")
+    target = tmp_path / "out" / "model.gguf"
+    assert ensure_placed(src, target, stage_key="a" * 64)[1] is True
+    assert ensure_placed(src, target, stage_key="a" * 64)[1] is False
+    target.unlink()
+    assert ensure_placed(src, target, stage_key="a" * 64)[1] is True and target.read_bytes() == b"GGUF-1"
+
+
 # ---------------------------------------------------------------- single files (GGUF)
 
 
@@ -199,3 +243,21 @@ def test_cli_re_export_replaces_a_previous_qflow_export(tmp_path, tiny_model_dir
     assert json.loads((target / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
     assert set(second["files"]) == {p.name for p in target.iterdir()} - {MARKER}
     assert siblings(target) == []
+
+
+def test_cli_cached_run_places_a_removed_export_again(tmp_path, tiny_model_dir, shared_runs):
+    """A re-run that finds the export stage cached still leaves the export at its path."""
+    import shutil
+
+    target = tmp_path / "out" / "tiny-again"
+    recipe = write_recipe(tmp_path, export_recipe(tiny_model_dir, target, ", layout: awq-gemm"))
+    run_cli("run", str(recipe), runs_dir=shared_runs, check=True)
+    files = {p.name: p.read_bytes() for p in target.iterdir() if p.name != MARKER}
+    shutil.rmtree(target)
+    done = run_cli("run", str(recipe), "--json", runs_dir=shared_runs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["stages"]["export"]["status"] == "cached"
+    assert "export placed again at" in done.stderr
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.name != MARKER} == files
+    done = run_cli("run", str(recipe), runs_dir=shared_runs, check=True)
+    assert "export placed again" not in done.stderr                          # in place: nothing to do

@@ -181,7 +181,10 @@ def _run_stage(st: PlannedStage, key: str, ingredients: dict[str, Any], inputs: 
         entry = None if force else _verified_hit(store, st, key)
         if entry is not None:
             _restore_artifacts(entry, st.id, run_dir)
-            return _cached_result(st, key, entry), _load_outputs(entry, st)
+            outs = _load_outputs(entry, st)
+            for note in st.cls().on_hit(st.config, outs, key=key, stage_id=st.id):
+                _say(opts, f"[{st.id}] {note}")
+            return _cached_result(st, key, entry), outs
         tmp = store.new_tmp(key)
         scratch = store.scratch_path(key)
         scratch.mkdir(parents=True, exist_ok=True)

@@ -168,11 +168,12 @@ def target_problem(target: str | Path, *, is_dir: bool, overwrite: bool = False)
 
 
 def place(src: str | Path, target: str | Path, *, overwrite: bool = False, record: dict[str, Any] | None = None,
-          where: str | None = None) -> Path:
+          where: str | None = None, skip: tuple[str, ...] = ()) -> Path:
     """Copy the export ``src`` (a folder or one file) to ``target`` under the rules above; returns ``target``.
 
     ``record``: what the marker says besides the files (stage key, format, ...);
-    ``where``: the YAML path named in an ExportPathError.
+    ``where``: the YAML path named in an ExportPathError; ``skip``: files of a folder ``src``
+    that are not part of the export (a cache entry's ``artifact.json``).
     """
     src, target = Path(src), _absolute(target)
     problem = target_problem(target, is_dir=src.is_dir(), overwrite=overwrite)
@@ -182,7 +183,7 @@ def place(src: str | Path, target: str | Path, *, overwrite: bool = False, recor
     clean_stale_siblings(target)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = target.parent / f".qflow-tmp-{target.name}-{tag}"
-    files = _files_under(src) if src.is_dir() else [target.name]
+    files = [f for f in _files_under(src) if f not in skip] if src.is_dir() else [target.name]
     tmp.mkdir()
     # listed before copying: a crash mid-copy leaves a temp sibling the next export can clean
     _write_marker(tmp / MARKER, _record(record, {f: {} for f in files}, partial=True))
@@ -264,6 +265,54 @@ def _place_file(src: Path, tmp: Path, target: Path, record: dict[str, Any] | Non
     _write_marker(tmp / f"{MARKER}.sidecar", sidecar)
     os.replace(staged, target)
     os.replace(tmp / f"{MARKER}.sidecar", target.with_name(target.name + SIDECAR_SUFFIX))
+
+
+def placed_matches(src: str | Path, target: str | Path, stage_key: str, skip: tuple[str, ...] = ()) -> bool:
+    """True when ``target`` holds the export of ``stage_key`` as ``place`` left it: its marker (a folder's,
+    or a file's sidecar) is final and names that key, and every file it lists is there with the size of
+    the same file in ``src``. Sizes, not hashes: a cached run must not re-read a multi-GB export."""
+    src, target = Path(src), _absolute(target)
+    if src.is_dir():
+        record = read_marker(target / MARKER) if target.is_dir() and not target.is_symlink() else None
+        files = [f for f in _files_under(src) if f not in skip]
+        base = target
+    else:
+        record = read_marker(target.with_name(target.name + SIDECAR_SUFFIX))
+        files = [target.name]
+        base = target.parent
+    if record is None or record.get("partial") or record.get("stage_key") != stage_key:
+        return False
+    listed = record["files"]
+    if set(listed) != set(files):
+        return False
+    for rel in files:
+        path = base / rel
+        origin = src / rel if src.is_dir() else src
+        if not path.is_file() or path.is_symlink() or path.stat().st_size != origin.stat().st_size:
+            return False
+        if listed[rel].get("bytes") != path.stat().st_size:
+            return False
+    return True
+
+
+def ensure_placed(src: str | Path, target: str | Path, *, stage_key: str, overwrite: bool = False,
+                  record: dict[str, Any] | None = None, where: str | None = None,
+                  skip: tuple[str, ...] = ()) -> tuple[Path, bool]:
+    """A cache hit's side of ``place``: ``(target, placed_now)``.
+
+    A run that finds an export stage cached did not place anything, yet the user expects the export at
+    its path: a run killed while placing left a temp or old sibling (and possibly no export), or the
+    user removed or changed the folder. Stale siblings of dead processes are cleaned; then the cached
+    export is placed again unless ``target`` already holds it (:func:`placed_matches`), under the same
+    rules as ``place`` (a folder holding files qflow did not write is refused unless ``overwrite``).
+    """
+    target = _absolute(target)
+    if target.parent.is_dir():
+        clean_stale_siblings(target)
+    if placed_matches(src, target, stage_key, skip):
+        return target, False
+    return place(src, target, overwrite=overwrite, record={**(record or {}), "stage_key": stage_key},
+                 where=where, skip=skip), True
 
 
 # ---------------------------------------------------------------- cleaning up
