@@ -26,7 +26,10 @@ Exact speed-ups (same objective, different arithmetic):
   ``mean((x ΔWᵀ)²)`` is computed as ``Σ (ΔW G) ∘ ΔW / (n·out)`` with the input
   Gram matrix ``G = XᵀX`` (accumulated in fp64), once per site instead of one
   forward per ratio; it avoids the cancellation in ``y_ref − y`` too;
-* the reference outputs of ``self_attn``/``mlp`` come from the block pass of step 1.
+* the reference outputs of ``self_attn``/``mlp`` are one forward of the module alone on its
+  cached inputs (the same ops as in the block pass, which therefore keeps neither);
+* inputs only a linear-loss site or the clip search read (``o_proj``, ``down_proj``) are
+  streamed into their statistics instead of kept (:class:`StreamedInput`).
 
 Knob that changes results (off by default): ``n_search_tokens`` evaluates the
 loss of the non-linear loss modules (sites 1 and 3) on evenly spaced whole
@@ -117,11 +120,11 @@ def weight_mean(weights: list[torch.Tensor], group_size: int | list[int]) -> tor
     return torch.cat(rows, dim=0).mean(0)
 
 
-def gram(x: torch.Tensor, chunk_rows: int = 4096, chunk_cols: int = 1024) -> torch.Tensor:
+def gram(x: torch.Tensor, chunk_rows: int = 4096, chunk_cols: int = 512) -> torch.Tensor:
     """``XᵀX`` of ``x [..., in]`` in fp32, each entry accumulated in fp64 over row chunks of fp32 products.
 
     Built one column block at a time, so the peak is the fp32 result plus one block's fp64
-    accumulator and product (at ``in`` = 8192: 256 MiB + ~100 MiB, where a whole fp64 matrix
+    accumulator and product (at ``in`` = 8192: 256 MiB + 48 MiB, where a whole fp64 matrix
     with its fp32 product and their fp64 sum took 1.25 GiB).
     """
     x2 = x.reshape(-1, x.shape[-1])
@@ -159,7 +162,7 @@ class StreamedInput:
     """
 
     def __init__(self, in_features: int, n_rows: int, n_clip_tokens: int, *, want_gram: bool,
-                 chunk_rows: int = 4096, chunk_cols: int = 1024) -> None:
+                 chunk_rows: int = 4096, chunk_cols: int = 512) -> None:
         self.n_rows = n_rows
         self.step = max(1, n_rows // n_clip_tokens)          # sample_tokens' stride over all rows
         self.in_features = in_features
@@ -221,6 +224,17 @@ def _module_out(module: nn.Module, x: torch.Tensor, kwargs: dict[str, Any] | Non
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``Q(W·s)/s`` in ``w``'s dtype, built in chunks of rows (groups run along a row, so the result is
+    the whole-matrix one): one new weight plus ~8 MiB of temporaries instead of three full copies."""
+    out = torch.empty_like(w)
+    rows = max(1, LINEAR_LOSS_CHUNK_ELEMENTS // max(1, w.shape[1]))
+    for r0 in range(0, w.shape[0], rows):
+        wr = w[r0:r0 + rows]
+        out[r0:r0 + rows] = dispatch.fake_quant(wr * s, spec) / s
+    return out
+
+
 @torch.no_grad()
 def search_scale(loss_module: nn.Module, linears: list[nn.Linear], x: torch.Tensor | None,
                  spec: QuantSpec | list[QuantSpec | None], *,
@@ -265,8 +279,12 @@ def search_scale(loss_module: nn.Module, linears: list[nn.Linear], x: torch.Tens
         # chunks: each ratio's temporaries (W·s, Q(W·s)/s, ΔW, ΔW·G) stay near 8 MiB, not 5 x [out, in]
         row_chunk = max(1, LINEAR_LOSS_CHUNK_ELEMENTS // max(1, w.shape[1]))
     elif y_ref is None:
-        y_ref = torch.cat([_module_out(loss_module, x[b:b + batch_size], kwargs)
-                           for b in range(0, x.shape[0], batch_size)])
+        for b in range(0, x.shape[0], batch_size):
+            y = _module_out(loss_module, x[b:b + batch_size], kwargs)
+            if y_ref is None:
+                y_ref = torch.empty((x.shape[0], *y.shape[1:]), dtype=y.dtype)
+            y_ref[b:b + batch_size] = y
+        del y
     losses: list[float] = []
     best_loss, best_ratio, best_scales = math.inf, -1.0, None
     try:
@@ -283,7 +301,7 @@ def search_scale(loss_module: nn.Module, linears: list[nn.Linear], x: torch.Tens
             else:
                 for lin, w0, lin_spec in zip(linears, originals, specs):
                     if lin_spec is not None:
-                        lin.weight.data = (dispatch.fake_quant(w0 * s, lin_spec) / s).to(w0.dtype)
+                        lin.weight.data = _scaled_fake_quant(w0, s, lin_spec)
                 total = 0.0
                 for b in range(0, x.shape[0], batch_size):
                     y = _module_out(loss_module, x[b:b + batch_size], kwargs)
@@ -433,11 +451,6 @@ def _prev_float_params(prev_name: str, prev: nn.Module) -> list[tuple[str, torch
     return out
 
 
-def _nonlinear_loss_modules(block: Block) -> list[str]:
-    return [s.loss_module for s in block.adapter.awq_sites(block.module)
-            if not isinstance(block.module.get_submodule(s.loss_module), nn.Linear)]
-
-
 def search_block_scales(block: Block, opts: AWQOptions, acts: Activations,
                         layer_spec: Callable[[str], QuantSpec | None] | None = None,
                         streamed: dict[str, StreamedInput] | None = None
@@ -486,8 +499,11 @@ def search_block_scales(block: Block, opts: AWQOptions, acts: Activations,
             res = search_scale(loss_mod, linears, x, spec, n_grid=opts.n_grid, duo_scaling=opts.duo_scaling,
                                batch_size=block.batch_size, where=where)
         else:
-            y_ref = acts.module_outputs[site.loss_module]
-            xs, ys = (x, y_ref) if rows is None else (x[rows], y_ref[rows])
+            # the loss module's float output: captured by the block pass, or (awq_block) recomputed
+            # here by one forward of the module alone on the same inputs, the same ops
+            y_ref = acts.module_outputs.get(site.loss_module)
+            xs = x if rows is None else x[rows]
+            ys = None if y_ref is None else (y_ref if rows is None else y_ref[rows])
             res = search_scale(loss_mod, linears, xs, spec, n_grid=opts.n_grid, duo_scaling=opts.duo_scaling,
                                kwargs=block.kwargs if site.loss_kwargs else None, y_ref=ys,
                                x_mean=act_mean(x), batch_size=block.batch_size, where=where)
@@ -611,7 +627,7 @@ def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True,
         acts = block.run(capture=[n for n in names if canon(n) not in streamed],
                          stream=list(streamed), on_input=lambda rel, x2: streamed[canon(rel)].add(x2),
                          outputs=propagate_fp and not block.is_last,
-                         module_outputs=_nonlinear_loss_modules(block))
+                         )   # no sub-module outputs: each site recomputes its own (one forward)
     for key, st in streamed.items():
         st.check_complete(f"{block.full_name(key)} (AWQ streamed input)")
     rows = {rel: x.reshape(-1, x.shape[-1]).shape[0] for rel, x in acts.inputs.items()}
