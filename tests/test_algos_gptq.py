@@ -372,3 +372,44 @@ def test_in_place_cholesky_is_torchs_on_the_lower_triangle():
     torch.linalg.cholesky_ex(Hd.mT, out=(Hd.mT, info))
     _transpose_in_place(Hd, block=128)
     assert int(info) == 0 and torch.equal(Hd.tril(), want)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("case", ["plain", "dead", "retry"])
+def test_consuming_factorisation_is_bit_identical(act_order, case):
+    """factor_hessian(consume=True) builds U in H's own memory: the same U and damping, bit for bit,
+    also with dead columns and when the first damping fails and a retry (from H's kept triangle) succeeds."""
+    from qflow.quant.algos.gptq import factor_hessian
+
+    g = torch.Generator().manual_seed(5)
+    n = 160
+    X = torch.randn(400, n, generator=g) @ torch.randn(n, n, generator=g)
+    H = torch.zeros(n, n).addmm_(X.t(), X, beta=0.0, alpha=2.0 / 400)
+    if case == "dead":
+        H[7] = 0.0
+        H[:, 7] = 0.0
+        H[90] = 0.0
+        H[:, 90] = 0.0
+    if case == "retry":   # indefinite: 1% damping fails, a larger one succeeds
+        H.diagonal().sub_(0.05 * float(H.diagonal().mean()))
+    want = factor_hessian(H, act_order=act_order, max_damp_retries=3)
+    mine = H.clone()
+    got = factor_hessian(mine, act_order=act_order, max_damp_retries=3, consume=True)
+    assert got.U.data_ptr() == mine.data_ptr()                 # H's memory became U
+    assert torch.equal(got.U, want.U) and got.damp == want.damp
+    assert (want.damp > 0.01) == (case == "retry")
+    spec = QuantSpec(bits=4, group_size=32, symmetric=False)
+    W = torch.randn(24, n, generator=g)
+    a = gptq_quantize(W, H, spec, act_order=act_order, factor=want)
+    b = gptq_quantize(W, None, spec, act_order=act_order, factor=got)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
+    with pytest.raises(ValueError, match="needs H"):
+        gptq_quantize(W, None, spec)
+
+
+def test_released_accumulator_says_so():
+    acc = HessianAccumulator(8)
+    acc.add(torch.randn(4, 8))
+    acc.release()
+    with pytest.raises(RuntimeError, match="given up"):
+        acc.H

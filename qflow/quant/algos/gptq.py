@@ -63,7 +63,13 @@ class HessianAccumulator:
     @property
     def H(self) -> torch.Tensor:
         """The current ``[in, in]`` Hessian estimate (zeros before any token)."""
+        if self._H is None:
+            raise RuntimeError("this Hessian was given up to its factorisation (factor_hessian(consume=True))")
         return self._H
+
+    def release(self) -> None:
+        """Drop the Hessian (after ``factor_hessian(acc.H, consume=True)`` took its memory)."""
+        self._H = None
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate activations ``x`` of shape ``[..., in]`` (every leading index is a token)."""
@@ -260,6 +266,94 @@ def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float, retries: int, orde
         "(check the activations for NaN/Inf, use more calibration tokens, or raise percdamp)")
 
 
+def _permute_rows_(A: torch.Tensor, order: torch.Tensor) -> None:
+    """``A ← A[order]`` in place, cycle by cycle (a temporary of one row)."""
+    idx = order.tolist()
+    seen = bytearray(len(idx))
+    for start, first in enumerate(idx):
+        if seen[start]:
+            continue
+        seen[start] = 1
+        if first == start:
+            continue
+        held = A[start].clone()
+        j = start
+        while True:
+            k = idx[j]
+            seen[j] = 1
+            if k == start:
+                A[j].copy_(held)
+                break
+            A[j].copy_(A[k])
+            j = k
+
+
+def _pack_strict_lower(A: torch.Tensor) -> torch.Tensor:
+    """``A``'s strict lower triangle, row after row, in one flat tensor of ``n(n-1)/2`` values."""
+    n = A.shape[0]
+    out = torch.empty(n * (n - 1) // 2, dtype=A.dtype, device=A.device)
+    at = 0
+    for i in range(1, n):
+        out[at:at + i] = A[i, :i]
+        at += i
+    return out
+
+
+def _unpack_strict_lower_(A: torch.Tensor, packed: torch.Tensor) -> None:
+    """Write ``_pack_strict_lower``'s values back into ``A``'s strict lower triangle."""
+    at = 0
+    for i in range(1, A.shape[0]):
+        A[i, :i] = packed[at:at + i]
+        at += i
+
+
+def _inverse_cholesky_upper_consuming(H: torch.Tensor, percdamp: float, retries: int, order: torch.Tensor | None,
+                                      dead: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """:func:`_inverse_cholesky_upper` in ``H``'s own memory: ``H`` becomes ``U`` (returned), no second ``n²``.
+
+    ``H[rev][:, rev]`` is made in place (rows permuted cycle by cycle, transposed, again, transposed
+    back: exact), then factored as in :func:`_inverse_cholesky_upper`. A failed factorisation is
+    retried with more damping, as the copying version retries from ``H``: torch's Cholesky clears
+    the triangle it does not factor, so the strict lower triangle is kept packed beside it (half an
+    ``n²`` matrix, where the copying version holds a whole one) and the diagonal is rebuilt from a
+    copy. Bit for bit the same ``U`` and damping.
+    """
+    n = H.shape[0]
+    rev = torch.arange(n - 1, -1, -1, device=H.device) if order is None else order.flip(0)
+    diag = H.diagonal().clone()
+    if dead is not None:
+        diag[dead] = 1.0
+    mean_diag = float(diag.mean())
+    _permute_rows_(H, rev)
+    _transpose_in_place(H)
+    _permute_rows_(H, rev)
+    _transpose_in_place(H)                            # H[rev][:, rev], exactly
+    base = diag[rev]
+    kept = _pack_strict_lower(H) if retries else None
+    pd = float(percdamp)
+    tried: list[float] = []
+    for attempt in range(retries + 1):
+        tried.append(pd)
+        if attempt:
+            _unpack_strict_lower_(H, kept)
+        H.diagonal().copy_(base + pd * mean_diag)
+        _mirror_lower_in_place(H)
+        info = torch.empty((), dtype=torch.int32, device=H.device)
+        torch.linalg.cholesky_ex(H.mT, out=(H.mT, info))
+        d = H.diagonal()                              # L's diagonal; U's is its reversed reciprocal
+        if int(info) == 0 and bool(torch.isfinite(1.0 / d).all()) and bool((d > 0).all()):
+            _transpose_in_place(H)
+            H.tril_()
+            _lower_triangular_invert_(H)
+            _reverse_in_place(H)
+            return H, pd
+        pd = pd * 10.0 if pd > 0 else 0.01
+    raise ValueError(
+        "gptq_quantize: Cholesky factorization of the damped Hessian failed "
+        f"(not positive definite) for percdamp in {tried}; the calibration Hessian is degenerate "
+        "(check the activations for NaN/Inf, use more calibration tokens, or raise percdamp)")
+
+
 @dataclass
 class HessianFactor:
     """What GPTQ needs from ``H`` alone, so linears that read the same input (q/k/v, gate/up) share it.
@@ -279,7 +373,7 @@ class HessianFactor:
 
 
 def factor_hessian(H: torch.Tensor, *, percdamp: float = 0.01, act_order: bool = True,
-                   max_damp_retries: int = 3) -> HessianFactor:
+                   max_damp_retries: int = 3, consume: bool = False) -> HessianFactor:
     """Dead columns, act-order permutation and one damped inverse Cholesky factor of ``H [in, in]``.
 
     Example::
@@ -287,6 +381,10 @@ def factor_hessian(H: torch.Tensor, *, percdamp: float = 0.01, act_order: bool =
         f = factor_hessian(acc.H)
         for W in (q.weight, k.weight, v.weight):
             gptq_quantize(W, acc.H, spec, factor=f)
+
+    ``consume=True``: the caller no longer needs ``H`` (fp32, contiguous): its memory becomes ``U``
+    (same result bit for bit, one ``n²`` matrix less at the peak); pass ``H=None`` to
+    :func:`gptq_quantize` with the factor afterwards.
     """
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"gptq_quantize: H must be square [in, in], got shape {tuple(H.shape)}")
@@ -301,19 +399,24 @@ def factor_hessian(H: torch.Tensor, *, percdamp: float = 0.01, act_order: bool =
         diag = H.diagonal().clone()
         diag[dead] = 1.0
         perm = torch.argsort(diag, descending=True, stable=True)
-    # the caller's H is never modified: the permuted, damped copy is the factorisation's one working buffer
-    U, damp_used = _inverse_cholesky_upper(H, percdamp, max_damp_retries, order=perm, dead=dead)
+    if consume and H.is_contiguous():
+        # the caller gives H up (its Hessian accumulator is done): H's memory becomes U, and the factorisation
+        # needs no second n² matrix (256 MiB for down_proj at Llama-3.2-1B shapes)
+        U, damp_used = _inverse_cholesky_upper_consuming(H, percdamp, max_damp_retries, order=perm, dead=dead)
+    else:
+        # the caller's H is never modified: the permuted, damped copy is the factorisation's one working buffer
+        U, damp_used = _inverse_cholesky_upper(H, percdamp, max_damp_retries, order=perm, dead=dead)
     return HessianFactor(U=U, perm=perm, dead=dead, damp=damp_used, percdamp=float(percdamp),
                          act_order=bool(act_order))
 
 
-def _validated(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int, percdamp: float,
+def _validated(W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec, block_size: int, percdamp: float,
                max_damp_retries: int) -> torch.Tensor:
     """An fp32 working copy of ``W``; ValueError for any argument :func:`gptq_quantize` cannot take."""
     if W.dim() != 2:
         raise ValueError(f"gptq_quantize: W must be 2-D [out, in], got shape {tuple(W.shape)}")
     out, cols = W.shape
-    if tuple(H.shape) != (cols, cols):
+    if H is not None and tuple(H.shape) != (cols, cols):
         raise ValueError(f"gptq_quantize: H must be [{cols}, {cols}] for W of shape {tuple(W.shape)}, "
                          f"got {tuple(H.shape)}")
     if spec.format != "int":
@@ -442,14 +545,17 @@ def _quantize_columns(WT: torch.Tensor, U: torch.Tensor, params: _ColumnParams, 
     return codesT, loss
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec, *, block_size: int = 128,
                   percdamp: float = 0.01, act_order: bool = True, static_groups: bool = True,
                   max_damp_retries: int = 3, factor: HessianFactor | None = None) -> GPTQResult:
     """GPTQ-quantize ``W [out, in]`` given the input Hessian ``H [in, in]`` (docs/METHODS.md §5).
 
     ``factor``: :func:`factor_hessian` of this ``H`` with the same ``percdamp`` and
-    ``act_order``, to share one factorisation between linears that read the same input.
+    ``act_order``, to share one factorisation between linears that read the same input
+    (``H`` may then be None: a factor made with ``consume=True``).
     """
+    if H is None and factor is None:
+        raise ValueError("gptq_quantize needs H, or a factor of it")
     W = _validated(W, H, spec, block_size, percdamp, max_damp_retries)
     cols = W.shape[1]
     G = spec.group_size

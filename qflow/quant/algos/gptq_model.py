@@ -110,11 +110,12 @@ def _quantize_sub_step(block: Block, group: list[str], hessians: dict[str, Hessi
             uses[key] -= 1
             _rtn_fallback(block, name, spec)
             continue
-        H = hessians[key].H
         try:
-            if key not in factors:
-                factors[key] = factor_hessian(H, percdamp=opts.percdamp, act_order=opts.act_order)
-            res = gptq_quantize(lin.weight.data.float(), H, spec, block_size=opts.block_size,
+            if key not in factors:   # the accumulator is done: its H becomes the factor (no second n² matrix)
+                factors[key] = factor_hessian(hessians[key].H, percdamp=opts.percdamp, act_order=opts.act_order,
+                                              consume=True)
+                hessians[key].release()
+            res = gptq_quantize(lin.weight.data.float(), None, spec, block_size=opts.block_size,
                                 percdamp=opts.percdamp, act_order=opts.act_order,
                                 static_groups=opts.static_groups, factor=factors[key])
         except ValueError as exc:
