@@ -375,3 +375,13 @@ def test_streamed_block_search_equals_the_captured_one(tmp_path, kv_heads):
         assert a.losses == pytest.approx(b.losses, rel=1e-5), site.name
     for key, st in streamed.items():
         assert torch.equal(st.sample, awq.sample_tokens(acts.inputs[key], opts.n_clip_tokens)), key
+    # awq_block's setting: once no later site reads a captured input, only its clip rows stay
+    with torch.no_grad():
+        acts3 = block.run(capture=names)
+        full = {k: v.clone() for k, v in acts3.inputs.items()}
+        again = search_block_scales(block, opts, acts3, spec, keep_clip_rows_only=True, inputs_shape=tuple(h.shape))
+    assert [r.best_ratio for _, r in again] == [r.best_ratio for _, r in want]
+    site_inputs = {adapter.canonical_input(s.input_of) for s, _ in want}
+    for key, x in full.items():   # a site's input is cut to its clip rows after its search; others stay whole
+        expect = awq.sample_tokens(x, opts.n_clip_tokens) if key in site_inputs else x
+        assert torch.equal(acts3.inputs[key], expect), key

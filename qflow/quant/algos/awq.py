@@ -453,8 +453,9 @@ def _prev_float_params(prev_name: str, prev: nn.Module) -> list[tuple[str, torch
 
 def search_block_scales(block: Block, opts: AWQOptions, acts: Activations,
                         layer_spec: Callable[[str], QuantSpec | None] | None = None,
-                        streamed: dict[str, StreamedInput] | None = None
-                        ) -> list[tuple[ScaleSite, ScaleSearch]]:
+                        streamed: dict[str, StreamedInput] | None = None, *,
+                        keep_clip_rows_only: bool = False,
+                        inputs_shape: tuple[int, ...] | None = None) -> list[tuple[ScaleSite, ScaleSearch]]:
     """Step 2 on every site of ``block`` with the original weights (restored after each site).
 
     ``acts`` comes from ``block.run(capture=<all linears>, module_outputs=<non-linear loss modules>)``;
@@ -462,12 +463,14 @@ def search_block_scales(block: Block, opts: AWQOptions, acts: Activations,
     :class:`StreamedInput`, see :func:`streamable_inputs`). Each loss module's output is
     dropped from ``acts`` once no later site needs it.
     ``layer_spec(rel)``: each linear's spec (mixed precision; None: float); a site whose
-    linears are all float is not searched (nothing to protect).
+    linears are all float is not searched (nothing to protect). ``keep_clip_rows_only``: once no
+    later site reads a captured input, keep only the rows the clip search samples from it
+    (``sample_tokens``, which keeps its own sample whole), as a streamed input does.
     """
     adapter, mod = block.adapter, block.module
     layer_spec = layer_spec or (lambda rel, spec=opts.spec(): spec)
     streamed = streamed or {}
-    n_seq, seq_len = block.inputs.shape[:2]
+    n_seq, seq_len = tuple(inputs_shape or block.inputs.shape)[:2]   # inputs_shape: the block dropped its inputs
     rows = _search_rows(n_seq, seq_len, opts.n_search_tokens)
     found: dict[int, tuple[ScaleSite, ScaleSearch]] = {}
     sites = adapter.awq_sites(mod)
@@ -510,6 +513,9 @@ def search_block_scales(block: Block, opts: AWQOptions, acts: Activations,
             del xs, ys, y_ref
             if all(sites[j].loss_module != site.loss_module for j in order[pos + 1:]):
                 acts.module_outputs.pop(site.loss_module, None)   # its last use
+        if keep_clip_rows_only and all(adapter.canonical_input(sites[j].input_of) != key for j in order[pos + 1:]):
+            acts.inputs[key] = sample_tokens(x, opts.n_clip_tokens).clone()   # q/k/v's, gate/up's: 64 -> 4 MiB at 1B
+        del x
         found[i] = (site, res)
         release_freed_memory()   # each site's temporaries back to the OS before the next (wide) one
     return [found[i] for i in sorted(found)]
@@ -638,7 +644,11 @@ def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True,
             warn_no_tokens(block, name, "AWQ")
     if propagate_fp:
         block.next_inputs = acts.outputs
-    searches = search_block_scales(block, opts, acts, layer_spec, streamed)
+    inputs_shape = tuple(block.inputs.shape)
+    if propagate_fp:   # the block's inputs are not read again (the next block's are captured): 64 MiB at 1B
+        block.inputs = None
+    searches = search_block_scales(block, opts, acts, layer_spec, streamed, keep_clip_rows_only=True,
+                                   inputs_shape=inputs_shape)
     for site, res in searches:
         block.record(layer=f"{block.name}.{site.loss_module}", site=site.name, best_ratio=res.best_ratio,
                      loss_ratio0=res.losses[0], loss_best=min(res.losses))

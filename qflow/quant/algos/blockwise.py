@@ -442,6 +442,7 @@ def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.T
                 block = Block(index=i, name=adapter.block_name(i), module=blocks[i], adapter=adapter,
                               writer=writer, inputs=inputs, kwargs=kwargs_per_block[i], batch_size=batch_size,
                               generator=generator, records=records, is_last=i == n_blocks - 1)
+                del inputs   # the block holds them: a method may drop them once no pass needs them (AWQ)
                 process(block)
                 inputs = _next_inputs(block, calibrated=ids is not None, propagate=propagate, method=method)
                 del block
