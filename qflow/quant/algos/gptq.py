@@ -209,63 +209,6 @@ def _gather(H: torch.Tensor, order: torch.Tensor, rows: int = 256) -> torch.Tens
     return out
 
 
-def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float, retries: int, order: torch.Tensor | None = None,
-                            dead: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor ``U`` of ``(Hp + percdamp·mean(diag Hp)·I)⁻¹`` (``H⁻¹ = UᵀU``) with
-    damping retries, where ``Hp = H[order][:, order]`` (``order`` None: ``H`` itself) with the
-    diagonal entries of the ``dead`` columns (bool ``[n]``, original order) set to 1. ``H`` is
-    never modified.
-
-    One factorisation: with ``J`` the order-reversing permutation and ``J·Hd·J = L Lᵀ``,
-    ``Hd⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J)`` and ``J L⁻¹ J`` is upper triangular with a positive
-    diagonal, so by uniqueness it is the factor (the reference computes ``Hd⁻¹`` from a
-    first Cholesky and factors it again: twice the flops, same matrix up to rounding).
-
-    Memory (docs/METHODS.md §5): one ``n²`` working buffer besides ``H``: the reversed, permuted
-    ``Hd`` is gathered into it, factored, inverted and flipped in place; at ``n = 8192`` fp32
-    the factorisation's peak is two 256 MiB matrices including ``H`` (it was five, then three
-    while torch's Cholesky factored a column-major copy).
-    """
-    n = H.shape[0]
-    rev = torch.arange(n - 1, -1, -1, device=H.device) if order is None else order.flip(0)
-    diag = H.diagonal().clone()
-    if dead is not None:
-        diag[dead] = 1.0
-    mean_diag = float(diag.mean())
-    pd = float(percdamp)
-    tried: list[float] = []
-    for _ in range(retries + 1):
-        tried.append(pd)
-        Hd = _gather(H, rev)                          # a fresh contiguous copy, reversed (and permuted)
-        Hd.diagonal().copy_(diag[rev] + pd * mean_diag)
-        info = torch.empty((), dtype=torch.int32, device=Hd.device)
-        # L in place: LAPACK works on column-major storage and reads one triangle; with Hd's lower
-        # triangle mirrored onto its upper one (an accumulated H is symmetric only up to rounding), Hd's
-        # own memory read column-major holds the very matrix torch used to copy column-major for
-        # out=Hd (one transient n²): the same call on the same data gives the same L, left
-        # column-major (Lᵀ row-major) and transposed in place
-        _mirror_lower_in_place(Hd)
-        torch.linalg.cholesky_ex(Hd.mT, out=(Hd.mT, info))
-        _transpose_in_place(Hd)
-        ok = int(info) == 0
-        if ok:
-            Hd.tril_()
-            _lower_triangular_invert_(Hd)             # L⁻¹
-            _reverse_in_place(Hd)                     # J L⁻¹ J = U
-            U = Hd
-        del Hd
-        if ok:
-            dU = U.diagonal()
-            if bool(torch.isfinite(dU).all()) and bool((dU > 0).all()):
-                return U, pd
-            del U
-        pd = pd * 10.0 if pd > 0 else 0.01
-    raise ValueError(
-        "gptq_quantize: Cholesky factorization of the damped Hessian failed "
-        f"(not positive definite) for percdamp in {tried}; the calibration Hessian is degenerate "
-        "(check the activations for NaN/Inf, use more calibration tokens, or raise percdamp)")
-
-
 def _permute_rows_(A: torch.Tensor, order: torch.Tensor) -> None:
     """``A ← A[order]`` in place, cycle by cycle (a temporary of one row)."""
     idx = order.tolist()
@@ -307,16 +250,27 @@ def _unpack_strict_lower_(A: torch.Tensor, packed: torch.Tensor) -> None:
         at += i
 
 
-def _inverse_cholesky_upper_consuming(H: torch.Tensor, percdamp: float, retries: int, order: torch.Tensor | None,
-                                      dead: torch.Tensor | None) -> tuple[torch.Tensor, float]:
-    """:func:`_inverse_cholesky_upper` in ``H``'s own memory: ``H`` becomes ``U`` (returned), no second ``n²``.
+def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float, retries: int, order: torch.Tensor | None = None,
+                            dead: torch.Tensor | None = None, consume: bool = False) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(Hp + percdamp·mean(diag Hp)·I)⁻¹`` (``H⁻¹ = UᵀU``) with
+    damping retries, where ``Hp = H[order][:, order]`` (``order`` None: ``H`` itself) with the
+    diagonal entries of the ``dead`` columns (bool ``[n]``, original order) set to 1. ``H`` is
+    never modified, unless ``consume`` (below).
 
-    ``H[rev][:, rev]`` is made in place (rows permuted cycle by cycle, transposed, again, transposed
-    back: exact), then factored as in :func:`_inverse_cholesky_upper`. A failed factorisation is
-    retried with more damping, as the copying version retries from ``H``: torch's Cholesky clears
-    the triangle it does not factor, so the strict lower triangle is kept packed beside it (half an
-    ``n²`` matrix, where the copying version holds a whole one) and the diagonal is rebuilt from a
-    copy. Bit for bit the same ``U`` and damping.
+    One factorisation: with ``J`` the order-reversing permutation and ``J·Hd·J = L Lᵀ``,
+    ``Hd⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J)`` and ``J L⁻¹ J`` is upper triangular with a positive
+    diagonal, so by uniqueness it is the factor (the reference computes ``Hd⁻¹`` from a
+    first Cholesky and factors it again: twice the flops, same matrix up to rounding).
+
+    Memory (docs/METHODS.md §5): one ``n²`` working buffer besides ``H``: the reversed, permuted
+    ``Hd`` is gathered into it, factored, inverted and flipped in place; at ``n = 8192`` fp32
+    the factorisation's peak is two 256 MiB matrices including ``H`` (it was five, then three
+    while torch's Cholesky factored a column-major copy).
+
+    ``consume``: ``H`` (fp32, contiguous) is given up and becomes ``U``: ``H[rev][:, rev]`` is made in
+    place (rows permuted cycle by cycle, transposed, again, transposed back: exact), so no second ``n²``
+    matrix; torch's Cholesky clears the triangle it does not factor, so for the damping retries the
+    strict lower triangle is kept packed beside it (half an ``n²`` matrix). Bit for bit the same ``U``.
     """
     n = H.shape[0]
     rev = torch.arange(n - 1, -1, -1, device=H.device) if order is None else order.flip(0)
@@ -324,29 +278,41 @@ def _inverse_cholesky_upper_consuming(H: torch.Tensor, percdamp: float, retries:
     if dead is not None:
         diag[dead] = 1.0
     mean_diag = float(diag.mean())
-    _permute_rows_(H, rev)
-    _transpose_in_place(H)
-    _permute_rows_(H, rev)
-    _transpose_in_place(H)                            # H[rev][:, rev], exactly
-    base = diag[rev]
-    kept = _pack_strict_lower(H) if retries else None
+    kept = None
+    if consume:
+        _permute_rows_(H, rev)
+        _transpose_in_place(H)
+        _permute_rows_(H, rev)
+        _transpose_in_place(H)                        # H[rev][:, rev], exactly
+        kept = _pack_strict_lower(H) if retries else None
     pd = float(percdamp)
     tried: list[float] = []
     for attempt in range(retries + 1):
         tried.append(pd)
-        if attempt:
-            _unpack_strict_lower_(H, kept)
-        H.diagonal().copy_(base + pd * mean_diag)
-        _mirror_lower_in_place(H)
-        info = torch.empty((), dtype=torch.int32, device=H.device)
-        torch.linalg.cholesky_ex(H.mT, out=(H.mT, info))
-        d = H.diagonal()                              # L's diagonal; U's is its reversed reciprocal
-        if int(info) == 0 and bool(torch.isfinite(1.0 / d).all()) and bool((d > 0).all()):
-            _transpose_in_place(H)
-            H.tril_()
-            _lower_triangular_invert_(H)
-            _reverse_in_place(H)
-            return H, pd
+        if consume:
+            work = H
+            if attempt:
+                _unpack_strict_lower_(work, kept)
+        else:
+            work = _gather(H, rev)                    # a fresh contiguous copy, reversed (and permuted)
+        work.diagonal().copy_(diag[rev] + pd * mean_diag)
+        # L in place: LAPACK works on column-major storage and reads one triangle; with the lower
+        # triangle mirrored onto the upper one (an accumulated H is symmetric only up to rounding), the
+        # matrix's own memory read column-major holds the very matrix torch used to copy column-major
+        # for out=work (one transient n²): the same call on the same data gives the same L, left
+        # column-major (Lᵀ row-major) and transposed in place
+        _mirror_lower_in_place(work)
+        info = torch.empty((), dtype=torch.int32, device=work.device)
+        torch.linalg.cholesky_ex(work.mT, out=(work.mT, info))
+        d = work.diagonal()                           # L's diagonal; U's is its reversed reciprocal
+        if int(info) == 0 and bool(torch.isfinite(d).all()) and bool((d > 0).all()) \
+                and bool(torch.isfinite(1.0 / d).all()):
+            _transpose_in_place(work)
+            work.tril_()
+            _lower_triangular_invert_(work)           # L⁻¹
+            _reverse_in_place(work)                   # J L⁻¹ J = U
+            return work, pd
+        del work
         pd = pd * 10.0 if pd > 0 else 0.01
     raise ValueError(
         "gptq_quantize: Cholesky factorization of the damped Hessian failed "
@@ -402,7 +368,7 @@ def factor_hessian(H: torch.Tensor, *, percdamp: float = 0.01, act_order: bool =
     if consume and H.is_contiguous():
         # the caller gives H up (its Hessian accumulator is done): H's memory becomes U, and the factorisation
         # needs no second n² matrix (256 MiB for down_proj at Llama-3.2-1B shapes)
-        U, damp_used = _inverse_cholesky_upper_consuming(H, percdamp, max_damp_retries, order=perm, dead=dead)
+        U, damp_used = _inverse_cholesky_upper(H, percdamp, max_damp_retries, order=perm, dead=dead, consume=True)
     else:
         # the caller's H is never modified: the permuted, damped copy is the factorisation's one working buffer
         U, damp_used = _inverse_cholesky_upper(H, percdamp, max_damp_retries, order=perm, dead=dead)
