@@ -70,15 +70,11 @@ class ExportSafetensors(Stage):
     def on_hit(self, cfg, outputs, *, key, stage_id):
         """A cached export still owes the user its copy at ``path``: placed again when a killed run left
         it half-placed or the user removed or changed it (qflow/export/atomic.py::ensure_placed)."""
-        if not cfg.path:
-            return []
         from qflow.artifacts import ARTIFACT_FILE
-        from qflow.export.atomic import ensure_placed
+        from qflow.export.atomic import placed_on_hit
 
-        target, again = ensure_placed(outputs["export"].path, cfg.path, stage_key=key, overwrite=cfg.overwrite,
-                                      record={"format": "safetensors", "stage": stage_id},
-                                      where=f"stages.{stage_id}.with.path", skip=(ARTIFACT_FILE,))
-        return [f"export placed again at {target} (it was missing or differed from the cached export)"] if again else []
+        return placed_on_hit(outputs["export"].path, cfg, stage_key=key, stage_id=stage_id, fmt="safetensors",
+                             skip=(ARTIFACT_FILE,))
 
     def check(self, cfg, inputs_meta):
         from qflow.export.mixed import checkpoint_from_inputs, safetensors_problems

@@ -315,6 +315,17 @@ def ensure_placed(src: str | Path, target: str | Path, *, stage_key: str, overwr
                  where=where, skip=skip), True
 
 
+def placed_on_hit(src: str | Path, cfg: Any, *, stage_key: str, stage_id: str, fmt: str,
+                  skip: tuple[str, ...] = ()) -> list[str]:
+    """An export stage's ``on_hit``: :func:`ensure_placed` for ``cfg.path`` (if any); the run log's notes."""
+    if not getattr(cfg, "path", None):
+        return []
+    target, again = ensure_placed(src, cfg.path, stage_key=stage_key, overwrite=cfg.overwrite,
+                                  record={"format": fmt, "stage": stage_id}, where=f"stages.{stage_id}.with.path",
+                                  skip=skip)
+    return [f"export placed again at {target} (it was missing or differed from the cached export)"] if again else []
+
+
 # ---------------------------------------------------------------- cleaning up
 
 
