@@ -458,7 +458,8 @@ def search_block_scales(block: Block, opts: AWQOptions, acts: Activations,
                         inputs_shape: tuple[int, ...] | None = None) -> list[tuple[ScaleSite, ScaleSearch]]:
     """Step 2 on every site of ``block`` with the original weights (restored after each site).
 
-    ``acts`` comes from ``block.run(capture=<all linears>, module_outputs=<non-linear loss modules>)``;
+    ``acts`` comes from ``block.run(capture=<all linears>)``, optionally with ``module_outputs=<non-linear
+    loss modules>`` (each site recomputes a loss module's output it does not find there);
     ``streamed``: the inputs that pass streamed instead of capturing (canonical linear ->
     :class:`StreamedInput`, see :func:`streamable_inputs`). Each loss module's output is
     dropped from ``acts`` once no later site needs it.
@@ -652,7 +653,6 @@ def awq_block(block: Block, opts: AWQOptions, *, propagate_fp: bool = True,
     for site, res in searches:
         block.record(layer=f"{block.name}.{site.loss_module}", site=site.name, best_ratio=res.best_ratio,
                      loss_ratio0=res.losses[0], loss_best=min(res.losses))
-    acts.module_outputs.clear()
     t_search = time.perf_counter() - t0
     feats = acts.inputs
     for key, st in streamed.items():   # the clip search reads only these rows (sample_tokens keeps them all)
