@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qflow.models import lazy
@@ -60,3 +61,40 @@ def test_page_out_lowers_the_resident_file_pages(tmp_path):
     assert touched - start >= 12 * 1024, (start, touched)
     assert after <= touched - 12 * 1024, (touched, after)              # the kernel took them back
     assert float(torch.from_numpy(array).sum()) == total
+
+
+
+_MMAP_CHECK = """
+import ctypes, sys, torch
+from qflow.models import lazy
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+try:
+    info = ctypes.CDLL("libc.so.6").mallinfo2
+except (OSError, AttributeError):
+    sys.exit(3)
+info.restype = MallInfo2
+x = torch.ones(6 << 20); del x   # a freed 24 MiB mapping raises glibc's dynamic threshold past 3 MiB
+if sys.argv[1] == "fix":
+    assert lazy.fix_mmap_threshold() is True
+before = info().hblks
+big = [torch.ones(3 << 18) for _ in range(4)]   # 3 MiB each
+print(info().hblks - before)
+"""
+
+
+@pytest.mark.parametrize("fix", ["fix", "default"])
+def test_fixed_mmap_threshold_maps_each_large_tensor(fix):
+    """After ``fix_mmap_threshold`` every tensor of 1 MiB or more is its own mapping (returned to the OS
+    when freed), even once glibc's dynamic threshold has risen; without it they come from the heap."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _MMAP_CHECK, fix], capture_output=True, text=True, timeout=120)
+    if proc.returncode == 3:
+        pytest.skip("not glibc >= 2.33")
+    assert proc.returncode == 0, proc.stderr
+    mapped = int(proc.stdout.split()[-1])
+    assert mapped == (4 if fix == "fix" else 0)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.lazy import block_loader, load_model_lazy, release_freed_memory
+from ..models.lazy import block_loader, fix_mmap_threshold, load_model_lazy, release_freed_memory
 from ..quant.algos.blockwise import _first, capture_block0_inputs, capture_block_kwargs, check_calibration, finish
 from ..quant.algos.resume import BlockState
 from ..quant.ir import Checkpoint
@@ -79,6 +79,7 @@ def finetune_blockwise(ctx: Any, start: Checkpoint, base_dir: str, windows: Wind
                        attn_implementation: str = "sdpa", meta: dict[str, Any], signature: dict[str, Any]):
     """Fine-tune every block of ``start`` (see the module doc); returns (BlockwiseResult, per-block records)."""
     t_start = time.perf_counter()
+    fix_mmap_threshold()
     net, adapter = load_model_lazy(base_dir, dtype="float32", attn_implementation=attn_implementation)
     blocks = adapter.blocks()
     n_blocks = len(blocks)

@@ -162,6 +162,29 @@ def _malloc_trim():
         return None
 
 
+M_MMAP_THRESHOLD = -3          # malloc.h
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+@functools.cache
+def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Serve every allocation of ``nbytes`` or more from its own memory map (glibc ``mallopt``), once
+    per process; False where the C library has no ``mallopt`` (macOS, musl).
+
+    glibc raises its mmap threshold each time a mapped chunk is freed (up to 32 MiB on 64-bit), so a
+    block-wise pass's 1-32 MiB temporaries (mini-batch activations, row chunks of a wide layer) soon
+    come from the heap, where freed chunks stay resident between trims and the next block's tensors
+    of other sizes do not fit the holes: the peak grew from block to block (docs/RELIABILITY.md,
+    "Memory"). A fixed threshold returns each large tensor to the OS when it is freed and also ends
+    the dynamic raising."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+
+
 def release_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them after large frees, so a
     process that loads and frees block after block would otherwise grow as if it kept them)."""

@@ -47,7 +47,7 @@ from torch import nn
 
 from ...errors import StageError
 from ...models.adapters import ArchAdapter
-from ...models.lazy import block_loader, release_freed_memory
+from ...models.lazy import block_loader, fix_mmap_threshold, release_freed_memory
 from ..ir import CheckpointWriter
 from .resume import BlockState
 
@@ -402,6 +402,7 @@ def run_blockwise(ctx: Any, model: nn.Module, adapter: ArchAdapter, ids: torch.T
     if propagate not in ("fp", "quant"):
         raise ValueError(f"propagate must be 'fp' or 'quant', got {propagate!r}")
     t_start = time.perf_counter()
+    fix_mmap_threshold()   # large temporaries mapped and unmapped, not fragmenting the heap (models/lazy.py)
     model.eval()
     blocks = adapter.blocks()
     n_blocks = len(blocks)
