@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import sys
 
 import numpy as np
 
@@ -470,6 +471,78 @@ def _dequantize_packed_kernel(bits: int, lut: bool):
     return kernel
 
 
+# 3-bit rows hold 10 codes per little-endian uint32 word (bits 30-31 unused). Decoding a word code by
+# code is a 10-way interleaved store LLVM cannot vectorise; instead four words (120 bits, 40 codes)
+# become two 60-bit runs, and each run of 8 codes is spread to 8 bytes of a uint64 in three
+# shift-and-mask steps (12 -> 2 x 6 -> 4 x 3 bits per 32/16/8-bit lane): five plain uint64 stores per
+# four words into a row buffer of code bytes, which a contiguous (vectorised) loop then scales.
+_LITTLE_ENDIAN = sys.byteorder == "little"
+_M30 = np.uint64(0x3FFFFFFF)
+_M24 = np.uint64(0xFFFFFF)
+_M12 = np.uint64(0xFFF)
+
+
+@njit(inline="always")
+def _spread3(x):
+    """The 8 3-bit fields of ``x``'s low 24 bits -> byte k of a uint64 holds field k."""
+    a = (x & np.uint64(0xFFF)) | ((x & np.uint64(0xFFF000)) << np.uint64(20))
+    b = (a & np.uint64(0x0000003F0000003F)) | ((a & np.uint64(0x00000FC000000FC0)) << np.uint64(10))
+    return (b & np.uint64(0x0007000700070007)) | ((b & np.uint64(0x0038003800380038)) << np.uint64(5))
+
+
+@njit(inline="always")
+def _unpack3_row(src, buf, cols):
+    """The ``cols`` 3-bit codes of one packed row ``src`` (uint32 words) into the bytes of ``buf``
+    (uint64, at least ``(words // 4 + 1) * 5`` long); returns ``buf`` viewed as uint8."""
+    words = (cols + 9) // 10
+    quads = words // 4
+    for q in range(uint64(quads)):
+        w = uint64(4) * q
+        lo = (np.uint64(src[w]) & _M30) | ((np.uint64(src[w + uint64(1)]) & _M30) << np.uint64(30))
+        hi = (np.uint64(src[w + uint64(2)]) & _M30) | ((np.uint64(src[w + uint64(3)]) & _M30) << np.uint64(30))
+        o = uint64(5) * q
+        buf[o] = _spread3(lo & _M24)
+        buf[o + uint64(1)] = _spread3((lo >> np.uint64(24)) & _M24)
+        buf[o + uint64(2)] = _spread3((lo >> np.uint64(48)) | ((hi & _M12) << np.uint64(12)))
+        buf[o + uint64(3)] = _spread3((hi >> np.uint64(12)) & _M24)
+        buf[o + uint64(4)] = _spread3((hi >> np.uint64(36)) & _M24)
+    codes = buf.view(np.uint8)
+    for u in range(4 * quads, words):
+        v = src[u]
+        for i in range(10):
+            codes[10 * u + i] = (v >> (3 * i)) & 7
+    return codes
+
+
+@njit(**_JIT)
+def _dequantize_packed3(units, scale, zero, group, dst_all):
+    """``_dequantize_packed_kernel(3, lut=False)`` through the code-byte buffer (same arithmetic)."""
+    rows, cols = dst_all.shape
+    n_groups = scale.shape[1]
+    for r in prange(rows):
+        buf = np.empty(((cols + 9) // 10 // 4 + 1) * 5, np.uint64)
+        codes = _unpack3_row(units[r], buf, cols)
+        dst = dst_all[r]
+        for g in range(n_groups):
+            s = scale[r, g]
+            z = zero[r, g]
+            start = g * group
+            for c in range(uint64(start), uint64(min(start + group, cols))):
+                dst[c] = (np.float32(codes[c]) - z) * s
+
+
+@njit(**_JIT)
+def _unpack3(units, codes_all):
+    """``_unpack_kernel(3)`` through the code-byte buffer."""
+    rows, cols = codes_all.shape
+    for r in prange(rows):
+        buf = np.empty(((cols + 9) // 10 // 4 + 1) * 5, np.uint64)
+        codes = _unpack3_row(units[r], buf, cols)
+        dst = codes_all[r]
+        for c in range(uint64(cols)):
+            dst[c] = codes[c]
+
+
 def _check_packed(packed: np.ndarray, bits: int, in_features: int) -> None:
     words = packed_words(in_features, bits)
     if packed.ndim != 2 or packed.shape[1] < words:
@@ -505,7 +578,10 @@ def unpack(packed: np.ndarray, bits: int, in_features: int, out: np.ndarray | No
     codes = np.empty((packed.shape[0], in_features), np.uint8) if out is None else out
     if codes.shape != (packed.shape[0], in_features) or codes.dtype != np.uint8 or not codes.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous uint8 array of shape {(packed.shape[0], in_features)}")
-    _unpack_kernel(bits)(units, codes)
+    if bits == 3 and _LITTLE_ENDIAN:
+        _unpack3(units, codes)
+    else:
+        _unpack_kernel(bits)(units, codes)
     return codes
 
 
@@ -529,7 +605,10 @@ def dequantize_packed(packed: np.ndarray, scale, zero, params: KernelParams, in_
     dst = np.empty((rows, in_features), np.float32) if out is None else out
     if dst.shape != (rows, in_features) or dst.dtype != np.float32 or not dst.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous float32 array of shape {(rows, in_features)}")
-    _dequantize_packed_kernel(params.bits, lut)(units, s, z, table, group, dst)
+    if params.bits == 3 and not lut and _LITTLE_ENDIAN:
+        _dequantize_packed3(units, s, z, group, dst)
+    else:
+        _dequantize_packed_kernel(params.bits, lut)(units, s, z, table, group, dst)
     return dst
 
 
@@ -545,6 +624,9 @@ def _variants() -> dict:
         kernels[f"pack[{bits}]"] = _pack_kernel(bits)
         kernels[f"unpack[{bits}]"] = _unpack_kernel(bits)
         kernels[f"dequantize_packed[{bits}, affine]"] = _dequantize_packed_kernel(bits, False)
+    if _LITTLE_ENDIAN:   # what unpack / dequantize_packed run for 3 bits
+        kernels["unpack[3]"] = _unpack3
+        kernels["dequantize_packed[3, affine]"] = _dequantize_packed3
     kernels["dequantize_packed[4, lookup]"] = _dequantize_packed_kernel(4, True)  # lookup formats are 4-bit
     return kernels
 
