@@ -18,6 +18,7 @@ finetune.blockwise and in total for the others.
     .venv/bin/python benchmarks/finetune_recovery.py                                # everything
     .venv/bin/python benchmarks/finetune_recovery.py --starts rtn --methods blockwise
     .venv/bin/python benchmarks/finetune_recovery.py --steps blockwise=25 distill=100 --n-eval-windows 16
+    .venv/bin/python benchmarks/finetune_recovery.py --methods distill qat lora --precision bfloat16
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def main() -> None:
     ap.add_argument("--n-eval-windows", type=int, default=None, help="evaluation windows (default: the recipe's protocol)")
     ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench-finetune")
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+                    help="the end-to-end methods' (distill, qat, lora) training precision; blockwise stays fp32")
     args = ap.parse_args()
     steps = dict(DEFAULT_STEPS)
     for item in args.steps:
@@ -81,9 +84,13 @@ def main() -> None:
                        args.timeout)
         for method in args.methods:
             load0 = loadavg()
+            precision = args.precision if method != "blockwise" else "float32"
+            extra = [f"+stages.finetune.with.precision={precision}"] if precision != "float32" else []
             after = qflow(args.runs_dir, base + [f"stages.finetune.uses={METHODS[method]}",
-                                                 f"params.ft_steps={steps[method]}", "~stages.export"], args.timeout)
-            rows.append({"start": start, "method": method, "steps": steps[method], "before": before, "after": after,
+                                                 f"params.ft_steps={steps[method]}", "~stages.export", *extra],
+                          args.timeout)
+            label = method if precision == "float32" else f"{method} (bf16)"
+            rows.append({"start": start, "method": label, "steps": steps[method], "before": before, "after": after,
                          "load": (load0 + loadavg()) / 2})
             print(row_text(rows[-1]), flush=True)
     print()

@@ -60,7 +60,10 @@ def time_variant(variant: str, model_dir: str, start, ids, teacher, *, steps: in
     from qflow.finetune.fakequant import FakeQuantLinear, ReferenceFakeQuantLinear
     from qflow.finetune.teacher import kl_topk
 
-    cls = {"fast": FakeQuantLinear, "reference": ReferenceFakeQuantLinear}[variant]
+    from qflow.finetune.e2e import compute_precision
+
+    precision = "bfloat16" if variant.endswith("-bf16") else "float32"
+    cls = {"fast": FakeQuantLinear, "reference": ReferenceFakeQuantLinear}[variant.removesuffix("-bf16")]
     net, layers = build_student(model_dir, start, lambda s, lin: cls(s, lin.bias, rounding=True, scale=True), "sdpa")
     params = [p for layer in layers.values() for p in layer.trainable().values()]
     opt = torch.optim.AdamW(params, lr=5e-3)
@@ -70,7 +73,9 @@ def time_variant(variant: str, model_dir: str, start, ids, teacher, *, steps: in
         t0 = time.perf_counter()
         idx = torch.randperm(ids.shape[0], generator=g)[:batch]
         opt.zero_grad(set_to_none=True)
-        logits = net(input_ids=ids[idx], use_cache=False).logits
+        with compute_precision(precision):
+            logits = net(input_ids=ids[idx], use_cache=False).logits
+        logits = logits.float()
         loss = temperature ** 2 * kl_topk(logits, teacher["values"][idx], teacher["indices"][idx],
                                            teacher["lse"][idx], temperature)
         loss.backward()
@@ -90,7 +95,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="windows per step (finetune.distill's batch_size)")
     ap.add_argument("--windows", type=int, default=8, help="calibration windows (teacher cache)")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--variants", nargs="+", default=["reference", "fast"], choices=["reference", "fast"])
+    ap.add_argument("--variants", nargs="+", default=["reference", "fast"], choices=["reference", "fast", "fast-bf16"],
+                    help="fast-bf16: the fast layer under bfloat16 autocast (finetune precision: bfloat16)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -113,8 +119,9 @@ def main() -> None:
             print(f"{variant:9s} {sec:7.2f} s/step  (batch {args.batch} x {args.seq_len} tokens, {args.steps} steps; "
                   f"losses {', '.join(f'{v:.5f}' for v in losses)}; load {load0:.1f} -> {os.getloadavg()[0]:.1f})",
                   flush=True)
-        if len(results) == 2:
-            print(f"fast / reference: {results['fast'] / results['reference']:.3f}")
+        for a, b in (("fast", "reference"), ("fast-bf16", "fast")):
+            if a in results and b in results:
+                print(f"{a} / {b}: {results[a] / results[b]:.3f}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ class FinetuneBlockwise(Stage):
     ``block_mse_start``/``block_mse_end`` with step = block index) also the held-out MSE.
     """
 
-    version = 2  # 2: grouped fake-quant function (float-level differences from version 1's autograd form)
+    version = 3  # 2: grouped fake-quant function (float-level differences from version 1's autograd form); 3: fused AdamW
     # windows used, time, summed per-block output MSE before/after and their ratio (curves are not gateable)
     metrics = ("train_windows", "heldout_windows", "finetune_seconds", "quantize_seconds", "block_mse_start_sum",
                "block_mse_end_sum", "block_mse_ratio")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from qflow.artifacts import CalibSet, QuantizedCheckpoint
-from qflow.finetune.config import RoundingScaleConfig
+from qflow.finetune.config import RoundingScaleConfig, precision_field
 from qflow.registry import Stage, register
 
 
@@ -29,6 +31,7 @@ class DistillConfig(RoundingScaleConfig):
     batch_size: int = Field(2, ge=1)
     temperature: float = Field(2.0, gt=0, description="softmax temperature of teacher and student (loss scaled by T^2)")
     ce_weight: float = Field(0.0, ge=0, description="weight of the next-token cross-entropy added to the KL")
+    precision: Literal["float32", "bfloat16"] = precision_field()
     topk: int = Field(64, ge=1, description="teacher logits kept per token (the rest is one tail bin)")
     forward_batch: int = Field(2, ge=1)
 
@@ -46,7 +49,7 @@ class FinetuneDistill(Stage):
     The whole model is in memory. Checkpoints every ``checkpoint_every`` steps.
     """
 
-    version = 2  # 2: grouped fake-quant function (float-level differences from version 1's autograd form)
+    version = 3  # 2: grouped fake-quant function (float-level differences from version 1's autograd form); 3: fused AdamW
     # windows used, steps, time, held-out KL at the start and at the best step (curves are not gateable)
     metrics = ("train_windows", "heldout_windows", "train_steps", "train_seconds", "best_step", "heldout_kl_start",
                "heldout_kl_best", "heldout_kl_ratio", "train_loss_last")
@@ -71,7 +74,8 @@ class FinetuneDistill(Stage):
 
         start, windows, meta = open_start(ctx, cfg, model, calib)
         opts = E2EOptions(settings=cfg.loop_settings("adamw"), temperature=cfg.temperature, ce_weight=cfg.ce_weight,
-                          topk=cfg.topk, train_batch=cfg.batch_size, forward_batch=cfg.forward_batch)
+                          topk=cfg.topk, train_batch=cfg.batch_size, forward_batch=cfg.forward_batch,
+                          precision=cfg.precision)
 
         def make_layer(layer_start, linear):
             return FakeQuantLinear(layer_start, linear.bias, rounding=cfg.rounding, scale=cfg.scale,

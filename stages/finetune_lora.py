@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from qflow.artifacts import CalibSet, QuantizedCheckpoint
-from qflow.finetune.config import TrainConfig
+from qflow.finetune.config import TrainConfig, precision_field
 from qflow.registry import Stage, register
 from qflow.specs import Regex
 
@@ -38,6 +38,7 @@ class LoRAConfig(TrainConfig):
     output: Literal["merged", "adapter"] = "merged"
     temperature: float = Field(2.0, gt=0)
     ce_weight: float = Field(0.0, ge=0)
+    precision: Literal["float32", "bfloat16"] = precision_field()
     topk: int = Field(64, ge=1)
     forward_batch: int = Field(2, ge=1)
 
@@ -55,7 +56,7 @@ class FinetuneLoRA(Stage):
     (evaluate/export read the IR unchanged); ``output: adapter`` saves it beside the IR.
     """
 
-    version = 1
+    version = 2  # 2: fused AdamW (float-level differences)
     # windows used, steps, time, held-out KL at the start and at the best step (curves are not gateable)
     metrics = ("train_windows", "heldout_windows", "train_steps", "train_seconds", "best_step", "heldout_kl_start",
                "heldout_kl_best", "heldout_kl_ratio", "train_loss_last", "n_adapted_layers")
@@ -88,7 +89,8 @@ class FinetuneLoRA(Stage):
             raise StageError(f"targets {cfg.targets!r} matches no quantized linear", where=f"stages.{ctx.stage_id}.with.targets",
                              fix=f"match names such as {next(iter(start.layers))}")
         opts = E2EOptions(settings=cfg.loop_settings("adamw"), temperature=cfg.temperature, ce_weight=cfg.ce_weight,
-                          topk=cfg.topk, train_batch=cfg.batch_size, forward_batch=cfg.forward_batch)
+                          topk=cfg.topk, train_batch=cfg.batch_size, forward_batch=cfg.forward_batch,
+                          precision=cfg.precision)
         generator = ctx.torch_generator("finetune.lora")
 
         def make_layer(layer_start, linear):

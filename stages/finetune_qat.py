@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from qflow.artifacts import CalibSet, QuantizedCheckpoint
-from qflow.finetune.config import TrainConfig
+from qflow.finetune.config import TrainConfig, precision_field
 from qflow.registry import Stage, register
 
 
@@ -32,6 +32,7 @@ class QATConfig(TrainConfig):
     init: Literal["lsq", "start"] = Field("lsq", description="step-size initialisation")
     temperature: float = Field(2.0, gt=0)
     ce_weight: float = Field(0.0, ge=0)
+    precision: Literal["float32", "bfloat16"] = precision_field()
     topk: int = Field(64, ge=1)
     forward_batch: int = Field(2, ge=1)
 
@@ -49,7 +50,7 @@ class FinetuneQAT(Stage):
     not LSQ grids and are written back unchanged (counted in ``n_layers_frozen``).
     """
 
-    version = 2  # 2: LSQ broadcast over contiguous groups (float-level differences from version 1's gathers)
+    version = 3  # 2: LSQ broadcast over contiguous groups (float-level differences from version 1's gathers); 3: fused AdamW
     # windows used, steps, time, held-out KL at the start and at the best step (curves are not gateable)
     metrics = ("train_windows", "heldout_windows", "train_steps", "train_seconds", "best_step", "heldout_kl_start",
                "heldout_kl_best", "heldout_kl_ratio", "train_loss_last", "n_layers_frozen")
@@ -75,7 +76,8 @@ class FinetuneQAT(Stage):
 
         start, windows, meta = open_start(ctx, cfg, model, calib)
         opts = E2EOptions(settings=cfg.loop_settings("adamw"), temperature=cfg.temperature, ce_weight=cfg.ce_weight,
-                          topk=cfg.topk, train_batch=cfg.batch_size, forward_batch=cfg.forward_batch)
+                          topk=cfg.topk, train_batch=cfg.batch_size, forward_batch=cfg.forward_batch,
+                          precision=cfg.precision)
         frozen = []
 
         def make_layer(layer_start, linear):

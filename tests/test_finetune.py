@@ -226,6 +226,26 @@ def test_distill_lowers_heldout_kl_and_writes_a_real_ir(tmp_path, rtn_start):
     assert [r["step"] for r in curve if "heldout_loss" in r] == [0, 4, 8, 12]
 
 
+def test_distill_in_bfloat16_trains_and_writes_a_real_ir(tmp_path, rtn_start):
+    """``precision: bfloat16``: the forward/backward under autocast (the matmuls really run in bf16), the
+    held-out KL still falls, the IR is a real one; another dtype is refused by the config."""
+    from qflow import registry
+    from qflow.finetune.e2e import compute_precision
+
+    start, calib = rtn_start
+    out, ctx = run_stage(tmp_path / "d", "finetune.distill", start, calib, steps=8, lr=2e-2, eval_every=4,
+                         precision="bfloat16")
+    assert ctx.metrics["heldout_kl_best"] < ctx.metrics["heldout_kl_start"]
+    check_real_ir(out.path, start.path)
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with compute_precision("bfloat16"):
+        assert (a @ b).dtype == torch.bfloat16
+    with compute_precision("float32"):
+        assert (a @ b).dtype == torch.float32
+    with pytest.raises(ValueError, match="precision"):
+        registry.get("finetune.distill").Config(precision="float16")
+
+
 def grid_start(rows: int, groups: int, *, out: int = 8, in_features: int = 64, seed: int = 0):
     """A LayerStart of an asymmetric 3-bit grid: ``rows`` scale rows (out or 1), ``groups`` column groups."""
     from qflow.finetune.fakequant import LayerStart

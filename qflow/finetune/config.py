@@ -67,3 +67,14 @@ class RoundingScaleConfig(TrainConfig):
         if not (self.rounding or self.scale):
             raise ValueError("nothing to train: set rounding and/or scale to true")
         return self
+
+
+PRECISION_DESCRIPTION = ("compute dtype of the training forward/backward: bfloat16 runs it under autocast (several times "
+                         "faster on CPUs with AMX or AVX512-BF16 and on GPUs); parameters, optimizer, loss, held-out KL "
+                         "and export stay fp32")
+
+
+def precision_field():
+    """The ``precision`` knob of the end-to-end stages (distill, qat, lora; qflow/finetune/e2e.py)."""
+    return Field("float32", description=PRECISION_DESCRIPTION)
+

@@ -88,6 +88,15 @@ def _signature_hash(signature: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def adamw(params: list[torch.Tensor], **kwargs: Any) -> torch.optim.Optimizer:
+    """AdamW, fused (one pass over each parameter and its state per step) where torch has a fused kernel
+    for the parameters' device (CPU since torch 2.4, CUDA): the unfused update takes about five passes."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError, TypeError):   # a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, **kwargs)
+
+
 class TrainLoop:
     """Runs ``settings.steps`` optimisation steps over ``params`` (see the module doc).
 
@@ -110,7 +119,7 @@ class TrainLoop:
         if settings.optimizer == "signsgd":
             self.optimizer: torch.optim.Optimizer = SignSGD(plist, lr=settings.lr)
         elif settings.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(plist, lr=settings.lr, weight_decay=settings.weight_decay)
+            self.optimizer = adamw(plist, lr=settings.lr, weight_decay=settings.weight_decay)
         else:
             raise ValueError(f"optimizer must be adamw or signsgd, got {settings.optimizer!r}")
 
