@@ -154,6 +154,22 @@ def test_blockwise_reduces_block_mse_and_writes_a_real_ir(tmp_path, tiny_model_d
     assert Checkpoint(out.path).method == "rtn+blockwise"
 
 
+def test_blockwise_without_heldout_keeps_the_better_of_start_and_end_on_the_training_windows(tmp_path, tiny_model_dir):
+    """No held-out window: the kept parameters are those of the lowest MSE over every training window, so
+    a learning rate far too large (one full code step per update) cannot leave a block worse than RTN."""
+    calib = calib_set(tmp_path / "calib", vocab_of(tiny_model_dir), n=6)
+    start = quantize(tmp_path / "q", tiny_model_dir, "quantize.rtn", bits=3, group_size=32)
+    out, ctx = run_blockwise(tmp_path / "ft", start, calib, heldout_windows=0, steps=2, lr=1.0, scale=False)
+    report = json.loads((ctx.run_dir / "artifacts" / "finetune" / "finetune.json").read_text())
+    assert report["heldout_windows"] == 0
+    for row in report["records"]:
+        assert row["selected_on"] == "train" and "heldout_start" not in row
+        assert row["train_select_start"] == pytest.approx(row["mse_start"], rel=1e-6)
+        assert row["mse_final_hard"] <= row["mse_start"] * (1 + 1e-5)
+        assert row["train_select_best"] <= row["train_select_start"]
+    check_real_ir(out.path, start.path)
+
+
 @SLOW
 def test_blockwise_from_awq_keeps_folds_and_improves(tmp_path, tiny_model_dir):
     calib = calib_set(tmp_path / "calib", vocab_of(tiny_model_dir), n=10)

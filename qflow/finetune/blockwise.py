@@ -205,7 +205,13 @@ def _train_block(ctx: Any, block: nn.Module, fq: dict[str, FakeQuantLinear], kwa
         out = _first(block(x_tr[idx], **kwargs))
         return nn.functional.mse_loss(out, y_tr[idx])
 
-    heldout = (lambda: _mse(block, x_ho, y_ho, kwargs, fb)) if x_ho.shape[0] else None
+    # the parameters kept are those of the lowest held-out block MSE (the start's included); without
+    # held-out windows, of the lowest MSE over all training windows (SignRound keeps its best iteration
+    # by training loss), so a block never ends worse than it started on the windows it is judged by
+    if x_ho.shape[0]:
+        heldout, row["selected_on"] = (lambda: _mse(block, x_ho, y_ho, kwargs, fb)), "heldout"
+    else:
+        heldout, row["selected_on"] = (lambda: _mse(block, x_tr, y_tr, kwargs, fb)), "train"
 
     def clamp() -> None:
         for layer in fq.values():
@@ -218,7 +224,9 @@ def _train_block(ctx: Any, block: nn.Module, fq: dict[str, FakeQuantLinear], kwa
         progress.update(skipped, note=f"block {index} stopped: {result.stopped}")
     # the end-of-training MSE is the stored block's (mse_final_hard, measured by the caller on the forward that
     # feeds the next block); a soft-rounding pass over the training windows here would cost a forward per block
-    row.update(steps=result.steps, stopped=result.stopped, best_step=result.best_step,
-               heldout_start=result.first_heldout, heldout_best=result.best_heldout,
-               curve=result.curve)
+    tag = "heldout" if row["selected_on"] == "heldout" else "train_select"   # train_select: MSE on every training window
+    if tag != "heldout":
+        result.curve = [{(f"{tag}_loss" if k == "heldout_loss" else k): v for k, v in r.items()} for r in result.curve]
+    row.update({"steps": result.steps, "stopped": result.stopped, "best_step": result.best_step,
+                f"{tag}_start": result.first_heldout, f"{tag}_best": result.best_heldout, "curve": result.curve})
     return row
