@@ -150,6 +150,51 @@ def check_quantized(model, group_size: int, float_sd: dict) -> dict[str, dict]:
     return out
 
 
+def record_run(result: dict, seconds: float, rss, loaders: dict) -> None:
+    """The peer's timing and memory into ``result``; fails if auto-round never read qflow's calibration ids."""
+    result |= {"seconds": seconds, "peak_rss_bytes": rss.peak, "rss_before_bytes": rss.start,
+               "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+               "dataloader_calls": loaders["calls"]}
+    if not loaders["calls"]:
+        raise Fail("auto-round never asked for calibration data: the patched loader was not used")
+
+
+def verify_peer(qmodel, model_dir: str, group_size: int) -> dict[str, dict]:
+    """Step 4 on the peer's model: :func:`check_quantized` against the float checkpoint, embeddings unchanged."""
+    from safetensors.torch import load_file
+
+    qmodel.eval()
+    float_sd = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        float_sd |= load_file(str(f))
+    layers = check_quantized(qmodel, group_size, float_sd)
+    if not torch.equal(qmodel.get_input_embeddings().weight.detach().float(),
+                       float_sd["model.embed_tokens.weight"].float()):
+        raise Fail("embeddings changed: they must stay float")
+    return layers
+
+
+def evaluate_dequantized(dq: dict[str, torch.Tensor], model_dir: str, eval_ids: torch.Tensor, topk: int,
+                         batch_size: int) -> dict:
+    """Step 5: a plain fp32 model holding the peer's dequantized decoder weights ``dq`` (every other tensor
+    from the float checkpoint, so compute dtype and module wrappers cannot differ from qflow's), evaluated in
+    lockstep with the float model."""
+    gc.collect()
+    q_model = load_float(model_dir)
+    sd = q_model.state_dict()
+    missing = [k for k in dq if k not in sd]
+    if missing:
+        raise Fail(f"float model lacks {missing[:3]}")
+    q_model.load_state_dict({**sd, **dq}, strict=True)
+    del sd
+    dq.clear()
+    gc.collect()
+    fp_model = load_float(model_dir)
+    t1 = time.perf_counter()
+    out = evaluate(q_model, fp_model, eval_ids, topk, batch_size)
+    return out | {"eval_seconds": time.perf_counter() - t1}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
@@ -172,7 +217,6 @@ def main(argv=None) -> int:
     import auto_round
     from auto_round import AutoRound, AutoScheme
     from auto_round.schemes import QuantizationScheme
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     calib = torch.load(a.calib, weights_only=True).long()
@@ -208,22 +252,11 @@ def main(argv=None) -> int:
         qmodel, _ = ar.quantize()
         seconds = time.perf_counter() - t0
     qmodel = qmodel if isinstance(qmodel, torch.nn.Module) else model
-    result |= {"seconds": seconds, "peak_rss_bytes": rss.peak, "rss_before_bytes": rss.start,
-               "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-               "dataloader_calls": loaders["calls"]}
-    if not loaders["calls"]:
-        raise Fail("auto-round never asked for calibration data: the patched loader was not used")
+    record_run(result, seconds, rss, loaders)
     print(f"auto-round AutoScheme avg_bits {a.avg_bits}: {seconds:.1f} s", file=sys.stderr, flush=True)
 
     # ---- step 4: did it really quantize? --------------------------------------------------
-    qmodel.eval()
-    float_sd = {}
-    for f in sorted(Path(a.model).glob("*.safetensors")):
-        float_sd |= load_file(str(f))
-    layers = check_quantized(qmodel, a.group_size, float_sd)
-    if not torch.equal(qmodel.get_input_embeddings().weight.detach().float(),
-                       float_sd["model.embed_tokens.weight"].float()):
-        raise Fail("embeddings changed: they must stay float")
+    layers = verify_peer(qmodel, a.model, a.group_size)
     n_w = sum(v["out"] * v["in"] for v in layers.values())
     result["peer_avg_bits"] = sum(peer_layer_bits(v["bits"], a.group_size, v["out"], v["in"])
                                   for v in layers.values()) / n_w
@@ -240,21 +273,8 @@ def main(argv=None) -> int:
     # tensor from the float checkpoint), so compute dtype and module wrappers cannot differ from qflow's
     dq = {k + ".weight": get_weight(qmodel, k) for k in layers}
     del ar, model, qmodel
-    gc.collect()
-    q_model = load_float(a.model)
-    sd = q_model.state_dict()
-    missing = [k for k in dq if k not in sd]
-    if missing:
-        raise Fail(f"float model lacks {missing[:3]}")
-    q_model.load_state_dict({**sd, **dq}, strict=True)
-    del float_sd, sd, dq
-    gc.collect()
-
     # ---- step 5: evaluation --------------------------------------------------------------
-    fp_model = load_float(a.model)
-    t1 = time.perf_counter()
-    result |= evaluate(q_model, fp_model, eval_ids, a.topk, a.batch_size)
-    result["eval_seconds"] = time.perf_counter() - t1
+    result |= evaluate_dequantized(dq, a.model, eval_ids, a.topk, a.batch_size)
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k not in ("layers", "layer_shapes")}))
     return 0

@@ -29,7 +29,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ _spec.loader.exec_module(_aw)   # sets the offline environment and drops benchma
 
 import torch  # noqa: E402
 
-Fail, PeakRSS, load_float, evaluate = _aw.Fail, _aw.PeakRSS, _aw.load_float, _aw.evaluate
+Fail, PeakRSS, load_float = _aw.Fail, _aw.PeakRSS, _aw.load_float
 
 
 def main(argv=None) -> int:
@@ -61,7 +60,6 @@ def main(argv=None) -> int:
     import auto_round
     from auto_round import AutoRound
     from auto_round.schemes import QuantizationScheme
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     calib = torch.load(a.calib, weights_only=True).long()
@@ -88,38 +86,17 @@ def main(argv=None) -> int:
     result["settings"] = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
                           for k, v in result["settings"].items()}
     qmodel = qmodel if isinstance(qmodel, torch.nn.Module) else model
-    result |= {"seconds": seconds, "peak_rss_bytes": rss.peak, "rss_before_bytes": rss.start,
-               "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-               "dataloader_calls": loaders["calls"]}
-    if not loaders["calls"]:
-        raise Fail("auto-round never asked for calibration data: the patched loader was not used")
+    _aw.record_run(result, seconds, rss, loaders)
     print(f"auto-round SignRound W{a.bits} g{a.group_size} iters {a.iters}: {seconds:.1f} s", file=sys.stderr, flush=True)
-
-    qmodel.eval()
-    float_sd = {}
-    for f in sorted(Path(a.model).glob("*.safetensors")):
-        float_sd |= load_file(str(f))
-    layers = _aw.check_quantized(qmodel, a.group_size, float_sd)
+    layers = _aw.verify_peer(qmodel, a.model, a.group_size)
     wrong = {k: v["bits"] for k, v in layers.items() if v["bits"] != a.bits}
     if wrong:
         raise Fail(f"layers not at {a.bits} bits: {list(wrong.items())[:3]}")
-    if not torch.equal(qmodel.get_input_embeddings().weight.detach().float(),
-                       float_sd["model.embed_tokens.weight"].float()):
-        raise Fail("embeddings changed: they must stay float")
     result["max_distinct"] = max(v["max_distinct"] for v in layers.values())
     result["n_layers"] = len(layers)
     dq = {k + ".weight": _aw.get_weight(qmodel, k) for k in layers}
     del ar, model, qmodel
-    gc.collect()
-    q_model = load_float(a.model)
-    sd = q_model.state_dict()
-    q_model.load_state_dict({**sd, **dq}, strict=True)
-    del float_sd, sd, dq
-    gc.collect()
-    fp_model = load_float(a.model)
-    t1 = time.perf_counter()
-    result |= evaluate(q_model, fp_model, eval_ids, a.topk, a.eval_batch_size)
-    result["eval_seconds"] = time.perf_counter() - t1
+    result |= _aw.evaluate_dequantized(dq, a.model, eval_ids, a.topk, a.eval_batch_size)
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
     return 0

@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--n-eval-windows", type=int, default=None, help="evaluation windows (default: the recipe's protocol)")
     ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench-finetune")
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--extra", action="append", default=[], metavar="METHOD:OVERRIDE",
+                    help="an extra override for one method's run, e.g. qat:+stages.finetune.with.init=start")
     ap.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
                     help="the end-to-end methods' (distill, qat, lora) training precision; blockwise stays fp32")
     args = ap.parse_args()
@@ -86,10 +88,14 @@ def main() -> None:
             load0 = loadavg()
             precision = args.precision if method != "blockwise" else "float32"
             extra = [f"+stages.finetune.with.precision={precision}"] if precision != "float32" else []
+            mine = [e.split(":", 1)[1] for e in args.extra if e.split(":", 1)[0] == method]
+            extra += mine
             after = qflow(args.runs_dir, base + [f"stages.finetune.uses={METHODS[method]}",
                                                  f"params.ft_steps={steps[method]}", "~stages.export", *extra],
                           args.timeout)
             label = method if precision == "float32" else f"{method} (bf16)"
+            if mine:
+                label += " " + " ".join(o.rsplit(".", 1)[-1] for o in mine)
             rows.append({"start": start, "method": label, "steps": steps[method], "before": before, "after": after,
                          "load": (load0 + loadavg()) / 2})
             print(row_text(rows[-1]), flush=True)

@@ -205,11 +205,12 @@ def ran_seconds(runs_dir: Path) -> dict[str, tuple[float, str]]:
     return found
 
 
-def charge_stages(st: dict, runs_dir: Path, produced: dict[str, float]) -> tuple[float, list[str]]:
-    """qflow's seconds for PRODUCE: a stage that ran now counts its seconds; a cached one the seconds it took
+def charge_stages(st: dict, runs_dir: Path, produced: dict[str, float],
+                  stages: tuple[str, ...] = PRODUCE) -> tuple[float, list[str]]:
+    """qflow's seconds for ``stages``: a stage that ran now counts its seconds; a cached one the seconds it took
     when it ran (an earlier row, else the run under ``runs_dir`` that computed that cache entry)."""
     seconds, charged, earlier = 0.0, [], None
-    for sid in PRODUCE:
+    for sid in stages:
         s = st.get(sid, {})
         if s.get("status") == "ran":
             produced[sid] = float(s.get("seconds") or 0.0)

@@ -18,7 +18,7 @@ head float. For each ``--bits`` b, back to back:
   ``params.ft_heldout=--qflow-heldout`` (0 by default: both tools train on the same n windows;
   with h > 0 qflow trains on n - h and keeps the parameters of the best held-out block MSE);
   seconds = calibrate + quantize + finetune (a cached calibrate is charged what it took when
-  it ran earlier in this benchmark).
+  it ran earlier in this benchmark, or in the run of the same runs folder that computed it).
 
 Targets (issue 14): KL ratio qflow/peer <= 1.00 and time ratio <= 1.0.
 
@@ -105,17 +105,7 @@ def run_qflow(bits: int, args, runs_dir: Path, work: Path, produced: dict) -> di
         tail = [ln for ln in (r.stderr or "").splitlines() if ln.strip()][-1:] or ["no output"]
         return out | {"ok": False, "error": tail[0][:300]}
     st, m = js["stages"], js["metrics"]
-    seconds, charged = 0.0, []
-    for sid in ("calibrate", "quantize", "finetune"):
-        s = st.get(sid, {})
-        if s.get("status") == "ran":
-            produced[sid] = float(s.get("seconds") or 0.0)
-            seconds += produced[sid]
-        elif sid in produced:
-            seconds += produced[sid]
-            charged.append(sid)
-        else:
-            charged.append(f"{sid} (cached before this benchmark: not charged)")
+    seconds, charged = _load("peer_autoround").charge_stages(st, runs_dir, produced, ("calibrate", "quantize", "finetune"))
     return out | {"ok": True, "kl": m["evaluate/kl_mean"], "ppl": m["evaluate/ppl"], "ppl_fp": m.get("evaluate/ppl_fp"),
                   "seconds": seconds, "charged_cached": charged,
                   "stage_seconds": {k: (v.get("status"), v.get("seconds")) for k, v in st.items()}}

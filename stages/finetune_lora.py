@@ -59,7 +59,8 @@ class FinetuneLoRA(Stage):
     version = 2  # 2: fused AdamW (float-level differences)
     # windows used, steps, time, held-out KL at the start and at the best step (curves are not gateable)
     metrics = ("train_windows", "heldout_windows", "train_steps", "train_seconds", "best_step", "heldout_kl_start",
-               "heldout_kl_best", "heldout_kl_ratio", "train_loss_last", "n_adapted_layers")
+               "heldout_kl_best", "heldout_kl_ratio", "train_loss_last", "n_adapted_layers",
+               "merged_codes_changed")   # fraction of the adapted layers' codes the merge changed (output: merged)
     Config = LoRAConfig
     inputs = {"model": QuantizedCheckpoint, "calib": CalibSet}
     outputs = {"model": QuantizedCheckpoint}
@@ -107,6 +108,23 @@ class FinetuneLoRA(Stage):
                                                signature={"config": cfg.model_dump(mode="json"), "start": str(model.path)})
         adapters = {n: m for n, m in layers.items() if isinstance(m, LoRALinear)}
         ctx.log_metric("n_adapted_layers", len(adapters))
+        if cfg.output == "merged":
+            # the merge re-rounds W + BA onto the start's grid: an update under half a step everywhere is lost
+            from qflow.quant.ir import Checkpoint
+
+            merged = Checkpoint(ctx.output("model"))
+            changed = total = 0
+            for name in adapters:
+                a, b = merged.params(name)[0], start.params(name)[0]
+                changed += int((a != b).sum())
+                total += a.numel()
+            frac = changed / max(total, 1)
+            ctx.log_metric("merged_codes_changed", frac)
+            if changed == 0:
+                ctx.log.warning("finetune.lora: the merged update moved no code of the %d adapted layers (it is under "
+                                "half a quantization step everywhere), so the merged IR equals the start; keep the "
+                                "adapter instead (with.output: adapter) or train longer / with a larger lr",
+                                len(adapters))
         if cfg.output == "adapter":
             save_adapter(ctx.output("model") / "adapter", adapters, rank=cfg.rank, alpha=cfg.alpha,
                          dropout=cfg.dropout, base_model=str(model.base_model_dir))

@@ -369,9 +369,13 @@ def test_lora_merged_or_adapter(tmp_path, rtn_start):
                             targets=r"\.(q_proj|v_proj)$", dropout=0.1, heldout_windows=0)
     check_real_ir(merged.path, start.path)
     assert ctx.metrics["n_adapted_layers"] == 4
+    assert 0 < ctx.metrics["merged_codes_changed"] <= 1   # the merge moved codes (measured, not assumed)
     a, s = Checkpoint(merged.path), Checkpoint(start.path)
     changed = [n for n in a.layers if not torch.equal(a.params(n)[0], s.params(n)[0])]
     assert changed and all(n.endswith(("q_proj", "v_proj")) for n in changed)
+    tiny, ctx_tiny = run_stage(tmp_path / "t", "finetune.lora", start, calib, steps=1, lr=1e-9, rank=4,
+                               targets=r"\.q_proj$", heldout_windows=0)
+    assert ctx_tiny.metrics["merged_codes_changed"] == 0   # an update under half a step: said, not hidden
     adapter, _ = run_stage(tmp_path / "a", "finetune.lora", start, calib, steps=2, rank=4, output="adapter")
     b = Checkpoint(adapter.path)
     assert all(torch.equal(b.params(n)[0], s.params(n)[0]) for n in b.layers)
