@@ -17,19 +17,22 @@ class QATConfig(TrainConfig):
         finetune:
           uses: finetune.qat
           needs: [quantize, calibrate]
-          with: {steps: 100, lr: 1.0e-5, init: lsq}
+          with: {steps: 100, lr: 1.0e-5, init: start}
 
     Trains every quantized layer's float weight and its per-group LSQ step sizes
     (straight-through estimator), loss as finetune.distill (T²·KL_T to the float
     teacher, optional cross-entropy), then re-quantizes into the IR with the
-    learned steps as scales and the start's zero points. ``init: lsq`` is the
-    paper's 2·mean|w|/sqrt(Qp); ``init: start`` keeps the start IR's scales.
+    learned steps as scales and the start's zero points. ``init: start`` (default)
+    keeps the start IR's scales; ``init: lsq`` is the paper's 2·mean|w|/sqrt(Qp),
+    meant for long training runs (from an RTN W3 g64 start, 60 steps at lr 1e-5 left
+    the KL 2.2x worse than the start: benchmarks/RESULTS.md "Fine-tune recovery").
     """
 
     steps: int = Field(100, ge=1)
     lr: float = Field(1e-5, gt=0)
     batch_size: int = Field(2, ge=1)
-    init: Literal["lsq", "start"] = Field("lsq", description="step-size initialisation")
+    init: Literal["lsq", "start"] = Field("start", description="step-size initialisation: the start IR's scales, "
+                                                              "or LSQ's 2*mean|w|/sqrt(Qp)")
     temperature: float = Field(2.0, gt=0)
     ce_weight: float = Field(0.0, ge=0)
     precision: Literal["float32", "bfloat16"] = precision_field()
@@ -44,13 +47,13 @@ class FinetuneQAT(Stage):
         finetune:
           uses: finetune.qat
           needs: [quantize, calibrate]
-          with: {steps: 100, init: lsq}
+          with: {steps: 100, init: start}
 
     Layers in a lookup format (nf4/fp4) or with a fractional zero (HQQ) are
     not LSQ grids and are written back unchanged (counted in ``n_layers_frozen``).
     """
 
-    version = 3  # 2: LSQ broadcast over contiguous groups (float-level differences from version 1's gathers); 3: fused AdamW
+    version = 4  # 2: LSQ broadcast over contiguous groups (float-level differences from version 1's gathers); 3: fused AdamW; 4: init start by default
     # windows used, steps, time, held-out KL at the start and at the best step (curves are not gateable)
     metrics = ("train_windows", "heldout_windows", "train_steps", "train_seconds", "best_step", "heldout_kl_start",
                "heldout_kl_best", "heldout_kl_ratio", "train_loss_last", "n_layers_frozen")
